@@ -1,0 +1,59 @@
+"""Prometheus metrics, one registry-wide set for the process.
+
+Names follow the Prometheus conventions (``_total`` counters, ``_seconds`` histograms). Labels are
+low-cardinality (stage, outcome, code); never a registration id or any personal data.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# --- stream side -------------------------------------------------------------------------------
+STREAMS_CONNECTED = Gauge("regstream_sse_streams_connected", "Open SSE streams in this process")
+REDIS_MESSAGES_RECEIVED = Counter(
+    "regstream_redis_messages_received_total", "Messages received from the Redis subscription"
+)
+FRAMES_DELIVERED = Counter("regstream_sse_frames_delivered_total", "Update frames written to streams")
+FRAMES_DROPPED = Counter(
+    "regstream_sse_frames_dropped_total", "Update frames not written (stream closing or cut off)"
+)
+SLOW_CLIENTS_CUT = Counter(
+    "regstream_sse_slow_clients_cut_total", "Streams closed because the client stopped reading"
+)
+DELIVERY_LATENCY = Histogram(
+    "regstream_delivery_latency_seconds",
+    "Publish timestamp to frame written, per message",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+BROWSER_LATENCY = Histogram(
+    "regstream_browser_latency_seconds",
+    "Publish timestamp to browser receipt, as reported by browsers",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+REDIS_RECONNECTS = Counter(
+    "regstream_redis_reconnects_total", "Redis reconnections", ["connection"]
+)
+REDIS_SUBSCRIPTION_HEALTHY = Gauge(
+    "regstream_redis_subscription_healthy", "1 when the self-probe came back through Pub/Sub"
+)
+PUBLISH_FAILURES = Counter(
+    "regstream_publish_failures_total", "Publishes that failed and were kept in the outbox"
+)
+OUTBOX_SIZE = Gauge("regstream_publish_outbox_size", "Updates waiting for Redis to come back")
+OUTBOX_OVERFLOWS = Counter(
+    "regstream_publish_outbox_overflows_total", "Updates dropped from a full outbox"
+)
+
+# --- pipeline side -----------------------------------------------------------------------------
+STAGE_DURATION = Histogram(
+    "regstream_stage_duration_seconds", "Pipeline stage duration", ["stage", "result"]
+)
+OUTCOMES = Counter("regstream_validation_outcomes_total", "Validation outcomes", ["status", "code"])
+RUNS_IN_PROGRESS = Gauge("regstream_validations_in_progress", "Validation runs in progress")
+
+# --- core banking (T24) ------------------------------------------------------------------------
+T24_CALL_LATENCY = Histogram(
+    "regstream_t24_call_seconds", "T24 HTTP call latency", ["operation", "outcome"]
+)
+T24_ERRORS = Counter("regstream_t24_errors_total", "T24 call errors", ["operation", "code"])
+T24_BREAKER_OPEN = Gauge("regstream_t24_breaker_open", "1 while the T24 circuit breaker is open")

@@ -91,7 +91,9 @@ class Settings(BaseSettings):
             return None
         if value.startswith("postgresql://") or value.startswith("postgres://"):
             value = "postgresql+asyncpg://" + value.split("://", 1)[1]
-        if not (value.startswith("postgresql+asyncpg://") or value.startswith("sqlite+aiosqlite://")):
+        if not (
+            value.startswith("postgresql+asyncpg://") or value.startswith("sqlite+aiosqlite://")
+        ):
             raise ValueError("must start with postgresql+asyncpg:// or sqlite+aiosqlite://")
         return value
 

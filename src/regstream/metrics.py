@@ -13,7 +13,9 @@ STREAMS_CONNECTED = Gauge("regstream_sse_streams_connected", "Open SSE streams i
 REDIS_MESSAGES_RECEIVED = Counter(
     "regstream_redis_messages_received_total", "Messages received from the Redis subscription"
 )
-FRAMES_DELIVERED = Counter("regstream_sse_frames_delivered_total", "Update frames written to streams")
+FRAMES_DELIVERED = Counter(
+    "regstream_sse_frames_delivered_total", "Update frames written to streams"
+)
 FRAMES_DROPPED = Counter(
     "regstream_sse_frames_dropped_total", "Update frames not written (stream closing or cut off)"
 )

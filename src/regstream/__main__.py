@@ -1,0 +1,3 @@
+from regstream.cli.main import app
+
+app(prog_name="regstream")

@@ -1,0 +1,1 @@
+"""HTTP API: routers per resource, schemas, dependencies, the SSE stream endpoint."""

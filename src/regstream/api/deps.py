@@ -1,0 +1,67 @@
+"""Dependencies as ``Annotated`` aliases, and the container of long-lived services.
+
+``Services`` is built by ``app.lifespan`` and stored on ``app.state.services``; routes reach it
+through ``ServicesDep`` (nothing imports a global).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from regstream.config import Settings
+from regstream.pipeline.runner import Runner
+from regstream.realtime.broker import Broker
+from regstream.realtime.history import History
+from regstream.realtime.hub import Hub
+from regstream.realtime.publisher import RegistrationPubSub
+
+
+@dataclass(frozen=True, slots=True)
+class StreamDecision:
+    """The stream endpoint's access decision: 200 with a principal, or an error to answer."""
+
+    status: int
+    code: str = ""
+    message: str = ""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    principal: Any = None
+
+
+StreamAuth = Callable[[dict[str, Any], int | None], Awaitable[StreamDecision]]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: Redis
+    publisher: RegistrationPubSub
+    history: History
+    hub: Hub
+    broker: Broker
+    runner: Runner
+    draining: bool = False
+    stream_auth: StreamAuth | None = None
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
+    async with services.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]

@@ -1,0 +1,46 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from regstream.api.deps import ServicesDep
+from regstream.db.engine import ping
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is alive and its event loop answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "a dependency is down"}})
+async def readyz(services: ServicesDep) -> JSONResponse:
+    """Database and Redis reachable, subscription healthy, not shutting down."""
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(ping(services.engine), 2)
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        checks["database"] = f"down ({type(exc).__name__})"
+    try:
+        await asyncio.wait_for(services.redis.ping(), 2)
+        checks["redis"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["redis"] = f"down ({type(exc).__name__})"
+    checks["subscription"] = "ok" if services.broker.healthy else "down"
+    if services.draining:
+        checks["server"] = "draining"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,111 @@
+"""Registration requests: create, list, read, validate."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, status
+from fastapi.responses import JSONResponse
+
+from regstream.api import views
+from regstream.api.deps import ServicesDep, SessionDep
+from regstream.api.errors import error_response
+from regstream.api.schemas import (
+    ErrorBody,
+    ProcessAccepted,
+    RegistrationCreate,
+    RegistrationDetail,
+    RegistrationPage,
+)
+from regstream.db import registrations
+from regstream.domain.enums import RegistrationStatus
+
+router = APIRouter(prefix="/api/registrations", tags=["registrations"])
+
+RegistrationId = Annotated[int, Path(ge=1, le=2**53, description="registration id")]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=RegistrationDetail)
+async def create_registration(body: RegistrationCreate, session: SessionDep) -> RegistrationDetail:
+    async with session.begin():
+        row = await registrations.create(
+            session,
+            customer_number=body.customer_number,
+            account_number=body.account_number,
+            first_name=body.first_name,
+            last_name=body.last_name,
+            date_of_birth=body.date_of_birth,
+            national_id=body.national_id,
+            id_type=body.id_type.value,
+            phone=body.phone,
+            email=body.email,
+            device_id=body.device_id,
+        )
+    await session.refresh(row)
+    return views.detail_of(row, [])
+
+
+@router.get("", response_model=RegistrationPage)
+async def list_registrations(
+    session: SessionDep,
+    status_filter: Annotated[RegistrationStatus | None, Query(alias="status")] = None,
+    q: Annotated[str | None, Query(max_length=100, description="name, CIF or id")] = None,
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+    page_size: Annotated[int, Query(alias="pageSize", ge=1, le=200)] = 20,
+) -> RegistrationPage:
+    rows, total = await registrations.list_page(
+        session, status=status_filter.value if status_filter else None, search=q,
+        page=page, page_size=page_size,
+    )  # fmt: skip
+    return RegistrationPage(
+        items=[views.read_of(r) for r in rows], total=total, page=page, page_size=page_size
+    )
+
+
+@router.get(
+    "/{registration_id}",
+    response_model=RegistrationDetail,
+    responses={404: {"model": ErrorBody}},
+)
+async def get_registration(
+    registration_id: RegistrationId, session: SessionDep
+) -> RegistrationDetail:
+    row = await registrations.get(session, registration_id=registration_id)
+    if row is None:
+        raise HTTPException(404, f"registration {registration_id} not found")
+    log = await registrations.get_log(session, registration_id=row.id, run=row.run_count)
+    return views.detail_of(row, log)
+
+
+@router.post(
+    "/{registration_id}/process",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ProcessAccepted,
+    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+)
+async def process_registration(
+    registration_id: RegistrationId, request: Request, services: ServicesDep
+) -> ProcessAccepted | JSONResponse:
+    if services.draining or not services.runner.accepting:
+        return error_response(
+            request, 503, "server is shutting down; retry shortly", headers={"Retry-After": "2"}
+        )
+    started_by = getattr(request.state, "principal_name", None)
+    submission = await services.runner.submit(registration_id, started_by=started_by)
+    if submission.outcome == "not_found":
+        raise HTTPException(404, f"registration {registration_id} not found")
+    if submission.outcome == "conflict":
+        assert submission.registration is not None
+        row = submission.registration
+        why = (
+            "validation already in progress"
+            if row.in_progress
+            else f"registration already {row.status} and cannot be validated again"
+        )
+        return error_response(
+            request,
+            409,
+            why,
+            registration=views.read_of(row).model_dump(by_alias=True, mode="json"),
+        )
+    return ProcessAccepted(registration_id=registration_id)

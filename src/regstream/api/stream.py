@@ -1,0 +1,214 @@
+"""``GET /api/registrations/updates/stream[?registrationId=N][&lastEventId=ID]``: the SSE endpoint.
+
+A plain ASGI endpoint rather than a FastAPI route with ``EventSourceResponse``: ``app.py`` sends
+the stream path here before any middleware, and with uvicorn's httptools protocol the hub writes
+pre-encoded chunks straight to the connection's transport (see ``realtime/hub.py`` for the
+measurements behind that). Everything else about the stream lives here:
+
+1. check the request (filter, last event id, limits, credentials) and answer errors as JSON;
+2. send the headers, a ``retry:`` hint and the seed's ``connected`` frame;
+3. attach to the hub *before* reading history, so nothing published meanwhile is lost; live
+   updates are held while we write the replay (``Last-Event-ID``) or the snapshot (a late joiner
+   of a run in progress, or a resume that history cannot cover), then released without
+   duplicates at the seam;
+4. wait for the client to go away (or for the hub to close us), then detach.
+
+Frames (documented in the README): ``connected``, ``update`` (with ``id:``), ``ping``,
+``snapshot`` (``data`` = the registration with its process log; or ``resync: true`` for an
+unfiltered stream: re-read the list from the API), ``auth`` (credentials expired: sign in again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+from redis.exceptions import RedisError
+
+from regstream.api import views
+from regstream.api.deps import Services
+from regstream.db import registrations
+from regstream.realtime import messages
+from regstream.realtime.hub import QueuedStream, Stream, TransportStream
+from regstream.realtime.messages import EventKey
+
+log = logging.getLogger(__name__)
+
+STREAM_PATH = "/api/registrations/updates/stream"
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+MAX_ID = 2**53
+
+
+class StreamEndpoint:
+    """The ASGI app for the stream path; ``services`` is read from ``app.state`` per request."""
+
+    def __init__(self, services: Callable[[], Services]) -> None:
+        self._services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        services = self._services()
+        if scope["method"] not in ("GET", "HEAD"):
+            await _json(send, 405, "METHOD_NOT_ALLOWED", "use GET", [(b"allow", b"GET")])
+            return
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        rid_raw = (query.get("registrationId") or [None])[0]
+        registration_id: int | None = None
+        if rid_raw not in (None, ""):
+            assert rid_raw is not None
+            if not rid_raw.isdigit() or len(rid_raw) > 16 or not 1 <= int(rid_raw) <= MAX_ID:
+                await _json(
+                    send, 422, "VALIDATION_ERROR", "registrationId must be a positive integer"
+                )
+                return
+            registration_id = int(rid_raw)
+        last_id = _header(scope, b"last-event-id") or (query.get("lastEventId") or [None])[0]
+
+        auth = services.stream_auth
+        info: Any = None
+        if auth is not None:
+            decision = await auth(scope, registration_id)
+            if decision.status != 200:
+                await _json(
+                    send, decision.status, decision.code, decision.message, decision.headers
+                )
+                return
+            info = decision.principal
+        if services.draining:
+            await _json(send, 503, "UNAVAILABLE", "server is restarting", [(b"retry-after", b"1")])
+            return
+        hub = services.hub
+        if len(hub) >= services.settings.sse_max_streams:
+            await _json(send, 503, "UNAVAILABLE", "too many streams", [(b"retry-after", b"5")])
+            return
+
+        await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+        hello = messages.retry_frame(services.settings.sse_retry_ms) + messages.control_frame(
+            "connected"
+        )
+        await send({"type": "http.response.body", "body": hello, "more_body": True})
+        if scope["method"] == "HEAD":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+
+        stream = _make_stream(send, registration_id, services.settings.sse_max_buffer_bytes, info)
+        hub.attach(stream)
+        try:
+            await _start(stream, services, registration_id, last_id)
+            if isinstance(stream, QueuedStream):
+                await _pump_until_disconnect(stream, send, receive)
+            else:
+                await _wait_disconnect(stream, receive)
+        finally:
+            hub.detach(stream)
+
+
+def _make_stream(send: Send, rid: int | None, max_buffer: int, info: Any) -> Stream:
+    # uvicorn's httptools protocol passes the bound `RequestResponseCycle.send`; its transport
+    # and chunked flag are what we need to write frames without a framework call per frame.
+    cycle = getattr(send, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    chunked = getattr(cycle, "chunked_encoding", None)
+    if transport is not None and chunked is True and hasattr(transport, "get_write_buffer_size"):
+        return TransportStream(rid, transport, chunked=True, max_buffer=max_buffer, info=info)
+    return QueuedStream(rid, max_buffer=max_buffer, info=info)
+
+
+async def _start(stream: Stream, services: Services, rid: int | None, last_id: str | None) -> None:
+    """Write the replay or snapshot, then release held live updates (no gap, no duplicate)."""
+    key = messages.parse_event_id(last_id) if last_id else None
+    if last_id:
+        if key is not None:
+            try:
+                replay = await services.history.since(key)
+            except (RedisError, OSError):
+                replay = None
+            if replay is not None and replay.complete:
+                after: EventKey = key
+                for parsed in replay.entries:
+                    if parsed.key is not None:
+                        after = parsed.key
+                    if rid is None or parsed.registration_id == rid:
+                        frame = messages.update_frame(parsed)
+                        stream.write(frame, messages.chunk(frame))
+                stream.go_live(after=after)
+                return
+        await _snapshot(stream, services, rid)
+        return
+    if rid is not None:
+        await _snapshot(stream, services, rid, only_if_running=True)
+        return
+    stream.go_live()
+
+
+async def _snapshot(
+    stream: Stream, services: Services, rid: int | None, *, only_if_running: bool = False
+) -> None:
+    if rid is None:
+        frame = messages.snapshot_frame(None, resync=True)
+        stream.write(frame, messages.chunk(frame))
+        stream.go_live()
+        return
+    async with services.sessions() as session:
+        row = await registrations.get(session, registration_id=rid)
+        if row is None or (only_if_running and not row.in_progress):
+            stream.go_live()
+            return
+        log_rows = await registrations.get_log(session, registration_id=rid, run=row.run_count)
+        detail = views.detail_of(row, log_rows).model_dump(by_alias=True, mode="json")
+    frame = messages.snapshot_frame(detail)
+    stream.write(frame, messages.chunk(frame))
+    stream.go_live(snapshot_seq=row.seq)
+
+
+async def _wait_disconnect(stream: Stream, receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _pump_until_disconnect(stream: QueuedStream, send: Send, receive: Receive) -> None:
+    async def watch() -> None:
+        await _wait_disconnect(stream, receive)
+        stream.abort()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await stream.pump(send)
+    except OSError:
+        pass
+    finally:
+        watcher.cancel()
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def _json(
+    send: Send, status: int, code: str, message: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:  # fmt: skip
+    body = orjson.dumps({"error": code, "message": message})
+    await send({
+        "type": "http.response.start", "status": status,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()), *(headers or [])],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,213 @@
+"""The application: ``create_app(settings)`` and the lifespan that owns every long-lived thing.
+
+Start-up order: data dir → embedded Redis / T24 simulator if not configured → database engine and
+migrations → Redis clients, publisher, hub, broker → T24 client → runner → background tasks
+(subscription, hub timer, lease recovery). Shutdown runs it backwards, after draining: new runs
+are refused, streams get a ``retry:`` hint and are closed (so browsers reconnect to the next
+instance), running validations get ``REGSTREAM_SHUTDOWN_GRACE`` seconds to finish.
+
+The SSE path is served by ``StreamEndpoint`` directly, outside FastAPI's middleware stack (see
+``api/stream.py``); every other path goes through FastAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from regstream import __version__
+from regstream.api import errors
+from regstream.api import health as health_routes
+from regstream.api import registrations as registration_routes
+from regstream.api.deps import Services
+from regstream.api.stream import STREAM_PATH, StreamEndpoint
+from regstream.config import Settings, load_settings
+from regstream.core_banking.client import T24Client, T24ClientConfig
+from regstream.db.engine import create_engine, create_session_factory, migrate
+from regstream.pipeline.runner import Runner
+from regstream.realtime import messages
+from regstream.realtime.broker import Broker
+from regstream.realtime.connections import create_client, create_subscriber_client
+from regstream.realtime.history import History
+from regstream.realtime.hub import Hub
+from regstream.realtime.publisher import RegistrationPubSub
+from regstream.stack import EmbeddedStack
+
+log = logging.getLogger(__name__)
+
+
+def secret_key(settings: Settings) -> bytes:
+    """The HMAC key for national ids: configured, or generated once into the data dir (0600)."""
+    if settings.secret_key is not None:
+        return settings.secret_key.get_secret_value().encode()
+    path = Path(settings.data_dir) / "secret.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    with EmbeddedStack(settings) as stack:
+        settings = stack.settings
+        async with _services(settings) as services:
+            app.state.services = services
+            restore = _install_drain_signal(services)
+            try:
+                yield
+            finally:
+                restore()
+                await _drain(services)
+
+
+@contextlib.asynccontextmanager
+async def _services(settings: Settings) -> AsyncIterator[Services]:
+    redis_url = settings.effective_redis_url
+    assert redis_url is not None and settings.t24_base_url is not None
+    engine = create_engine(settings.effective_database_url)
+    await migrate(engine)
+    sessions = create_session_factory(engine)
+    redis = create_client(redis_url, name=f"regstream-pub-{os.getpid()}")
+    publisher = RegistrationPubSub(
+        redis, history_maxlen=settings.history_maxlen,
+        history_max_age=settings.history_max_age, outbox_max=settings.outbox_max,
+    )  # fmt: skip
+    hub = Hub(ping_interval=settings.sse_ping_interval, send_timeout=30.0)
+    broker = Broker(
+        subscriber=lambda: create_subscriber_client(redis_url, name=f"regstream-sub-{os.getpid()}"),
+        commands=redis, on_update=hub.publish, on_resync=hub.resync,
+        probe_interval=settings.probe_interval, history_max=settings.history_maxlen,
+    )  # fmt: skip
+    core = T24Client(
+        T24ClientConfig(
+            base_url=settings.t24_base_url,
+            username=settings.t24_username,
+            password=settings.t24_password.get_secret_value() if settings.t24_password else None,
+            company_id=settings.t24_company_id,
+            timeout=settings.t24_timeout,
+            deadline=settings.t24_deadline,
+            max_attempts=settings.t24_max_attempts,
+        )
+    )
+    runner = Runner(
+        sessions=sessions, core=core, publisher=publisher, secret_key=secret_key(settings),
+        concurrency=settings.pipeline_concurrency, lease_seconds=settings.lease_seconds,
+    )  # fmt: skip
+    services = Services(
+        settings=settings, engine=engine, sessions=sessions, redis=redis, publisher=publisher,
+        history=History(redis, channel=publisher.channel, max_entries=settings.history_maxlen),
+        hub=hub, broker=broker, runner=runner,
+    )  # fmt: skip
+    tasks = [
+        asyncio.create_task(broker.run(), name="redis-subscription"),
+        asyncio.create_task(hub.run(), name="hub-timer"),
+        asyncio.create_task(runner.run_recovery_loop(), name="lease-recovery"),
+    ]
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(broker.connected.wait(), 5)
+        if not broker.connected.is_set():
+            log.warning("Redis subscription not ready yet; streams start when Redis answers")
+        yield services
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await publisher.aclose()
+        await core.aclose()
+        await redis.aclose()
+        await engine.dispose()
+
+
+def _begin_drain(services: Services) -> None:
+    if services.draining:
+        return
+    services.draining = True
+    services.runner.accepting = False
+    closed = services.hub.close_all(messages.retry_frame(1000))
+    log.info("shutting down: refused new runs, closed %d streams with a retry hint", closed)
+
+
+async def _drain(services: Services) -> None:
+    _begin_drain(services)
+    left = await services.runner.drain(services.settings.shutdown_grace)
+    if left:
+        log.warning("%d validations still running at shutdown; the next start resumes them", left)
+    await services.publisher.wait_flushed(2.0)
+
+
+def _install_drain_signal(services: Services) -> Any:
+    """Close streams as soon as SIGTERM/SIGINT arrives (the server then waits for open
+    connections before running our shutdown, and SSE connections never end on their own)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(sig: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(_begin_drain, services)
+        prev = previous.get(signal.Signals(sig))
+        if callable(prev):
+            prev(sig, frame)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, prev in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, prev)
+
+    return restore
+
+
+class Application:
+    """The ASGI app: the stream path goes straight to ``StreamEndpoint``, the rest to FastAPI."""
+
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+        self.state = api.state
+        self._stream = StreamEndpoint(lambda: api.state.services)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == STREAM_PATH:
+            await self._stream(scope, receive, send)
+            return
+        await self.api(scope, receive, send)
+
+
+def create_api(settings: Settings) -> FastAPI:
+    api = FastAPI(
+        title="regstream",
+        version=__version__,
+        description="Validate mobile-banking registrations against T24 and stream every step live.",
+        lifespan=lifespan,
+    )
+    api.state.settings = settings
+    errors.install(api)
+    api.include_router(registration_routes.router)
+    api.include_router(health_routes.router)
+    return api
+
+
+def create_app(settings: Settings | None = None) -> Application:
+    return Application(create_api(settings or load_settings()))
+
+
+def create_app_from_env() -> Application:
+    """Factory for ``uvicorn --factory`` and ``serve --workers N``."""
+    return create_app(load_settings())

@@ -1,0 +1,1 @@
+"""Command line: ``regstream serve | t24-sim | watch | process | users``."""

@@ -1,0 +1,119 @@
+"""``serve`` and ``t24-sim``: the commands that run servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Annotated
+
+import typer
+import uvicorn
+from rich.console import Console
+
+from regstream import logs
+from regstream.config import ConfigError, Settings, load_settings
+
+console = Console(stderr=True)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
+    app.command("t24-sim")(t24_sim)
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="server processes on one port")] = 1,
+    demo: Annotated[
+        bool, typer.Option(help="load demo registrations into an empty database")
+    ] = False,
+) -> None:
+    """Run the service (embedded Redis and T24 simulator unless configured)."""
+    from regstream.app import secret_key
+    from regstream.stack import EmbeddedStack
+
+    settings = settings_or_exit()
+    logs.configure(settings.log_level, json_format=settings.log_json)
+    try:
+        stack = EmbeddedStack(settings).__enter__()
+    except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
+        console.print(
+            f"[red]error:[/red] could not start embedded services: {exc}", highlight=False
+        )
+        raise typer.Exit(1) from None
+    try:
+        resolved = stack.settings
+        # Workers (and the app factory) read the resolved addresses from the environment.
+        if resolved.effective_redis_url:
+            os.environ["REDIS_URL"] = resolved.effective_redis_url
+        if resolved.t24_base_url:
+            os.environ["T24_BASE_URL"] = resolved.t24_base_url
+        os.environ["REGSTREAM_DATA_DIR"] = str(resolved.data_dir)
+        key = secret_key(resolved)
+        if resolved.secret_key is None:
+            os.environ["REGSTREAM_SECRET_KEY"] = key.decode()
+        asyncio.run(_prepare(resolved, key, demo))
+        where = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        console.print(f"[bold green]regstream[/bold green] listening on [bold]{where}[/bold]"
+                      f"  (API docs: {where}/docs, stream: {where}/api/registrations/updates/stream)",
+                      highlight=False)  # fmt: skip
+        uvicorn.run(
+            "regstream.app:create_app_from_env",
+            factory=True, host=host, port=port, workers=workers, loop="uvloop", http="httptools",
+            log_config=None, access_log=False, timeout_graceful_shutdown=int(resolved.shutdown_grace) + 5,
+        )  # fmt: skip
+    finally:
+        stack.__exit__(None, None, None)
+
+
+async def _prepare(settings: Settings, key: bytes, demo: bool) -> None:
+    """Migrate once in the parent (workers then find the schema at head) and load demo data."""
+    from regstream.db.engine import create_engine, create_session_factory, migrate
+
+    engine = create_engine(settings.effective_database_url)
+    try:
+        await migrate(engine)
+        if demo:
+            from regstream.demo import load_demo
+
+            rows = await load_demo(create_session_factory(engine), key)
+            for row in rows:
+                console.print(f"  demo registration [bold]{row.registration_id}[/bold]: {row.scenario}"
+                              f" → expect {row.expected_status}", highlight=False)  # fmt: skip
+            if not rows:
+                console.print("  demo data not loaded: the database already has registrations")
+    finally:
+        await engine.dispose()
+
+
+def t24_sim(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8700,
+    latency_ms: Annotated[float, typer.Option(min=0, help="added latency per call")] = 50.0,
+    fault_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="share of calls answering 500")
+    ] = 0.0,
+    cob: Annotated[
+        bool, typer.Option(help="start in close-of-business (maintenance) mode")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="random seed for fault injection")] = 24,
+) -> None:
+    """Run the T24 (Temenos Transact) REST simulator standalone."""
+    from regstream.core_banking.simulator import SimulatorConfig, run_simulator
+
+    logs.configure(os.environ.get("REGSTREAM_LOG_LEVEL", "INFO"))
+    console.print(f"T24 simulator on http://{host}:{port}/api/v1.0.0", highlight=False)
+    run_simulator(
+        host,
+        port,
+        SimulatorConfig(latency_ms=latency_ms, fault_rate=fault_rate, cob=cob, seed=seed),
+    )

@@ -1,0 +1,274 @@
+"""T24 (IRIS) wire format: envelopes, error classification and record parsing.
+
+Kept apart from the HTTP client so the mapping from an answer to an outcome is one table-like
+function (``classify_error``) that reads top to bottom. Nothing here does I/O or logs.
+
+Decisions:
+
+- ``No records were found`` (IRIS's empty-enquiry message) wins over the HTTP status: it may
+  come as a 200 with ``status: failed``, a 400 or a 404. For arrangements it means "no
+  accounts", for a customer "not found".
+- A 404 counts as ``CustomerNotFound`` only when it carries a T24 error envelope. A bare 404
+  (HTML from a proxy) means our base URL or path is wrong: ``CoreRequestError``, so a
+  misconfiguration is not reported as thousands of unknown customers.
+- 500 ``TGVCP-001`` ("no response from Transact") is maintenance when the gateway says so:
+  a ``Retry-After`` header or a message mentioning COB / close of business / batch /
+  maintenance. Otherwise it is ``CoreUnavailable``. Any 503 with ``Retry-After`` is maintenance.
+- Only 500 ``TGVCP-001``, 502, 503, 504, timeouts and connection errors are retried within a
+  call (``is_transient``); other 5xx fail fast but stay ``retryable`` for a later re-run.
+- A customer body whose ``customerId`` differs from the one asked for is a protocol error:
+  validating the wrong person is worse than failing.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import httpx
+
+from regstream.core_banking.errors import (
+    CircuitOpen,
+    CoreAuthError,
+    CoreBankingError,
+    CoreMaintenance,
+    CoreProtocolError,
+    CoreRequestError,
+    CoreTimeout,
+    CoreUnavailable,
+    CustomerNotFound,
+)
+from regstream.domain.core_records import CoreAccount, CoreCustomer, LegalId
+
+NO_RECORDS_MARKER = "no records were found"
+_MAINTENANCE_WORDS = re.compile(r"\b(cob|close of business|batch|maintenance)\b", re.IGNORECASE)
+_TRANSIENT_STATUSES = frozenset({502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A decoded T24 answer: the ``header`` object and the raw JSON document."""
+
+    header: dict[str, Any]
+    document: dict[str, Any]
+
+    @property
+    def error(self) -> dict[str, Any]:
+        error = self.document.get("error")
+        return error if isinstance(error, dict) else {}
+
+    @property
+    def t24_code(self) -> str | None:
+        code = self.error.get("code")
+        return code if isinstance(code, str) and code else None
+
+    @property
+    def t24_message(self) -> str:
+        message = self.error.get("message")
+        return message if isinstance(message, str) else ""
+
+    @property
+    def failed(self) -> bool:
+        return self.header.get("status") == "failed" or bool(self.error)
+
+    @property
+    def no_records(self) -> bool:
+        return NO_RECORDS_MARKER in self.t24_message.casefold()
+
+
+def decode(response: httpx.Response) -> Envelope | None:
+    """The response as a T24 envelope, or ``None`` when it is not a JSON object."""
+    try:
+        document = json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    header = document.get("header")
+    return Envelope(header=header if isinstance(header, dict) else {}, document=document)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date); ``None`` if absent."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def classify_error(response: httpx.Response, envelope: Envelope | None) -> CoreBankingError:
+    """Map a non-success answer to our exception (``NoRecords`` is handled before this)."""
+    status = response.status_code
+    t24_code = envelope.t24_code if envelope else None
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    fields: dict[str, Any] = {"http_status": status, "t24_code": t24_code}
+
+    if status in (401, 403):
+        return CoreAuthError(**fields)
+    if status == 404 or (t24_code == "TGVCP-002" and 200 <= status < 500):
+        if envelope is None:
+            return CoreRequestError(
+                "Core banking endpoint not found (check the base URL)", **fields
+            )
+        return CustomerNotFound(**fields)
+    if status == 503 and retry_after is not None:
+        return CoreMaintenance(retry_after=retry_after, **fields)
+    if status == 500 and t24_code == "TGVCP-001":
+        message = envelope.t24_message if envelope else ""
+        if retry_after is not None or _MAINTENANCE_WORDS.search(message):
+            return CoreMaintenance(retry_after=retry_after, **fields)
+        return CoreUnavailable(**fields)
+    if 500 <= status < 600:
+        return CoreUnavailable(retry_after=retry_after, **fields)
+    if 400 <= status < 500:
+        return CoreRequestError(**fields)
+    # 1xx/3xx, or a 2xx that says "failed": not an answer we understand.
+    return CoreProtocolError(**fields)
+
+
+def is_transient(exc: CoreBankingError) -> bool:
+    """Whether retrying the same request within this call may help."""
+    if isinstance(exc, CoreTimeout):
+        return True
+    if not isinstance(exc, CoreUnavailable | CoreMaintenance):
+        return False
+    status = exc.http_status
+    if status is None:  # connection refused / reset / dropped before an answer
+        return True
+    return status in _TRANSIENT_STATUSES or (status == 500 and exc.t24_code == "TGVCP-001")
+
+
+def map_transport_error(exc: httpx.HTTPError) -> CoreBankingError:
+    """Translate an ``httpx`` exception (no response received) into ours."""
+    if isinstance(exc, httpx.TimeoutException):
+        return CoreTimeout()
+    if isinstance(exc, httpx.DecodingError):
+        return CoreProtocolError()
+    if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError | httpx.ProxyError):
+        return CoreUnavailable()
+    # UnsupportedProtocol, LocalProtocolError, InvalidURL, ...: our configuration or code.
+    return CoreRequestError()
+
+
+def interpret(response: httpx.Response) -> Envelope | None:
+    """The envelope of a good answer, ``None`` for "No records were found", else raise."""
+    envelope = decode(response)
+    status = response.status_code
+    if envelope is not None and envelope.no_records and 200 <= status < 500:
+        return None
+    if 200 <= status < 300 and envelope is not None and not envelope.failed:
+        if "body" not in envelope.document:
+            raise CoreProtocolError(http_status=status)
+        return envelope
+    if 200 <= status < 300 and envelope is None:
+        raise CoreProtocolError(http_status=status)
+    raise classify_error(response, envelope)
+
+
+def should_retry(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, CoreBankingError) and not isinstance(exc, CircuitOpen) and is_transient(exc)
+    )
+
+
+# --- records ------------------------------------------------------------------------------------
+
+
+def parse_customer(body: Any, customer_id: str) -> CoreCustomer:
+    if not isinstance(body, dict):
+        raise CoreProtocolError("Core banking customer body is not an object")
+    found_id = body.get("customerId")
+    if found_id is not None and str(found_id) != customer_id:
+        raise CoreProtocolError("Core banking answered with another customer's record")
+    names = tuple(
+        name
+        for item in _list_of_dicts(body.get("customerNames"), "customerNames")
+        if isinstance(name := item.get("customerName"), str) and name.strip()
+    )
+    legal_ids = tuple(
+        LegalId(
+            legal_id=str(item.get("legalId", "")),
+            document_name=str(item.get("legalDocumentName", "")),
+        )
+        for item in _list_of_dicts(body.get("legalDetails"), "legalDetails")
+        if item.get("legalId")
+    )
+    devices = _list_of_dicts(body.get("communicationDevices"), "communicationDevices")
+    phones = tuple(
+        str(value)
+        for item in devices
+        for key in ("phoneNumber", "smsNumber", "mobileNumber")
+        if (value := item.get(key))
+    )
+    emails = tuple(str(item["email"]) for item in devices if item.get("email"))
+    return CoreCustomer(
+        customer_id=customer_id,
+        names=names,
+        date_of_birth=_parse_date(body.get("dateOfBirth")),
+        customer_status=_text(body.get("customerStatus")),
+        posting_restrict=_text(body.get("postingRestrict")),
+        kyc_complete=_text(body.get("kycComplete")).upper() in {"Y", "YES", "TRUE"},
+        legal_ids=legal_ids,
+        phones=phones,
+        emails=emails,
+    )
+
+
+def parse_accounts(body: Any) -> list[CoreAccount]:
+    accounts = []
+    for item in _list_of_dicts(body, "body"):
+        account_id = item.get("accountId")
+        if not isinstance(account_id, str | int) or not str(account_id):
+            raise CoreProtocolError("Core banking account without accountId")
+        accounts.append(
+            CoreAccount(
+                account_id=str(account_id),
+                arrangement_id=_text(item.get("arrangementId")),
+                arrangement_status=_text(item.get("arrangementStatus")).upper(),
+                dormancy_status=_text(item.get("dormancyStatus")),
+                iban=_text(item.get("accountIBAN")),
+                product_id=_text(item.get("productId")),
+                currency_id=_text(item.get("currencyId")),
+            )
+        )
+    return accounts
+
+
+def _list_of_dicts(value: Any, name: str) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise CoreProtocolError(f"Core banking field {name} is not a list of objects")
+    return value
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value).strip()
+    raise CoreProtocolError("Core banking sent a non-scalar where text was expected")
+
+
+def _parse_date(value: Any) -> date | None:
+    """ISO ``YYYY-MM-DD`` (REST) or T24's native ``YYYYMMDD``."""
+    text = _text(value)
+    if not text:
+        return None
+    for fmt in ("%Y-%m-%d", "%Y%m%d"):
+        try:
+            return datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    raise CoreProtocolError("Core banking sent an unreadable date")

@@ -1,0 +1,113 @@
+"""Running the simulator: blocking (``run_simulator``, for the CLI) or in a thread (tests, demos).
+
+``serve_in_thread`` follows httpx's ``tests/conftest.py`` (``serve_in_thread``): a real uvicorn
+server on a loopback socket bound before the thread starts (so the port is known and free),
+``started`` polled with a deadline, and ``should_exit`` plus a bounded ``join`` on the way out.
+uvicorn is told not to touch logging (``log_config=None``) and the access log is off: request
+lines carry customer ids in their paths.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import uvicorn
+
+from regstream.core_banking.simulator.app import API_PREFIX, SimulatorConfig, create_simulator_app
+
+__all__ = ["RunningSimulator", "run_simulator", "serve_in_thread"]
+
+#: uvicorn waits this long for in-flight requests on shutdown before cancelling them.
+GRACEFUL_SHUTDOWN = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunningSimulator:
+    """Where a simulator started by ``serve_in_thread`` listens."""
+
+    host: str
+    port: int
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The T24 API base (what ``T24ClientConfig.base_url`` expects)."""
+        return self.root_url + API_PREFIX
+
+    @property
+    def control_url(self) -> str:
+        return self.root_url + "/_sim"
+
+
+def run_simulator(
+    host: str,
+    port: int,
+    config: SimulatorConfig,
+    *,
+    log_level: str = "info",
+    access_log: bool = False,
+) -> None:
+    """Serve the simulator until interrupted (Ctrl+C / SIGTERM). Blocks."""
+    uvicorn.run(
+        create_simulator_app(config),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        lifespan="off",
+        ws="none",
+        timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN),
+    )
+
+
+@contextmanager
+def serve_in_thread(
+    config: SimulatorConfig | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout: float = 10.0,
+) -> Iterator[RunningSimulator]:
+    """Run the simulator on a background thread for the duration of the ``with`` block.
+
+    ``port=0`` picks a free port::
+
+        with serve_in_thread(SimulatorConfig(latency_ms=0)) as sim:
+            client = T24Client(T24ClientConfig(base_url=sim.base_url))
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_simulator_app(config),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            ws="none",
+            timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN),
+        )
+    )
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="t24-simulator", daemon=True
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("T24 simulator did not start")
+            time.sleep(0.01)
+        yield RunningSimulator(host=host, port=sock.getsockname()[1])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=GRACEFUL_SHUTDOWN + 5)
+        sock.close()

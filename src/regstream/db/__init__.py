@@ -1,0 +1,1 @@
+"""Persistence: async SQLAlchemy engine, tables, data functions and Alembic migrations."""

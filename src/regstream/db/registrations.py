@@ -1,0 +1,257 @@
+"""Data functions for registration requests and their process log.
+
+A run is guarded by ``run_id`` and a lease (``lease_expires_ms``): every write a runner makes is
+conditional on still owning the run, so a runner that lost its lease (a crash, a pause longer than
+the lease) can never write a second final status.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from regstream.db.tables import ProcessLogEntry, RegistrationRequest
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """One process-log entry, also the content of one published update."""
+
+    registration_id: int
+    seq: int
+    run: int
+    status: str
+    message: str
+    timestamp_ms: int
+    stage: str | None = None
+    stage_status: str | None = None
+    details: dict[str, Any] | None = None
+
+
+class RunLost(Exception):
+    """The runner no longer owns the run (its lease expired and someone else took over)."""
+
+
+async def create(session: AsyncSession, **fields: Any) -> RegistrationRequest:
+    row = RegistrationRequest(status="PENDING", seq=0, run_count=0, in_progress=False, **fields)
+    session.add(row)
+    await session.flush()
+    return row
+
+
+async def get(session: AsyncSession, *, registration_id: int) -> RegistrationRequest | None:
+    return await session.get(RegistrationRequest, registration_id)
+
+
+async def list_page(
+    session: AsyncSession,
+    *,
+    status: str | None = None,
+    search: str | None = None,
+    page: int = 1,
+    page_size: int = 20,
+) -> tuple[list[RegistrationRequest], int]:
+    query: Select[tuple[RegistrationRequest]] = select(RegistrationRequest)
+    if status:
+        query = query.where(RegistrationRequest.status == status)
+    if search:
+        term = search.strip()
+        like = f"%{term.lower()}%"
+        conditions = [
+            func.lower(RegistrationRequest.first_name).like(like),
+            func.lower(RegistrationRequest.last_name).like(like),
+        ]
+        if term.isdigit():
+            conditions.append(RegistrationRequest.customer_number == term)
+            if len(term) <= 18:
+                conditions.append(RegistrationRequest.id == int(term))
+        query = query.where(or_(*conditions))
+    total = await session.scalar(select(func.count()).select_from(query.subquery()))
+    rows = await session.scalars(
+        query.order_by(RegistrationRequest.id.desc())
+        .offset((page - 1) * page_size)
+        .limit(page_size)
+    )
+    return list(rows), int(total or 0)
+
+
+async def get_log(
+    session: AsyncSession, *, registration_id: int, run: int | None = None
+) -> list[ProcessLogEntry]:
+    query = select(ProcessLogEntry).where(ProcessLogEntry.registration_id == registration_id)
+    if run is not None:
+        query = query.where(ProcessLogEntry.run == run)
+    return list(await session.scalars(query.order_by(ProcessLogEntry.seq)))
+
+
+async def claim_for_processing(
+    session: AsyncSession,
+    *,
+    registration_id: int,
+    now_ms: int,
+    lease_ms: int,
+    started_by: str | None,
+) -> tuple[str, int] | None:
+    """Take the run if the registration may be validated now; return ``(run_id, run)`` or None.
+
+    Allowed: a PENDING registration nobody runs, a FAILED one (re-validation), or one whose
+    runner's lease expired. The single conditional UPDATE is the guard against double clicks.
+    """
+    run_id = str(uuid.uuid4())
+    result = await session.execute(
+        update(RegistrationRequest)
+        .where(
+            RegistrationRequest.id == registration_id,
+            RegistrationRequest.status.in_(("PENDING", "FAILED")),
+            or_(
+                RegistrationRequest.in_progress.is_(False),
+                RegistrationRequest.lease_expires_ms < now_ms,
+            ),
+        )
+        .values(
+            in_progress=True,
+            status="PENDING",
+            run_id=run_id,
+            run_count=RegistrationRequest.run_count + 1,
+            lease_expires_ms=now_ms + lease_ms,
+            started_by=started_by,
+            current_stage=None,
+            result=None,
+            completed_at=None,
+        )
+        .returning(RegistrationRequest.run_count)
+    )
+    run = result.scalar_one_or_none()
+    if run is None:
+        return None
+    return run_id, int(run)
+
+
+async def take_over_expired(
+    session: AsyncSession, *, registration_id: int, old_run_id: str, now_ms: int, lease_ms: int
+) -> str | None:
+    """Recovery: move an expired run to a new run id (same run number). None if someone won."""
+    new_run_id = str(uuid.uuid4())
+    result = await session.execute(
+        update(RegistrationRequest)
+        .where(
+            RegistrationRequest.id == registration_id,
+            RegistrationRequest.run_id == old_run_id,
+            RegistrationRequest.in_progress.is_(True),
+            RegistrationRequest.lease_expires_ms < now_ms,
+        )
+        .values(run_id=new_run_id, lease_expires_ms=now_ms + lease_ms)
+    )
+    return new_run_id if result.rowcount == 1 else None  # type: ignore[attr-defined]
+
+
+async def list_expired_runs(
+    session: AsyncSession, *, now_ms: int, limit: int = 500
+) -> Sequence[RegistrationRequest]:
+    rows = await session.scalars(
+        select(RegistrationRequest)
+        .where(
+            RegistrationRequest.in_progress.is_(True),
+            RegistrationRequest.lease_expires_ms < now_ms,
+        )
+        .order_by(RegistrationRequest.id)
+        .limit(limit)
+    )
+    return list(rows)
+
+
+async def append_events(
+    session: AsyncSession,
+    *,
+    registration_id: int,
+    run_id: str,
+    run: int,
+    events: Sequence[tuple[str | None, str | None, str, str, dict[str, Any] | None]],
+    now_ms: int,
+    lease_ms: int,
+    final: tuple[str, dict[str, Any]] | None = None,
+) -> list[LogEvent]:
+    """Append events ``(stage, stage_status, status, message, details)`` to the log, in order.
+
+    Numbers them with the registration's next ``seq`` values and renews the lease. With ``final``
+    (``(status, result)``), also ends the run in the same statement. Raises ``RunLost`` when the
+    runner no longer owns the run.
+    """
+    count = len(events)
+    last_stage = next((e[0] for e in reversed(events) if e[0] is not None), None)
+    values: dict[str, Any] = {
+        "seq": RegistrationRequest.seq + count,
+        "lease_expires_ms": now_ms + lease_ms,
+    }
+    if last_stage is not None:
+        values["current_stage"] = last_stage
+    if final is not None:
+        values.update(status=final[0], result=final[1], in_progress=False, completed_at=func.now())
+    result = await session.execute(
+        update(RegistrationRequest)
+        .where(
+            RegistrationRequest.id == registration_id,
+            RegistrationRequest.run_id == run_id,
+            RegistrationRequest.in_progress.is_(True),
+        )
+        .values(**values)
+        .returning(RegistrationRequest.seq)
+    )
+    last_seq = result.scalar_one_or_none()
+    if last_seq is None:
+        raise RunLost(f"registration {registration_id}: run {run_id} is no longer ours")
+    first_seq = int(last_seq) - count + 1
+    out = [
+        LogEvent(
+            registration_id=registration_id,
+            seq=first_seq + i,
+            run=run,
+            stage=stage,
+            stage_status=stage_status,
+            status=status,
+            message=message,
+            details=details,
+            timestamp_ms=now_ms,
+        )
+        for i, (stage, stage_status, status, message, details) in enumerate(events)
+    ]
+    session.add_all(
+        ProcessLogEntry(
+            registration_id=e.registration_id,
+            seq=e.seq,
+            run=e.run,
+            stage=e.stage,
+            stage_status=e.stage_status,
+            status=e.status,
+            message=e.message,
+            details=e.details,
+            timestamp_ms=e.timestamp_ms,
+        )
+        for e in out
+    )
+    await session.flush()
+    return out
+
+
+def to_log_event(entry: ProcessLogEntry) -> LogEvent:
+    return LogEvent(
+        registration_id=entry.registration_id,
+        seq=entry.seq,
+        run=entry.run,
+        stage=entry.stage,
+        stage_status=entry.stage_status,
+        status=entry.status,
+        message=entry.message,
+        details=entry.details,
+        timestamp_ms=entry.timestamp_ms,
+    )
+
+
+def parse_date(value: str) -> date:
+    return date.fromisoformat(value)

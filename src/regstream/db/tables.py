@@ -1,0 +1,110 @@
+"""ORM tables. Field rules come from DOMAIN.md section 2.
+
+Personal data stays in ``registration_requests`` (what the person submitted, needed to run the
+checks) and ``mobile_users`` (enrolled users; their national id only as a keyed hash + last 4).
+``process_log`` holds one row per published update of a registration (``seq`` 1, 2, 3 ... without
+gaps): it is the source of truth for snapshots and for crash recovery.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; BigInteger elsewhere.
+IdType = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class RegistrationRequest(Base):
+    __tablename__ = "registration_requests"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    customer_number: Mapped[str] = mapped_column(String(10))
+    account_number: Mapped[str | None] = mapped_column(String(34))
+    first_name: Mapped[str] = mapped_column(String(100))
+    last_name: Mapped[str] = mapped_column(String(100))
+    date_of_birth: Mapped[date] = mapped_column(Date)
+    national_id: Mapped[str] = mapped_column(String(40))
+    id_type: Mapped[str] = mapped_column(String(40))
+    phone: Mapped[str] = mapped_column(String(16))
+    email: Mapped[str | None] = mapped_column(String(254))
+    device_id: Mapped[str | None] = mapped_column(String(128))
+
+    status: Mapped[str] = mapped_column(String(16), default="PENDING", index=True)
+    current_stage: Mapped[str | None] = mapped_column(String(32))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    run_count: Mapped[int] = mapped_column(Integer, default=0)
+    in_progress: Mapped[bool] = mapped_column(Boolean, default=False)
+    run_id: Mapped[str | None] = mapped_column(String(36))
+    lease_expires_ms: Mapped[int | None] = mapped_column(BigInteger)
+    started_by: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_registration_requests_in_progress", "in_progress"),)
+
+
+class ProcessLogEntry(Base):
+    __tablename__ = "process_log"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    registration_id: Mapped[int] = mapped_column(
+        ForeignKey("registration_requests.id", ondelete="CASCADE"), index=True
+    )
+    seq: Mapped[int] = mapped_column(Integer)
+    run: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str | None] = mapped_column(String(32))
+    stage_status: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(String(300))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    timestamp_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (UniqueConstraint("registration_id", "seq", name="uq_process_log_seq"),)
+
+
+class MobileUser(Base):
+    __tablename__ = "mobile_users"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    customer_number: Mapped[str] = mapped_column(String(10), unique=True)
+    first_name: Mapped[str] = mapped_column(String(100))
+    last_name: Mapped[str] = mapped_column(String(100))
+    phone: Mapped[str] = mapped_column(String(16), unique=True)
+    email: Mapped[str | None] = mapped_column(String(254))
+    date_of_birth: Mapped[date] = mapped_column(Date)
+    national_id_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    national_id_last4: Mapped[str] = mapped_column(String(4))
+    device_id: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default="ACTIVE")
+    registration_id: Mapped[int | None] = mapped_column(BigInteger)
+    enrolled_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )

@@ -1,0 +1,496 @@
+"""Runs validations in the background: claim, stages in order, log, persist, publish.
+
+Every step follows the same order: write the process-log entries (and any data change) in one
+transaction, commit, then publish them. So the database is always ahead of Redis, the final
+status is stored before the final message goes out, and a failed publish never changes an
+outcome (the publisher keeps it for later and never raises).
+
+Data changes that decide the outcome (enrolling a user, updating an enrolled user) commit in the
+same transaction as the final status: a crash can never leave a person enrolled without the
+APPROVED status, nor apply an update twice.
+
+Crash recovery: a run holds a lease renewed at every step. ``recover()`` (at start, then every
+half lease) takes over runs whose lease expired and resumes them; a T24 lookup that completed
+before the crash is not repeated (its result is in the process log), one that was cut off is
+retried. A runner that lost its lease cannot write anything more (``RunLost``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from regstream import metrics
+from regstream.core_banking.client import CoreBanking
+from regstream.core_banking.errors import CoreBankingError
+from regstream.db import registrations, users
+from regstream.db.registrations import LogEvent, RunLost
+from regstream.db.tables import RegistrationRequest
+from regstream.domain.enums import RegistrationStatus, Stage, StageStatus
+from regstream.domain.errors import ERROR_MESSAGES, ErrorCode, ValidationFailure
+from regstream.domain.models import Applicant
+from regstream.domain.pii import hash_national_id
+from regstream.pipeline import stages
+
+log = logging.getLogger(__name__)
+
+PENDING = RegistrationStatus.PENDING.value
+
+Event = tuple[str | None, str | None, str, str, dict[str, Any] | None]
+
+
+class Publisher(Protocol):
+    async def publish_update(self, update: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What ``submit`` decided: ``accepted``, ``conflict`` (with the row) or ``not_found``."""
+
+    outcome: str
+    registration: RegistrationRequest | None = None
+
+
+@dataclass(slots=True)
+class _Run:
+    registration_id: int
+    run_id: str
+    run: int
+
+
+class Outcome(Exception):
+    """Internal control flow: the run ended with this final status."""
+
+    def __init__(self, status: RegistrationStatus, message: str, details: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = details
+
+
+def stage_message(stage: Stage, status: StageStatus) -> str:
+    return f"{status.value}: {stage.value}"
+
+
+def event_to_update(
+    event: LogEvent, process_log: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The published form of a log entry (exactly the seed's fields plus seq/stageStatus)."""
+    update: dict[str, Any] = {
+        "registrationId": event.registration_id,
+        "status": event.status,
+        "timestamp": event.timestamp_ms,
+        "message": event.message,
+        "seq": event.seq,
+    }
+    if event.stage is not None:
+        update["stage"] = event.stage
+        update["stageStatus"] = event.stage_status
+        if event.details:
+            update["details"] = event.details
+    else:
+        update["details"] = event.details or {}
+        update["final"] = True
+        if process_log is not None:
+            update["processLog"] = process_log
+    return update
+
+
+def log_entry_view(event: LogEvent) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "seq": event.seq,
+        "stage": event.stage,
+        "status": event.stage_status or event.status,
+        "message": event.message,
+        "timestamp": event.timestamp_ms,
+    }
+    if event.details:
+        view["details"] = event.details
+    return view
+
+
+def applicant_of(row: RegistrationRequest) -> Applicant:
+    return Applicant(
+        customer_number=row.customer_number,
+        first_name=row.first_name,
+        last_name=row.last_name,
+        date_of_birth=row.date_of_birth,
+        national_id=row.national_id,
+        id_type=row.id_type,
+        phone=row.phone,
+        email=row.email,
+        account_number=row.account_number,
+        device_id=row.device_id,
+    )
+
+
+class Runner:
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        core: CoreBanking,
+        publisher: Publisher,
+        secret_key: bytes,
+        concurrency: int = 64,
+        lease_seconds: float = 60.0,
+    ) -> None:
+        self._sessions = sessions
+        self._core = core
+        self._publisher = publisher
+        self._key = secret_key
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._lease_ms = int(lease_seconds * 1000)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.accepting = True
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    # --- entry points --------------------------------------------------------------------------
+
+    async def submit(self, registration_id: int, *, started_by: str | None = None) -> Submission:
+        async with self._sessions.begin() as session:
+            claim = await registrations.claim_for_processing(
+                session, registration_id=registration_id, now_ms=_now_ms(),
+                lease_ms=self._lease_ms, started_by=started_by,
+            )  # fmt: skip
+            if claim is None:
+                row = await registrations.get(session, registration_id=registration_id)
+                return Submission("not_found" if row is None else "conflict", row)
+        run_id, run = claim
+        self._spawn(_Run(registration_id, run_id, run), resume=False)
+        return Submission("accepted")
+
+    async def recover(self) -> int:
+        """Take over and resume every run whose lease expired. Returns how many."""
+        now = _now_ms()
+        async with self._sessions() as session:
+            expired = await registrations.list_expired_runs(session, now_ms=now)
+        resumed = 0
+        for row in expired:
+            async with self._sessions.begin() as session:
+                new_run_id = await registrations.take_over_expired(
+                    session, registration_id=row.id, old_run_id=row.run_id or "",
+                    now_ms=_now_ms(), lease_ms=self._lease_ms,
+                )  # fmt: skip
+            if new_run_id is not None:
+                log.info("resuming registration %d after an interrupted run", row.id)
+                self._spawn(_Run(row.id, new_run_id, row.run_count), resume=True)
+                resumed += 1
+        return resumed
+
+    async def run_recovery_loop(self) -> None:
+        while True:
+            try:
+                await self.recover()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the loop must survive a database blip
+                log.warning("lease recovery failed: %s", type(exc).__name__)
+            await asyncio.sleep(self._lease_ms / 2000)
+
+    async def drain(self, grace: float) -> int:
+        """Stop accepting; wait up to ``grace`` s for running validations. Returns how many were
+        still running (they keep their lease and are resumed by the next instance)."""
+        self.accepting = False
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        left = len(self._tasks)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=1)
+        return left
+
+    def _spawn(self, run: _Run, *, resume: bool) -> None:
+        task = asyncio.create_task(
+            self._guarded(run, resume), name=f"validate-{run.registration_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- the run -------------------------------------------------------------------------------
+
+    async def _guarded(self, run: _Run, resume: bool) -> None:
+        async with self._semaphore:
+            metrics.RUNS_IN_PROGRESS.inc()
+            try:
+                await self._run(run, resume)
+            except RunLost:
+                log.warning(
+                    "registration %d: run taken over by another worker", run.registration_id
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - last resort, see _fail_unexpected
+                await self._fail_unexpected(run, exc)
+            finally:
+                metrics.RUNS_IN_PROGRESS.dec()
+
+    async def _run(self, run: _Run, resume: bool) -> None:
+        async with self._sessions() as session:
+            row = await registrations.get(session, registration_id=run.registration_id)
+            if row is None:
+                return
+            applicant = applicant_of(row)
+            cached_accounts = None
+            if resume:
+                cached_accounts = _completed_lookup(
+                    await registrations.get_log(session, registration_id=row.id, run=run.run)
+                )
+        nid_hash = hash_national_id(self._key, applicant.id_type, applicant.national_id)
+        stage = Stage.DUPLICATE_CHECK
+        started = time.perf_counter()
+        try:
+            if cached_accounts is not None:
+                stage = Stage.STATUS_UPDATE
+                await self._approve(run, applicant, nid_hash, cached_accounts, announce=True)
+                return
+            await self._emit(run, [_started(Stage.DUPLICATE_CHECK)])
+            existing_found = await self._emit_after(
+                run, lambda s: self._duplicate_check(s, applicant, nid_hash)
+            )
+            _observe(Stage.DUPLICATE_CHECK, "ok", started)
+            if existing_found:
+                stage = Stage.UPDATE_USER_INFO
+                started = time.perf_counter()
+                await self._update_existing(run, applicant, nid_hash)
+                _observe(Stage.UPDATE_USER_INFO, "ok", started)
+                return
+            stage = Stage.T24_LOOKUP
+            started = time.perf_counter()
+            count = await stages.t24_lookup(self._core, applicant)
+            _observe(Stage.T24_LOOKUP, "ok", started)
+            stage = Stage.STATUS_UPDATE
+            started = time.perf_counter()
+            await self._approve(run, applicant, nid_hash, count, announce=False)
+            _observe(Stage.STATUS_UPDATE, "ok", started)
+        except ValidationFailure as failure:
+            _observe(stage, "failed", started)
+            details: dict[str, Any] = {"error": failure.code.value, "retryable": failure.retryable}
+            if failure.fields:
+                details["mismatchedFields"] = failure.fields
+            await self._fail(run, stage, failure.code, details)
+        except CoreBankingError as error:
+            _observe(stage, "failed", started)
+            log.info("registration %d: core banking error %s", run.registration_id, error.code)
+            details = {"error": error.code.value, "retryable": error.retryable}
+            await self._fail(run, stage, error.code, details)
+
+    async def _duplicate_check(
+        self, session: AsyncSession, applicant: Applicant, nid_hash: str
+    ) -> tuple[list[Event], bool]:
+        result = await stages.duplicate_check(session, applicant, nid_hash)
+        if result.existing is not None:
+            return [
+                _done(
+                    Stage.DUPLICATE_CHECK,
+                    "Existing user found",
+                    {"existingUserId": result.existing.id},
+                ),
+                _started(Stage.UPDATE_USER_INFO),
+            ], True
+        return [
+            _done(Stage.DUPLICATE_CHECK, "No duplicate found"),
+            _started(Stage.T24_LOOKUP),
+        ], False
+
+    async def _update_existing(self, run: _Run, applicant: Applicant, nid_hash: str) -> None:
+        async def work(session: AsyncSession) -> tuple[list[Event], Outcome]:
+            user = await users.get_by_customer_number(
+                session, customer_number=applicant.customer_number
+            )
+            if user is None:  # removed meanwhile: treat as a plain failure, re-validation works
+                raise ValidationFailure(ErrorCode.INTERNAL_ERROR)
+            updated = await stages.update_user_info(session, user, applicant, nid_hash)
+            if updated:
+                outcome = Outcome(
+                    RegistrationStatus.COMPLETED, "User already exists - information updated",
+                    {"updatedFields": updated, "existingUserId": user.id},
+                )  # fmt: skip
+                message = "Updated fields: " + ", ".join(updated)
+            else:
+                outcome = Outcome(
+                    RegistrationStatus.DUPLICATE, "User already exists with identical information",
+                    {"existingUserId": user.id},
+                )  # fmt: skip
+                message = "No changes"
+            events = [
+                _done(
+                    Stage.UPDATE_USER_INFO, message, {"updatedFields": updated} if updated else None
+                ),
+                _started(Stage.STATUS_UPDATE),
+                _done(Stage.STATUS_UPDATE, f"Status set to {outcome.status.value}"),
+            ]
+            return events, outcome
+
+        await self._finish(run, work)
+
+    async def _approve(
+        self, run: _Run, applicant: Applicant, nid_hash: str, count: int, *, announce: bool
+    ) -> None:
+        if not announce:
+            await self._emit(
+                run,
+                [_done(Stage.T24_LOOKUP, f"Found {count} accounts", {"accountsFound": count}),
+                 _started(Stage.STATUS_UPDATE)],
+            )  # fmt: skip
+        else:
+            await self._emit(run, [_started(Stage.STATUS_UPDATE)])
+
+        async def work(session: AsyncSession) -> tuple[list[Event], Outcome]:
+            await users.create(
+                session,
+                customer_number=applicant.customer_number,
+                first_name=applicant.first_name,
+                last_name=applicant.last_name,
+                phone=applicant.phone,
+                email=applicant.email,
+                date_of_birth=applicant.date_of_birth,
+                national_id_hash=nid_hash,
+                national_id_last4=applicant.national_id[-4:],
+                device_id=applicant.device_id,
+                registration_id=run.registration_id,
+            )
+            outcome = Outcome(
+                RegistrationStatus.APPROVED,
+                f"Customer validated successfully. Found {count} accounts.",
+                {"accountsFound": count},
+            )
+            return [_done(Stage.STATUS_UPDATE, "Status set to APPROVED")], outcome
+
+        try:
+            await self._finish(run, work)
+        except IntegrityError:
+            # Someone enrolled the same person between our duplicate check and now.
+            raise ValidationFailure(ErrorCode.ID_ALREADY_ENROLLED) from None
+
+    async def _fail(
+        self, run: _Run, stage: Stage, code: ErrorCode, details: dict[str, Any]
+    ) -> None:
+        message = ERROR_MESSAGES[code]
+
+        async def work(_session: AsyncSession) -> tuple[list[Event], Outcome]:
+            events: list[Event] = [
+                (stage.value, StageStatus.FAILED.value, PENDING, message, {"error": code.value})
+            ]
+            return events, Outcome(RegistrationStatus.FAILED, message, details)
+
+        await self._finish(run, work)
+
+    async def _fail_unexpected(self, run: _Run, exc: BaseException) -> None:
+        # Log where it happened, never the exception text: driver errors quote SQL parameters,
+        # which are personal data.
+        frames = "".join(traceback.format_tb(exc.__traceback__)[-5:])
+        log.error(
+            "registration %d: unexpected %s\n%s", run.registration_id, type(exc).__name__, frames
+        )
+        try:
+            await self._fail(
+                run, Stage.STATUS_UPDATE, ErrorCode.INTERNAL_ERROR,
+                {"error": ErrorCode.INTERNAL_ERROR.value, "retryable": True},
+            )  # fmt: skip
+        except Exception as again:  # noqa: BLE001 - the lease will expire and recovery resumes it
+            log.error(
+                "registration %d: could not record failure (%s)",
+                run.registration_id,
+                type(again).__name__,
+            )
+
+    # --- persistence + publication -------------------------------------------------------------
+
+    async def _emit(self, run: _Run, events: list[Event]) -> None:
+        async with self._sessions.begin() as session:
+            logged = await self._append(session, run, events)
+        await self._publish(logged)
+
+    async def _emit_after(
+        self, run: _Run, work: Callable[[AsyncSession], Awaitable[tuple[list[Event], bool]]]
+    ) -> bool:
+        async with self._sessions.begin() as session:
+            events, flag = await work(session)
+            logged = await self._append(session, run, events)
+        await self._publish(logged)
+        return flag
+
+    async def _finish(
+        self, run: _Run, work: Callable[[AsyncSession], Awaitable[tuple[list[Event], Outcome]]]
+    ) -> None:
+        async with self._sessions.begin() as session:
+            events, outcome = await work(session)
+            final: Event = (None, None, outcome.status.value, outcome.message, outcome.details)
+            logged = await self._append(
+                session, run, [*events, final], final=(outcome.status.value, {
+                    "message": outcome.message, "details": outcome.details,
+                }),
+            )  # fmt: skip
+            history = await registrations.get_log(
+                session, registration_id=run.registration_id, run=run.run
+            )
+        metrics.OUTCOMES.labels(outcome.status.value, str(outcome.details.get("error", ""))).inc()
+        process_log = [log_entry_view(registrations.to_log_event(e)) for e in history if e.stage]
+        await self._publish(logged, process_log)
+
+    async def _append(
+        self,
+        session: AsyncSession,
+        run: _Run,
+        events: list[Event],
+        final: tuple[str, dict[str, Any]] | None = None,
+    ) -> list[LogEvent]:
+        return await registrations.append_events(
+            session, registration_id=run.registration_id, run_id=run.run_id, run=run.run,
+            events=events, now_ms=_now_ms(), lease_ms=self._lease_ms, final=final,
+        )  # fmt: skip
+
+    async def _publish(
+        self, logged: list[LogEvent], process_log: list[dict[str, Any]] | None = None
+    ) -> None:
+        for event in logged:
+            await self._publisher.publish_update(
+                event_to_update(event, process_log if event.stage is None else None)
+            )
+
+
+def _started(stage: Stage) -> Event:
+    return (
+        stage.value,
+        StageStatus.STARTED.value,
+        PENDING,
+        stage_message(stage, StageStatus.STARTED),
+        None,
+    )
+
+
+def _done(stage: Stage, message: str, details: dict[str, Any] | None = None) -> Event:
+    return (stage.value, StageStatus.COMPLETED.value, PENDING, message, details)
+
+
+def _completed_lookup(entries: list[Any]) -> int | None:
+    for entry in entries:
+        if (
+            entry.stage == Stage.T24_LOOKUP.value
+            and entry.stage_status == StageStatus.COMPLETED.value
+        ):
+            count = (entry.details or {}).get("accountsFound")
+            if isinstance(count, int):
+                return count
+    return None
+
+
+def _observe(stage: Stage, result: str, started: float) -> None:
+    metrics.STAGE_DURATION.labels(stage.value, result).observe(time.perf_counter() - started)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

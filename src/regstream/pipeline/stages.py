@@ -1,0 +1,82 @@
+"""One function per stage. Stages decide; the runner logs, publishes and persists.
+
+``duplicate_check`` and ``update_user_info`` read and write enrolled users in the session they
+are given (the runner's transaction); ``t24_lookup`` talks to the core only through the
+``CoreBanking`` protocol and turns its errors into outcomes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from regstream.core_banking.client import CoreBanking
+from regstream.db import users
+from regstream.db.tables import MobileUser
+from regstream.domain import kyc
+from regstream.domain.errors import ErrorCode, ValidationFailure
+from regstream.domain.models import Applicant
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicateCheck:
+    existing: MobileUser | None
+
+
+async def duplicate_check(
+    session: AsyncSession, applicant: Applicant, national_id_hash: str
+) -> DuplicateCheck:
+    """Same CIF: an existing user. Phone or id held by another CIF: refuse (SIM-swap risk)."""
+    by_cif = await users.get_by_customer_number(session, customer_number=applicant.customer_number)
+    by_phone = await users.get_by_phone(session, phone=applicant.phone)
+    if by_phone is not None and by_phone.customer_number != applicant.customer_number:
+        raise ValidationFailure(ErrorCode.PHONE_ALREADY_ENROLLED)
+    by_id = await users.get_by_national_id_hash(session, national_id_hash=national_id_hash)
+    if by_id is not None and by_id.customer_number != applicant.customer_number:
+        raise ValidationFailure(ErrorCode.ID_ALREADY_ENROLLED)
+    return DuplicateCheck(existing=by_cif)
+
+
+#: Mutable fields an existing user may change by registering again (API names → columns).
+MUTABLE_FIELDS: dict[str, str] = {
+    "phone": "phone",
+    "email": "email",
+    "deviceId": "device_id",
+    "firstName": "first_name",
+    "lastName": "last_name",
+}
+
+
+async def update_user_info(
+    session: AsyncSession, user: MobileUser, applicant: Applicant, national_id_hash: str
+) -> list[str]:
+    """Update the mutable fields that differ; return their API names (never their values)."""
+    mismatched = []
+    if user.date_of_birth != applicant.date_of_birth:
+        mismatched.append("dateOfBirth")
+    if user.national_id_hash != national_id_hash:
+        mismatched.append("nationalId")
+    if mismatched:
+        raise ValidationFailure(ErrorCode.IDENTITY_MISMATCH, fields=mismatched)
+    changes: dict[str, Any] = {}
+    updated: list[str] = []
+    for api_name, column in MUTABLE_FIELDS.items():
+        new = getattr(applicant, column)
+        if new is None:
+            continue
+        if new != getattr(user, column):
+            changes[column] = new
+            updated.append(api_name)
+    if changes:
+        await users.update(session, user=user, changes=changes)
+    return sorted(updated)
+
+
+async def t24_lookup(core: CoreBanking, applicant: Applicant) -> int:
+    """KYC against the core record, then count active accounts. Returns the count."""
+    customer = await core.get_customer(applicant.customer_number)
+    kyc.check_customer(applicant, customer)
+    accounts = await core.list_accounts(applicant.customer_number)
+    return kyc.count_active_accounts(accounts, applicant.account_number)

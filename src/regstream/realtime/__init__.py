@@ -1,0 +1,1 @@
+"""Real-time path: message encoding, Redis publisher, subscription broker, in-process hub."""

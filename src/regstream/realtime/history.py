@@ -1,0 +1,73 @@
+"""Reading the update history kept in the Redis Stream (for resume and for broker catch-up)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from regstream.realtime import messages
+from regstream.realtime.messages import EventKey, Parsed
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """``complete`` is False when the history cannot prove it holds everything after the id."""
+
+    complete: bool
+    entries: list[Parsed]
+    epoch: str | None
+
+
+class History:
+    def __init__(self, redis: Redis, *, channel: str, max_entries: int = 10_000) -> None:
+        self._redis = redis
+        self.key = channel + messages.HISTORY_SUFFIX
+        self.epoch_key = channel + messages.EPOCH_SUFFIX
+        self._max_entries = max_entries
+
+    async def epoch(self) -> str | None:
+        value = await self._redis.get(self.epoch_key)
+        return value.decode() if value else None
+
+    async def since(self, after: EventKey | None) -> Replay:
+        """Entries strictly after ``after`` (all entries of the epoch when None)."""
+        epoch = await self.epoch()
+        if epoch is None:
+            return Replay(complete=after is None, entries=[], epoch=None)
+        if after is not None and after.epoch != epoch:
+            return Replay(complete=False, entries=[], epoch=epoch)
+        if after is not None:
+            first = await self._redis.xrange(self.key, "-", "+", count=1)
+            if first:
+                first_key = _key(epoch, first[0][0])
+                if (first_key.ms, first_key.n) > (after.ms, after.n):
+                    # Entries older than the first one we hold were trimmed: maybe some of them
+                    # came after `after`. We cannot tell, so the caller sends a snapshot.
+                    return Replay(complete=False, entries=[], epoch=epoch)
+            start = "(" + after.stream_id
+        else:
+            start = "-"
+        rows = await self._redis.xrange(self.key, start, "+", count=self._max_entries + 1)
+        if len(rows) > self._max_entries:
+            return Replay(complete=False, entries=[], epoch=epoch)
+        entries = []
+        for stream_id, fields in rows:
+            key = _key(epoch, stream_id)
+            parsed = messages.parse_message(messages.with_event_id(fields[b"m"], key))
+            if parsed is not None:
+                entries.append(parsed)
+        return Replay(complete=True, entries=entries, epoch=epoch)
+
+    async def latest(self) -> EventKey | None:
+        epoch = await self.epoch()
+        if epoch is None:
+            return None
+        rows = await self._redis.xrevrange(self.key, "+", "-", count=1)
+        return _key(epoch, rows[0][0]) if rows else None
+
+
+def _key(epoch: str, stream_id: bytes | str) -> EventKey:
+    text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    ms, _, n = text.partition("-")
+    return EventKey(epoch, int(ms), int(n))

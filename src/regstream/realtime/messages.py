@@ -1,0 +1,189 @@
+"""The wire contract: channel names, update messages and SSE frames, encoded once.
+
+Messages keep exactly the seed's fields (``registrationId``, ``status``, ``timestamp`` in ms,
+``stage``, ``message``, ``details``, ``processLog``) and add ``seq`` (per registration, 1, 2, 3 ...
+without gaps), ``stageStatus`` and ``eventId`` (added by the publish script, see ``publisher``).
+
+Event ids are ``<epoch>_<stream id>``: the epoch changes when Redis loses its history (flush, new
+server), so an id from an older epoch is recognisably meaningless; the stream id (``ms-n``) is
+the Redis Stream entry id, which orders every update of the channel.
+
+SSE frames are bytes. An update frame embeds the published JSON unchanged (no re-serialisation on
+the hot path); JSON never contains a raw newline, so it is a single ``data:`` line.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+import orjson
+
+
+class ServiceChannel(StrEnum):
+    REGISTRATION_UPDATES = "service:registration-updates"
+
+
+HISTORY_SUFFIX = ":history"
+EPOCH_SUFFIX = ":epoch"
+PROBE_PREFIX = "regstream:probe:"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class EventKey(NamedTuple):
+    """A comparable event id: ``(epoch, ms, n)``."""
+
+    epoch: str
+    ms: int
+    n: int
+
+    @property
+    def stream_id(self) -> str:
+        return f"{self.ms}-{self.n}"
+
+    def __str__(self) -> str:
+        return f"{self.epoch}_{self.ms}-{self.n}"
+
+
+def parse_event_id(value: str | None) -> EventKey | None:
+    """Parse ``<epoch>_<ms>-<n>``; anything else is None (treated as unknown by callers)."""
+    if not value or len(value) > 80:
+        return None
+    epoch, sep, stream_id = value.strip().partition("_")
+    ms, sep2, n = stream_id.partition("-")
+    if not sep or not sep2 or not epoch.isdigit() or not ms.isdigit() or not n.isdigit():
+        return None
+    return EventKey(epoch, int(ms), int(n))
+
+
+def stage_update(
+    registration_id: int,
+    stage: str,
+    stage_status: str,
+    message: str,
+    *,
+    seq: int,
+    timestamp: int,
+    status: str = "PENDING",
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    update: dict[str, Any] = {
+        "registrationId": registration_id,
+        "status": status,
+        "timestamp": timestamp,
+        "stage": stage,
+        "stageStatus": stage_status,
+        "message": message,
+        "seq": seq,
+    }
+    if details:
+        update["details"] = details
+    return update
+
+
+def final_update(
+    registration_id: int,
+    status: str,
+    message: str,
+    *,
+    seq: int,
+    timestamp: int,
+    details: dict[str, Any] | None = None,
+    process_log: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    update: dict[str, Any] = {
+        "registrationId": registration_id,
+        "status": status,
+        "timestamp": timestamp,
+        "message": message,
+        "details": details or {},
+        "seq": seq,
+        "final": True,
+    }
+    if process_log is not None:
+        update["processLog"] = process_log
+    return update
+
+
+def encode(update: dict[str, Any]) -> bytes:
+    return orjson.dumps(update)
+
+
+class Parsed(NamedTuple):
+    """What the hub needs from a received message, parsed once."""
+
+    raw: bytes
+    registration_id: int | None
+    seq: int | None
+    timestamp_ms: int | None
+    key: EventKey | None
+    resync: tuple[int, ...] | None = None  # a publisher outbox overflowed: re-sync these
+
+
+def parse_message(raw: bytes) -> Parsed | None:
+    """Parse a channel message; None when it is not a JSON object (ignored, counted by caller)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if b"\n" in raw or b"\r" in raw:  # pretty-printed by some other publisher: one line please
+        raw = orjson.dumps(obj)
+    if obj.get("type") == "resync":
+        ids = obj.get("registrationIds")
+        valid = tuple(i for i in ids if isinstance(i, int)) if isinstance(ids, list) else ()
+        return Parsed(raw=raw, registration_id=None, seq=None, timestamp_ms=None, key=None,
+                      resync=valid)  # fmt: skip
+    rid = obj.get("registrationId")
+    seq = obj.get("seq")
+    ts = obj.get("timestamp")
+    eid = obj.get("eventId")
+    return Parsed(
+        raw=raw,
+        registration_id=rid if isinstance(rid, int) and not isinstance(rid, bool) else None,
+        seq=seq if isinstance(seq, int) else None,
+        timestamp_ms=ts if isinstance(ts, int) else None,
+        key=parse_event_id(eid) if isinstance(eid, str) else None,
+    )
+
+
+def with_event_id(raw: bytes, key: EventKey) -> bytes:
+    """Add ``eventId`` to a stored JSON object (same splice the publish script does)."""
+    return raw[:-1] + b',"eventId":"' + str(key).encode() + b'"}'
+
+
+# --- SSE frames --------------------------------------------------------------------------------
+
+
+def update_frame(parsed: Parsed) -> bytes:
+    head = b"id: " + str(parsed.key).encode() + b"\n" if parsed.key else b""
+    return head + b'data: {"type":"update","data":' + parsed.raw + b"}\n\n"
+
+
+def control_frame(kind: str, **fields: Any) -> bytes:
+    body: dict[str, Any] = {"type": kind, "timestamp": now_ms()}
+    body.update(fields)
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def snapshot_frame(data: dict[str, Any] | None, *, resync: bool = False) -> bytes:
+    body: dict[str, Any] = {"type": "snapshot", "timestamp": now_ms()}
+    if data is not None:
+        body["data"] = data
+    if resync:
+        body["resync"] = True
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def retry_frame(retry_ms: int) -> bytes:
+    return b"retry: %d\n\n" % retry_ms
+
+
+def chunk(frame: bytes) -> bytes:
+    """HTTP/1.1 chunked-transfer framing of one frame (for direct transport writes)."""
+    return b"%x\r\n%b\r\n" % (len(frame), frame)

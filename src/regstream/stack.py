@@ -1,0 +1,99 @@
+"""The embedded defaults: a private Redis server and the T24 simulator, when none is configured.
+
+``serve`` starts them once in the parent process (so ``--workers N`` share them) and passes their
+addresses to the app through the settings; ``create_app`` starts them itself when used alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from contextlib import AbstractContextManager
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from regstream.config import Settings
+from regstream.realtime.embedded import EmbeddedRedis, free_port
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedStack(AbstractContextManager["EmbeddedStack"]):
+    """Start what the settings leave unconfigured; ``settings`` is the resolved copy."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._given = settings
+        self.settings = settings
+        self.redis: EmbeddedRedis | None = None
+        self.simulator: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> EmbeddedStack:
+        data_dir = self._given.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        updates: dict[str, object] = {}
+        if self._given.effective_redis_url is None:
+            self.redis = EmbeddedRedis(directory=(data_dir / "redis").resolve())
+            self.redis.start()
+            log.info("started embedded Redis on %s", self.redis.socket_path)
+            updates["redis_url"] = self.redis.url
+        if self._given.t24_base_url is None:
+            try:
+                updates["t24_base_url"] = self._start_simulator(data_dir)
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+        if updates:
+            from pydantic import SecretStr
+
+            if "redis_url" in updates:
+                updates["redis_url"] = SecretStr(str(updates["redis_url"]))
+            self.settings = self._given.model_copy(update=updates)
+        return self
+
+    def _start_simulator(self, data_dir: Path) -> str:
+        port = free_port()
+        log_file = open(data_dir / "t24-sim.log", "ab")  # noqa: SIM115 - closed with the process
+        self.simulator = subprocess.Popen(
+            [sys.executable, "-m", "regstream", "t24-sim", "--host", "127.0.0.1", "--port", str(port),
+             "--latency-ms", str(self._given.t24_sim_latency_ms)],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+            env={**os.environ, "REGSTREAM_LOG_LEVEL": "WARNING"},
+        )  # fmt: skip
+        log_file.close()
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.simulator.poll() is not None:
+                raise RuntimeError(
+                    f"T24 simulator exited at start (see {data_dir / 't24-sim.log'})"
+                )
+            try:
+                if httpx.get(base + "/_sim/healthz", timeout=0.5).status_code == 200:
+                    log.info("started T24 simulator on %s", base)
+                    return base + "/api/v1.0.0"
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("T24 simulator did not start within 20 s")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.simulator is not None:
+            self.simulator.terminate()
+            try:
+                self.simulator.wait(5)
+            except subprocess.TimeoutExpired:
+                self.simulator.kill()
+            self.simulator = None
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None

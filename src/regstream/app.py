@@ -66,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings = stack.settings
         async with _services(settings) as services:
             app.state.services = services
+            app.state.loop = asyncio.get_running_loop()
             restore = _install_drain_signal(services)
             try:
                 yield

@@ -95,9 +95,9 @@ class StreamEndpoint:
             return
 
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-        hello = messages.retry_frame(services.settings.sse_retry_ms) + messages.control_frame(
-            "connected"
-        )
+        # The `retry:` hint rides in the first event, so `connected` stays the first frame.
+        retry = b"retry: %d\n" % services.settings.sse_retry_ms
+        hello = retry + messages.control_frame("connected")
         await send({"type": "http.response.body", "body": hello, "more_body": True})
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -72,7 +72,7 @@ def normalize_phone(raw: str) -> str:
         phone = "+" + phone[2:]
     if not _E164.fullmatch(phone):
         # The value itself is personal data: keep it out of the message.
-        raise ValueError("phone number must be in international E.164 form, e.g. +254712345678")
+        raise ValueError("phone number must be in international E.164 form: + then 2-15 digits")
     return phone
 
 

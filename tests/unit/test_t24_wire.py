@@ -1,0 +1,247 @@
+"""T24 answers mapped to outcomes and records (regstream.core_banking._wire)."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from email.utils import formatdate
+from typing import Any
+
+import httpx
+import pytest
+
+from regstream.core_banking import _wire
+from regstream.core_banking.errors import (
+    CircuitOpen,
+    CoreAuthError,
+    CoreBankingError,
+    CoreMaintenance,
+    CoreProtocolError,
+    CoreRequestError,
+    CoreTimeout,
+    CoreUnavailable,
+    CustomerNotFound,
+)
+from regstream.domain.core_records import LegalId
+
+
+def _error(code: str, message: str, type_: str = "BUSINESS") -> dict[str, Any]:
+    return {
+        "header": {"status": "failed", "audit": {"T24_time": 35}},
+        "error": {"type": type_, "code": code, "message": message},
+    }
+
+
+def _response(status: int, document: Any = None, **headers: str) -> httpx.Response:
+    content = document if isinstance(document, bytes) else json.dumps(document).encode()
+    return httpx.Response(status, content=content, headers=headers)
+
+
+OK = {"header": {"status": "success"}, "body": {"customerId": "1"}}
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        pytest.param(_response(404, _error("TGVCP-002", "RECORD MISSING")), CustomerNotFound,
+                     id="404-record-missing"),
+        pytest.param(_response(200, _error("TGVCP-002", "RECORD MISSING")), CustomerNotFound,
+                     id="200-failed-record-missing"),
+        pytest.param(_response(404, b"<html>Not Found</html>"), CoreRequestError,
+                     id="bare-404-is-our-url"),
+        pytest.param(_response(401, _error("TGVCP-011", "INVALID SIGN ON")), CoreAuthError,
+                     id="401"),
+        pytest.param(_response(403, _error("TGVCP-002", "SECURITY VIOLATION")), CoreAuthError,
+                     id="403-security-violation"),
+        pytest.param(_response(400, _error("TGVCP-003", "bad")), CoreRequestError, id="400"),
+        pytest.param(_response(400, _error("TGVCP-017", "dup")), CoreRequestError,
+                     id="400-duplicate-param"),
+        pytest.param(_response(429, b""), CoreRequestError, id="other-4xx"),
+        pytest.param(_response(500, _error("TGVCP-001", "No response", "SYSTEM")),
+                     CoreUnavailable, id="500-tgvcp-001"),
+        pytest.param(_response(500, _error("TGVCP-001", "COB in progress", "SYSTEM")),
+                     CoreMaintenance, id="500-tgvcp-001-cob"),
+        pytest.param(_response(500, _error("TGVCP-001", "x", "SYSTEM"), **{"Retry-After": "5"}),
+                     CoreMaintenance, id="500-tgvcp-001-retry-after"),
+        pytest.param(_response(500, _error("TGVCP-006", "parser", "SYSTEM")), CoreUnavailable,
+                     id="500-other"),
+        pytest.param(_response(502, b"<html>Bad Gateway</html>"), CoreUnavailable, id="502"),
+        pytest.param(_response(503, b""), CoreUnavailable, id="503-without-retry-after"),
+        pytest.param(_response(503, b"", **{"Retry-After": "1"}), CoreMaintenance,
+                     id="503-retry-after"),
+        pytest.param(_response(504, b""), CoreUnavailable, id="504"),
+        pytest.param(_response(200, b"<html>login</html>"), CoreProtocolError, id="200-html"),
+        pytest.param(_response(200, [1, 2]), CoreProtocolError, id="200-json-array"),
+        pytest.param(_response(200, {"header": {"status": "success"}}), CoreProtocolError,
+                     id="200-missing-body"),
+        pytest.param(_response(200, _error("TGVCP-006", "oops")), CoreProtocolError,
+                     id="200-failed-other"),
+        pytest.param(_response(302, b"", Location="/login"), CoreProtocolError, id="redirect"),
+    ],
+)  # fmt: skip
+def test_interpret_errors(response: httpx.Response, expected: type[CoreBankingError]) -> None:
+    with pytest.raises(expected) as info:
+        _wire.interpret(response)
+    assert type(info.value) is expected
+    assert info.value.http_status == response.status_code
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        pytest.param(_response(404, _error("TGVCP-002", _wire.NO_RECORDS_MARKER)), id="404"),
+        pytest.param(
+            _response(400, _error("X", "No records were found that matched the selection")),
+            id="400",
+        ),
+        pytest.param(_response(200, _error("", "NO RECORDS WERE FOUND")), id="200-failed"),
+    ],
+)
+def test_interpret_no_records(response: httpx.Response) -> None:
+    assert _wire.interpret(response) is None
+
+
+def test_interpret_success() -> None:
+    envelope = _wire.interpret(_response(200, OK))
+    assert envelope is not None
+    assert envelope.document["body"] == {"customerId": "1"}
+    assert envelope.header == {"status": "success"}
+
+
+def test_retry_after_values() -> None:
+    assert _wire.parse_retry_after(None) is None
+    assert _wire.parse_retry_after(" 3 ") == 3.0
+    assert _wire.parse_retry_after("soon") is None
+    future = formatdate(1_000_030, usegmt=True)
+    assert _wire.parse_retry_after(future, now=1_000_000) == pytest.approx(30.0)
+    assert _wire.parse_retry_after(formatdate(10, usegmt=True), now=1_000) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        pytest.param(CoreTimeout(), True, id="timeout"),
+        pytest.param(CoreUnavailable(), True, id="connection-error"),
+        pytest.param(CoreUnavailable(http_status=500, t24_code="TGVCP-001"), True, id="500-001"),
+        pytest.param(CoreUnavailable(http_status=500, t24_code="TGVCP-006"), False, id="500-006"),
+        pytest.param(CoreUnavailable(http_status=502), True, id="502"),
+        pytest.param(CoreUnavailable(http_status=504), True, id="504"),
+        pytest.param(CoreUnavailable(http_status=501), False, id="501"),
+        pytest.param(CoreMaintenance(http_status=503, retry_after=1), True, id="503"),
+        pytest.param(CircuitOpen(), False, id="circuit-open"),
+        pytest.param(CustomerNotFound(http_status=404), False, id="404"),
+        pytest.param(CoreAuthError(http_status=401), False, id="401"),
+        pytest.param(CoreRequestError(http_status=400), False, id="400"),
+        pytest.param(CoreProtocolError(http_status=200), False, id="garbage"),
+    ],
+)
+def test_should_retry(exc: CoreBankingError, transient: bool) -> None:
+    assert _wire.should_retry(exc) is transient
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        pytest.param(httpx.ReadTimeout("t"), CoreTimeout, id="read-timeout"),
+        pytest.param(httpx.ConnectTimeout("t"), CoreTimeout, id="connect-timeout"),
+        pytest.param(httpx.PoolTimeout("t"), CoreTimeout, id="pool-timeout"),
+        pytest.param(httpx.ConnectError("refused"), CoreUnavailable, id="refused"),
+        pytest.param(httpx.ReadError("reset"), CoreUnavailable, id="reset"),
+        pytest.param(httpx.RemoteProtocolError("eof"), CoreUnavailable, id="server-hung-up"),
+        pytest.param(httpx.DecodingError("gzip"), CoreProtocolError, id="decoding"),
+        pytest.param(httpx.UnsupportedProtocol("ftp"), CoreRequestError, id="bad-scheme"),
+    ],
+)
+def test_map_transport_error(error: httpx.HTTPError, expected: type[CoreBankingError]) -> None:
+    assert type(_wire.map_transport_error(error)) is expected
+
+
+CUSTOMER_BODY = {
+    "customerId": "100231",
+    "customerMnemonic": "MSANTOS",
+    "customerNames": [{"customerName": "Maria Santos"}, {"customerName": " "}],
+    "dateOfBirth": "1988-04-02",
+    "customerStatus": "1",
+    "postingRestrict": "",
+    "kycComplete": "YES",
+    "legalDetails": [
+        {"legalId": "27841236", "legalDocumentName": "NATIONAL.ID"},
+        {"legalDocumentName": "PASSPORT"},
+    ],
+    "communicationDevices": [
+        {"phoneNumber": "+254712345678", "email": "maria@example.com"},
+        {"smsNumber": "+254712345679"},
+    ],
+}
+
+
+def test_parse_customer() -> None:
+    customer = _wire.parse_customer(CUSTOMER_BODY, "100231")
+    assert customer.customer_id == "100231"
+    assert customer.names == ("Maria Santos",)
+    assert customer.date_of_birth == date(1988, 4, 2)
+    assert customer.customer_status == "1"
+    assert customer.posting_restrict == ""
+    assert customer.kyc_complete is True
+    assert customer.legal_ids == (LegalId("27841236", "NATIONAL.ID"),)
+    assert customer.phones == ("+254712345678", "+254712345679")
+    assert customer.emails == ("maria@example.com",)
+
+
+def test_parse_customer_t24_native_date_and_missing_fields() -> None:
+    customer = _wire.parse_customer({"dateOfBirth": "19880402", "customerStatus": 1}, "7")
+    assert customer.date_of_birth == date(1988, 4, 2)
+    assert customer.customer_status == "1"
+    assert customer.names == ()
+    assert customer.kyc_complete is False
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param([], id="list"),
+        pytest.param({**CUSTOMER_BODY, "customerId": "100232"}, id="another-customer"),
+        pytest.param({**CUSTOMER_BODY, "dateOfBirth": "02/04/1988"}, id="bad-date"),
+        pytest.param({**CUSTOMER_BODY, "customerNames": "Maria"}, id="names-not-list"),
+        pytest.param({**CUSTOMER_BODY, "customerStatus": {"a": 1}}, id="status-object"),
+    ],
+)
+def test_parse_customer_rejects(body: Any) -> None:
+    with pytest.raises(CoreProtocolError) as info:
+        _wire.parse_customer(body, "100231")
+    assert "100231" not in str(info.value)
+
+
+def test_parse_accounts() -> None:
+    accounts = _wire.parse_accounts(
+        [
+            {
+                "arrangementId": "AA1",
+                "accountId": "105929",
+                "arrangementStatus": "auth",
+                "dormancyStatus": "",
+                "accountIBAN": "KE00X",
+                "productId": "P",
+                "currencyId": "KES",
+            },
+            {"accountId": 104417, "arrangementStatus": "AUTH", "dormancyStatus": "DORMANT"},
+        ]
+    )
+    assert [(a.account_id, a.is_active, a.iban) for a in accounts] == [
+        ("105929", True, "KE00X"),
+        ("104417", False, ""),
+    ]
+    assert _wire.parse_accounts(None) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"accountId": "1"}, id="object"),
+        pytest.param([{"arrangementId": "AA1"}], id="no-account-id"),
+        pytest.param(["105929"], id="not-objects"),
+    ],
+)
+def test_parse_accounts_rejects(body: Any) -> None:
+    with pytest.raises(CoreProtocolError):
+        _wire.parse_accounts(body)

@@ -39,8 +39,23 @@ CONNECTING, HEADERS, FIRST, READY, STALLED, DEAD = range(6)
 
 
 class Conn:
-    __slots__ = ("j", "sock", "req", "fid", "stalled", "state", "buf", "count", "last_seq", "ooo",
-                 "mis", "last_ping", "t_start", "cut_at", "stalled_bytes")  # fmt: skip
+    __slots__ = (
+        "j",
+        "sock",
+        "req",
+        "fid",
+        "stalled",
+        "state",
+        "buf",
+        "count",
+        "last_seq",
+        "ooo",
+        "mis",
+        "last_ping",
+        "t_start",
+        "cut_at",
+        "stalled_bytes",
+    )
 
     def __init__(self, j: int, req: bytes, fid: bytes | None, stalled: bool) -> None:
         self.j, self.req, self.fid, self.stalled = j, req, fid, stalled
@@ -221,13 +236,15 @@ class Worker:
         self.conns = [
             Conn(
                 j,
-                (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n"
-                 f"Cache-Control: no-cache\r\n{extra}User-Agent: regstream-bench\r\n\r\n").encode(),
+                (
+                    f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n"
+                    f"Cache-Control: no-cache\r\n{extra}User-Agent: regstream-bench\r\n\r\n"
+                ).encode(),
                 None if fid is None else str(fid).encode(),
                 stalled,
             )
             for j, path, fid, stalled in cfg["conns"]
-        ]  # fmt: skip
+        ]
         # connect: at most `concurrency` handshakes in flight, each bounded by connect_timeout
         t0 = time.monotonic()
         deadline = t0 + cfg["ready_timeout"]
@@ -244,16 +261,25 @@ class Worker:
             self.poll(0.05)
             now = time.monotonic()
             for c in inflight:
-                if c.state in (CONNECTING, HEADERS, FIRST) and now - c.t_start > cfg["connect_timeout"]:
+                if (
+                    c.state in (CONNECTING, HEADERS, FIRST)
+                    and now - c.t_start > cfg["connect_timeout"]
+                ):
                     self.fail(c, "timeout:first-frame")
         for c in self.conns:
             if c.state in (CONNECTING, HEADERS, FIRST):
                 self.fail(c, "timeout:ready")
-        self.pipe.send({"ready": self.n_ready, "failed": self.failed,
-                        "failed_ids": [c.j for c in self.conns if c.state == DEAD],
-                        "stalled_ports": [c.sock.getsockname()[1] for c in self.conns
-                                          if c.state == STALLED],
-                        "connect_s": round(time.monotonic() - t0, 2)})  # fmt: skip
+        self.pipe.send(
+            {
+                "ready": self.n_ready,
+                "failed": self.failed,
+                "failed_ids": [c.j for c in self.conns if c.state == DEAD],
+                "stalled_ports": [
+                    c.sock.getsockname()[1] for c in self.conns if c.state == STALLED
+                ],
+                "connect_s": round(time.monotonic() - t0, 2),
+            }
+        )
         # measured phase: bounded by the orchestrator's stop (and by max_s as a backstop)
         end = time.monotonic() + cfg["max_s"]
         counters, idx = self.counters, self.idx
@@ -353,8 +379,14 @@ class LoadGen:
             ports.update(m["stalled_ports"])
             for k, v in m["failed"].items():
                 failed[k] = failed.get(k, 0) + v
-        return {"ready": ready, "failed": sum(failed.values()), "reasons": failed,
-                "seconds": secs, "failed_ids": ids, "stalled_ports": ports}  # fmt: skip
+        return {
+            "ready": ready,
+            "failed": sum(failed.values()),
+            "reasons": failed,
+            "seconds": secs,
+            "failed_ids": ids,
+            "stalled_ports": ports,
+        }
 
     def send(self, msg: str) -> None:
         for _, pipe in self.procs:

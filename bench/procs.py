@@ -77,9 +77,10 @@ def cpu(pids: list[int]) -> dict[str, float]:
             ut += int(f[11])
             st += int(f[12])
             for t in os.listdir(f"/proc/{p}/task"):
-                with contextlib.suppress(OSError, ValueError), open(
-                    f"/proc/{p}/task/{t}/schedstat"
-                ) as fh:
+                with (
+                    contextlib.suppress(OSError, ValueError),
+                    open(f"/proc/{p}/task/{t}/schedstat") as fh,
+                ):
                     ns += int(fh.read().split()[0])
         except (OSError, IndexError, ValueError):
             pass
@@ -126,8 +127,15 @@ def core_usage(before: dict, after: dict) -> dict[str, dict[str, float]]:
 class Child:
     """A started process, pinned to `cpus`, killed with the bench, stopped by PID."""
 
-    def __init__(self, name: str, argv: list[str], cpus: set[int] | None, logdir: str,
-                 env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        cpus: set[int] | None,
+        logdir: str,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
         self.name = name
         self.log_path = os.path.join(logdir, f"{name}.log")
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -139,9 +147,14 @@ class Child:
             set_pdeathsig()
 
         self.p = subprocess.Popen(
-            argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, cwd=cwd, preexec_fn=pre,
-        )  # fmt: skip
+            argv,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            preexec_fn=pre,
+        )
         self.pid = self.p.pid
 
     def tail(self, n: int = 1500) -> str:
@@ -172,9 +185,7 @@ def wait_port(port: int, child: Child, timeout: float) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if child.p.poll() is not None:
-            raise RuntimeError(
-                f"{child.name} exited with {child.p.returncode}:\n{child.tail()}"
-            )
+            raise RuntimeError(f"{child.name} exited with {child.p.returncode}:\n{child.tail()}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -235,9 +246,25 @@ def redis_clients(port: int) -> dict[str, int]:
 
 def start_redis(logdir: str, cpus: set[int] | None) -> tuple[Child, int]:
     port = free_port()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", logdir, "--daemonize", "no", "--maxclients", "10000",
-            "--loglevel", "warning"]  # fmt: skip
+    argv = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        logdir,
+        "--daemonize",
+        "no",
+        "--maxclients",
+        "10000",
+        "--loglevel",
+        "warning",
+    ]
     child = Child("redis", argv, cpus, logdir)
     wait_port(port, child, 10)
     end = time.monotonic() + 10

@@ -43,9 +43,11 @@ RID_BASE = 100_000
 CLIENT_BOUND_PCT = 70.0
 SERVER_CPUS, LOAD_CPUS = {0}, {1}
 NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
-MSG = (b'{"registrationId":%d,"status":"PENDING","timestamp":%d,"stage":"duplicate_check",'
-       b'"stageStatus":"started","message":"started: duplicate_check","seq":%d,'
-       b'"bench":"%d:%d:%d"}')  # fmt: skip
+MSG = (
+    b'{"registrationId":%d,"status":"PENDING","timestamp":%d,"stage":"duplicate_check",'
+    b'"stageStatus":"started","message":"started: duplicate_check","seq":%d,'
+    b'"bench":"%d:%d:%d"}'
+)
 
 
 def payload(rid: int, seq: int) -> bytes:
@@ -103,7 +105,9 @@ class RedisPublisher(Publisher):
 
     def send(self, rid: int, seq: int) -> None:
         p, ch = payload(rid, seq), self.ch
-        self.sock.sendall(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(ch), ch, len(p), p))
+        self.sock.sendall(
+            b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(ch), ch, len(p), p)
+        )
 
 
 class HttpPublisher(Publisher):
@@ -138,34 +142,74 @@ def start_target(name: str, args, port: int, redis_port: int, logdir: str) -> pr
         env["SSE_PING_INTERVAL"] = str(args.ping_interval)
     if name == "regstream":
         if args.server_cmd:
-            argv = shlex.split(args.server_cmd.format(port=port, redis_url=redis_url,
-                                                      redis_port=redis_port, host="127.0.0.1"))  # fmt: skip
+            argv = shlex.split(
+                args.server_cmd.format(
+                    port=port, redis_url=redis_url, redis_port=redis_port, host="127.0.0.1"
+                )
+            )
         else:
             exe = os.path.join(os.path.dirname(sys.executable), "regstream")
-            argv = [exe if os.path.exists(exe) else "regstream", "serve", "--host", "127.0.0.1",
-                    "--port", str(port)]  # fmt: skip
+            argv = [
+                exe if os.path.exists(exe) else "regstream",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
         data_dir = os.path.join(logdir, "data")
         os.makedirs(data_dir, exist_ok=True)
         env["REGSTREAM_DATA_DIR"] = data_dir
         return procs.Child(name, argv, SERVER_CPUS if args.pin else None, logdir, env=env)
     if name == "baseline":
-        argv = [sys.executable, "-m", "uvicorn", "baseline_app:app", "--host", "127.0.0.1",
-                "--port", str(port), "--workers", "1", "--loop", "uvloop", "--http", "httptools",
-                "--no-access-log", "--log-level", "warning", "--backlog", "4096"]  # fmt: skip
-        return procs.Child(name, argv, SERVER_CPUS if args.pin else None, logdir, env=env,
-                           cwd=BENCH)  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "baseline_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "--backlog",
+            "4096",
+        ]
+        return procs.Child(
+            name, argv, SERVER_CPUS if args.pin else None, logdir, env=env, cwd=BENCH
+        )
     if name == "nchan":
         prefix = os.path.join(logdir, "nginx")
         os.makedirs(prefix, exist_ok=True)
         with open(os.path.join(BENCH, "nchan.conf.tmpl")) as f:
             conf = string.Template(f.read()).substitute(
-                PREFIX=prefix, PORT=port, REDIS_PORT=redis_port, PING_S=int(args.ping_interval or 30)
+                PREFIX=prefix,
+                PORT=port,
+                REDIS_PORT=redis_port,
+                PING_S=int(args.ping_interval or 30),
             )
         path = os.path.join(prefix, "nginx.conf")
         with open(path, "w") as f:
             f.write(conf)
-        argv = ["nginx", "-p", prefix, "-c", path, "-e", os.path.join(prefix, "error.log"),
-                "-g", "daemon off;"]  # fmt: skip
+        argv = [
+            "nginx",
+            "-p",
+            prefix,
+            "-c",
+            path,
+            "-e",
+            os.path.join(prefix, "error.log"),
+            "-g",
+            "daemon off;",
+        ]
         return procs.Child(name, argv, SERVER_CPUS if args.pin else None, logdir)
     raise SystemExit(f"unknown target {name!r} (regstream, baseline, nchan)")
 
@@ -178,8 +222,10 @@ def warm_up(port: int, auth: str | None, timeout: float) -> bytes:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 extra = f"Authorization: {auth}\r\n" if auth else ""
-                s.sendall(f"GET {STREAM} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}"
-                          "Accept: text/event-stream\r\n\r\n".encode())  # fmt: skip
+                s.sendall(
+                    f"GET {STREAM} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}"
+                    "Accept: text/event-stream\r\n\r\n".encode()
+                )
                 buf = b""
                 while time.monotonic() < end:
                     d = s.recv(65536)
@@ -207,10 +253,18 @@ def pct(sorted_us: list[int], q: float) -> float | None:
 
 
 def run_once(target: str, args, rep: int) -> dict:
-    rec: dict = {"target": target, "rep": rep, "scenario": args.scenario, "n": args.clients,
-                 "rate": args.rate, "duration": args.duration, "workers": args.workers,
-                 "idle_only": args.idle_only, "stall_fraction": args.stall_fraction,
-                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    rec: dict = {
+        "target": target,
+        "rep": rep,
+        "scenario": args.scenario,
+        "n": args.clients,
+        "rate": args.rate,
+        "duration": args.duration,
+        "workers": args.workers,
+        "idle_only": args.idle_only,
+        "stall_fraction": args.stall_fraction,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     logdir = tempfile.mkdtemp(prefix=f"sse-bench-{target}-")
     rec["logdir"] = logdir
     load_cpus = LOAD_CPUS if args.pin else None
@@ -236,11 +290,17 @@ def run_once(target: str, args, rep: int) -> dict:
             fid = RID_BASE + j if args.scenario == "filtered" else None
             path = STREAM if fid is None else f"{STREAM}?registrationId={fid}"
             conns.append((j, path, fid, j in stalled))
-        cfg = {"host": "127.0.0.1", "port": port, "auth": args.auth_header,
-               "cpus": sorted(load_cpus) if load_cpus else None, "concurrency": 200,
-               "connect_timeout": 20.0, "ready_timeout": args.ready_timeout,
-               "max_s": args.duration + args.drain + args.ready_timeout + 60,
-               "resume_s": 3.0}  # fmt: skip
+        cfg = {
+            "host": "127.0.0.1",
+            "port": port,
+            "auth": args.auth_header,
+            "cpus": sorted(load_cpus) if load_cpus else None,
+            "concurrency": 200,
+            "connect_timeout": 20.0,
+            "ready_timeout": args.ready_timeout,
+            "max_s": args.duration + args.drain + args.ready_timeout + 60,
+            "resume_s": 3.0,
+        }
         lg = LoadGen(conns, args.workers, cfg)
         conn = lg.wait_ready(args.ready_timeout + 30)
         failed_ids = conn.pop("failed_ids")
@@ -255,11 +315,12 @@ def run_once(target: str, args, rep: int) -> dict:
         c1 = procs.cpu(spids)
         rss1 = procs.rss_kib(procs.tree(server.pid))
         rec["idle"] = {
-            "rss_kib_before": rss0, "rss_kib_after": rss1,
+            "rss_kib_before": rss0,
+            "rss_kib_after": rss1,
             "rss_kib_per_stream": round((rss1 - rss0) / ready, 2) if ready else None,
             "server_cpu_pct": round(100 * (c1["sched"] - c0["sched"]) / args.idle_settle, 1),
             "redis": procs.redis_clients(redis_port),
-        }  # fmt: skip
+        }
         if ready == 0:
             rec["error"] = f"no stream connected: {conn['reasons']}"
             return rec
@@ -287,8 +348,13 @@ def run_once(target: str, args, rep: int) -> dict:
         pub = None
         if schedule:
             pub = HttpPublisher(port) if target == "nchan" else RedisPublisher(redis_port)
-        cpu0 = (procs.cpu(spids), procs.cpu([redis.pid]), [procs.cpu([p]) for p in wpids],
-                procs.cpu([os.getpid()]), procs.core_times())  # fmt: skip
+        cpu0 = (
+            procs.cpu(spids),
+            procs.cpu([redis.pid]),
+            [procs.cpu([p]) for p in wpids],
+            procs.cpu([os.getpid()]),
+            procs.core_times(),
+        )
         t0 = time.monotonic()
         t0_wall = time.time()
         max_lag = 0.0
@@ -317,8 +383,13 @@ def run_once(target: str, args, rep: int) -> dict:
             time.sleep(0.01)
         watcher.poll()
         wall = time.monotonic() - t0
-        cpu1 = (procs.cpu(spids), procs.cpu([redis.pid]), [procs.cpu([p]) for p in wpids],
-                procs.cpu([os.getpid()]), procs.core_times())  # fmt: skip
+        cpu1 = (
+            procs.cpu(spids),
+            procs.cpu([redis.pid]),
+            [procs.cpu([p]) for p in wpids],
+            procs.cpu([os.getpid()]),
+            procs.core_times(),
+        )
         rss_end = procs.rss_kib(procs.tree(server.pid))
         replies = pub.finish(len(schedule), 2.0) if pub else {}
         results = lg.results(30)
@@ -335,14 +406,21 @@ def run_once(target: str, args, rep: int) -> dict:
         srv_s = d_srv["sched"]
         ticks = (d_srv["user"] + d_srv["sys"]) or 1
         redis_s = cpu1[1]["sched"] - cpu0[1]["sched"]
-        clients = [round(100 * (b["sched"] - a["sched"]) / wall, 1)
-                   for a, b in zip(cpu0[2], cpu1[2], strict=True)]  # fmt: skip
+        clients = [
+            round(100 * (b["sched"] - a["sched"]) / wall, 1)
+            for a, b in zip(cpu0[2], cpu1[2], strict=True)
+        ]
         cores = procs.core_usage(cpu0[4], cpu1[4])
         per = (lambda s: round(1e6 * s / got, 2)) if got else (lambda s: None)
-        rec["publish"] = {"messages": len(schedule), "seconds": round(t_pub - t0, 3),
-                          "max_lag_ms": round(1000 * max_lag, 1), "replies": replies}  # fmt: skip
+        rec["publish"] = {
+            "messages": len(schedule),
+            "seconds": round(t_pub - t0, 3),
+            "max_lag_ms": round(1000 * max_lag, 1),
+            "replies": replies,
+        }
         rec["delivery"] = {
-            "expected": expected, "delivered": got,
+            "expected": expected,
+            "delivered": got,
             "delivered_pct": round(100 * got / expected, 3) if expected else None,
             "loss_pct": round(100 * (expected - got) / expected, 3) if expected else None,
             "out_of_order": sum(r["ooo"] for r in results),
@@ -351,9 +429,13 @@ def run_once(target: str, args, rep: int) -> dict:
             "per_s": round(got / max(wall, args.duration), 1),
             "offered_per_s": round(expected / args.duration, 1),
             "window_s": round(wall, 3),
-        }  # fmt: skip
-        rec["latency_ms"] = {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99),
-                             "max": round(lat[-1] / 1000, 2) if lat else None}  # fmt: skip
+        }
+        rec["latency_ms"] = {
+            "p50": pct(lat, 50),
+            "p90": pct(lat, 90),
+            "p99": pct(lat, 99),
+            "max": round(lat[-1] / 1000, 2) if lat else None,
+        }
         rec["cpu"] = {
             "server_s": round(srv_s, 4),
             "server_us_per_delivery": per(srv_s),
@@ -367,9 +449,11 @@ def run_once(target: str, args, rep: int) -> dict:
             "bench_pct": round(100 * (cpu1[3]["sched"] - cpu0[3]["sched"]) / wall, 1),
             "cores": cores,
             "steal_pct": max((c["steal_pct"] for c in cores.values()), default=0.0),
-        }  # fmt: skip
-        rec["pings"] = {"received": sum(r["pings"] for r in results),
-                        "max_gap_s": max((r["ping_gap_max_s"] for r in results), default=0)}  # fmt: skip
+        }
+        rec["pings"] = {
+            "received": sum(r["pings"] for r in results),
+            "max_gap_s": max((r["ping_gap_max_s"] for r in results), default=0),
+        }
         if stalled:
             # cut: the server let go of the stream (seen in /proc/net/tcp during the window, or
             # the stream ended when its client resumed reading after the window)
@@ -384,7 +468,7 @@ def run_once(target: str, args, rep: int) -> dict:
                 "cut_last_s": round(seen[-1], 2) if seen else None,
                 "bytes_read_after_resume": sum(r["stalled_bytes"] for r in results),
                 "server_rss_growth_kib": rss_end - rss1,
-            }  # fmt: skip
+            }
         rec["client_bound"] = rec["cpu"]["clients_max_pct"] > CLIENT_BOUND_PCT
         return rec
     except Exception as e:  # noqa: BLE001 - a failed run is a result (recorded, reported)
@@ -410,21 +494,29 @@ def brief(rec: dict) -> str:
     if "error" in rec:
         return f"{rec['target']:>9} rep {rec['rep']}: ERROR {rec['error']}"
     i = rec["idle"]
-    head = (f"{rec['target']:>9} rep {rec['rep']}: {rec['connect']['ready']}/{rec['n']} streams, "
-            f"{i['rss_kib_per_stream']} KiB/stream, redis conns {i['redis']['clients']}")  # fmt: skip
+    head = (
+        f"{rec['target']:>9} rep {rec['rep']}: {rec['connect']['ready']}/{rec['n']} streams, "
+        f"{i['rss_kib_per_stream']} KiB/stream, redis conns {i['redis']['clients']}"
+    )
     if "delivery" not in rec:
         return head
     if rec["idle_only"]:
         p = rec["pings"]
-        return (f"{head}, idle server core {i['server_cpu_pct']}%, pings {p['received']} "
-                f"(max gap {p['max_gap_s']} s)")  # fmt: skip
+        return (
+            f"{head}, idle server core {i['server_cpu_pct']}%, pings {p['received']} "
+            f"(max gap {p['max_gap_s']} s)"
+        )
     if rec["client_bound"]:
-        return (f"{head} | CLIENT-BOUND, numbers not reported (client process at "
-                f"{rec['cpu']['clients_max_pct']}% of a core)")  # fmt: skip
+        return (
+            f"{head} | CLIENT-BOUND, numbers not reported (client process at "
+            f"{rec['cpu']['clients_max_pct']}% of a core)"
+        )
     d, lat, c = rec["delivery"], rec["latency_ms"], rec["cpu"]
-    s = (f"{head} | {d['delivered']}/{d['expected']} delivered, {d['per_s']}/s, "
-         f"p50/p99 {lat['p50']}/{lat['p99']} ms, {c['server_us_per_delivery']} us/deliv, "
-         f"server {c['server_core_pct']}%, clients {c['clients_pct']}%, steal {c['steal_pct']}%")  # fmt: skip
+    s = (
+        f"{head} | {d['delivered']}/{d['expected']} delivered, {d['per_s']}/s, "
+        f"p50/p99 {lat['p50']}/{lat['p99']} ms, {c['server_us_per_delivery']} us/deliv, "
+        f"server {c['server_core_pct']}%, clients {c['clients_pct']}%, steal {c['steal_pct']}%"
+    )
     if "stall" in rec:
         st = rec["stall"]
         s += f" | stalled cut {st['cut']}/{st['stalled']} (first {st['cut_first_s']} s)"
@@ -495,8 +587,10 @@ def table(recs: list[dict], targets: list[str], idle: bool) -> str:
         row = [t, f"{len(ok)}/{len(mine)}"]
         for h, path, nd in cols:
             if h == "clients max/total %":
-                row.append(f"{fmt(med([get(r, 'cpu.clients_max_pct') for r in ok]), 0)}/"
-                           f"{fmt(med([get(r, 'cpu.clients_total_pct') for r in ok]), 0)}")  # fmt: skip
+                row.append(
+                    f"{fmt(med([get(r, 'cpu.clients_max_pct') for r in ok]), 0)}/"
+                    f"{fmt(med([get(r, 'cpu.clients_total_pct') for r in ok]), 0)}"
+                )
             elif h == "server RSS MiB":
                 row.append(fmt(med([get(r, "idle.rss_kib_after") / 1024 for r in ok]), 0))
             else:
@@ -515,11 +609,18 @@ def table(recs: list[dict], targets: list[str], idle: bool) -> str:
 
 def ratios(recs: list[dict], targets: list[str], reps: int) -> str:
     """Per-rep ratios (runs of one rep ran back to back) of each target to baseline and nchan."""
-    pairs = [(t, ref) for ref in ("baseline", "nchan") if ref in targets
-             for t in targets if t != ref and (t, ref) != ("baseline", "nchan")]  # fmt: skip
+    pairs = [
+        (t, ref)
+        for ref in ("baseline", "nchan")
+        if ref in targets
+        for t in targets
+        if t != ref and (t, ref) != ("baseline", "nchan")
+    ]
     if not pairs:
         return ""
-    ok = {(r["target"], r["rep"]): r for r in recs if "error" not in r and not r.get("client_bound")}
+    ok = {
+        (r["target"], r["rep"]): r for r in recs if "error" not in r and not r.get("client_bound")
+    }
     heads = ["rep"] + [f"{a}/{b} {m}" for a, b in pairs for m in ("CPU/deliv", "p99")]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     cols: list[list] = [[] for _ in range(2 * len(pairs))]
@@ -540,43 +641,78 @@ def ratios(recs: list[dict], targets: list[str], reps: int) -> str:
 
 
 def parse(argv: list[str] | None):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--targets", default="regstream,baseline",
-                    help="comma list of regstream, baseline, nchan (default %(default)s)")  # fmt: skip
-    ap.add_argument("--scenario", choices=["broadcast", "filtered"], default="broadcast",
-                    help="broadcast: no filter, every message to all N; filtered: stream j asks for "
-                    "registrationId=100000+j, each message goes to one stream")  # fmt: skip
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--targets",
+        default="regstream,baseline",
+        help="comma list of regstream, baseline, nchan (default %(default)s)",
+    )
+    ap.add_argument(
+        "--scenario",
+        choices=["broadcast", "filtered"],
+        default="broadcast",
+        help="broadcast: no filter, every message to all N; filtered: stream j asks for "
+        "registrationId=100000+j, each message goes to one stream",
+    )
     ap.add_argument("-n", "--clients", type=int, default=1000, help="SSE streams (default 1000)")
     ap.add_argument("--rate", type=float, default=20.0, help="messages published per second")
     ap.add_argument("--duration", type=float, default=10.0, help="publishing window, seconds")
     ap.add_argument("--reps", type=int, default=3, help="runs per target (medians are reported)")
     ap.add_argument("--workers", type=int, default=2, help="client processes (default 2)")
-    ap.add_argument("--idle-only", action="store_true",
-                    help="connect N streams, measure RSS per idle stream and Redis connections, "
-                    "hold them --duration seconds (pings counted), publish nothing")  # fmt: skip
-    ap.add_argument("--stall-fraction", type=float, default=0.0,
-                    help="fraction of streams that stop reading once connected")  # fmt: skip
-    ap.add_argument("--server-cmd",
-                    help="command for the regstream target; placeholders {port} {redis_url} "
-                    "{redis_port} {host}; REDIS_URL is also in its environment")  # fmt: skip
+    ap.add_argument(
+        "--idle-only",
+        action="store_true",
+        help="connect N streams, measure RSS per idle stream and Redis connections, "
+        "hold them --duration seconds (pings counted), publish nothing",
+    )
+    ap.add_argument(
+        "--stall-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of streams that stop reading once connected",
+    )
+    ap.add_argument(
+        "--server-cmd",
+        help="command for the regstream target; placeholders {port} {redis_url} "
+        "{redis_port} {host}; REDIS_URL is also in its environment",
+    )
     ap.add_argument("--auth-header", help="Authorization value every client sends, e.g. 'Bearer x'")
     ap.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
-    ap.add_argument("--ping-interval", type=float,
-                    help="SSE_PING_INTERVAL given to the servers (default: theirs)")  # fmt: skip
-    ap.add_argument("--drain", type=float, default=10.0,
-                    help="max seconds to wait for deliveries after publishing")  # fmt: skip
-    ap.add_argument("--stall-timeout", type=float, default=3.0,
-                    help="stop draining after this long without progress")  # fmt: skip
+    ap.add_argument(
+        "--ping-interval",
+        type=float,
+        help="SSE_PING_INTERVAL given to the servers (default: theirs)",
+    )
+    ap.add_argument(
+        "--drain",
+        type=float,
+        default=10.0,
+        help="max seconds to wait for deliveries after publishing",
+    )
+    ap.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=3.0,
+        help="stop draining after this long without progress",
+    )
     ap.add_argument("--settle", type=float, default=1.0, help="pause before the first RSS reading")
     ap.add_argument("--idle-settle", type=float, default=2.0, help="idle pause before measuring")
     ap.add_argument("--start-timeout", type=float, default=60.0, help="server start bound, seconds")
     ap.add_argument("--ready-timeout", type=float, default=90.0, help="bound for connecting N")
-    ap.add_argument("--no-pin", dest="pin", action="store_false",
-                    help="do not pin (default: server on CPU 0; Redis, clients, publisher on CPU 1)")  # fmt: skip
+    ap.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin (default: server on CPU 0; Redis, clients, publisher on CPU 1)",
+    )
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(BENCH, "results", "sse_bench.jsonl"),
-                    help="JSON lines appended here (default %(default)s)")  # fmt: skip
+    ap.add_argument(
+        "--out",
+        default=os.path.join(BENCH, "results", "sse_bench.jsonl"),
+        help="JSON lines appended here (default %(default)s)",
+    )
     a = ap.parse_args(argv)
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     if a.auth_header and a.auth_header.lower().startswith("authorization:"):
@@ -584,11 +720,19 @@ def parse(argv: list[str] | None):
     bad = [t for t in a.targets if t not in ("regstream", "baseline", "nchan")]
     if bad:
         ap.error(f"unknown targets {bad}")
-    if not (1 <= a.clients <= 20000 and 0 < a.duration <= 120 and 0 < a.rate <= 20000
-            and a.rate * a.duration <= 500_000 and 1 <= a.reps <= 10 and 1 <= a.workers <= 16
-            and 0 <= a.stall_fraction < 1):  # fmt: skip
-        ap.error("bounds: 1<=n<=20000, duration<=120 s, rate*duration<=500000, reps<=10, "
-                 "workers<=16, 0<=stall-fraction<1")  # fmt: skip
+    if not (
+        1 <= a.clients <= 20000
+        and 0 < a.duration <= 120
+        and 0 < a.rate <= 20000
+        and a.rate * a.duration <= 500_000
+        and 1 <= a.reps <= 10
+        and 1 <= a.workers <= 16
+        and 0 <= a.stall_fraction < 1
+    ):
+        ap.error(
+            "bounds: 1<=n<=20000, duration<=120 s, rate*duration<=500000, reps<=10, "
+            "workers<=16, 0<=stall-fraction<1"
+        )
     if a.pin and os.cpu_count() < 2:
         ap.error("pinning needs 2 CPUs (use --no-pin)")
     return a
@@ -610,8 +754,10 @@ def main(argv: list[str] | None = None) -> int:
         targets.remove("nchan")
     invocation = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
     what = "idle-only" if args.idle_only else f"rate {args.rate:g} msg/s for {args.duration:g} s"
-    print(f"# {args.scenario}, N={args.clients}, {what}, stall {args.stall_fraction:g}, "
-          f"{args.reps} reps, targets {','.join(targets)}, {args.workers} client processes")  # fmt: skip
+    print(
+        f"# {args.scenario}, N={args.clients}, {what}, stall {args.stall_fraction:g}, "
+        f"{args.reps} reps, targets {','.join(targets)}, {args.workers} client processes"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     recs = []
     for rep in range(args.reps):
@@ -627,14 +773,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.idle_only:
         r = ratios(recs, targets, args.reps)
         if r:
-            print("\nper-rep ratios (server CPU µs per delivery, p99 latency; < 1 = cheaper/faster)")
+            print(
+                "\nper-rep ratios (server CPU µs per delivery, p99 latency; < 1 = cheaper/faster)"
+            )
             print(r)
     bound = [r for r in recs if r.get("client_bound")]
     errors = [r for r in recs if "error" in r]
     print(f"\nresults appended to {args.out} (invocation {invocation})")
     if bound:
-        print(f"CLIENT-BOUND, numbers not reported: {len(bound)} run(s) had a client process above "
-              f"{CLIENT_BOUND_PCT:.0f}% of a core; lower --rate or add --workers")  # fmt: skip
+        print(
+            f"CLIENT-BOUND, numbers not reported: {len(bound)} run(s) had a client process above "
+            f"{CLIENT_BOUND_PCT:.0f}% of a core; lower --rate or add --workers"
+        )
         return 3
     if errors:
         return 1

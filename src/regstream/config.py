@@ -11,11 +11,11 @@ Build a ``Settings`` in ``app``/``cli`` and pass it down; nothing imports a glob
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
-from urllib.parse import quote
+from typing import Annotated, Literal
+from urllib.parse import quote, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _env(*names: str) -> AliasChoices:
@@ -80,6 +80,30 @@ class Settings(BaseSettings):
     )
     secret_key: SecretStr | None = Field(None, validation_alias=_env("REGSTREAM_SECRET_KEY"))
 
+    # --- security (docs/security.md) ---------------------------------------------------------
+    session_lifetime: PositiveFloat = Field(
+        8 * 3600.0, validation_alias=_env("REGSTREAM_SESSION_LIFETIME")
+    )
+    cookie_secure: Literal["auto", "always", "never"] = Field(
+        "auto", validation_alias=_env("REGSTREAM_COOKIE_SECURE")
+    )
+    trust_proxy: bool = Field(False, validation_alias=_env("REGSTREAM_TRUST_PROXY"))
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), validation_alias=_env("REGSTREAM_CORS_ORIGINS")
+    )
+    max_body_bytes: PositiveInt = Field(64 * 1024, validation_alias=_env("REGSTREAM_MAX_BODY_BYTES"))
+    streams_per_user: PositiveInt = Field(20, validation_alias=_env("REGSTREAM_STREAMS_PER_USER"))
+    process_rate_per_minute: PositiveInt = Field(
+        60, validation_alias=_env("REGSTREAM_PROCESS_RATE_PER_MINUTE")
+    )
+    login_attempts_per_minute: PositiveInt = Field(
+        10, validation_alias=_env("REGSTREAM_LOGIN_ATTEMPTS_PER_MINUTE")
+    )
+    stream_ticket_ttl: Annotated[float, Field(gt=0, le=600)] = Field(
+        60.0, validation_alias=_env("REGSTREAM_STREAM_TICKET_TTL")
+    )
+    metrics_public: bool = Field(False, validation_alias=_env("REGSTREAM_METRICS_PUBLIC"))
+
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", validation_alias=_env("REGSTREAM_LOG_LEVEL"))
     log_json: bool = Field(False, validation_alias=_env("REGSTREAM_LOG_JSON"))
@@ -106,6 +130,24 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _check_cors_origins(cls, value: object) -> tuple[str, ...]:
+        if value is None or value == "":
+            return ()
+        items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+        origins = []
+        for item in (str(i).strip().rstrip("/") for i in items):
+            if not item:
+                continue
+            parts = urlsplit(item)
+            if item == "*" or parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("must be a comma-separated list of origins like https://ops.example")
+            if parts.path or parts.query or parts.fragment:
+                raise ValueError("an origin is scheme://host[:port] without a path")
+            origins.append(item)
+        return tuple(origins)
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -119,7 +161,16 @@ class Settings(BaseSettings):
     def effective_redis_url(self) -> str | None:
         """The configured Redis URL, or ``None`` when the embedded server should be started."""
         if self.redis_url is not None:
-            return self.redis_url.get_secret_value()
+            url = self.redis_url.get_secret_value()
+            # REDIS_PASSWORD / REDIS_USERNAME also apply to a REDIS_URL without credentials
+            # (so the secret can live in its own variable, e.g. a mounted secret file).
+            if self.redis_password is not None and url.startswith(("redis://", "rediss://")):
+                scheme, rest = url.split("://", 1)
+                if "@" not in rest.split("/", 1)[0]:
+                    user = quote(self.redis_username or "", safe="")
+                    secret = quote(self.redis_password.get_secret_value(), safe="")
+                    url = f"{scheme}://{user}:{secret}@{rest}"
+            return url
         if self.redis_host:
             auth = ""
             if self.redis_password is not None:

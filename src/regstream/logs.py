@@ -19,7 +19,7 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\+\d{3}(\d{2,12})(\d{2})\b"), r"+***…\2"),
     (re.compile(r"\b(19|20)\d{2}-\d{2}-\d{2}\b"), "****-**-**"),
     (re.compile(r"\b[\w.+-]+@([\w-]+\.)+[\w-]{2,}\b"), "***@***"),
-    (re.compile(r"(?<![\d_.-])\d{7,}(?![\d-])"), "*******"),
+    (re.compile(r"(?<![\w.-])\d{7,}(?![\w-])"), "*******"),
 ]  # fmt: skip
 
 

@@ -54,7 +54,7 @@ USERNAME = "t24-user"
 PASSWORD = "Canary-Pa55word-7731"
 
 
-# --- fixtures --------------------------------------------------------------------------------------
+# --- fixtures -------------------------------------------------------------------------------------
 
 
 def _control(sim: RunningSimulator, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -126,6 +126,11 @@ class RecordingTransport(httpx.AsyncHTTPTransport):
         return await super().handle_async_request(request)
 
 
+def _state(client: T24Client) -> BreakerState:
+    # A function call, so mypy does not narrow the property across assertions.
+    return client.breaker.state
+
+
 async def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -134,7 +139,7 @@ async def _wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> No
         await asyncio.sleep(0.02)
 
 
-# --- the protocol -----------------------------------------------------------------------------------
+# --- the protocol ---------------------------------------------------------------------------------
 
 
 async def test_t24_client_implements_core_banking(make_client: ClientFactory) -> None:
@@ -156,7 +161,7 @@ def test_config_validation() -> None:
     )
 
 
-# --- good answers -------------------------------------------------------------------------------------
+# --- good answers ---------------------------------------------------------------------------------
 
 
 async def test_get_customer(make_client: ClientFactory, sim: RunningSimulator) -> None:
@@ -361,11 +366,11 @@ async def test_cancellation_propagates_and_frees_the_simulator(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert client.breaker.state is BreakerState.CLOSED
+    assert _state(client) is BreakerState.CLOSED
     await _wait_until(lambda: _control(sim, "stats")["inFlight"] == 0, timeout=2.0)
 
 
-# --- circuit breaker -----------------------------------------------------------------------------
+# --- circuit breaker ------------------------------------------------------------------------------
 
 
 async def test_breaker_opens_rejects_and_half_opens(
@@ -375,23 +380,23 @@ async def test_breaker_opens_rejects_and_half_opens(
     for _ in range(2):
         with pytest.raises(CoreUnavailable):
             await client.get_customer("100800")
-    assert client.breaker.state is BreakerState.OPEN
+    assert _state(client) is BreakerState.OPEN
     assert REGISTRY.get_sample_value("regstream_t24_breaker_open") == 1.0
 
     with pytest.raises(CircuitOpen):
         await client.get_customer("100100")
     assert _calls(sim, "100100") == 0  # not attempted
 
-    await _wait_until(lambda: client.breaker.state is BreakerState.HALF_OPEN, timeout=2.0)
+    await _wait_until(lambda: _state(client) is BreakerState.HALF_OPEN, timeout=2.0)
     with pytest.raises(CoreUnavailable):  # the probe fails: open again
         await client.get_customer("100800")
-    assert client.breaker.state is BreakerState.OPEN
+    assert _state(client) is BreakerState.OPEN
     assert _calls(sim, "100800") == 3
 
-    await _wait_until(lambda: client.breaker.state is BreakerState.HALF_OPEN, timeout=2.0)
+    await _wait_until(lambda: _state(client) is BreakerState.HALF_OPEN, timeout=2.0)
     customer = await client.get_customer("100100")  # the probe succeeds: closed
     assert customer.customer_id == "100100"
-    assert client.breaker.state is BreakerState.CLOSED
+    assert _state(client) is BreakerState.CLOSED
     assert REGISTRY.get_sample_value("regstream_t24_breaker_open") == 0.0
 
 
@@ -401,7 +406,7 @@ async def test_breaker_half_open_admits_a_single_probe(
     client = make_client(max_attempts=1, breaker_threshold=1, breaker_reset=0.2)
     with pytest.raises(CoreUnavailable):
         await client.get_customer("100800")
-    await _wait_until(lambda: client.breaker.state is BreakerState.HALF_OPEN, timeout=2.0)
+    await _wait_until(lambda: _state(client) is BreakerState.HALF_OPEN, timeout=2.0)
     _control(sim, "config", {"latency_ms": 300})
     probe = asyncio.create_task(client.get_customer("100100"))
     await _wait_until(lambda: _control(sim, "stats")["inFlight"] == 1)
@@ -416,7 +421,7 @@ async def test_not_found_and_rules_do_not_open_the_breaker(make_client: ClientFa
     for cif in ("100999", "100999", "100920", "100999"):
         with pytest.raises((CustomerNotFound, CoreRequestError)):
             await client.get_customer(cif)
-    assert client.breaker.state is BreakerState.CLOSED
+    assert _state(client) is BreakerState.CLOSED
 
 
 async def test_breaker_opening_mid_retries_reports_the_cause(
@@ -490,7 +495,7 @@ async def test_logs_carry_no_customer_data_or_secrets(
             assert value not in text, f"{value!r} leaked in a {record.name} log record"
 
 
-# --- the demo applicants against the core -----------------------------------------------------------
+# --- the demo applicants against the core ---------------------------------------------------------
 
 
 def _applicant(demo: DemoApplicant) -> Applicant:

@@ -35,7 +35,7 @@ SPEC_PATH = next((path for path in SPEC_CANDIDATES if path.exists()), SPEC_CANDI
 HOLDINGS = "/holdings/customers/{customerId}/holdings"
 
 
-# --- fixtures and helpers --------------------------------------------------------------------------
+# --- fixtures and helpers -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def _validate_holdings(
     return document
 
 
-# --- T24 envelopes ----------------------------------------------------------------------------------
+# --- T24 envelopes --------------------------------------------------------------------------------
 
 
 def test_customer_envelope(http: httpx.Client) -> None:
@@ -188,7 +188,7 @@ def test_flaky_cycle(http: httpx.Client) -> None:
     assert [http.get(_api("100950")).status_code for _ in range(6)] == [500, 500, 200] * 2
 
 
-# --- paging ----------------------------------------------------------------------------------------
+# --- paging ---------------------------------------------------------------------------------------
 
 
 def test_arrangements_paging(http: httpx.Client) -> None:
@@ -236,7 +236,7 @@ def test_page_token_is_bound_to_the_customer(http: httpx.Client) -> None:
     assert response.status_code == 400
 
 
-# --- holdings v4 against the published OpenAPI document ---------------------------------------------
+# --- holdings v4 against the published OpenAPI document -------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,7 @@ def test_the_closed_schema_catches_unknown_fields(
         holdings_validators["200"].validate(document)
 
 
-# --- knobs and control endpoints -------------------------------------------------------------------
+# --- knobs and control endpoints ------------------------------------------------------------------
 
 
 def test_stats_and_reset(http: httpx.Client) -> None:
@@ -410,7 +410,7 @@ def test_demo_applicants_cover_every_scenario_with_unique_canaries() -> None:
 
 
 def test_dataset_is_deterministic_and_consistent() -> None:
-    assert CUSTOMERS["100100"].accounts[0].arrangement_id == "AA19330DYSUQ"
+    assert CUSTOMERS["100100"].accounts[0].arrangement_id == "AA17098E4SK9"
     assert len(CUSTOMERS["100200"].accounts) == 60
     assert not set(SCRIPTS) & {"100100", "100200", "100300", "100400", "100500"}
     for demo in DEMO_APPLICANTS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from typing import Annotated
 
 import typer
@@ -13,7 +14,7 @@ from rich.console import Console
 from regstream import logs
 from regstream.config import ConfigError, Settings, load_settings
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def settings_or_exit() -> Settings:
@@ -66,6 +67,10 @@ def serve(
         console.print(f"[bold green]regstream[/bold green] listening on [bold]{where}[/bold]"
                       f"  (API docs: {where}/docs, stream: {where}/api/registrations/updates/stream)",
                       highlight=False)  # fmt: skip
+        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; turn that into a normal
+        # exit so the `finally` below stops the embedded Redis and simulator.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        signal.signal(signal.SIGINT, _exit_cleanly)
         uvicorn.run(
             "regstream.app:create_app_from_env",
             factory=True, host=host, port=port, workers=workers, loop="uvloop", http="httptools",
@@ -73,6 +78,10 @@ def serve(
         )  # fmt: skip
     finally:
         stack.__exit__(None, None, None)
+
+
+def _exit_cleanly(_sig: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 async def _prepare(settings: Settings, key: bytes, demo: bool) -> None:

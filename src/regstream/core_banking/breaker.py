@@ -13,6 +13,9 @@ awaits.
 - *half-open*: exactly one caller gets through as a probe; others get ``CircuitOpen``. The
   probe's success closes the breaker, its failure re-opens it for another ``reset_after``.
   A probe abandoned without an outcome (cancelled) frees the slot for the next caller.
+
+``regstream_t24_breaker_open`` is 1 from opening until a probe succeeds (open or half-open),
+0 while closed.
 """
 
 from __future__ import annotations

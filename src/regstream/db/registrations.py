@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import Select, func, or_, select, update
@@ -79,6 +79,26 @@ async def list_page(
         .limit(page_size)
     )
     return list(rows), int(total or 0)
+
+
+async def count_by_status(session: AsyncSession, *, since: datetime) -> dict[str, int]:
+    """Runs finished since ``since`` per final status, plus ``IN_PROGRESS``: runs going on now."""
+    finished = await session.execute(
+        select(RegistrationRequest.status, func.count())
+        .where(
+            RegistrationRequest.in_progress.is_(False),
+            RegistrationRequest.completed_at >= since,
+        )
+        .group_by(RegistrationRequest.status)
+    )
+    counts = {str(status): int(n) for status, n in finished.all()}
+    running = await session.scalar(
+        select(func.count())
+        .select_from(RegistrationRequest)
+        .where(RegistrationRequest.in_progress.is_(True))
+    )
+    counts["IN_PROGRESS"] = int(running or 0)
+    return counts
 
 
 async def get_log(

@@ -108,3 +108,90 @@ class MobileUser(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+
+
+# --- back-office accounts (issue 4; docs/security.md) -------------------------------------------
+# Secrets are never stored in clear: passwords as argon2id hashes, API tokens, session ids and
+# stream tickets as SHA-256 hex digests of the random value handed to the client. Instants that
+# are compared (expiry, revocation) are epoch milliseconds, like ``lease_expires_ms``.
+
+
+class Operator(Base):
+    """A back-office account (``viewer``, ``operator`` or ``admin``)."""
+
+    __tablename__ = "operators"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+    last_login_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    operator_id: Mapped[int] = mapped_column(
+        ForeignKey("operators.id", ondelete="CASCADE"), index=True
+    )
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_ms: Mapped[int | None] = mapped_column(BigInteger)
+    revoked_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class AuthSession(Base):
+    """A signed-in browser: the cookie holds a random id, this row holds its hash."""
+
+    __tablename__ = "auth_sessions"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    operator_id: Mapped[int] = mapped_column(
+        ForeignKey("operators.id", ondelete="CASCADE"), index=True
+    )
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    revoked_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class StreamTicket(Base):
+    """A single-use, short-lived credential for ``?ticket=`` on the stream path only."""
+
+    __tablename__ = "stream_tickets"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    ticket_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id", ondelete="CASCADE"))
+    # the credential the ticket was minted from: the stream lives and dies with it
+    credential_kind: Mapped[str] = mapped_column(String(8))
+    credential_id: Mapped[int] = mapped_column(BigInteger)
+    registration_id: Mapped[int | None] = mapped_column(BigInteger)
+    expires_ms: Mapped[int] = mapped_column(BigInteger, index=True)
+    used_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class AuditEntry(Base):
+    """Who signed in, who started which run, who was refused. No personal data, no secrets."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )
+    actor: Mapped[str | None] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(40), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    target: Mapped[str | None] = mapped_column(String(200))
+    client_ip: Mapped[str | None] = mapped_column(String(45))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -60,6 +60,7 @@ class Broker:
         self._last_probe_seen = time.monotonic()
         self._rebuild = asyncio.Event()
         self.received = 0
+        self._subscribed_once = False
 
     @property
     def healthy(self) -> bool:
@@ -102,9 +103,15 @@ class Broker:
             delay = min(delay * 2, 5.0)
 
     async def _catch_up(self) -> None:
-        last = self.last_key
-        if last is None:  # first subscription: live from here on
+        if not self._subscribed_once:  # first subscription: live from here on
+            self._subscribed_once = True
             self.last_key = await self._history.latest()
+            return
+        last = self.last_key
+        if last is None:
+            # History was empty when we first subscribed: everything in it now is new to us.
+            for parsed in (await self._history.since(None)).entries:
+                self._dispatch(parsed)
             return
         replay = await self._history.since(last)
         if replay.complete:

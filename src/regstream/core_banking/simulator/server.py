@@ -4,11 +4,15 @@
 server on a loopback socket bound before the thread starts (so the port is known and free),
 ``started`` polled with a deadline, and ``should_exit`` plus a bounded ``join`` on the way out.
 uvicorn is told not to touch logging (``log_config=None``) and the access log is off: request
-lines carry customer ids in their paths.
+lines carry customer ids in their paths. uvicorn still writes access lines whenever the
+``uvicorn.access`` logger has a handler (pytest's ``caplog`` adds one; an application may make
+it propagate), so while a simulator runs a filter on that logger drops the lines for the T24
+paths (``/api/v1.0.0/...``); other servers' access lines are untouched.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -55,17 +59,26 @@ def run_simulator(
     log_level: str = "info",
     access_log: bool = False,
 ) -> None:
-    """Serve the simulator until interrupted (Ctrl+C / SIGTERM). Blocks."""
-    uvicorn.run(
-        create_simulator_app(config),
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=access_log,
-        lifespan="off",
-        ws="none",
-        timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN),
-    )
+    """Serve the simulator until interrupted (Ctrl+C / SIGTERM). Blocks.
+
+    ``access_log=True`` logs every request line, customer ids included (the data is fake).
+    When the process has already configured logging (the root logger has a handler, e.g. the
+    CLI called ``regstream.logs.configure``) uvicorn keeps it; otherwise uvicorn's default
+    console logging is used.
+    """
+    host_configured = bool(logging.getLogger().handlers)
+    with _hidden_t24_access_lines(enabled=not access_log):
+        uvicorn.run(
+            create_simulator_app(config),
+            host=host,
+            port=port,
+            log_config=None if host_configured else uvicorn.config.LOGGING_CONFIG,
+            log_level=log_level,
+            access_log=access_log,
+            lifespan="off",
+            ws="none",
+            timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN),
+        )
 
 
 @contextmanager
@@ -99,6 +112,8 @@ def serve_in_thread(
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="t24-simulator", daemon=True
     )
+    access_filter = _DropT24AccessLines()
+    logging.getLogger("uvicorn.access").addFilter(access_filter)
     thread.start()
     try:
         deadline = time.monotonic() + startup_timeout
@@ -111,3 +126,25 @@ def serve_in_thread(
         server.should_exit = True
         thread.join(timeout=GRACEFUL_SHUTDOWN + 5)
         sock.close()
+        logging.getLogger("uvicorn.access").removeFilter(access_filter)
+
+
+class _DropT24AccessLines(logging.Filter):
+    """Drop uvicorn access lines whose path is a T24 path (``args[2]`` is the full path)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            isinstance(args, tuple) and len(args) >= 3 and str(args[2]).startswith(API_PREFIX + "/")
+        )
+
+
+@contextmanager
+def _hidden_t24_access_lines(*, enabled: bool) -> Iterator[None]:
+    access_filter = _DropT24AccessLines()
+    if enabled:
+        logging.getLogger("uvicorn.access").addFilter(access_filter)
+    try:
+        yield
+    finally:
+        logging.getLogger("uvicorn.access").removeFilter(access_filter)

@@ -1,0 +1,255 @@
+"""Pipeline benchmark: validations/s, click -> final-frame latency, server CPU per validation.
+
+  .venv/bin/python bench/pipeline_bench.py -k 2000
+
+Starts a private redis-server (CPU 1) and `regstream serve` (CPU 0, zero-latency T24 simulator,
+SQLite in a temp dir unless --database-url), or measures a server you started (--url and
+--server-pid). Opens one unfiltered update stream, creates K registrations through the REST API
+(POST /api/registrations, not timed), then clicks "process" for all of them
+(POST /api/registrations/{id}/process, --concurrency requests in flight) and waits (bounded) until
+every registration's final frame arrived on the stream. Reports validations/s, p50/p99 time from
+click to final frame, and the server's CPU time per validation (its process tree, from /proc).
+Appends one JSON line to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH)
+
+import httpx  # noqa: E402
+import procs  # noqa: E402
+
+STREAM = "/api/registrations/updates/stream"
+DATA = re.compile(rb"^data: ?(.*)$", re.M)
+
+
+def applicant(run: str, i: int) -> dict:
+    """One valid registration request; unique per run so duplicate checks do not collapse them."""
+    return {
+        "customerNumber": f"{run}{i:06d}",
+        "firstName": "Bench",
+        "lastName": f"User{i}",
+        "dateOfBirth": "1990-01-01",
+        "nationalId": f"{run}{i:06d}",
+        "idType": "NATIONAL.ID",
+        "phone": f"+2547{i % 100_000_000:08d}",
+        "email": f"bench{run}{i}@example.com",
+    }
+
+
+class StreamFollower:
+    """Unfiltered SSE stream; remembers when each registration's final frame arrived."""
+
+    def __init__(self, finals: set[str]) -> None:
+        self.finals = finals
+        self.final_at: dict[int, float] = {}
+        self.frames = 0
+        self.connected = asyncio.Event()
+
+    async def run(self, host: str, port: int, auth: str | None) -> None:
+        r, w = await asyncio.open_connection(host, port)
+        extra = f"Authorization: {auth}\r\n" if auth else ""
+        w.write(
+            f"GET {STREAM} HTTP/1.1\r\nHost: {host}\r\n{extra}"
+            "Accept: text/event-stream\r\n\r\n".encode()
+        )
+        head = await r.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"stream: {head[:80]!r}")
+        buf = b""
+        try:
+            while True:
+                chunk = await r.read(65536)
+                if not chunk:
+                    return
+                now = time.monotonic()
+                buf += chunk
+                blocks = buf.split(b"\n\n")
+                buf = blocks.pop()
+                for block in blocks:
+                    for m in DATA.finditer(block):
+                        self.on_data(m.group(1), now)
+        finally:
+            w.close()
+
+    def on_data(self, raw: bytes, now: float) -> None:
+        try:
+            frame = json.loads(raw)
+        except ValueError:
+            return  # chunked-encoding size lines and the like
+        if not isinstance(frame, dict):
+            return
+        if frame.get("type") == "connected":
+            self.connected.set()
+        if frame.get("type") != "update":
+            return
+        self.frames += 1
+        d = frame.get("data") or {}
+        if d.get("status") in self.finals and "registrationId" in d:
+            self.final_at[int(d["registrationId"])] = now
+
+
+async def bench(args, base: str, server_pid: int | None) -> dict:
+    host, port = "127.0.0.1", int(base.rsplit(":", 1)[1])
+    headers = {"Authorization": args.auth_header} if args.auth_header else {}
+    follower = StreamFollower(set(args.final_statuses.split(",")))
+    ftask = asyncio.create_task(follower.run(host, port, args.auth_header))
+    await asyncio.wait_for(follower.connected.wait(), 10)
+    limits = httpx.Limits(max_connections=args.concurrency)
+    sem = asyncio.Semaphore(args.concurrency)
+    errors: dict[str, int] = {}
+    run = f"{random.randrange(10**6):06d}"
+    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=30) as cl:
+
+        async def call(path: str, body: dict | None = None) -> httpx.Response | None:
+            async with sem:
+                try:
+                    resp = await cl.post(path, json=body)
+                except httpx.HTTPError as e:
+                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                    return None
+            if resp.status_code >= 300:
+                errors[str(resp.status_code)] = errors.get(str(resp.status_code), 0) + 1
+                return None
+            return resp
+
+        t = time.monotonic()
+        created = await asyncio.gather(
+            *(call("/api/registrations", applicant(run, i)) for i in range(args.k))
+        )
+        ids = []
+        for resp in created:
+            if resp is not None:
+                body = resp.json()
+                ids.append(int(body.get("id", body.get("registrationId"))))
+        create_s = time.monotonic() - t
+        if not ids:
+            raise RuntimeError(f"no registration created: {errors}")
+
+        # ---- measured: click "process" for every registration, wait for every final frame
+        spids = procs.tree(server_pid) if server_pid else []
+        cpu0 = procs.cpu(spids)
+        clicked: dict[int, float] = {}
+
+        async def click(rid: int) -> None:
+            clicked[rid] = time.monotonic()
+            if await call(f"/api/registrations/{rid}/process") is None:
+                clicked.pop(rid, None)
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(click(rid) for rid in ids))
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline and any(r not in follower.final_at for r in clicked):
+            await asyncio.sleep(0.02)
+        cpu1 = procs.cpu(spids)
+    ftask.cancel()
+    done = sorted(follower.final_at[r] - clicked[r] for r in clicked if r in follower.final_at)
+    last = max((follower.final_at[r] for r in clicked if r in follower.final_at), default=t0)
+    window = max(last - t0, 1e-9)
+    srv_s = cpu1["sched"] - cpu0["sched"]
+
+    def q(p: float) -> float | None:
+        return round(1000 * done[min(len(done) - 1, int(p / 100 * len(done)))], 1) if done else None
+
+    return {
+        "k": args.k,
+        "created": len(ids),
+        "create_s": round(create_s, 2),
+        "clicked": len(clicked),
+        "finished": len(done),
+        "http_errors": errors,
+        "update_frames": follower.frames,
+        "validations_per_s": round(len(done) / window, 1),
+        "click_to_final_ms": {
+            "p50": q(50),
+            "p90": q(90),
+            "p99": q(99),
+            "max": round(1000 * done[-1], 1) if done else None,
+        },
+        "server_cpu_s": round(srv_s, 3) if spids else None,
+        "server_cpu_ms_per_validation": round(1000 * srv_s / len(done), 3)
+        if spids and done
+        else None,
+        "server_core_pct": round(100 * srv_s / window, 1) if spids else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, lambda s, f: sys.exit(f"terminated by signal {s}"))
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("-k", type=int, default=1000, help="registrations to validate")
+    ap.add_argument("--concurrency", type=int, default=64, help="HTTP requests in flight")
+    ap.add_argument("--timeout", type=float, default=120, help="bound for all final frames, s")
+    ap.add_argument(
+        "--final-statuses",
+        default="COMPLETED,DUPLICATE,FAILED",
+        help="statuses whose frame ends a registration's pipeline",
+    )
+    ap.add_argument("--url", help="measure a running server (http://127.0.0.1:PORT) instead")
+    ap.add_argument("--server-pid", type=int, help="with --url: PID whose tree's CPU is measured")
+    ap.add_argument("--server-cmd", help="command to start (placeholders {port} {redis_url})")
+    ap.add_argument("--database-url", help="DATABASE_URL for the started server (default SQLite)")
+    ap.add_argument("--t24-latency-ms", type=float, default=0.0, help="T24 simulator latency")
+    ap.add_argument("--auth-header", help="Authorization value, e.g. 'Bearer x'")
+    ap.add_argument("--no-pin", dest="pin", action="store_false")
+    ap.add_argument("--out", default=os.path.join(BENCH, "results", "pipeline_bench.jsonl"))
+    args = ap.parse_args(argv)
+    if not (1 <= args.k <= 100_000 and 1 <= args.concurrency <= 1000 and args.timeout <= 600):
+        ap.error("bounds: 1<=k<=100000, concurrency<=1000, timeout<=600")
+    if args.pin:
+        os.sched_setaffinity(0, {1})
+    children: list[procs.Child] = []
+    rec: dict = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args)}
+    try:
+        if args.url:
+            base, pid = args.url.rstrip("/"), args.server_pid
+        else:
+            logdir = tempfile.mkdtemp(prefix="pipeline-bench-")
+            redis, rport = procs.start_redis(logdir, {1} if args.pin else None)
+            children.append(redis)
+            port = procs.free_port()
+            redis_url = f"redis://127.0.0.1:{rport}/0"
+            env = {
+                "REDIS_URL": redis_url,
+                "REGSTREAM_DATA_DIR": os.path.join(logdir, "data"),
+                "T24_SIM_LATENCY_MS": str(args.t24_latency_ms),
+            }
+            if args.database_url:
+                env["DATABASE_URL"] = args.database_url
+            exe = os.path.join(os.path.dirname(sys.executable), "regstream")
+            cmd = args.server_cmd or f"{exe} serve --host 127.0.0.1 --port {{port}}"
+            argv_ = shlex.split(cmd.format(port=port, redis_url=redis_url))
+            srv = procs.Child("regstream", argv_, {0} if args.pin else None, logdir, env=env)
+            children.append(srv)
+            procs.wait_port(port, srv, 60)
+            base, pid = f"http://127.0.0.1:{port}", srv.pid
+        rec.update(asyncio.run(bench(args, base, pid)))
+    except Exception as e:  # noqa: BLE001 - reported, recorded, non-zero exit
+        rec["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        for c in reversed(children):
+            c.stop()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+    print(json.dumps({k: v for k, v in rec.items() if k != "args"}, indent=1))
+    return 1 if "error" in rec else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

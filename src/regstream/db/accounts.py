@@ -1,0 +1,248 @@
+"""Data functions for back-office accounts: operators, API tokens, sessions, stream tickets.
+
+Every secret arrives here already hashed (``regstream.auth.tokens.digest``); instants are epoch
+milliseconds. Callers own the transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from regstream.db.tables import ApiToken, AuthSession, Operator, StreamTicket
+
+# --- operators ---------------------------------------------------------------------------------
+
+
+async def get(session: AsyncSession, *, operator_id: int) -> Operator | None:
+    return await session.get(Operator, operator_id)
+
+
+async def get_by_username(session: AsyncSession, *, username: str) -> Operator | None:
+    return await session.scalar(select(Operator).where(Operator.username == username))
+
+
+async def list_all(session: AsyncSession) -> list[Operator]:
+    return list(await session.scalars(select(Operator).order_by(Operator.username)))
+
+
+async def count(session: AsyncSession) -> int:
+    return int(await session.scalar(select(func.count()).select_from(Operator)) or 0)
+
+
+async def create(
+    session: AsyncSession, *, username: str, role: str, password_hash: str | None
+) -> Operator:
+    operator = Operator(username=username, role=role, password_hash=password_hash, disabled=False)
+    session.add(operator)
+    await session.flush()
+    return operator
+
+
+async def update_operator(
+    session: AsyncSession, *, operator: Operator, role: str | None = None,
+    disabled: bool | None = None, password_hash: str | None = None,
+) -> None:  # fmt: skip
+    if role is not None:
+        operator.role = role
+    if disabled is not None:
+        operator.disabled = disabled
+    if password_hash is not None:
+        operator.password_hash = password_hash
+    await session.flush()
+
+
+async def revoke_all(session: AsyncSession, *, operator_id: int, now_ms: int) -> None:
+    """Revoke every session and token of one operator (on disable)."""
+    await session.execute(
+        update(AuthSession)
+        .where(AuthSession.operator_id == operator_id, AuthSession.revoked_ms.is_(None))
+        .values(revoked_ms=now_ms)
+    )
+    await session.execute(
+        update(ApiToken)
+        .where(ApiToken.operator_id == operator_id, ApiToken.revoked_ms.is_(None))
+        .values(revoked_ms=now_ms)
+    )
+
+
+# --- API tokens --------------------------------------------------------------------------------
+
+
+async def create_token(
+    session: AsyncSession, *, operator_id: int, token_hash: str, prefix: str,
+    label: str | None = None, expires_ms: int | None = None,
+) -> ApiToken:  # fmt: skip
+    token = ApiToken(
+        operator_id=operator_id, token_hash=token_hash, prefix=prefix, label=label,
+        expires_ms=expires_ms,
+    )  # fmt: skip
+    session.add(token)
+    await session.flush()
+    return token
+
+
+async def get_token_by_hash(
+    session: AsyncSession, *, token_hash: str
+) -> tuple[ApiToken, Operator] | None:
+    row = (
+        await session.execute(
+            select(ApiToken, Operator)
+            .join(Operator, Operator.id == ApiToken.operator_id)
+            .where(ApiToken.token_hash == token_hash)
+        )
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+async def list_tokens(session: AsyncSession, *, operator_id: int) -> list[ApiToken]:
+    return list(
+        await session.scalars(
+            select(ApiToken).where(ApiToken.operator_id == operator_id).order_by(ApiToken.id)
+        )
+    )
+
+
+async def revoke_token(
+    session: AsyncSession, *, operator_id: int, token_id: int, now_ms: int
+) -> bool:
+    result = await session.execute(
+        update(ApiToken)
+        .where(
+            ApiToken.id == token_id,
+            ApiToken.operator_id == operator_id,
+            ApiToken.revoked_ms.is_(None),
+        )
+        .values(revoked_ms=now_ms)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+# --- sessions ----------------------------------------------------------------------------------
+
+
+async def create_session(
+    session: AsyncSession, *, operator_id: int, session_hash: str, csrf_token: str,
+    expires_ms: int,
+) -> AuthSession:  # fmt: skip
+    row = AuthSession(
+        operator_id=operator_id, session_hash=session_hash, csrf_token=csrf_token,
+        expires_ms=expires_ms,
+    )  # fmt: skip
+    session.add(row)
+    await session.flush()
+    return row
+
+
+async def get_session_by_hash(
+    session: AsyncSession, *, session_hash: str
+) -> tuple[AuthSession, Operator] | None:
+    row = (
+        await session.execute(
+            select(AuthSession, Operator)
+            .join(Operator, Operator.id == AuthSession.operator_id)
+            .where(AuthSession.session_hash == session_hash)
+        )
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+async def revoke_session(session: AsyncSession, *, session_hash: str, now_ms: int) -> int | None:
+    """Revoke one session; return its id (``None`` if there was no live one)."""
+    row = await session.scalar(select(AuthSession).where(AuthSession.session_hash == session_hash))
+    if row is None or row.revoked_ms is not None:
+        return None
+    row.revoked_ms = now_ms
+    await session.flush()
+    return row.id
+
+
+async def purge_expired(session: AsyncSession, *, now_ms: int) -> None:
+    """Delete sessions and tickets that can never be used again."""
+    day = 24 * 3600 * 1000
+    await session.execute(delete(AuthSession).where(AuthSession.expires_ms < now_ms - day))
+    await session.execute(delete(StreamTicket).where(StreamTicket.expires_ms < now_ms))
+
+
+# --- stream tickets ----------------------------------------------------------------------------
+
+
+async def create_ticket(
+    session: AsyncSession, *, ticket_hash: str, operator_id: int, credential_kind: str,
+    credential_id: int, registration_id: int | None, expires_ms: int,
+) -> None:  # fmt: skip
+    session.add(
+        StreamTicket(
+            ticket_hash=ticket_hash, operator_id=operator_id, credential_kind=credential_kind,
+            credential_id=credential_id, registration_id=registration_id, expires_ms=expires_ms,
+        )  # fmt: skip
+    )
+    await session.flush()
+
+
+async def consume_ticket(
+    session: AsyncSession, *, ticket_hash: str, now_ms: int
+) -> StreamTicket | None:
+    """Mark a ticket used (atomically: one winner across processes) and return it."""
+    result = await session.execute(
+        update(StreamTicket)
+        .where(
+            StreamTicket.ticket_hash == ticket_hash,
+            StreamTicket.used_ms.is_(None),
+            StreamTicket.expires_ms > now_ms,
+        )
+        .values(used_ms=now_ms)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        return None
+    return await session.scalar(select(StreamTicket).where(StreamTicket.ticket_hash == ticket_hash))
+
+
+# --- liveness of many credentials at once (open streams) ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialState:
+    """What an open stream needs to know about its credential: still good, and the role now."""
+
+    role: str
+    expires_ms: int | None
+
+
+async def live_credentials(
+    session: AsyncSession, *, token_ids: Iterable[int], session_ids: Iterable[int], now_ms: int
+) -> dict[tuple[str, int], CredentialState]:
+    """The credentials among those given that are still valid (not revoked/expired/disabled)."""
+    out: dict[tuple[str, int], CredentialState] = {}
+    tokens = sorted(set(token_ids))
+    for start in range(0, len(tokens), 500):
+        rows = await session.execute(
+            select(ApiToken.id, ApiToken.expires_ms, Operator.role)
+            .join(Operator, Operator.id == ApiToken.operator_id)
+            .where(
+                ApiToken.id.in_(tokens[start : start + 500]),
+                ApiToken.revoked_ms.is_(None),
+                or_(ApiToken.expires_ms.is_(None), ApiToken.expires_ms > now_ms),
+                Operator.disabled.is_(False),
+            )
+        )
+        for token_id, expires_ms, role in rows:
+            out[("token", token_id)] = CredentialState(role, expires_ms)
+    sessions_ = sorted(set(session_ids))
+    for start in range(0, len(sessions_), 500):
+        rows = await session.execute(
+            select(AuthSession.id, AuthSession.expires_ms, Operator.role)
+            .join(Operator, Operator.id == AuthSession.operator_id)
+            .where(
+                AuthSession.id.in_(sessions_[start : start + 500]),
+                AuthSession.revoked_ms.is_(None),
+                AuthSession.expires_ms > now_ms,
+                Operator.disabled.is_(False),
+            )
+        )
+        for session_id, expires_ms, role in rows:
+            out[("session", session_id)] = CredentialState(role, expires_ms)
+    return out

@@ -1,0 +1,85 @@
+"""The operator's pages, served by the same app: server-rendered shells, data from the API.
+
+Each page is a Jinja2 template with no personal data in it: the page's ES module reads the
+registration(s) from the REST API (which returns masked values) and listens to the stream through
+``static/js/registration-updates.js``. So a page's HTML is the same for every person and every
+registration, and signing in is checked where the data is (``/api/auth/me`` answering 401 sends
+the browser to ``/login``), not twice.
+
+No build step, no CDN, no external fonts: ``/static`` is this package's ``static/`` folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Path as PathParam, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+HERE = Path(__file__).resolve().parent
+STATIC_DIR = HERE / "static"
+TEMPLATES_DIR = HERE / "templates"
+
+templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+router = APIRouter(include_in_schema=False)
+
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def static_files() -> StaticFiles:
+    """The ``/static`` mount (``app.py`` mounts it)."""
+    return StaticFiles(directory=str(STATIC_DIR))
+
+
+def _page(request: Request, template: str, title: str, **context: object) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request, template, {"title": title, "nav": template, **context}, headers=_HEADERS
+    )
+
+
+@router.get("/")
+async def home() -> Response:
+    return RedirectResponse("/registrations", status_code=303)
+
+
+@router.get("/registrations", response_class=HTMLResponse)
+async def registration_list(request: Request) -> HTMLResponse:
+    return _page(request, "registrations.html", "Registrations")
+
+
+@router.get("/registrations/{registration_id}", response_class=HTMLResponse)
+async def registration_detail(
+    request: Request, registration_id: Annotated[int, PathParam(ge=1, le=2**53)]
+) -> HTMLResponse:
+    return _page(
+        request,
+        "registration.html",
+        f"Registration #{registration_id}",
+        registration_id=registration_id,
+    )
+
+
+@router.get("/admin", response_class=HTMLResponse)
+async def admin_dashboard(request: Request) -> HTMLResponse:
+    return _page(request, "admin.html", "Live dashboard")
+
+
+@router.get("/admin/audit", response_class=HTMLResponse)
+async def audit_log(request: Request) -> HTMLResponse:
+    return _page(request, "audit.html", "Audit log")
+
+
+@router.get("/login", response_class=HTMLResponse)
+async def login(request: Request) -> HTMLResponse:
+    return _page(request, "login.html", "Sign in")

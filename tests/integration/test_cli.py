@@ -1,0 +1,89 @@
+"""The quick start for real: ``regstream serve --demo`` on embedded defaults, then the CLI clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.support import free_port
+
+ENV_DROP = ("REDIS_URL", "REDIS_HOST", "DATABASE_URL", "T24_BASE_URL", "REGSTREAM_SECRET_KEY")
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
+    env["REGSTREAM_DATA_DIR"] = str(data_dir)
+    env["T24_SIM_LATENCY_MS"] = "0"
+    return env
+
+
+def test_serve_demo_then_process_and_watch(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = _env(tmp_path / "var")
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "regstream", "serve", "--demo", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        else:
+            raise AssertionError("serve did not become ready:\n" + (tmp_path / "serve.log").read_text())
+        output = (tmp_path / "serve.log").read_text()
+        assert f"listening on {url}" in output.replace("\n", " ")
+        assert "demo registration 1: approved" in output
+        assert (tmp_path / "var" / "redis" / "redis.sock").exists()  # the embedded server
+
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "regstream", "watch", "--url", url],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        time.sleep(1.5)
+        done = subprocess.run(
+            [sys.executable, "-m", "regstream", "process", "1", "--url", url],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "APPROVED" in done.stdout
+        assert "t24_lookup" in done.stdout
+        time.sleep(0.5)
+        watcher.send_signal(signal.SIGINT)
+        watched, _ = watcher.communicate(timeout=10)
+        text = watched.decode()
+        assert "duplicate_check" in text and "APPROVED" in text
+        assert "Customer validated successfully. Found 2 accounts." in text
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        finally:
+            log.close()
+    assert server.returncode == 0, (tmp_path / "serve.log").read_text()
+    assert not (tmp_path / "var" / "redis" / "redis.sock").exists()  # stopped on exit
+
+
+def test_bad_configuration_fails_with_one_line(tmp_path: Path) -> None:
+    env = _env(tmp_path / "var")
+    env["SSE_PING_INTERVAL"] = "soon"
+    done = subprocess.run(
+        [sys.executable, "-m", "regstream", "serve"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "SSE_PING_INTERVAL" in lines[0]
+    assert "Traceback" not in done.stderr

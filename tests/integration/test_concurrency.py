@@ -1,0 +1,60 @@
+"""A double click never runs the pipeline twice; 200 concurrent runs all finish complete."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from tests.conftest import SettingsFactory
+from tests.support import REGISTRATION, LiveServer, StreamClient, serve_app, wait_until
+
+
+async def test_same_registration_processed_twice_at_once_runs_once(live: LiveServer) -> None:
+    ids = await live.load_demo()
+    rid = ids["approved"]
+    async with StreamClient(live.url, registration_id=rid) as sse, httpx.AsyncClient(base_url=live.url) as http:
+        responses = await asyncio.gather(
+            *(http.post(f"/api/registrations/{rid}/process") for _ in range(10))
+        )
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [202] + [409] * 9
+        conflict = next(r for r in responses if r.status_code == 409).json()
+        assert conflict["registration"]["id"] == rid
+        await sse.wait_final(rid)
+        await asyncio.sleep(0.3)
+    starts = [u for u in sse.updates(rid) if u.get("stage") == "duplicate_check" and u["stageStatus"] == "started"]
+    assert len(starts) == 1
+    assert len([u for u in sse.updates(rid) if u.get("final")]) == 1
+
+
+async def test_200_registrations_processed_concurrently(
+    make_settings: SettingsFactory, database_url: str
+) -> None:
+    count = 200
+    with serve_app(make_settings(database_url=database_url)) as live:
+        async with httpx.AsyncClient(base_url=live.url, timeout=30) as http, StreamClient(live.url) as sse:
+            ids = []
+            for i in range(count):
+                body = {**REGISTRATION, "customerNumber": str(200000 + i),
+                        "phone": f"+2547100{i:05d}", "nationalId": f"5{i:07d}"}  # fmt: skip
+                created = await http.post("/api/registrations", json=body)
+                assert created.status_code == 201, created.text
+                ids.append(created.json()["id"])
+            results = await asyncio.gather(*(http.post(f"/api/registrations/{rid}/process") for rid in ids))
+            assert [r.status_code for r in results] == [202] * count
+
+            def finals() -> int:
+                return sum(1 for u in sse.updates() if u.get("final"))
+
+            await wait_until(lambda: finals() >= count, timeout=90, what=f"{count} final updates")
+            page = (await http.get("/api/registrations", params={"pageSize": 200})).json()
+            assert page["total"] == count
+            assert all(item["status"] == "FAILED" and not item["inProgress"] for item in page["items"])
+            for rid in ids[:: count // 20]:
+                row = (await http.get(f"/api/registrations/{rid}")).json()
+                stages = [(e["stage"], e["status"]) for e in row["processLog"] if e["stage"]]
+                assert stages == [("duplicate_check", "started"), ("duplicate_check", "completed"),
+                                  ("t24_lookup", "started"), ("t24_lookup", "failed")]  # fmt: skip
+                seqs = [u["seq"] for u in sse.updates(rid)]
+                assert seqs == list(range(1, row["seq"] + 1))

@@ -1,0 +1,80 @@
+"""The data layer on SQLite and PostgreSQL: migrations, search, pagination, the run guard."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from regstream.db import registrations
+from regstream.db.engine import create_engine, create_session_factory, migrate
+from regstream.db.registrations import RunLost
+
+FIELDS = dict(
+    customer_number="100231", account_number=None, first_name="Maria", last_name="Santos",
+    date_of_birth=date(1988, 4, 2), national_id="27841236", id_type="NATIONAL.ID",
+    phone="+254712345678", email="maria@example.com", device_id=None,
+)  # fmt: skip
+
+
+async def test_data_layer(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+        await migrate(engine)  # idempotent
+        sessions = create_session_factory(engine)
+        async with sessions.begin() as session:
+            ids = []
+            for i in range(25):
+                row = await registrations.create(
+                    session, **{**FIELDS, "customer_number": str(100000 + i), "last_name": f"Santos{i}"}
+                )
+                ids.append(row.id)
+        async with sessions() as session:
+            page, total = await registrations.list_page(session, page=2, page_size=10)
+            assert total == 25 and len(page) == 10
+            assert [r.id for r in page] == sorted(ids, reverse=True)[10:20]
+            found, total = await registrations.list_page(session, search="santos1")
+            assert total == 11  # Santos1, Santos10..19
+            found, total = await registrations.list_page(session, search="100003")
+            assert [r.customer_number for r in found] == ["100003"]
+            _, total = await registrations.list_page(session, status="APPROVED")
+            assert total == 0
+
+        async with sessions.begin() as session:
+            claim = await registrations.claim_for_processing(
+                session, registration_id=ids[0], now_ms=1_000, lease_ms=100, started_by="op"
+            )
+            assert claim is not None
+            again = await registrations.claim_for_processing(
+                session, registration_id=ids[0], now_ms=1_050, lease_ms=100, started_by="op"
+            )
+            assert again is None  # in progress, lease still valid
+        run_id, run = claim
+        async with sessions.begin() as session:
+            logged = await registrations.append_events(
+                session, registration_id=ids[0], run_id=run_id, run=run, now_ms=1_060, lease_ms=100,
+                events=[("duplicate_check", "started", "PENDING", "started: duplicate_check", None),
+                        ("duplicate_check", "completed", "PENDING", "No duplicate found", None)],
+            )  # fmt: skip
+            assert [e.seq for e in logged] == [1, 2]
+        async with sessions.begin() as session:
+            expired = await registrations.list_expired_runs(session, now_ms=10_000)
+            assert [r.id for r in expired] == [ids[0]]
+            new_run = await registrations.take_over_expired(
+                session, registration_id=ids[0], old_run_id=run_id, now_ms=10_000, lease_ms=100
+            )
+            assert new_run is not None
+        # the old runner lost the run: it can write nothing more
+        try:
+            async with sessions.begin() as session:
+                await registrations.append_events(
+                    session, registration_id=ids[0], run_id=run_id, run=run, now_ms=10_001,
+                    lease_ms=100, events=[("t24_lookup", "started", "PENDING", "x", None)],
+                )  # fmt: skip
+            raise AssertionError("a lost run wrote to the log")
+        except RunLost:
+            pass
+        async with sessions() as session:
+            log = await registrations.get_log(session, registration_id=ids[0])
+            assert [(e.seq, e.stage_status) for e in log] == [(1, "started"), (2, "completed")]
+    finally:
+        await engine.dispose()

@@ -1,0 +1,119 @@
+"""The SSE endpoint and the Redis channel: headers, filters, raw subscribers, pings, clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from tests.support import LiveServer, StreamClient, wait_until
+
+STREAM = "/api/registrations/updates/stream"
+
+
+async def test_stream_headers_and_first_frame(live: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=live.url, timeout=httpx.Timeout(5, read=5)) as http:
+        async with http.stream("GET", STREAM) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert response.headers["cache-control"] == "no-cache"
+            assert response.headers["x-accel-buffering"] == "no"
+            assert "content-encoding" not in response.headers
+            first = b""
+            async for chunk in response.aiter_bytes():
+                first += chunk
+                if b"\n\n" in first:
+                    break
+    block = first.split(b"\n\n")[0].decode()
+    lines = block.split("\n")
+    assert lines[0] == "retry: 5000"
+    frame = orjson.loads(lines[1].removeprefix("data: "))
+    assert frame["type"] == "connected" and isinstance(frame["timestamp"], int)
+
+
+@pytest.mark.parametrize(
+    "value", ["abc", "-1", "0", "1.5", "9" * 40, str(2**53 + 1)], ids=lambda v: v[:12]
+)
+async def test_stream_rejects_bad_registration_id(live: LiveServer, value: str) -> None:
+    async with httpx.AsyncClient(base_url=live.url) as http:
+        response = await http.get(STREAM, params={"registrationId": value})
+    assert response.status_code == 422
+    assert response.json()["error"] == "VALIDATION_ERROR"
+
+
+async def test_filtered_stream_gets_only_its_registration(live: LiveServer) -> None:
+    ids = await live.load_demo()
+    a, b = ids["approved"], ids["kyc_mismatch"]
+    async with (
+        StreamClient(live.url, registration_id=a) as only_a,
+        StreamClient(live.url) as everything,
+        httpx.AsyncClient(base_url=live.url) as http,
+    ):
+        for rid in (a, b):
+            assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
+        await everything.wait_final(a)
+        await everything.wait_final(b)
+        await only_a.wait_final(a)
+        await asyncio.sleep(0.2)  # anything misrouted would have arrived by now
+        assert {u["registrationId"] for u in only_a.updates()} == {a}
+        assert {u["registrationId"] for u in everything.updates()} == {a, b}
+        assert len(only_a.updates()) == len(everything.updates(a)) == 7
+        assert len(everything.updates(b)) == 5
+
+
+async def test_raw_redis_subscriber_sees_every_message(live: LiveServer) -> None:
+    ids = await live.load_demo()
+    rid = ids["approved"]
+    redis = Redis.from_url(live.settings.effective_redis_url)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe("service:registration-updates")
+    try:
+        async with httpx.AsyncClient(base_url=live.url) as http:
+            assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
+        received: list[dict[str, object]] = []
+
+        async def collect() -> bool:
+            message = await pubsub.get_message(timeout=0.2)
+            if message is not None:
+                received.append(orjson.loads(message["data"]))
+            return any(m.get("final") for m in received)
+
+        await wait_until(collect, timeout=15, what="final message on the channel")
+    finally:
+        await pubsub.aclose()
+        await redis.aclose()
+    assert [m["seq"] for m in received] == [1, 2, 3, 4, 5, 6, 7]
+    for message in received:
+        assert message["registrationId"] == rid
+        assert isinstance(message["timestamp"], int)
+        assert isinstance(message["eventId"], str)
+        assert "status" in message and "message" in message
+    assert [m.get("stage") for m in received] == [
+        "duplicate_check", "duplicate_check", "t24_lookup", "t24_lookup",
+        "status_update", "status_update", None,
+    ]  # fmt: skip
+    assert received[-1]["status"] == "APPROVED"
+    assert received[-1]["details"] == {"accountsFound": 2}
+    assert len(received[-1]["processLog"]) == 6
+
+
+async def test_pings_arrive_and_carry_no_id(make_settings: object) -> None:
+    from tests.support import serve_app
+
+    with serve_app(make_settings(sse_ping_interval=0.3)) as live:  # type: ignore[operator]
+        async with StreamClient(live.url) as sse:
+            await sse.wait_for(lambda fs: sum(f.type == "ping" for f in fs) >= 2, 10, what="2 pings")
+            pings = [f for f in sse.frames if f.type == "ping"]
+            assert all(f.id is None for f in pings)
+            assert all(isinstance(f.data["timestamp"], int) for f in pings if f.data)
+
+
+async def test_disconnect_frees_the_stream(live: LiveServer) -> None:
+    hub = live.services.hub
+    async with StreamClient(live.url, registration_id=7), StreamClient(live.url):
+        await wait_until(lambda: len(hub) == 2, what="two streams attached")
+    await wait_until(lambda: len(hub) == 0, what="streams detached after disconnect")
+    assert hub._by_rid == {} and hub._all == set()

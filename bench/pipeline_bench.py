@@ -39,7 +39,7 @@ DATA = re.compile(rb"^data: ?(.*)$", re.M)
 def applicant(run: str, i: int) -> dict:
     """One valid registration request; unique per run so duplicate checks do not collapse them."""
     return {
-        "customerNumber": f"{run}{i:06d}",
+        "customerNumber": f"{run[:3]}{i:07d}",  # digits only, at most 10
         "firstName": "Bench",
         "lastName": f"User{i}",
         "dateOfBirth": "1990-01-01",

@@ -7,7 +7,11 @@ are refused, streams get a ``retry:`` hint and are closed (so browsers reconnect
 instance), running validations get ``REGSTREAM_SHUTDOWN_GRACE`` seconds to finish.
 
 The SSE path is served by ``StreamEndpoint`` directly, outside FastAPI's middleware stack (see
-``api/stream.py``); every other path goes through FastAPI.
+``api/stream.py``); every other path goes through FastAPI. Auth (``docs/security.md``): FastAPI
+routes check roles through ``api/auth.py`` dependencies behind the body-size, cross-site and
+security-header middleware (and CORS only when ``REGSTREAM_CORS_ORIGINS`` is set); the stream
+path is checked by ``services.stream_auth``, and the hub's timer ends streams whose credential was
+revoked or expired (``auth/streams.py``).
 """
 
 from __future__ import annotations
@@ -24,13 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from regstream import __version__
+from regstream.api import dashboard as dashboard_routes
+from regstream.api import auth as auth_routes
 from regstream.api import errors
 from regstream.api import health as health_routes
 from regstream.api import registrations as registration_routes
 from regstream.api.deps import Services
 from regstream.api.stream import STREAM_PATH, StreamEndpoint
+from regstream.auth.middleware import BodySizeLimit, CrossSiteGuard, SecurityHeaders
+from regstream.auth.runtime import AuthRuntime
 from regstream.config import Settings, load_settings
 from regstream.core_banking.client import T24Client, T24ClientConfig
 from regstream.db.engine import create_engine, create_session_factory, migrate
@@ -42,6 +51,7 @@ from regstream.realtime.history import History
 from regstream.realtime.hub import Hub
 from regstream.realtime.publisher import RegistrationPubSub
 from regstream.stack import EmbeddedStack
+from regstream.web import pages
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +74,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     with EmbeddedStack(settings) as stack:
         settings = stack.settings
-        async with _services(settings) as services:
+        auth = AuthRuntime(settings)
+        app.state.auth = auth
+        async with _services(settings, auth) as services:
             app.state.services = services
             app.state.loop = asyncio.get_running_loop()
             restore = _install_drain_signal(services)
@@ -76,7 +88,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _services(settings: Settings) -> AsyncIterator[Services]:
+async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Services]:
     redis_url = settings.effective_redis_url
     assert redis_url is not None and settings.t24_base_url is not None
     engine = create_engine(settings.effective_database_url)
@@ -87,7 +99,9 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
         redis, history_maxlen=settings.history_maxlen,
         history_max_age=settings.history_max_age, outbox_max=settings.outbox_max,
     )  # fmt: skip
-    hub = Hub(ping_interval=settings.sse_ping_interval, send_timeout=30.0)
+    hub = Hub(
+        ping_interval=settings.sse_ping_interval, send_timeout=30.0, on_tick=auth.guard.on_tick
+    )
     broker = Broker(
         subscriber=lambda: create_subscriber_client(redis_url, name=f"regstream-sub-{os.getpid()}"),
         commands=redis, on_update=hub.publish, on_resync=hub.resync,
@@ -113,10 +127,12 @@ async def _services(settings: Settings) -> AsyncIterator[Services]:
         history=History(redis, channel=publisher.channel, max_entries=settings.history_maxlen),
         hub=hub, broker=broker, runner=runner,
     )  # fmt: skip
+    services.stream_auth = auth_routes.stream_authenticator(services, auth)
     tasks = [
         asyncio.create_task(broker.run(), name="redis-subscription"),
         asyncio.create_task(hub.run(), name="hub-timer"),
         asyncio.create_task(runner.run_recovery_loop(), name="lease-recovery"),
+        asyncio.create_task(auth.guard.watch(hub, sessions), name="stream-credentials"),
     ]
     try:
         with contextlib.suppress(TimeoutError):
@@ -197,11 +213,27 @@ def create_api(settings: Settings) -> FastAPI:
         version=__version__,
         description="Validate mobile-banking registrations against T24 and stream every step live.",
         lifespan=lifespan,
-    )
+        # served by api/auth.py behind the viewer role instead
+        openapi_url=None, docs_url=None, redoc_url=None,
+    )  # fmt: skip
     api.state.settings = settings
     errors.install(api)
+    # add_middleware wraps: the last added runs first (CORS, headers, cross-site, body size)
+    api.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    api.add_middleware(CrossSiteGuard, settings=settings)
+    api.add_middleware(SecurityHeaders)
+    if settings.cors_origins:
+        api.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"], max_age=600,
+        )  # fmt: skip
+    api.include_router(auth_routes.router)
     api.include_router(registration_routes.router)
     api.include_router(health_routes.router)
+    api.include_router(dashboard_routes.router)
+    api.include_router(pages.router)
+    api.mount("/static", pages.static_files(), name="static")
     return api
 
 

@@ -27,11 +27,8 @@ from regstream.core_banking.simulator import (
 )
 from regstream.core_banking.simulator.dataset import CUSTOMERS, SCRIPTS
 
-SPEC_CANDIDATES = [
-    Path(__file__).resolve().parents[3] / "shared" / "t24-spec" / "holdings-v4.openapi.json",
-    Path("/work/shared/t24-spec/holdings-v4.openapi.json"),
-]
-SPEC_PATH = next((path for path in SPEC_CANDIDATES if path.exists()), SPEC_CANDIDATES[0])
+# A copy of shared/t24-spec/holdings-v4.openapi.json (Temenos' published holdings v4 document).
+SPEC_PATH = Path(__file__).resolve().parents[1] / "data" / "holdings-v4.openapi.json"
 HOLDINGS = "/holdings/customers/{customerId}/holdings"
 
 

@@ -110,7 +110,9 @@ async def read_stats(request: Request, session: SessionDep, services: ServicesDe
     since = datetime.now(UTC) - timedelta(seconds=WINDOW_SECONDS)
     counts = await registrations.count_by_status(session, since=since)
     in_progress = counts.pop("IN_PROGRESS", 0)
-    by_status = {name: counts.get(name, 0) for name in ("APPROVED", "COMPLETED", "DUPLICATE", "FAILED")}
+    by_status = {
+        name: counts.get(name, 0) for name in ("APPROVED", "COMPLETED", "DUPLICATE", "FAILED")
+    }
     return Stats(
         since=since.isoformat(),
         window_seconds=WINDOW_SECONDS,

@@ -1,4 +1,8 @@
-"""Registration requests: create, list, read, validate."""
+"""Registration requests: create, list, read, validate.
+
+Roles (``api/auth.py``): viewer reads; operator creates and starts validations (rate-limited,
+and each run started is written to the audit trail with who started it).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 
 from regstream.api import views
+from regstream.api.auth import OperatorPrincipal, ProcessPrincipal, ViewerPrincipal, record
 from regstream.api.deps import ServicesDep, SessionDep
 from regstream.api.errors import error_response
 from regstream.api.schemas import (
@@ -26,7 +31,9 @@ RegistrationId = Annotated[int, Path(ge=1, le=2**53, description="registration i
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RegistrationDetail)
-async def create_registration(body: RegistrationCreate, session: SessionDep) -> RegistrationDetail:
+async def create_registration(
+    body: RegistrationCreate, session: SessionDep, _: OperatorPrincipal
+) -> RegistrationDetail:
     async with session.begin():
         row = await registrations.create(
             session,
@@ -48,6 +55,7 @@ async def create_registration(body: RegistrationCreate, session: SessionDep) -> 
 @router.get("", response_model=RegistrationPage)
 async def list_registrations(
     session: SessionDep,
+    _: ViewerPrincipal,
     status_filter: Annotated[RegistrationStatus | None, Query(alias="status")] = None,
     q: Annotated[str | None, Query(max_length=100, description="name, CIF or id")] = None,
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
@@ -68,7 +76,7 @@ async def list_registrations(
     responses={404: {"model": ErrorBody}},
 )
 async def get_registration(
-    registration_id: RegistrationId, session: SessionDep
+    registration_id: RegistrationId, session: SessionDep, _: ViewerPrincipal
 ) -> RegistrationDetail:
     row = await registrations.get(session, registration_id=registration_id)
     if row is None:
@@ -84,7 +92,8 @@ async def get_registration(
     responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 503: {"model": ErrorBody}},
 )
 async def process_registration(
-    registration_id: RegistrationId, request: Request, services: ServicesDep
+    registration_id: RegistrationId, request: Request, services: ServicesDep,
+    principal: ProcessPrincipal,
 ) -> ProcessAccepted | JSONResponse:
     if services.draining or not services.runner.accepting:
         return error_response(
@@ -108,4 +117,8 @@ async def process_registration(
             why,
             registration=views.read_of(row).model_dump(by_alias=True, mode="json"),
         )
+    await record(
+        services, action="registration.process", outcome="ok", actor=principal.username,
+        target=f"registration:{registration_id}",
+    )
     return ProcessAccepted(registration_id=registration_id)

@@ -16,7 +16,8 @@ Decisions:
   which is how a long ``Retry-After`` becomes ``CoreMaintenance`` straight away.
 - Retries use ``tenacity`` with exponential back-off and full jitter (AWS builders' library);
   which answers are retried is decided by ``_wire.is_transient``.
-- The circuit breaker counts *HTTP attempts*, not calls: five failed attempts in a row open
+- The circuit breaker counts *HTTP attempts*, not calls: ``breaker_threshold`` failed
+  attempts in a row (timeouts, connection errors, 5xx; an expired deadline counts too) open
   it. When it rejects a retry (not the first attempt) the error that caused the retry is
   raised rather than ``CircuitOpen``, so a COB stays ``CORE_MAINTENANCE``.
 - One log line and one latency observation per HTTP attempt: operation, attempt, HTTP
@@ -24,6 +25,7 @@ Decisions:
   (``****31``); bodies and headers are never logged. ``httpx``'s own INFO line carries the URL
   (and so the customer id): a filter on the ``httpx`` logger drops those lines for this
   client's base URL while the client is open.
+- A customer id outside ``[A-Za-z0-9_-]{1,32}`` raises ``CoreRequestError`` without a request.
 - The correlation id is a fresh UUID per public call, sent as ``X-Correlation-ID`` on every
   attempt and page of that call, so the core's logs and ours can be joined.
 - Paging: ``page_start`` is the 1-based page number (IRIS semantics); ``page_token`` from the
@@ -40,13 +42,19 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 from urllib.parse import quote
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from regstream.core_banking import _wire
+from regstream.core_banking._telemetry import (
+    CallContext,
+    DropRequestLines,
+    mask_customer_id,
+    observe,
+)
 from regstream.core_banking.breaker import CircuitBreaker
 from regstream.core_banking.errors import (
     CircuitOpen,
@@ -59,11 +67,8 @@ from regstream.core_banking.errors import (
     CustomerNotFound,
 )
 from regstream.domain.core_records import CoreAccount, CoreCustomer
-from regstream.metrics import T24_CALL_LATENCY, T24_ERRORS
 
 __all__ = ["CoreBanking", "T24Client", "T24ClientConfig", "mask_customer_id"]
-
-logger = logging.getLogger(__name__)
 
 GET_CUSTOMER = "get_customer"
 LIST_ACCOUNTS = "list_accounts"
@@ -120,25 +125,6 @@ class T24ClientConfig:
                 raise ValueError(f"{name} must be at least 1")
 
 
-def mask_customer_id(customer_id: str) -> str:
-    """``"100231"`` -> ``"****31"``: enough to tell log lines apart, not to identify anyone."""
-    return "****" + customer_id[-2:] if len(customer_id) > 2 else "****"
-
-
-@dataclass(slots=True)
-class _Call:
-    """State of one public call across its attempts and pages."""
-
-    operation: str
-    masked_id: str
-    correlation_id: str
-    deadline_at: float  # event-loop time
-    page: int | None = None
-    attempt: int = 0
-    last_error: CoreBankingError | None = None
-    attempt_started: float = field(default_factory=time.perf_counter)
-
-
 class T24Client:
     """``CoreBanking`` over Temenos Transact REST (IRIS), with retries and a circuit breaker."""
 
@@ -169,7 +155,7 @@ class T24Client:
         self._backoff = wait_random_exponential(
             multiplier=config.backoff_initial, max=config.backoff_max
         )
-        self._log_filter = _DropRequestLines(self._base)
+        self._log_filter = DropRequestLines(self._base)
         logging.getLogger("httpx").addFilter(self._log_filter)
 
     async def __aenter__(self) -> T24Client:
@@ -209,7 +195,7 @@ class T24Client:
 
     # --- paging, retries, one attempt ------------------------------------------------------
 
-    async def _read_pages(self, call: _Call, url: str) -> list[CoreAccount]:
+    async def _read_pages(self, call: CallContext, url: str) -> list[CoreAccount]:
         accounts: list[CoreAccount] = []
         params: dict[str, str | int] = {"page_size": self.config.page_size}
         rows_read = 0
@@ -232,7 +218,7 @@ class T24Client:
         raise CoreProtocolError("Core banking paging exceeded the page limit")
 
     async def _fetch(
-        self, call: _Call, url: str, params: dict[str, str | int]
+        self, call: CallContext, url: str, params: dict[str, str | int]
     ) -> _wire.Envelope | None:
         """One request with retries; ``None`` means "No records were found"."""
         retrying = AsyncRetrying(
@@ -258,20 +244,20 @@ class T24Client:
         retry_after = exc.retry_after if isinstance(exc, CoreBankingError) else None
         return max(backoff, retry_after) if retry_after is not None else backoff
 
-    def _should_stop(self, call: _Call, state: RetryCallState) -> bool:
+    def _should_stop(self, call: CallContext, state: RetryCallState) -> bool:
         if state.attempt_number >= self.config.max_attempts:
             return True
         remaining = call.deadline_at - asyncio.get_running_loop().time()
         return state.upcoming_sleep + _MIN_ATTEMPT_BUDGET > remaining
 
     async def _attempt(
-        self, call: _Call, url: str, params: dict[str, str | int]
+        self, call: CallContext, url: str, params: dict[str, str | int]
     ) -> _wire.Envelope | None:
         call.attempt += 1
         try:
             is_probe = self.breaker.before_call()
         except CircuitOpen as exc:
-            self._observe(call, None, exc)
+            observe(call, None, exc)
             raise
         call.attempt_started = time.perf_counter()
         status: int | None = None
@@ -290,83 +276,30 @@ class T24Client:
             else:
                 self.breaker.record_success()
             call.last_error = exc
-            self._observe(call, status, exc)
+            observe(call, status, exc)
             raise
         finally:
             if is_probe:
                 self.breaker.release_probe()
         self.breaker.record_success()
         call.last_error = None
-        self._observe(call, status, None)
+        observe(call, status, None)
         return result
 
     # --- bookkeeping -----------------------------------------------------------------------
 
-    def _start(self, operation: str, customer_id: str) -> _Call:
+    def _start(self, operation: str, customer_id: str) -> CallContext:
         if not isinstance(customer_id, str) or not _CUSTOMER_ID.fullmatch(customer_id):
             raise CoreRequestError("Customer id is not a valid core banking id")
-        return _Call(
+        return CallContext(
             operation=operation,
             masked_id=mask_customer_id(customer_id),
             correlation_id=uuid.uuid4().hex,
             deadline_at=asyncio.get_running_loop().time() + self.config.deadline,
         )
 
-    def _deadline_exceeded(self, call: _Call) -> CoreTimeout:
+    def _deadline_exceeded(self, call: CallContext) -> CoreTimeout:
         exc = CoreTimeout("Core banking did not answer within the call deadline")
         self.breaker.record_failure()
-        self._observe(call, None, exc)
+        observe(call, None, exc)
         return exc
-
-    def _observe(self, call: _Call, status: int | None, exc: CoreBankingError | None) -> None:
-        duration = time.perf_counter() - call.attempt_started
-        if exc is None:
-            outcome = "ok"
-        elif isinstance(exc, CircuitOpen):
-            outcome, duration = "circuit_open", 0.0
-        else:
-            outcome = exc.code.value.lower()
-        t24_code = exc.t24_code if exc is not None else None
-        if not isinstance(exc, CircuitOpen):
-            T24_CALL_LATENCY.labels(call.operation, outcome).observe(duration)
-        if exc is not None:
-            code = "CIRCUIT_OPEN" if isinstance(exc, CircuitOpen) else exc.code.value
-            T24_ERRORS.labels(call.operation, code).inc()
-        logger.log(
-            logging.INFO if exc is None else logging.WARNING,
-            "t24 %s page=%s attempt=%d status=%s t24_code=%s outcome=%s duration_ms=%.1f "
-            "correlation_id=%s customer=%s",
-            call.operation,
-            call.page or "-",
-            call.attempt,
-            status if status is not None else "-",
-            t24_code or "-",
-            outcome,
-            duration * 1000,
-            call.correlation_id,
-            call.masked_id,
-            extra={
-                "t24_operation": call.operation,
-                "t24_page": call.page,
-                "t24_attempt": call.attempt,
-                "http_status": status,
-                "t24_code": t24_code,
-                "outcome": outcome,
-                "duration_ms": round(duration * 1000, 1),
-                "correlation_id": call.correlation_id,
-            },
-        )
-
-
-class _DropRequestLines(logging.Filter):
-    """Drop ``httpx``'s "HTTP Request: GET <url>" lines for our base URL (URLs carry CIFs)."""
-
-    def __init__(self, base_url: str) -> None:
-        super().__init__()
-        self._base = base_url
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args: Any = record.args
-        if isinstance(args, tuple):
-            return not any(str(arg).startswith(self._base) for arg in args)
-        return True

@@ -1,0 +1,97 @@
+"""Telemetry of T24 calls: the per-call context, one log line and metrics per HTTP attempt.
+
+What a line carries (DOMAIN.md section 6): operation, page, attempt, HTTP status, T24 error
+code, outcome, duration, correlation id and the *masked* customer id. Never a body, a header
+or a T24 error message. Metric labels are low-cardinality: ``outcome`` is ``ok``,
+``circuit_open`` or the lower-cased error code; ``code`` is the ``ErrorCode`` value or
+``CIRCUIT_OPEN``. A call rejected by the breaker adds no latency observation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from regstream.core_banking.errors import CircuitOpen, CoreBankingError
+from regstream.metrics import T24_CALL_LATENCY, T24_ERRORS
+
+__all__ = ["CallContext", "DropRequestLines", "mask_customer_id", "observe"]
+
+# Named after the client: operators filter on the module that makes the calls.
+logger = logging.getLogger("regstream.core_banking.client")
+
+
+def mask_customer_id(customer_id: str) -> str:
+    """``"100231"`` -> ``"****31"``: enough to tell log lines apart, not to identify anyone."""
+    return "****" + customer_id[-2:] if len(customer_id) > 2 else "****"
+
+
+@dataclass(slots=True)
+class CallContext:
+    """State of one public call across its attempts and pages."""
+
+    operation: str
+    masked_id: str
+    correlation_id: str
+    deadline_at: float  # event-loop time
+    page: int | None = None
+    attempt: int = 0
+    last_error: CoreBankingError | None = None
+    attempt_started: float = field(default_factory=time.perf_counter)
+
+
+def observe(call: CallContext, status: int | None, exc: CoreBankingError | None) -> None:
+    """One log line and the metrics for one HTTP attempt (or a call that never got one)."""
+    duration = time.perf_counter() - call.attempt_started
+    if exc is None:
+        outcome = "ok"
+    elif isinstance(exc, CircuitOpen):
+        outcome, duration = "circuit_open", 0.0
+    else:
+        outcome = exc.code.value.lower()
+    t24_code = exc.t24_code if exc is not None else None
+    if not isinstance(exc, CircuitOpen):
+        T24_CALL_LATENCY.labels(call.operation, outcome).observe(duration)
+    if exc is not None:
+        code = "CIRCUIT_OPEN" if isinstance(exc, CircuitOpen) else exc.code.value
+        T24_ERRORS.labels(call.operation, code).inc()
+    logger.log(
+        logging.INFO if exc is None else logging.WARNING,
+        "t24 %s page=%s attempt=%d status=%s t24_code=%s outcome=%s duration_ms=%.1f "
+        "correlation_id=%s customer=%s",
+        call.operation,
+        call.page or "-",
+        call.attempt,
+        status if status is not None else "-",
+        t24_code or "-",
+        outcome,
+        duration * 1000,
+        call.correlation_id,
+        call.masked_id,
+        extra={
+            "t24_operation": call.operation,
+            "t24_page": call.page,
+            "t24_attempt": call.attempt,
+            "http_status": status,
+            "t24_code": t24_code,
+            "outcome": outcome,
+            "duration_ms": round(duration * 1000, 1),
+            "correlation_id": call.correlation_id,
+        },
+    )
+
+
+class DropRequestLines(logging.Filter):
+    """Drop ``httpx``'s "HTTP Request: GET <url>" lines for our base URL (URLs carry CIFs)."""
+
+    def __init__(self, base_url: str) -> None:
+        super().__init__()
+        self._base = base_url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args: Any = record.args
+        if isinstance(args, tuple):
+            return not any(str(arg).startswith(self._base) for arg in args)
+        return True

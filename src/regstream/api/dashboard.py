@@ -8,6 +8,9 @@ purpose: it is a live view, not a store (Prometheus aggregates across workers).
 
 Browser clocks drift, so a sample is clamped at 0 and anything above ten minutes is refused as
 nonsense rather than skewing the chart.
+
+Who may call: the figures are for admins (the dashboard's audience); any signed-in viewer may
+report latency samples (every operator's browser measures its own deliveries).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from fastapi import APIRouter, Request, Response, status
 from pydantic import Field
 
 from regstream import metrics
+from regstream.api.auth import AdminPrincipal, ViewerPrincipal
 from regstream.api.deps import ServicesDep, SessionDep
 from regstream.api.schemas import CamelModel
 from regstream.db import registrations
@@ -106,7 +110,9 @@ def latency_ring(request: Request) -> LatencyRing:
 
 
 @router.get("/stats", response_model=Stats)
-async def read_stats(request: Request, session: SessionDep, services: ServicesDep) -> Stats:
+async def read_stats(
+    _: AdminPrincipal, request: Request, session: SessionDep, services: ServicesDep
+) -> Stats:
     since = datetime.now(UTC) - timedelta(seconds=WINDOW_SECONDS)
     counts = await registrations.count_by_status(session, since=since)
     in_progress = counts.pop("IN_PROGRESS", 0)
@@ -124,7 +130,7 @@ async def read_stats(request: Request, session: SessionDep, services: ServicesDe
 
 
 @router.post("/metrics/latency", status_code=status.HTTP_204_NO_CONTENT)
-async def report_latency(body: LatencyReport, request: Request) -> Response:
+async def report_latency(_: ViewerPrincipal, body: LatencyReport, request: Request) -> Response:
     values = [max(0.0, float(v)) for v in body.samples if math.isfinite(v)]
     for value in values:
         metrics.BROWSER_LATENCY.observe(value / 1000)
@@ -133,5 +139,5 @@ async def report_latency(body: LatencyReport, request: Request) -> Response:
 
 
 @router.get("/metrics/latency", response_model=LatencySummary)
-async def read_latency(request: Request) -> LatencySummary:
+async def read_latency(_: AdminPrincipal, request: Request) -> LatencySummary:
     return latency_ring(request).summary()

@@ -148,13 +148,13 @@ async def _start(stream: Stream, services: Services, rid: int | None, last_id: s
         await _snapshot(stream, services, rid)
         return
     if rid is not None:
-        await _snapshot(stream, services, rid, only_if_running=True)
+        await _snapshot(stream, services, rid, only_if_started=True)
         return
     stream.go_live()
 
 
 async def _snapshot(
-    stream: Stream, services: Services, rid: int | None, *, only_if_running: bool = False
+    stream: Stream, services: Services, rid: int | None, *, only_if_started: bool = False
 ) -> None:
     if rid is None:
         frame = messages.snapshot_frame(None, resync=True)
@@ -163,14 +163,23 @@ async def _snapshot(
         return
     async with services.sessions() as session:
         row = await registrations.get(session, registration_id=rid)
-        if row is None or (only_if_running and not row.in_progress):
+        # A registration never validated has nothing to show yet: its first update is seq 1.
+        if row is None or (only_if_started and row.seq == 0):
             stream.go_live()
             return
         log_rows = await registrations.get_log(session, registration_id=rid, run=row.run_count)
         detail = views.detail_of(row, log_rows).model_dump(by_alias=True, mode="json")
+    # Row and log are two reads: the log may already hold entries the row did not show. The
+    # snapshot is as new as its newest log entry; live updates up to that seq are skipped.
+    seq = max([row.seq, *(e.seq for e in log_rows)])
+    last = log_rows[-1] if log_rows else None
+    if last is not None and last.stage is None and detail["inProgress"]:
+        detail.update(status=last.status, inProgress=False, currentStage=row.current_stage,
+                      result={"message": last.message, "details": last.details or {}})  # fmt: skip
+    detail["seq"] = seq
     frame = messages.snapshot_frame(detail)
     stream.write(frame, messages.chunk(frame))
-    stream.go_live(snapshot_seq=row.seq)
+    stream.go_live(snapshot_seq=seq)
 
 
 async def _wait_disconnect(stream: Stream, receive: Receive) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from regstream.cli import client_commands, server_commands
+from regstream.cli import client_commands, server_commands, users_commands
 
 app = typer.Typer(
     name="regstream",
@@ -15,3 +15,4 @@ app = typer.Typer(
 )
 server_commands.register(app)
 client_commands.register(app)
+users_commands.register(app)

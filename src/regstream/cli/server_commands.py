@@ -35,7 +35,8 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on")] = 8000,
     workers: Annotated[int, typer.Option(min=1, max=64, help="server processes on one port")] = 1,
     demo: Annotated[
-        bool, typer.Option(help="load demo registrations into an empty database")
+        bool,
+        typer.Option(help="load demo registrations and create a demo admin in an empty database"),
     ] = False,
 ) -> None:
     """Run the service (embedded Redis and T24 simulator unless configured)."""
@@ -75,6 +76,8 @@ def serve(
             "regstream.app:create_app_from_env",
             factory=True, host=host, port=port, workers=workers, loop="uvloop", http="httptools",
             log_config=None, access_log=False, timeout_graceful_shutdown=int(resolved.shutdown_grace) + 5,
+            # X-Forwarded-* only from a proxy we were told to trust (docs/security.md)
+            proxy_headers=resolved.trust_proxy,
         )  # fmt: skip
     finally:
         stack.__exit__(None, None, None)
@@ -100,6 +103,16 @@ async def _prepare(settings: Settings, key: bytes, demo: bool) -> None:
                               f" → expect {row.expected_status}", highlight=False)  # fmt: skip
             if not rows:
                 console.print("  demo data not loaded: the database already has registrations")
+            from regstream.cli.users_commands import ensure_demo_admin
+
+            async with create_session_factory(engine).begin() as session:
+                sign_in = await ensure_demo_admin(session)
+            if sign_in is not None:
+                # printed once: only the hash is stored (reset: regstream users passwd demo)
+                console.print(f"  demo sign-in: user [bold]{sign_in[0]}[/bold]  password "
+                              f"[bold]{sign_in[1]}[/bold]  (admin; shown once)", highlight=False)  # fmt: skip
+            else:
+                console.print("  demo sign-in not created: users exist (regstream users list)")
     finally:
         await engine.dispose()
 

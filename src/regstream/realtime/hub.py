@@ -44,7 +44,8 @@ class Stream:
     """One SSE client as the hub sees it."""
 
     __slots__ = (
-        "registration_id", "pending", "closed", "stalled_since", "info", "_done", "__weakref__",
+        "registration_id", "pending", "closed", "stalled_since", "info", "floor_key", "floor_seq",
+        "_done", "__weakref__",
     )  # fmt: skip
 
     def __init__(self, registration_id: int | None, info: Any = None) -> None:
@@ -53,6 +54,11 @@ class Stream:
         self.closed = False
         self.stalled_since: float | None = None
         self.info = info  # whatever the endpoint wants to keep (the principal, for auth checks)
+        # What the replay or snapshot already covered. Updates can still arrive after go_live
+        # that the start-up read already included (committed/published before the read,
+        # dispatched after it), so the floor stays: anything at or below it is skipped.
+        self.floor_key: EventKey | None = None
+        self.floor_seq = 0
         self._done = asyncio.get_running_loop().create_future()
 
     # the two methods a writing mode implements
@@ -75,21 +81,26 @@ class Stream:
     def deliver(self, frame: bytes, chunk: bytes, parsed: Parsed) -> None:
         if self.pending is not None:
             self.pending.append(parsed)
-        elif not self.closed:
+        elif not self.closed and not ((self.floor_key or self.floor_seq) and self.covers(parsed)):
             self.write(frame, chunk)
+
+    def covers(self, parsed: Parsed) -> bool:
+        """True when the replay/snapshot this stream started with already included ``parsed``."""
+        key, floor = parsed.key, self.floor_key
+        if floor is not None and key is not None and key.epoch == floor.epoch:
+            if (key.ms, key.n) <= (floor.ms, floor.n):
+                return True
+        return bool(self.floor_seq) and parsed.seq is not None and parsed.seq <= self.floor_seq
 
     def go_live(self, *, after: EventKey | None = None, snapshot_seq: int | None = None) -> None:
         """Release updates held during start-up, skipping what the replay/snapshot covered."""
+        self.floor_key = after
+        self.floor_seq = snapshot_seq or 0
         held, self.pending = self.pending or [], None
         for parsed in held:
-            key = parsed.key
-            if after is not None and key is not None and key.epoch == after.epoch:
-                if (key.ms, key.n) <= (after.ms, after.n):
-                    continue
-            if snapshot_seq is not None and parsed.seq is not None and parsed.seq <= snapshot_seq:
-                continue
-            frame = messages.update_frame(parsed)
-            self.write(frame, messages.chunk(frame))
+            if not self.covers(parsed):
+                frame = messages.update_frame(parsed)
+                self.write(frame, messages.chunk(frame))
 
 
 class TransportStream(Stream):

@@ -83,4 +83,6 @@ async def audit_log(request: Request) -> HTMLResponse:
 
 @router.get("/login", response_class=HTMLResponse)
 async def login(request: Request) -> HTMLResponse:
-    return _page(request, "login.html", "Sign in")
+    next_path = request.query_params.get("next", "/registrations")[:500]
+    failed = request.query_params.get("error") == "invalid"
+    return _page(request, "login.html", "Sign in", next_path=next_path, failed=failed)

@@ -1,7 +1,7 @@
 // The admin dashboard: a live feed of every update, counters for the last hour, connected
 // stream clients and the delivery latency browsers report (figures + a small SVG chart).
 
-import { api, SignInRequired } from './session.js';
+import { api, ApiError, SignInRequired } from './session.js';
 import { initShell } from './shell.js';
 import { createRegistrationUpdates } from './registration-updates.js';
 import { h, stageLabel, formatTime, statusChip, showConnection, showError } from './ui.js';
@@ -103,9 +103,14 @@ async function loadStats() {
     renderChart(latency.recent || []);
     showError('');
   } catch (error) {
-    if (error instanceof SignInRequired) return;
+    if (error instanceof SignInRequired) return false;
+    if (error instanceof ApiError && error.status === 403) {
+      showError('The dashboard is for administrators.');
+      return false;
+    }
     showError(`Could not load the figures: ${error.message}`);
   }
+  return true;
 }
 
 function statsSoonAfterUpdate() {
@@ -137,7 +142,7 @@ $('feed-clear').addEventListener('click', () => {
 
 (async () => {
   await initShell().catch(() => null);
-  await loadStats();
+  if (!(await loadStats())) return;
   statsTimer = setInterval(loadStats, STATS_EVERY_MS);
   updates.connect();
 })();

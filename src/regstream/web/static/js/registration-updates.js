@@ -18,11 +18,13 @@
 // is released when the leader tab closes, so the next waiting tab takes over). Only the leader
 // holds EventSources; it relays every frame to the other tabs over a BroadcastChannel, and the
 // other tabs tell it which registrations they follow. The leader opens one stream per distinct
-// filter, up to MAX_FILTERED_STREAMS, and one unfiltered stream instead when a tab follows every
-// registration, when more filters are wanted, or when the person is an admin. However many tabs
+// filter, up to MAX_FILTERED_STREAMS. The unfiltered stream is for admins (api/auth.py): for an
+// admin the leader opens that one stream instead of any filtered ones. A filter the leader
+// cannot serve (a non-admin following every registration, or more registrations than the cap)
+// is polled from the API instead, and its state reads 'polling', never 'live'. However many tabs
 // are open, the browser holds at most MAX_FILTERED_STREAMS + 1 streams (the +1 only while
-// switching over), far below HTTP/1.1's six connections per host. Without Web Locks (an insecure
-// context) each tab holds its own streams.
+// switching over), below HTTP/1.1's six connections per host with room for page loads. Without
+// Web Locks (an insecure context) each tab holds its own streams.
 //
 // Reconnects: EventSource reconnects by itself, paced by the server's retry:, and sends
 // Last-Event-ID. Only when it gave up (readyState CLOSED: a 502 during a deploy, a 401) do we open
@@ -43,6 +45,7 @@ export const STREAM_PATH = '/api/registrations/updates/stream';
 const CHANNEL_NAME = 'regstream-stream';
 const LOCK_NAME = 'regstream-stream';
 export const MAX_FILTERED_STREAMS = 2;
+const POLL_MS = 3000;
 const FIRST_RETRY_MS = 5000;
 const MAX_RETRY_MS = 60000;
 const HEARTBEAT_MS = 20000;
@@ -153,7 +156,8 @@ class Coordinator {
     this.needs = new Map(); // leader only: tabId → {keys: Set, seen}
     this.states = {}; // key → 'open' | 'connecting' | 'reconnecting'
     this.lastIds = {}; // key → last event id seen (for a new leader to resume from)
-    this.admin = false;
+    this.me = undefined; // undefined: not known yet; null: sign-in is not enabled (open API)
+    this.unserved = [];
     this.samples = [];
     this.latencyTimer = null;
     this.reconcileTimer = null;
@@ -186,10 +190,10 @@ class Coordinator {
     this.started = true;
     getMe()
       .then((me) => {
-        this.admin = !!(me && me.role === 'admin');
+        this.me = me;
         if (this.role === 'leader') this.scheduleReconcile();
       })
-      .catch(() => {});
+      .catch(() => {}); // SignInRequired: on the way to /login
     window.addEventListener('pagehide', () => this.leave());
     if (!this.shared) {
       this.becomeLeader();
@@ -258,10 +262,10 @@ class Coordinator {
         }
         return;
       case 'leader-gone':
-        if (this.role === 'follower') this.setStates({});
+        if (this.role === 'follower') this.setStates({}, []);
         return;
       case 'states':
-        if (this.role === 'follower') this.setStates(message.states || {});
+        if (this.role === 'follower') this.setStates(message.states || {}, message.unserved || []);
         return;
       case 'frame':
         if (this.role === 'follower') this.dispatch(message.key, message.frame, message.id);
@@ -288,12 +292,20 @@ class Coordinator {
     this.scheduleReconcile();
   }
 
-  wantedKeys() {
+  /** [streams to hold, keys to poll]. */
+  plan() {
     const keys = new Set(this.localKeys());
     for (const need of this.needs.values()) for (const key of need.keys) keys.add(key);
-    if (keys.size === 0) return [];
-    if (keys.has(ALL) || this.admin || keys.size > MAX_FILTERED_STREAMS) return [ALL];
-    return [...keys];
+    if (keys.size === 0) return [[], []];
+    const unfilteredAllowed = this.me === null || this.me.role === 'admin';
+    if (unfilteredAllowed && (keys.has(ALL) || this.me !== null || keys.size > MAX_FILTERED_STREAMS)) {
+      return [[ALL], []];
+    }
+    // Keep the streams already open first, so a new tab never takes one away from an old tab.
+    const filtered = [...keys].filter((k) => k !== ALL);
+    filtered.sort((a, b) => Number(this.sources.has(b)) - Number(this.sources.has(a)));
+    const held = filtered.slice(0, MAX_FILTERED_STREAMS);
+    return [held, [...keys].filter((k) => !held.includes(k))];
   }
 
   scheduleReconcile() {
@@ -306,8 +318,9 @@ class Coordinator {
 
   /** Leader: open the streams wanted, close the ones no longer wanted once covered. */
   reconcile() {
-    if (this.role !== 'leader') return;
-    const wanted = this.wantedKeys();
+    if (this.role !== 'leader' || this.me === undefined) return;
+    const [wanted, unserved] = this.plan();
+    this.unserved = unserved;
     for (const key of wanted) {
       if (this.sources.has(key)) continue;
       const source = new StreamSource(key, {
@@ -361,16 +374,22 @@ class Coordinator {
   }
 
   broadcastStates() {
-    if (this.role === 'leader') this.post({ kind: 'states', states: { ...this.states } });
+    if (this.role === 'leader') {
+      this.post({ kind: 'states', states: { ...this.states }, unserved: [...this.unserved] });
+    }
   }
 
-  setStates(states) {
+  setStates(states, unserved) {
     this.states = states;
+    this.unserved = unserved;
     this.refreshCoverage();
   }
 
+  /** 'live' (a stream carries this key), 'polling' (the leader cannot serve it) or 'down'. */
   covers(key) {
-    return this.states[ALL] === 'open' || (key !== ALL && this.states[key] === 'open');
+    if (this.states[ALL] === 'open' || (key !== ALL && this.states[key] === 'open')) return 'live';
+    if (this.unserved.includes(key)) return 'polling';
+    return 'down';
   }
 
   refreshCoverage() {
@@ -385,9 +404,14 @@ class Coordinator {
   flushLatency(beacon = false) {
     if (this.samples.length === 0) return;
     const batch = this.samples.splice(0, LATENCY_MAX_BATCH).map((ms) => Math.max(0, ms));
-    if (beacon && navigator.sendBeacon) {
-      // No CSRF header is possible here; if the server refuses, a few samples are lost.
-      navigator.sendBeacon('/api/metrics/latency', new Blob([JSON.stringify({ samples: batch })], { type: 'application/json' }));
+    if (beacon) {
+      // The page is going away: a keepalive fetch outlives it (sendBeacon cannot send the CSRF
+      // header the session cookie needs).
+      const headers = { 'Content-Type': 'application/json' };
+      if (this.me && this.me.csrfToken) headers['X-CSRF-Token'] = this.me.csrfToken;
+      fetch('/api/metrics/latency', {
+        method: 'POST', headers, body: JSON.stringify({ samples: batch }), keepalive: true, credentials: 'same-origin',
+      }).catch(() => {});
       return;
     }
     api('/api/metrics/latency', { method: 'POST', body: { samples: batch } }).catch(() => {});
@@ -434,7 +458,7 @@ export class RegistrationUpdates {
     this.state = 'closed';
     this.seqs = new Map(); // registrationId → last seq applied
     this.resyncing = new Set();
-    this.everLive = false;
+    this.pollTimer = null;
     if (autoConnect) this.connect();
   }
 
@@ -464,9 +488,14 @@ export class RegistrationUpdates {
     if (this.state === state) return;
     const previous = this.state;
     this.state = state;
+    clearInterval(this.pollTimer);
+    this.pollTimer = null;
+    if (state === 'polling') {
+      this.pollTimer = setInterval(() => this.poll(), POLL_MS);
+      this.poll();
+    }
     this.callbacks.onStateChange(state);
     if (state === 'live') {
-      this.everLive = true;
       this.callbacks.onConnected();
       if (this.registrationId != null) this.resync(this.registrationId, { onlyIfNewer: true });
     } else if (state === 'reconnecting' && previous === 'live') {
@@ -474,10 +503,17 @@ export class RegistrationUpdates {
     }
   }
 
-  setCoverage(covered) {
+  setCoverage(coverage) {
     if (this.state === 'closed') return;
-    if (covered) this.setState('live');
-    else if (this.state === 'live') this.setState('reconnecting');
+    if (coverage === 'live' || coverage === 'polling') this.setState(coverage);
+    else if (this.state === 'live' || this.state === 'polling') this.setState('reconnecting');
+  }
+
+  /** No stream for this filter: read the API instead (state 'polling'). */
+  poll() {
+    if (document.hidden) return;
+    if (this.registrationId != null) this.resync(this.registrationId, { onlyIfNewer: true });
+    else this.callbacks.onSnapshot({ resync: true, registrationIds: null, polling: true });
   }
 
   receive(frame) {

@@ -61,7 +61,13 @@ export function announce(text) {
   }, 50);
 }
 
-const BADGE_TEXT = { connecting: 'Connecting…', live: 'Live', reconnecting: 'Reconnecting…', closed: 'Offline' };
+const BADGE_TEXT = {
+  connecting: 'Connecting…',
+  live: 'Live',
+  reconnecting: 'Reconnecting…',
+  polling: 'Refreshing every few seconds',
+  closed: 'Offline',
+};
 
 export function showConnection(state) {
   const badge = document.getElementById('connection');

@@ -141,6 +141,7 @@ def start_target(name: str, args, port: int, redis_port: int, logdir: str) -> pr
     if args.ping_interval:
         env["SSE_PING_INTERVAL"] = str(args.ping_interval)
     if name == "regstream":
+        env.update(args.server_env)
         if args.server_cmd:
             argv = shlex.split(
                 args.server_cmd.format(
@@ -160,6 +161,8 @@ def start_target(name: str, args, port: int, redis_port: int, logdir: str) -> pr
         data_dir = os.path.join(logdir, "data")
         os.makedirs(data_dir, exist_ok=True)
         env["REGSTREAM_DATA_DIR"] = data_dir
+        if args.setup_cmd:  # e.g. create a user and print its API token
+            args.token = setup(args.setup_cmd, env, logdir)
         return procs.Child(name, argv, SERVER_CPUS if args.pin else None, logdir, env=env)
     if name == "baseline":
         argv = [
@@ -212,6 +215,26 @@ def start_target(name: str, args, port: int, redis_port: int, logdir: str) -> pr
         ]
         return procs.Child(name, argv, SERVER_CPUS if args.pin else None, logdir)
     raise SystemExit(f"unknown target {name!r} (regstream, baseline, nchan)")
+
+
+def setup(cmd: str, env: dict[str, str], logdir: str) -> str:
+    """Run --setup-cmd with the server's environment (bounded); its last stdout line is returned
+    (the token used by --auth-header auto)."""
+    import subprocess
+
+    out = subprocess.run(
+        shlex.split(cmd),
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=logdir,
+        stdin=subprocess.DEVNULL,
+    )
+    if out.returncode:
+        raise RuntimeError(f"--setup-cmd exited {out.returncode}: {out.stderr[-500:]}")
+    lines = [x.strip() for x in out.stdout.splitlines() if x.strip()]
+    return lines[-1] if lines else ""
 
 
 def warm_up(port: int, auth: str | None, timeout: float) -> bytes:
@@ -274,10 +297,14 @@ def run_once(target: str, args, rep: int) -> dict:
         redis, redis_port = procs.start_redis(logdir, load_cpus)
         children.append(redis)
         port = args.port or procs.free_port()
+        args.token = None
         server = start_target(target, args, port, redis_port, logdir)
         children.append(server)
+        auth = args.auth_header
+        if auth == "auto":  # the token --setup-cmd printed (regstream only)
+            auth = f"Bearer {args.token}" if target == "regstream" and args.token else None
         procs.wait_port(port, server, args.start_timeout)
-        warm_up(port, args.auth_header, args.start_timeout)
+        warm_up(port, auth, args.start_timeout)
         time.sleep(args.settle)
         rss0 = procs.rss_kib(procs.tree(server.pid))
 
@@ -293,7 +320,7 @@ def run_once(target: str, args, rep: int) -> dict:
         cfg = {
             "host": "127.0.0.1",
             "port": port,
-            "auth": args.auth_header,
+            "auth": auth,
             "cpus": sorted(load_cpus) if load_cpus else None,
             "concurrency": 200,
             "connect_timeout": 20.0,
@@ -449,6 +476,11 @@ def run_once(target: str, args, rep: int) -> dict:
             "bench_pct": round(100 * (cpu1[3]["sched"] - cpu0[3]["sched"]) / wall, 1),
             "cores": cores,
             "steal_pct": max((c["steal_pct"] for c in cores.values()), default=0.0),
+            # CPU 0 busy beyond the server itself: another process on the server's core (a
+            # shared machine); the run's latency and throughput are then not the server's alone
+            "foreign_cpu0_pct": round(
+                cores.get("cpu0", {}).get("busy_pct", 0.0) - 100 * srv_s / wall, 1
+            ),
         }
         rec["pings"] = {
             "received": sum(r["pings"] for r in results),
@@ -517,6 +549,8 @@ def brief(rec: dict) -> str:
         f"p50/p99 {lat['p50']}/{lat['p99']} ms, {c['server_us_per_delivery']} us/deliv, "
         f"server {c['server_core_pct']}%, clients {c['clients_pct']}%, steal {c['steal_pct']}%"
     )
+    if c["foreign_cpu0_pct"] > 10:
+        s += f" | WARNING: other processes used {c['foreign_cpu0_pct']}% of the server's core"
     if "stall" in rec:
         st = rec["stall"]
         s += f" | stalled cut {st['cut']}/{st['stalled']} (first {st['cut_first_s']} s)"
@@ -559,6 +593,7 @@ COLUMNS = [  # (header, path in the record, decimals)
     ("Redis conns", "idle.redis.clients", 0),
     ("clients max/total %", None, 0),
     ("steal %", "cpu.steal_pct", 0),
+    ("other load CPU0 %", "cpu.foreign_cpu0_pct", 0),
 ]
 IDLE_COLUMNS = [
     ("streams", "connect.ready", 0),
@@ -678,7 +713,24 @@ def parse(argv: list[str] | None):
         help="command for the regstream target; placeholders {port} {redis_url} "
         "{redis_port} {host}; REDIS_URL is also in its environment",
     )
-    ap.add_argument("--auth-header", help="Authorization value every client sends, e.g. 'Bearer x'")
+    ap.add_argument(
+        "--auth-header",
+        help="Authorization value every client sends, e.g. 'Bearer x'; 'auto' = 'Bearer <last "
+        "line --setup-cmd printed>' (regstream target only)",
+    )
+    ap.add_argument(
+        "--setup-cmd",
+        help="run before each regstream start with its environment, e.g. "
+        "'regstream users add bench --role viewer --no-password --token'",
+    )
+    ap.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the regstream target (repeatable), "
+        "e.g. REGSTREAM_STREAMS_PER_USER=20000",
+    )
     ap.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     ap.add_argument(
         "--ping-interval",
@@ -715,6 +767,9 @@ def parse(argv: list[str] | None):
     )
     a = ap.parse_args(argv)
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    if any("=" not in kv for kv in a.server_env):
+        ap.error("--server-env takes KEY=VALUE")
+    a.server_env = dict(kv.split("=", 1) for kv in a.server_env)
     if a.auth_header and a.auth_header.lower().startswith("authorization:"):
         a.auth_header = a.auth_header.split(":", 1)[1].strip()
     bad = [t for t in a.targets if t not in ("regstream", "baseline", "nchan")]

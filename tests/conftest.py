@@ -24,7 +24,9 @@ from regstream.realtime.embedded import EmbeddedRedis, find_server_binary
 from tests.support import LiveServer, free_port, serve_app
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
+PG_ADMIN_URL = os.environ.get(
+    "TEST_POSTGRES_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 
 def unavailable(what: str) -> None:
@@ -131,7 +133,9 @@ SettingsFactory = Callable[..., Settings]
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path, redis_server: EmbeddedRedis, t24: RunningSimulator) -> SettingsFactory:
+def make_settings(
+    tmp_path: Path, redis_server: EmbeddedRedis, t24: RunningSimulator
+) -> SettingsFactory:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "data_dir": tmp_path / "var",

@@ -11,7 +11,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,3 +256,83 @@ def data_dir(tmp: Path) -> Path:
     path = tmp / "var"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# --- authentication (issue 4) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuthUser:
+    """A user made directly in the live server's database (``create_user``)."""
+
+    username: str
+    role: str
+    token: str | None
+    password: str | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        assert self.token is not None, "created without a token"
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def in_fresh_loop(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a coroutine on a new event loop in a worker thread: callable from sync and async tests
+    alike, and never touching the server's own engine (its connections belong to its loop)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result(timeout=60)
+
+
+def run_in_db(live: LiveServer, work: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    """``await work(session)`` in one transaction on ``live``'s database (a fresh engine)."""
+    from regstream.db.engine import create_engine, create_session_factory
+
+    async def make() -> Any:
+        engine = create_engine(live.settings.effective_database_url)
+        try:
+            async with create_session_factory(engine).begin() as session:
+                return await work(session)
+        finally:
+            await engine.dispose()
+
+    return in_fresh_loop(make)
+
+
+def create_user(
+    live: LiveServer, role: str = "operator", *, username: str | None = None,
+    password: str | None = None, token: bool = True, disabled: bool = False,
+) -> AuthUser:  # fmt: skip
+    """Create a user (and an API token) through the auth data functions, in ``live``'s database."""
+    import uuid
+
+    from regstream.auth import credentials
+    from regstream.auth.principal import Role
+    from regstream.db import accounts
+    from regstream.db.engine import create_engine, create_session_factory
+
+    name = username or f"{role}-{uuid.uuid4().hex[:8]}"
+
+    async def make() -> str | None:
+        engine = create_engine(live.settings.effective_database_url)
+        try:
+            async with create_session_factory(engine).begin() as session:
+                operator = await credentials.create_operator(
+                    session, username=name, role=Role(role), password=password
+                )
+                value = None
+                if token:
+                    value, _ = await credentials.issue_api_token(session, operator=operator)
+                if disabled:
+                    await accounts.update_operator(session, operator=operator, disabled=True)
+                return value
+        finally:
+            await engine.dispose()
+
+    return AuthUser(name, role, in_fresh_loop(make), password)
+
+
+def auth_headers(live: LiveServer, role: str = "operator") -> dict[str, str]:
+    """``Authorization: Bearer …`` headers of a new user with ``role`` (viewer/operator/admin)."""
+    return create_user(live, role).headers

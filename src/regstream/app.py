@@ -27,15 +27,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from regstream import __version__
-from regstream.api import dashboard as dashboard_routes
 from regstream.api import auth as auth_routes
+from regstream.api import dashboard as dashboard_routes
 from regstream.api import errors
 from regstream.api import health as health_routes
 from regstream.api import registrations as registration_routes
+from regstream.api.auth import require_page_role
 from regstream.api.deps import Services
 from regstream.api.stream import STREAM_PATH, StreamEndpoint
 from regstream.auth.middleware import BodySizeLimit, CrossSiteGuard, SecurityHeaders
@@ -232,7 +233,9 @@ def create_api(settings: Settings) -> FastAPI:
     api.include_router(registration_routes.router)
     api.include_router(health_routes.router)
     api.include_router(dashboard_routes.router)
-    api.include_router(pages.router)
+    api.include_router(pages.public)
+    api.include_router(pages.viewer_pages, dependencies=[Depends(require_page_role("viewer"))])
+    api.include_router(pages.admin_pages, dependencies=[Depends(require_page_role("admin"))])
     api.mount("/static", pages.static_files(), name="static")
     return api
 

@@ -91,7 +91,9 @@ class Settings(BaseSettings):
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         (), validation_alias=_env("REGSTREAM_CORS_ORIGINS")
     )
-    max_body_bytes: PositiveInt = Field(64 * 1024, validation_alias=_env("REGSTREAM_MAX_BODY_BYTES"))
+    max_body_bytes: PositiveInt = Field(
+        64 * 1024, validation_alias=_env("REGSTREAM_MAX_BODY_BYTES")
+    )
     streams_per_user: PositiveInt = Field(20, validation_alias=_env("REGSTREAM_STREAMS_PER_USER"))
     process_rate_per_minute: PositiveInt = Field(
         60, validation_alias=_env("REGSTREAM_PROCESS_RATE_PER_MINUTE")
@@ -142,7 +144,9 @@ class Settings(BaseSettings):
                 continue
             parts = urlsplit(item)
             if item == "*" or parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError("must be a comma-separated list of origins like https://ops.example")
+                raise ValueError(
+                    "must be a comma-separated list of origins like https://ops.example"
+                )
             if parts.path or parts.query or parts.fragment:
                 raise ValueError("an origin is scheme://host[:port] without a path")
             origins.append(item)

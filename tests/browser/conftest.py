@@ -20,7 +20,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from regstream.demo import load_demo
 from tests.conftest import SettingsFactory
-from tests.support import LiveServer, serve_app
+from tests.support import AuthUser, LiveServer, create_user, serve_app
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -36,6 +36,7 @@ CHROMIUM_ARGS = [
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 SECRET = b"test-secret-key"  # make_settings' secret_key
+PASSWORD = "correct horse battery staple"
 WAIT_MS = 15_000
 
 
@@ -112,13 +113,38 @@ def wait_streams(live: LiveServer, expected: int, *, timeout: float = 15.0) -> N
     )
 
 
+def sign_in(context: BrowserContext, live: LiveServer, role: str) -> AuthUser:
+    """A new user with ``role``, signed in in ``context`` (its session cookie is the browser's)."""
+    user = create_user(live, role, password=PASSWORD)
+    response = context.request.post(
+        f"{live.url}/api/auth/login", data={"username": user.username, "password": PASSWORD}
+    )
+    assert response.status == 200, response.text()
+    return user
+
+
+def _operator_headers(live: LiveServer) -> dict[str, str]:
+    """The test's own operator API token, made once per server."""
+    headers: dict[str, str] | None = getattr(live, "_test_operator_headers", None)
+    if headers is None:
+        headers = create_user(live, "operator").headers
+        setattr(live, "_test_operator_headers", headers)  # noqa: B010
+    return headers
+
+
 def process(live: LiveServer, registration_id: int) -> int:
-    response = httpx.post(f"{live.url}/api/registrations/{registration_id}/process", timeout=10)
+    response = httpx.post(
+        f"{live.url}/api/registrations/{registration_id}/process",
+        headers=_operator_headers(live), timeout=10,
+    )  # fmt: skip
     return response.status_code
 
 
 def registration(live: LiveServer, registration_id: int) -> dict[str, Any]:
-    response = httpx.get(f"{live.url}/api/registrations/{registration_id}", timeout=10)
+    response = httpx.get(
+        f"{live.url}/api/registrations/{registration_id}",
+        headers=_operator_headers(live), timeout=10,
+    )  # fmt: skip
     response.raise_for_status()
     data: dict[str, Any] = response.json()
     return data

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from playwright.sync_api import BrowserContext, expect
 
+from regstream.core_banking.simulator.server import RunningSimulator
 from tests.browser.conftest import (
     demo_ids,
     open_detail,
+    process,
     registration,
+    sign_in,
     stages_of,
 )
-from tests.support import LiveServer
+from tests.conftest import SettingsFactory
+from tests.support import LiveServer, serve_app
 
 pytestmark = pytest.mark.browser
 
@@ -54,15 +59,17 @@ def test_validate_shows_every_stage_live(
     final_disabled: bool,
 ) -> None:
     rid = demo_ids(app)[scenario]
+    sign_in(context, app, "operator")
     page = open_detail(context, app, rid)
     seen: list[list[tuple[str, str]]] = []
     page.expose_function("__stagesChanged", lambda items: seen.append([tuple(i) for i in items]))
     page.evaluate(
         """() => {
         window.__marker = 'no-reload';
-        new MutationObserver(() => window.__stagesChanged(
-            [...document.querySelectorAll('#stages li')].map(e => [e.dataset.stage, e.dataset.state])
-        )).observe(document.getElementById('stages'), {childList: true, subtree: true});
+        const rows = () => [...document.querySelectorAll('#stages li')]
+            .map(e => [e.dataset.stage, e.dataset.state]);
+        new MutationObserver(() => window.__stagesChanged(rows()))
+            .observe(document.getElementById('stages'), {childList: true, subtree: true});
     }"""
     )
     button = page.get_by_role("button", name="Validate Customer")
@@ -98,6 +105,7 @@ def test_validate_shows_every_stage_live(
 
 def test_masked_applicant_data_only(app: LiveServer, context: BrowserContext) -> None:
     rid = demo_ids(app)["approved"]
+    sign_in(context, app, "viewer")
     page = open_detail(context, app, rid)
     applicant = page.locator("#applicant")
     expect(applicant.locator('[data-field="phone"]')).to_have_text("+254*******01")
@@ -109,18 +117,14 @@ def test_masked_applicant_data_only(app: LiveServer, context: BrowserContext) ->
 
 
 def test_opening_mid_run_shows_stages_so_far_then_continues(
-    make_settings: object, context: BrowserContext, t24_private: object
+    make_settings: SettingsFactory, context: BrowserContext, t24_private: RunningSimulator
 ) -> None:
-    import httpx
-
-    from tests.browser.conftest import process
-    from tests.support import serve_app
-
     sim = t24_private
-    httpx.post(f"{sim.control_url}/config", json={"latency_ms": 1500}, timeout=5)  # type: ignore[attr-defined]
-    settings = make_settings(t24_base_url=sim.base_url, sse_retry_ms=1000)  # type: ignore[operator]
+    httpx.post(f"{sim.control_url}/config", json={"latency_ms": 1500}, timeout=5)
+    settings = make_settings(t24_base_url=sim.base_url, sse_retry_ms=1000)
     with serve_app(settings) as live:
         rid = demo_ids(live)["approved"]
+        sign_in(context, live, "viewer")
         assert process(live, rid) == 202
         page = context.new_page()
         page.goto(f"{live.url}/registrations/{rid}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from tests.browser.conftest import (
     open_detail,
     process,
     registration,
+    sign_in,
     stages_of,
     stream_count,
     wait_for,
@@ -33,6 +35,7 @@ def test_live_badge_reconnects_and_shows_updates_from_the_gap(
     app: LiveServer, context: BrowserContext
 ) -> None:
     rid = demo_ids(app)["approved"]
+    sign_in(context, app, "operator")
     page = open_detail(context, app, rid)
     page.evaluate("window.__marker = 'no-reload'")
     badge = page.locator("#connection")
@@ -63,6 +66,7 @@ def test_live_badge_reconnects_and_shows_updates_from_the_gap(
 
 def test_two_tabs_share_one_stream_and_hand_over(app: LiveServer, context: BrowserContext) -> None:
     rid = demo_ids(app)["kyc_mismatch"]  # FAILED: may be validated again after the hand-over
+    sign_in(context, app, "operator")
     first = open_detail(context, app, rid)
     second = open_detail(context, app, rid)
     wait_streams(app, 1)
@@ -91,6 +95,7 @@ def test_two_tabs_share_one_stream_and_hand_over(app: LiveServer, context: Brows
 
 def test_seven_tabs_all_keep_receiving(app: LiveServer, context: BrowserContext) -> None:
     ids = demo_ids(app)
+    sign_in(context, app, "admin")
     scenarios = [
         "approved", "approved_many_accounts", "kyc_mismatch", "not_found", "restricted",
         "no_active_accounts", "duplicate",
@@ -132,3 +137,96 @@ def test_sign_in_expired_goes_to_login(app: LiveServer, context: BrowserContext)
     page.goto(f"{app.url}/registrations/{rid}")
     page.wait_for_url(f"**/login?next=%2Fregistrations%2F{rid}", timeout=10_000)
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+
+
+def test_more_registrations_than_streams_falls_back_to_polling(
+    app: LiveServer, context: BrowserContext
+) -> None:
+    """An operator may not hold the unfiltered stream: two filtered streams, the rest polled."""
+    ids = demo_ids(app)
+    sign_in(context, app, "operator")
+    scenarios = ["approved", "kyc_mismatch", "duplicate", "not_found"]
+    pages = {}
+    for scenario in scenarios:
+        page = context.new_page()
+        page.goto(f"{app.url}/registrations/{ids[scenario]}")
+        pages[scenario] = page
+    for page in pages.values():
+        expect(page.locator("#connection")).to_have_attribute(
+            "data-state", re.compile("live|polling")
+        )
+    states = [str(p.locator("#connection").get_attribute("data-state")) for p in pages.values()]
+    assert sorted(states) == ["live", "live", "polling", "polling"]
+    wait_streams(app, 2)
+    for scenario in scenarios:
+        assert process(app, ids[scenario]) == 202
+    expected = {"approved": "APPROVED", "kyc_mismatch": "FAILED", "duplicate": "DUPLICATE",
+                "not_found": "FAILED"}  # fmt: skip
+    for scenario, page in pages.items():
+        expect(page.locator("#result")).to_have_attribute("data-status", expected[scenario])
+    assert stream_count(app) == 2
+
+
+def test_notification_when_a_run_started_here_ends(
+    app: LiveServer, context: BrowserContext
+) -> None:
+    rid = demo_ids(app)["approved"]
+    sign_in(context, app, "operator")
+    context.grant_permissions(["notifications"], origin=app.url)
+    # Record notifications instead of showing them (headless has no notification centre).
+    context.add_init_script(
+        """(() => {
+        window.__notes = [];
+        class FakeNotification {
+            static permission = 'granted';
+            static requestPermission() { return Promise.resolve('granted'); }
+            constructor(title, options) { window.__notes.push({title, body: options.body}); }
+        }
+        window.Notification = FakeNotification;
+    })()"""
+    )
+    page = open_detail(context, app, rid)
+    other = open_detail(context, app, rid)  # a second tab must not notify twice
+    page.get_by_label("Notify me").check()
+    expect(page.get_by_label("Notify me")).to_be_checked()
+    expect(page.get_by_label("Sound")).not_to_be_checked()  # off by default
+    page.get_by_role("button", name="Validate Customer").click()
+    expect(page.locator("#result")).to_have_attribute("data-status", "APPROVED")
+    expect(other.locator("#result")).to_have_attribute("data-status", "APPROVED")
+    wait_for(
+        lambda: len(page.evaluate("window.__notes")) + len(other.evaluate("window.__notes")) == 1,
+        timeout=5,
+        what="one notification",
+    )
+    notes = page.evaluate("window.__notes") + other.evaluate("window.__notes")
+    assert notes == [
+        {"title": f"Registration #{rid}: APPROVED",
+         "body": "Customer validated successfully. Found 2 accounts."}
+    ]  # fmt: skip
+
+
+def test_stream_refused_after_sign_in_expired_goes_to_login(
+    app: LiveServer, context: BrowserContext
+) -> None:
+    """EventSource gave up (401 on reconnect): /api/auth/me says 401, so → /login, not stale."""
+    rid = demo_ids(app)["approved"]
+    sign_in(context, app, "viewer")
+    page = open_detail(context, app, rid)
+    refused = {"status": 401, "content_type": "application/json",
+               "body": '{"error":"UNAUTHENTICATED","message":"sign in"}'}  # fmt: skip
+    page.route("**/api/registrations/updates/stream*", lambda route: route.fulfill(**refused))
+    page.route("**/api/auth/me", lambda route: route.fulfill(**refused))
+    call_on_server_loop(app, lambda: app.services.hub.close_all(messages.retry_frame(200)))
+    page.wait_for_url(f"**/login?next=%2Fregistrations%2F{rid}", timeout=15_000)
+
+
+def test_signing_out_ends_the_stream_and_every_tab_goes_to_login(
+    app: LiveServer, context: BrowserContext
+) -> None:
+    rid = demo_ids(app)["approved"]
+    sign_in(context, app, "viewer")
+    first = open_detail(context, app, rid)
+    second = open_detail(context, app, rid)
+    first.locator("#sign-out").click()
+    for page in (first, second):
+        page.wait_for_url("**/login*", timeout=15_000)

@@ -43,10 +43,13 @@ def test_serve_demo_then_process_and_watch(tmp_path: Path) -> None:
             assert server.poll() is None, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
         else:
-            raise AssertionError("serve did not become ready:\n" + (tmp_path / "serve.log").read_text())
+            raise AssertionError(
+                "serve did not become ready:\n" + (tmp_path / "serve.log").read_text()
+            )
         output = (tmp_path / "serve.log").read_text()
         assert f"listening on {url}" in output.replace("\n", " ")
         assert "demo registration 1: approved" in output
+        env["REGSTREAM_TOKEN"] = output.split("REGSTREAM_TOKEN=", 1)[1].split()[0]  # demo admin
         assert (tmp_path / "var" / "redis" / "redis.sock").exists()  # the embedded server
 
         watcher = subprocess.Popen(
@@ -81,7 +84,11 @@ def test_bad_configuration_fails_with_one_line(tmp_path: Path) -> None:
     env = _env(tmp_path / "var")
     env["SSE_PING_INTERVAL"] = "soon"
     done = subprocess.run(
-        [sys.executable, "-m", "regstream", "serve"], env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "regstream", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]

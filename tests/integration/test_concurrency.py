@@ -7,13 +7,23 @@ import asyncio
 import httpx
 
 from tests.conftest import SettingsFactory
-from tests.support import REGISTRATION, LiveServer, StreamClient, serve_app, wait_until
+from tests.support import (
+    REGISTRATION,
+    LiveServer,
+    StreamClient,
+    auth_headers,
+    serve_app,
+    wait_until,
+)
 
 
 async def test_same_registration_processed_twice_at_once_runs_once(live: LiveServer) -> None:
     ids = await live.load_demo()
     rid = ids["approved"]
-    async with StreamClient(live.url, registration_id=rid) as sse, httpx.AsyncClient(base_url=live.url) as http:
+    async with (
+        StreamClient(live.url, headers=auth_headers(live, "admin"), registration_id=rid) as sse,
+        httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http,
+    ):
         responses = await asyncio.gather(
             *(http.post(f"/api/registrations/{rid}/process") for _ in range(10))
         )
@@ -23,7 +33,11 @@ async def test_same_registration_processed_twice_at_once_runs_once(live: LiveSer
         assert conflict["registration"]["id"] == rid
         await sse.wait_final(rid)
         await asyncio.sleep(0.3)
-    starts = [u for u in sse.updates(rid) if u.get("stage") == "duplicate_check" and u["stageStatus"] == "started"]
+    starts = [
+        u
+        for u in sse.updates(rid)
+        if u.get("stage") == "duplicate_check" and u["stageStatus"] == "started"
+    ]
     assert len(starts) == 1
     assert len([u for u in sse.updates(rid) if u.get("final")]) == 1
 
@@ -32,8 +46,15 @@ async def test_200_registrations_processed_concurrently(
     make_settings: SettingsFactory, database_url: str
 ) -> None:
     count = 200
-    with serve_app(make_settings(database_url=database_url)) as live:
-        async with httpx.AsyncClient(base_url=live.url, timeout=30) as http, StreamClient(live.url) as sse:
+    with serve_app(
+        make_settings(database_url=database_url, process_rate_per_minute=100_000)
+    ) as live:
+        async with (
+            httpx.AsyncClient(
+                base_url=live.url, headers=auth_headers(live, "admin"), timeout=30
+            ) as http,
+            StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
+        ):
             ids = []
             for i in range(count):
                 body = {**REGISTRATION, "customerNumber": str(200000 + i),
@@ -41,7 +62,9 @@ async def test_200_registrations_processed_concurrently(
                 created = await http.post("/api/registrations", json=body)
                 assert created.status_code == 201, created.text
                 ids.append(created.json()["id"])
-            results = await asyncio.gather(*(http.post(f"/api/registrations/{rid}/process") for rid in ids))
+            results = await asyncio.gather(
+                *(http.post(f"/api/registrations/{rid}/process") for rid in ids)
+            )
             assert [r.status_code for r in results] == [202] * count
 
             def finals() -> int:
@@ -50,7 +73,9 @@ async def test_200_registrations_processed_concurrently(
             await wait_until(lambda: finals() >= count, timeout=90, what=f"{count} final updates")
             page = (await http.get("/api/registrations", params={"pageSize": 200})).json()
             assert page["total"] == count
-            assert all(item["status"] == "FAILED" and not item["inProgress"] for item in page["items"])
+            assert all(
+                item["status"] == "FAILED" and not item["inProgress"] for item in page["items"]
+            )
             for rid in ids[:: count // 20]:
                 row = (await http.get(f"/api/registrations/{rid}")).json()
                 stages = [(e["stage"], e["status"]) for e in row["processLog"] if e["stage"]]

@@ -25,7 +25,8 @@ async def test_data_layer(database_url: str) -> None:
             ids = []
             for i in range(25):
                 row = await registrations.create(
-                    session, **{**FIELDS, "customer_number": str(100000 + i), "last_name": f"Santos{i}"}
+                    session,
+                    **{**FIELDS, "customer_number": str(100000 + i), "last_name": f"Santos{i}"},
                 )
                 ids.append(row.id)
         async with sessions() as session:

@@ -18,7 +18,9 @@ async def _slow(sim: RunningSimulator, latency_ms: float) -> None:
         assert response.status_code == 200
 
 
-async def _db_log(http: httpx.AsyncClient, rid: int) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
+async def _db_log(
+    http: httpx.AsyncClient, rid: int
+) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
     row = (await http.get(f"/api/registrations/{rid}")).json()
     return row, [(e["seq"], e["stage"], e["status"]) for e in row["processLog"]]
 
@@ -43,13 +45,17 @@ async def test_resume_after_a_cut_gets_exactly_the_missed_updates(
                 last_id = first.last_event_id()
             # cut: everything published now is missed by this client
             await asyncio.sleep(0.6)
-            async with StreamClient(live.url, registration_id=rid, last_event_id=last_id, headers=hdr) as second:
+            async with StreamClient(
+                live.url, registration_id=rid, last_event_id=last_id, headers=hdr
+            ) as second:
                 await second.wait_final(rid)
                 resumed = second.updates(rid)
                 assert not any(f.type == "snapshot" for f in second.frames)
             row, log = await _db_log(http, rid)
         combined = seen + resumed
-        assert [u["seq"] for u in combined] == list(range(1, row["seq"] + 1))  # none twice, none missing
+        assert [u["seq"] for u in combined] == list(
+            range(1, row["seq"] + 1)
+        )  # none twice, none missing
         assert _view(combined[:-1]) == log[:-1] == [e for e in log if e[1]]
         assert combined[-1]["status"] == row["status"] == "APPROVED"
 
@@ -58,14 +64,23 @@ async def test_resume_by_query_parameter_and_unfiltered(make_settings: SettingsF
     with serve_app(make_settings()) as live:
         ids = await live.load_demo()
         hdr = auth_headers(live, "admin")
-        async with httpx.AsyncClient(base_url=live.url, headers=hdr) as http, StreamClient(live.url, headers=hdr) as before:
-            assert (await http.post(f"/api/registrations/{ids['duplicate']}/process")).status_code == 202
+        async with (
+            httpx.AsyncClient(base_url=live.url, headers=hdr) as http,
+            StreamClient(live.url, headers=hdr) as before,
+        ):
+            assert (
+                await http.post(f"/api/registrations/{ids['duplicate']}/process")
+            ).status_code == 202
             await before.wait_final(ids["duplicate"])
             last_id = before.last_event_id()
         async with httpx.AsyncClient(base_url=live.url, headers=hdr) as http:
-            assert (await http.post(f"/api/registrations/{ids['approved']}/process")).status_code == 202
+            assert (
+                await http.post(f"/api/registrations/{ids['approved']}/process")
+            ).status_code == 202
             # a browser that gave up reconnects with ?lastEventId=
-            client = httpx.AsyncClient(base_url=live.url, timeout=httpx.Timeout(10, read=None), headers=hdr)
+            client = httpx.AsyncClient(
+                base_url=live.url, timeout=httpx.Timeout(10, read=None), headers=hdr
+            )
             await asyncio.sleep(1.0)
             async with client.stream("GET", "/api/registrations/updates/stream",
                                      params={"lastEventId": last_id}) as response:  # fmt: skip
@@ -84,25 +99,36 @@ async def test_unknown_or_old_epoch_id_gets_a_snapshot(make_settings: SettingsFa
         ids = await live.load_demo()
         hdr = auth_headers(live, "admin")
         rid = ids["kyc_mismatch"]
-        async with httpx.AsyncClient(base_url=live.url, headers=hdr) as http, StreamClient(live.url, registration_id=rid, headers=hdr) as s:
+        async with (
+            httpx.AsyncClient(base_url=live.url, headers=hdr) as http,
+            StreamClient(live.url, registration_id=rid, headers=hdr) as s,
+        ):
             assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
             await s.wait_final(rid)
         stale = "1000000000000000_1-0"  # an epoch Redis never had (flushed / replaced)
-        async with StreamClient(live.url, registration_id=rid, last_event_id=stale, headers=hdr) as filtered:
-            await filtered.wait_for(lambda fs: any(f.type == "snapshot" for f in fs), what="snapshot")
+        async with StreamClient(
+            live.url, registration_id=rid, last_event_id=stale, headers=hdr
+        ) as filtered:
+            await filtered.wait_for(
+                lambda fs: any(f.type == "snapshot" for f in fs), what="snapshot"
+            )
             snap = next(f for f in filtered.frames if f.type == "snapshot")
-            assert snap.data is not None and snap.id is None
+            assert snap.data is not None and snap.id is not None and snap.id.endswith("~5")
             assert snap.data["data"]["id"] == rid
             assert snap.data["data"]["status"] == "FAILED"
             assert [e["seq"] for e in snap.data["data"]["processLog"]] == [1, 2, 3, 4, 5]
             assert filtered.updates() == []  # never a partial replay
         async with StreamClient(live.url, last_event_id=stale, headers=hdr) as unfiltered:
-            await unfiltered.wait_for(lambda fs: any(f.type == "snapshot" for f in fs), what="resync")
+            await unfiltered.wait_for(
+                lambda fs: any(f.type == "snapshot" for f in fs), what="resync"
+            )
             marker = next(f for f in unfiltered.frames if f.type == "snapshot")
             assert marker.data is not None and marker.data["resync"] is True
 
 
-async def test_late_joiner_seam_50_times(make_settings: SettingsFactory, t24_private: RunningSimulator) -> None:
+async def test_late_joiner_seam_50_times(
+    make_settings: SettingsFactory, t24_private: RunningSimulator
+) -> None:
     """Open a filtered stream mid-run while updates keep coming: snapshot + live, no gap/dup."""
     await _slow(t24_private, 30)
     with serve_app(make_settings(t24_base_url=t24_private.base_url)) as live:

@@ -10,7 +10,7 @@ import pytest
 
 from regstream.core_banking.simulator.dataset import DEMO_APPLICANTS, DemoApplicant
 from tests.conftest import SettingsFactory
-from tests.support import StreamClient, serve_app
+from tests.support import StreamClient, auth_headers, serve_app
 
 BY_SCENARIO = {a.scenario: a for a in DEMO_APPLICANTS}
 
@@ -51,8 +51,8 @@ async def test_outcome_end_to_end(
         ids = await live.load_demo()
         rid = ids[scenario]
         async with (
-            StreamClient(live.url, registration_id=rid) as sse,
-            httpx.AsyncClient(base_url=live.url) as http,
+            StreamClient(live.url, headers=auth_headers(live, "admin"), registration_id=rid) as sse,
+            httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http,
         ):
             response = await http.post(f"/api/registrations/{rid}/process")
             assert response.status_code == 202

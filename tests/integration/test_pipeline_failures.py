@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.support import REGISTRATION, LiveServer, StreamClient
+from tests.support import REGISTRATION, LiveServer, StreamClient, auth_headers
 
 
 @pytest.mark.parametrize(
@@ -25,11 +25,17 @@ from tests.support import REGISTRATION, LiveServer, StreamClient
 async def test_core_failures_end_failed(
     live: LiveServer, cif: str, code: str, retryable: bool, message: str
 ) -> None:
-    async with httpx.AsyncClient(base_url=live.url, timeout=20) as http:
-        created = await http.post("/api/registrations", json={**REGISTRATION, "customerNumber": cif})
+    async with httpx.AsyncClient(
+        base_url=live.url, headers=auth_headers(live, "admin"), timeout=20
+    ) as http:
+        created = await http.post(
+            "/api/registrations", json={**REGISTRATION, "customerNumber": cif}
+        )
         assert created.status_code == 201, created.text
         rid = created.json()["id"]
-        async with StreamClient(live.url, registration_id=rid) as sse:
+        async with StreamClient(
+            live.url, headers=auth_headers(live, "admin"), registration_id=rid
+        ) as sse:
             assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
             final = await sse.wait_final(rid, timeout=20)
         assert final["status"] == "FAILED"
@@ -52,10 +58,16 @@ async def test_core_failures_end_failed(
 
 
 async def test_failed_registration_can_be_validated_again(live: LiveServer) -> None:
-    async with httpx.AsyncClient(base_url=live.url, timeout=20) as http:
-        created = await http.post("/api/registrations", json={**REGISTRATION, "customerNumber": "100800"})
+    async with httpx.AsyncClient(
+        base_url=live.url, headers=auth_headers(live, "admin"), timeout=20
+    ) as http:
+        created = await http.post(
+            "/api/registrations", json={**REGISTRATION, "customerNumber": "100800"}
+        )
         rid = created.json()["id"]
-        async with StreamClient(live.url, registration_id=rid) as sse:
+        async with StreamClient(
+            live.url, headers=auth_headers(live, "admin"), registration_id=rid
+        ) as sse:
             assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
             await sse.wait_final(rid)
             assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
@@ -70,7 +82,10 @@ async def test_failed_registration_can_be_validated_again(live: LiveServer) -> N
 async def test_terminal_registration_is_not_run_again(live: LiveServer) -> None:
     ids = await live.load_demo()
     rid = ids["duplicate"]
-    async with StreamClient(live.url, registration_id=rid) as sse, httpx.AsyncClient(base_url=live.url) as http:
+    async with (
+        StreamClient(live.url, headers=auth_headers(live, "admin"), registration_id=rid) as sse,
+        httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http,
+    ):
         assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
         await sse.wait_final(rid)
         again = await http.post(f"/api/registrations/{rid}/process")
@@ -82,7 +97,7 @@ async def test_terminal_registration_is_not_run_again(live: LiveServer) -> None:
 
 
 async def test_unknown_registration_is_404(live: LiveServer) -> None:
-    async with httpx.AsyncClient(base_url=live.url) as http:
+    async with httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http:
         process = await http.post("/api/registrations/987654/process")
         read = await http.get("/api/registrations/987654")
     assert process.status_code == read.status_code == 404

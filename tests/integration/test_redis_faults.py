@@ -7,7 +7,7 @@ import asyncio
 import httpx
 
 from regstream.realtime.embedded import EmbeddedRedis
-from tests.support import LiveServer, StreamClient, wait_until
+from tests.support import LiveServer, StreamClient, auth_headers, wait_until
 
 
 async def _restart(redis_server: EmbeddedRedis, down_for: float) -> None:
@@ -19,7 +19,10 @@ async def _restart(redis_server: EmbeddedRedis, down_for: float) -> None:
 async def test_stream_survives_redis_restart(live: LiveServer, redis_server: EmbeddedRedis) -> None:
     ids = await live.load_demo()
     broker = live.services.broker
-    async with StreamClient(live.url) as sse, httpx.AsyncClient(base_url=live.url) as http:
+    async with (
+        StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
+        httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http,
+    ):
         before = ids["duplicate"]
         assert (await http.post(f"/api/registrations/{before}/process")).status_code == 202
         await sse.wait_final(before)
@@ -42,9 +45,14 @@ async def test_updates_made_while_redis_is_down_arrive_in_order(
 ) -> None:
     ids = await live.load_demo()
     broker = live.services.broker
-    async with StreamClient(live.url) as sse, httpx.AsyncClient(base_url=live.url) as http:
+    async with (
+        StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
+        httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http,
+    ):
         redis_server.kill()
-        await wait_until(lambda: not broker.connected.is_set(), timeout=10, what="subscription lost")
+        await wait_until(
+            lambda: not broker.connected.is_set(), timeout=10, what="subscription lost"
+        )
         down = await http.get("/readyz")
         assert down.status_code == 503
         assert down.json()["checks"]["redis"].startswith("down")

@@ -9,13 +9,15 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import LiveServer, StreamClient, wait_until
+from tests.support import LiveServer, StreamClient, auth_headers, wait_until
 
 STREAM = "/api/registrations/updates/stream"
 
 
 async def test_stream_headers_and_first_frame(live: LiveServer) -> None:
-    async with httpx.AsyncClient(base_url=live.url, timeout=httpx.Timeout(5, read=5)) as http:
+    async with httpx.AsyncClient(
+        base_url=live.url, headers=auth_headers(live, "admin"), timeout=httpx.Timeout(5, read=5)
+    ) as http:
         async with http.stream("GET", STREAM) as response:
             assert response.status_code == 200
             assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
@@ -38,7 +40,7 @@ async def test_stream_headers_and_first_frame(live: LiveServer) -> None:
     "value", ["abc", "-1", "0", "1.5", "9" * 40, str(2**53 + 1)], ids=lambda v: v[:12]
 )
 async def test_stream_rejects_bad_registration_id(live: LiveServer, value: str) -> None:
-    async with httpx.AsyncClient(base_url=live.url) as http:
+    async with httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http:
         response = await http.get(STREAM, params={"registrationId": value})
     assert response.status_code == 422
     assert response.json()["error"] == "VALIDATION_ERROR"
@@ -48,9 +50,9 @@ async def test_filtered_stream_gets_only_its_registration(live: LiveServer) -> N
     ids = await live.load_demo()
     a, b = ids["approved"], ids["kyc_mismatch"]
     async with (
-        StreamClient(live.url, registration_id=a) as only_a,
-        StreamClient(live.url) as everything,
-        httpx.AsyncClient(base_url=live.url) as http,
+        StreamClient(live.url, headers=auth_headers(live, "admin"), registration_id=a) as only_a,
+        StreamClient(live.url, headers=auth_headers(live, "admin")) as everything,
+        httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http,
     ):
         for rid in (a, b):
             assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
@@ -71,7 +73,9 @@ async def test_raw_redis_subscriber_sees_every_message(live: LiveServer) -> None
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe("service:registration-updates")
     try:
-        async with httpx.AsyncClient(base_url=live.url) as http:
+        async with httpx.AsyncClient(
+            base_url=live.url, headers=auth_headers(live, "admin")
+        ) as http:
             assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
         received: list[dict[str, object]] = []
 
@@ -104,8 +108,10 @@ async def test_pings_arrive_and_carry_no_id(make_settings: object) -> None:
     from tests.support import serve_app
 
     with serve_app(make_settings(sse_ping_interval=0.3)) as live:  # type: ignore[operator]
-        async with StreamClient(live.url) as sse:
-            await sse.wait_for(lambda fs: sum(f.type == "ping" for f in fs) >= 2, 10, what="2 pings")
+        async with StreamClient(live.url, headers=auth_headers(live, "admin")) as sse:
+            await sse.wait_for(
+                lambda fs: sum(f.type == "ping" for f in fs) >= 2, 10, what="2 pings"
+            )
             pings = [f for f in sse.frames if f.type == "ping"]
             assert all(f.id is None for f in pings)
             assert all(isinstance(f.data["timestamp"], int) for f in pings if f.data)
@@ -113,7 +119,10 @@ async def test_pings_arrive_and_carry_no_id(make_settings: object) -> None:
 
 async def test_disconnect_frees_the_stream(live: LiveServer) -> None:
     hub = live.services.hub
-    async with StreamClient(live.url, registration_id=7), StreamClient(live.url):
+    async with (
+        StreamClient(live.url, headers=auth_headers(live, "admin"), registration_id=7),
+        StreamClient(live.url, headers=auth_headers(live, "admin")),
+    ):
         await wait_until(lambda: len(hub) == 2, what="two streams attached")
     await wait_until(lambda: len(hub) == 0, what="streams detached after disconnect")
     assert hub._by_rid == {} and hub._all == set()

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -157,12 +157,12 @@ async def record(
         log.warning("could not write audit entry %s (%s)", action, type(exc).__name__)
 
 
-def _target(scope: dict[str, Any]) -> str:
+def _target(scope: http.Scope) -> str:
     return f"{scope.get('method', '?')} {scope.get('path', '?')}"[:200]
 
 
 async def _refuse_anonymous(
-    services: Services, auth: AuthRuntime, scope: dict[str, Any], reason: str
+    services: Services, auth: AuthRuntime, scope: http.Scope, reason: str
 ) -> None:
     """Audit bad credentials, throttled per client address."""
     ip = http.client_ip(scope, services.settings)
@@ -250,7 +250,7 @@ def require_role(role: str) -> Callable[..., Awaitable[Principal]]:
             await record(services, action="access.refused", outcome="refused",
                          actor=principal.username, target=_target(request.scope),
                          client_ip=http.client_ip(request.scope, services.settings),
-                         details={"needed": needed.value, "role": principal.role.value})  # fmt: skip
+                         details={"needed": needed.value, "role": principal.role})  # fmt: skip
             raise HTTPException(403, f"this needs the {needed.value} role")
         return principal
 
@@ -276,7 +276,9 @@ def require_page_role(role: str) -> Callable[..., Awaitable[Principal]]:
             if exc.status_code != 401:
                 raise
             target = quote(_safe_next(request.url.path), safe="/")
-            raise HTTPException(303, "sign in first", {"Location": f"/login?next={target}"}) from None
+            raise HTTPException(
+                303, "sign in first", {"Location": f"/login?next={target}"}
+            ) from None
         return await check(request, principal, services)
 
     dependency.__name__ = f"require_page_{Role(role).value}"
@@ -422,7 +424,7 @@ async def login(request: Request, services: ServicesDep, auth: AuthDep) -> Respo
 
 
 def _set_session_cookie(
-    response: Response, scope: dict[str, Any], settings: Settings, session_id: str
+    response: Response, scope: http.Scope, settings: Settings, session_id: str
 ) -> None:
     secure = http.cookie_secure(scope, settings)
     name = http.SECURE_SESSION_COOKIE if secure else http.SESSION_COOKIE
@@ -432,7 +434,7 @@ def _set_session_cookie(
     )  # fmt: skip
 
 
-def _clear_session_cookies(response: Response, scope: dict[str, Any], settings: Settings) -> None:
+def _clear_session_cookies(response: Response, scope: http.Scope, settings: Settings) -> None:
     secure = http.cookie_secure(scope, settings)
     response.delete_cookie(http.SESSION_COOKIE, path="/", httponly=True, samesite="lax")
     if secure:
@@ -564,7 +566,7 @@ async def create_user(
 
 
 @router.patch("/api/users/{username}", response_model=UserRead, tags=["users"],
-              responses={404: {}, 409: {"description": "you cannot lock yourself out"}})  # fmt: skip
+              responses={404: {}, 409: {"description": "cannot lock yourself out"}})  # fmt: skip
 async def update_user(
     username: UserName, body: UserUpdate, principal: AdminPrincipal, services: ServicesDep,
     auth: AuthDep, request: Request,
@@ -581,9 +583,7 @@ async def update_user(
             disabled=body.disabled,
         )  # fmt: skip
         if body.disabled:
-            await accounts.revoke_all(
-                session, operator_id=operator.id, now_ms=credentials.now_ms()
-            )
+            await accounts.revoke_all(session, operator_id=operator.id, now_ms=credentials.now_ms())
         read = _user_read(operator)
         operator_id = operator.id
     if body.disabled:
@@ -604,8 +604,13 @@ async def list_tokens(
         operator = await _operator_or_404(session, username)
         rows = await accounts.list_tokens(session, operator_id=operator.id)
     return [
-        TokenRead(id=t.id, prefix=t.prefix, label=t.label, expires_at=t.expires_ms,
-                  revoked=t.revoked_ms is not None)  # fmt: skip
+        TokenRead(
+            id=t.id,
+            prefix=t.prefix,
+            label=t.label,
+            expires_at=t.expires_ms,
+            revoked=t.revoked_ms is not None,
+        )  # fmt: skip
         for t in rows
     ]
 

@@ -92,7 +92,9 @@ async def get_registration(
     responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 503: {"model": ErrorBody}},
 )
 async def process_registration(
-    registration_id: RegistrationId, request: Request, services: ServicesDep,
+    registration_id: RegistrationId,
+    request: Request,
+    services: ServicesDep,
     principal: ProcessPrincipal,
 ) -> ProcessAccepted | JSONResponse:
     if services.draining or not services.runner.accepting:
@@ -118,7 +120,10 @@ async def process_registration(
             registration=views.read_of(row).model_dump(by_alias=True, mode="json"),
         )
     await record(
-        services, action="registration.process", outcome="ok", actor=principal.username,
+        services,
+        action="registration.process",
+        outcome="ok",
+        actor=principal.username,
         target=f"registration:{registration_id}",
     )
     return ProcessAccepted(registration_id=registration_id)

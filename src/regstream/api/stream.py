@@ -95,10 +95,6 @@ class StreamEndpoint:
             return
 
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-        # The `retry:` hint rides in the first event, so `connected` stays the first frame.
-        retry = b"retry: %d\n" % services.settings.sse_retry_ms
-        hello = retry + messages.control_frame("connected")
-        await send({"type": "http.response.body", "body": hello, "more_body": True})
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
@@ -106,7 +102,7 @@ class StreamEndpoint:
         stream = _make_stream(send, registration_id, services.settings.sse_max_buffer_bytes, info)
         hub.attach(stream)
         try:
-            await _start(stream, services, registration_id, last_id)
+            await _start(stream, services, registration_id, last_id, services.settings.sse_retry_ms)
             if isinstance(stream, QueuedStream):
                 await _pump_until_disconnect(stream, send, receive)
             else:
@@ -126,9 +122,26 @@ def _make_stream(send: Send, rid: int | None, max_buffer: int, info: Any) -> Str
     return QueuedStream(rid, max_buffer=max_buffer, info=info)
 
 
-async def _start(stream: Stream, services: Services, rid: int | None, last_id: str | None) -> None:
-    """Write the replay or snapshot, then release held live updates (no gap, no duplicate)."""
-    key = messages.parse_event_id(last_id) if last_id else None
+async def _start(
+    stream: Stream, services: Services, rid: int | None, last_id: str | None, retry_ms: int
+) -> None:
+    """Write ``connected``, then the replay or snapshot, then release held live updates (no
+    gap, no duplicate at the seam).
+
+    A stream opened without a last event id starts at the newest update in the history, read
+    after attaching: ``connected`` tells the client that position in ``lastEventId`` (data, not
+    an ``id:`` line: control frames never move the browser's id), so a client that drops before
+    its first update can still resume without a gap.
+    """
+    key, seq_floor = messages.parse_resume_id(last_id)
+    start: EventKey | None = None
+    fields: dict[str, Any] = {}
+    if not last_id:
+        start = await _latest(services)
+        fields["lastEventId"] = str(start) if start is not None else None
+    # The `retry:` hint rides in the first event, so `connected` stays the first frame.
+    hello = b"retry: %d\n" % retry_ms + messages.control_frame("connected", **fields)
+    stream.write(hello, messages.chunk(hello))
     if last_id:
         if key is not None:
             try:
@@ -136,39 +149,55 @@ async def _start(stream: Stream, services: Services, rid: int | None, last_id: s
             except (RedisError, OSError):
                 replay = None
             if replay is not None and replay.complete:
+                stream.floor_seq = seq_floor if rid is not None else 0
                 after: EventKey = key
                 for parsed in replay.entries:
                     if parsed.key is not None:
                         after = parsed.key
-                    if rid is None or parsed.registration_id == rid:
+                    if rid is None or (parsed.registration_id == rid and not stream.covers(parsed)):
                         frame = messages.update_frame(parsed)
                         stream.write(frame, messages.chunk(frame))
-                stream.go_live(after=after)
+                stream.go_live(after=after, snapshot_seq=stream.floor_seq)
                 return
-        await _snapshot(stream, services, rid)
+        await _snapshot(stream, services, rid, start=await _latest(services))
         return
     if rid is not None:
-        await _snapshot(stream, services, rid, only_if_started=True)
+        await _snapshot(stream, services, rid, only_if_started=True, start=start)
         return
-    stream.go_live()
+    stream.go_live(after=start)
+
+
+async def _latest(services: Services) -> EventKey | None:
+    """The newest update in the history (read after attaching the stream), if Redis answers."""
+    try:
+        return await services.history.position()
+    except (RedisError, OSError):
+        return None
 
 
 async def _snapshot(
-    stream: Stream, services: Services, rid: int | None, *, only_if_started: bool = False
-) -> None:
+    stream: Stream, services: Services, rid: int | None, *, only_if_started: bool = False,
+    start: EventKey | None = None,
+) -> None:  # fmt: skip
+    """Send the registration's state from the database (filtered) or a re-sync marker.
+
+    ``start`` is the history position read before the database: every update at or before it
+    was committed before it was published, so the snapshot contains it. The snapshot's id
+    ``<start>~<seq>`` lets a client resume after it without a gap or a duplicate.
+    """
     if rid is None:
         frame = messages.snapshot_frame(None, resync=True)
         stream.write(frame, messages.chunk(frame))
-        stream.go_live()
+        stream.go_live(after=start)
         return
     async with services.sessions() as session:
         row = await registrations.get(session, registration_id=rid)
         # A registration never validated has nothing to show yet: its first update is seq 1.
         if row is None or (only_if_started and row.seq == 0):
-            stream.go_live()
+            stream.go_live(after=start)
             return
         log_rows = await registrations.get_log(session, registration_id=rid, run=row.run_count)
-        detail = views.detail_of(row, log_rows).model_dump(by_alias=True, mode="json")
+        detail = views.snapshot_of(row, log_rows)
     # Row and log are two reads: the log may already hold entries the row did not show. The
     # snapshot is as new as its newest log entry; live updates up to that seq are skipped.
     seq = max([row.seq, *(e.seq for e in log_rows)])
@@ -177,9 +206,10 @@ async def _snapshot(
         detail.update(status=last.status, inProgress=False, currentStage=row.current_stage,
                       result={"message": last.message, "details": last.details or {}})  # fmt: skip
     detail["seq"] = seq
-    frame = messages.snapshot_frame(detail)
+    event_id = messages.snapshot_id(start, seq) if start is not None else None
+    frame = messages.snapshot_frame(detail, event_id=event_id)
     stream.write(frame, messages.chunk(frame))
-    stream.go_live(snapshot_seq=seq)
+    stream.go_live(after=start, snapshot_seq=seq)
 
 
 async def _wait_disconnect(stream: Stream, receive: Receive) -> None:

@@ -35,6 +35,17 @@ def detail_of(row: RegistrationRequest, log: list[ProcessLogEntry]) -> Registrat
     return RegistrationDetail(**_common(row), date_of_birth=row.date_of_birth, process_log=items)
 
 
+def snapshot_of(row: RegistrationRequest, log: list[ProcessLogEntry]) -> dict[str, Any]:
+    """The registration as a stream snapshot: the list view (masked, no date of birth; streams
+    are not the detail view) plus the process log of the latest run."""
+    data = read_of(row).model_dump(by_alias=True, mode="json")
+    data["processLog"] = [
+        ProcessLogItem(**log_entry_view(to_log_event(e))).model_dump(by_alias=True, mode="json")
+        for e in log
+    ]
+    return data
+
+
 def _common(row: RegistrationRequest) -> dict[str, Any]:
     result = RegistrationResult(**row.result) if row.result else None
     return {

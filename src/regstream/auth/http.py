@@ -6,13 +6,14 @@ outside FastAPI. Forwarded headers are honoured only with ``REGSTREAM_TRUST_PROX
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from regstream.config import Settings
 
-Scope = dict[str, Any]
+Scope = MutableMapping[str, Any]  # Starlette's ``Scope``
 
 SESSION_COOKIE = "regstream_session"
 # With Secure we use the __Host- prefix: the browser then refuses the cookie unless it was set

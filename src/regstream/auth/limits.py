@@ -45,7 +45,11 @@ class RateLimiter:
 
     def _prune(self, now: float) -> None:
         """Forget full buckets (they behave exactly like unknown keys)."""
-        full = [k for k, (t, last) in self._buckets.items() if t + (now - last) * self._fill >= self.rate]
+        full = [
+            k
+            for k, (t, last) in self._buckets.items()
+            if t + (now - last) * self._fill >= self.rate
+        ]
         for key in full:
             del self._buckets[key]
         if len(self._buckets) >= self._max_keys:  # still full: drop the oldest half

@@ -24,7 +24,9 @@ def digest(value: str) -> str:
 
 def same(a: str, b: str) -> bool:
     """Constant-time comparison."""
-    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+    return hmac.compare_digest(
+        a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass")
+    )
 
 
 def new_api_token() -> tuple[str, str, str]:

@@ -109,8 +109,18 @@ async def _prepare(settings: Settings, key: bytes, demo: bool) -> None:
                 sign_in = await ensure_demo_admin(session)
             if sign_in is not None:
                 # printed once: only the hash is stored (reset: regstream users passwd demo)
-                console.print(f"  demo sign-in: user [bold]{sign_in[0]}[/bold]  password "
-                              f"[bold]{sign_in[1]}[/bold]  (admin; shown once)", highlight=False)  # fmt: skip
+                name, password, token = sign_in
+                console.print(
+                    f"  demo sign-in: user [bold]{name}[/bold]  password [bold]{password}[/bold]"
+                    "  (admin; shown once)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                console.print(
+                    f"  for the CLI: export REGSTREAM_TOKEN={token}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             else:
                 console.print("  demo sign-in not created: users exist (regstream users list)")
     finally:

@@ -148,7 +148,8 @@ def disable(name: Annotated[str, typer.Argument(help="user name")]) -> None:
         await accounts.update_operator(session, operator=operator, disabled=True)
         await accounts.revoke_all(session, operator_id=operator.id, now_ms=credentials.now_ms())
         await audit.create(session, action="user.update", outcome="ok", actor="cli",
-                           target=f"user:{operator.username}", details={"disabled": True})  # fmt: skip
+                           target=f"user:{operator.username}",
+                           details={"disabled": True})  # fmt: skip
 
     _run(work)
     err.print(f"disabled [bold]{name.strip().lower()}[/bold]; its sessions and tokens are revoked",
@@ -176,17 +177,19 @@ def passwd(
     err.print(f"password set for [bold]{name.strip().lower()}[/bold]", highlight=False)
 
 
-async def ensure_demo_admin(session: AsyncSession) -> tuple[str, str] | None:
-    """For ``serve --demo``: create ``demo`` (admin, random password) when there are no users.
+async def ensure_demo_admin(session: AsyncSession) -> tuple[str, str, str] | None:
+    """For ``serve --demo``: create ``demo`` (admin, random password, one API token for the CLI)
+    when there are no users.
 
-    Returns ``(name, password)`` to print once, or ``None`` when users exist already.
+    Returns ``(name, password, token)`` to print once, or ``None`` when users exist already.
     """
     if await accounts.count(session):
         return None
     password = secrets.token_urlsafe(12)
-    await credentials.create_operator(
+    operator = await credentials.create_operator(
         session, username="demo", role=Role.ADMIN, password=password
     )
+    token, _ = await credentials.issue_api_token(session, operator=operator, label="demo cli")
     await audit.create(session, action="user.create", outcome="ok", actor="serve --demo",
                        target="user:demo", details={"role": "admin"})  # fmt: skip
-    return "demo", password
+    return "demo", password, token

@@ -176,8 +176,12 @@ async def create_ticket(
 ) -> None:  # fmt: skip
     session.add(
         StreamTicket(
-            ticket_hash=ticket_hash, operator_id=operator_id, credential_kind=credential_kind,
-            credential_id=credential_id, registration_id=registration_id, expires_ms=expires_ms,
+            ticket_hash=ticket_hash,
+            operator_id=operator_id,
+            credential_kind=credential_kind,
+            credential_id=credential_id,
+            registration_id=registration_id,
+            expires_ms=expires_ms,
         )  # fmt: skip
     )
     await session.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from regstream.realtime import messages
 from regstream.realtime.messages import EventKey, Parsed
@@ -38,13 +39,9 @@ class History:
         if after is not None and after.epoch != epoch:
             return Replay(complete=False, entries=[], epoch=epoch)
         if after is not None:
-            first = await self._redis.xrange(self.key, "-", "+", count=1)
-            if first:
-                first_key = _key(epoch, first[0][0])
-                if (first_key.ms, first_key.n) > (after.ms, after.n):
-                    # Entries older than the first one we hold were trimmed: maybe some of them
-                    # came after `after`. We cannot tell, so the caller sends a snapshot.
-                    return Replay(complete=False, entries=[], epoch=epoch)
+            if await self._trimmed_after(epoch, after):
+                # Updates after `after` may have been trimmed away: the caller sends a snapshot.
+                return Replay(complete=False, entries=[], epoch=epoch)
             start = "(" + after.stream_id
         else:
             start = "-"
@@ -58,6 +55,38 @@ class History:
             if parsed is not None:
                 entries.append(parsed)
         return Replay(complete=True, entries=entries, epoch=epoch)
+
+    async def position(self) -> EventKey:
+        """Where a new stream starts: the newest update, or ``<epoch>_0-0`` for an empty history
+        (creating the epoch if nothing was ever published, as the publish script would)."""
+        epoch = await self.epoch()
+        if epoch is None:
+            seconds, micros = await self._redis.time()
+            await self._redis.set(self.epoch_key, f"{seconds}{micros:06d}", nx=True)
+            epoch = await self.epoch()
+            assert epoch is not None
+        rows = await self._redis.xrevrange(self.key, "+", "-", count=1)
+        return _key(epoch, rows[0][0]) if rows else EventKey(epoch, 0, 0)
+
+    async def _trimmed_after(self, epoch: str, after: EventKey) -> bool:
+        """Whether trimming may have removed entries newer than ``after``.
+
+        Trimming removes the oldest entries, so that happened iff something was trimmed at all
+        (``entries-added`` > ``length``) and ``after`` is older than the first entry kept.
+        """
+        try:
+            info = await self._redis.xinfo_stream(self.key)
+        except ResponseError:  # no stream yet: nothing was ever trimmed
+            return False
+        info = {(k.decode() if isinstance(k, bytes) else k): v for k, v in info.items()}
+        added, length = info.get("entries-added"), info.get("length")
+        first = info.get("first-entry")
+        if added is None or length is None or added > length:
+            if not first:
+                return True
+            first_key = _key(epoch, first[0])
+            return (first_key.ms, first_key.n) > (after.ms, after.n)
+        return False
 
     async def latest(self) -> EventKey | None:
         epoch = await self.epoch()

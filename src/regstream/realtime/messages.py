@@ -60,6 +60,26 @@ def parse_event_id(value: str | None) -> EventKey | None:
     return EventKey(epoch, int(ms), int(n))
 
 
+def parse_resume_id(value: str | None) -> tuple[EventKey | None, int]:
+    """A client's last event id: an update's id, or a snapshot's ``<event id>~<seq>``.
+
+    A snapshot is positioned by the newest event read before it *and* the registration's seq it
+    contains; resuming from it replays the history after the event, skipping seqs the snapshot
+    already held. Returns ``(key, seq_floor)``; an unreadable id gives ``(None, 0)``.
+    """
+    if not value:
+        return None, 0
+    head, sep, tail = value.partition("~")
+    key = parse_event_id(head)
+    if key is None or (sep and not tail.isdigit()) or len(tail) > 16:
+        return None, 0
+    return key, int(tail) if sep else 0
+
+
+def snapshot_id(position: EventKey, seq: int) -> str:
+    return f"{position}~{seq}"
+
+
 def stage_update(
     registration_id: int,
     stage: str,
@@ -171,13 +191,16 @@ def control_frame(kind: str, **fields: Any) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def snapshot_frame(data: dict[str, Any] | None, *, resync: bool = False) -> bytes:
+def snapshot_frame(
+    data: dict[str, Any] | None, *, resync: bool = False, event_id: str | None = None
+) -> bytes:
     body: dict[str, Any] = {"type": "snapshot", "timestamp": now_ms()}
     if data is not None:
         body["data"] = data
     if resync:
         body["resync"] = True
-    return b"data: " + orjson.dumps(body) + b"\n\n"
+    head = b"id: " + event_id.encode() + b"\n" if event_id else b""
+    return head + b"data: " + orjson.dumps(body) + b"\n\n"
 
 
 def retry_frame(retry_ms: int) -> bytes:

@@ -3,8 +3,10 @@
 Each page is a Jinja2 template with no personal data in it: the page's ES module reads the
 registration(s) from the REST API (which returns masked values) and listens to the stream through
 ``static/js/registration-updates.js``. So a page's HTML is the same for every person and every
-registration, and signing in is checked where the data is (``/api/auth/me`` answering 401 sends
-the browser to ``/login``), not twice.
+registration. Pages come in three routers by who may open them (``public``: sign-in;
+``viewer_pages``; ``admin_pages``); ``app.py`` includes each with the matching page-role
+dependency from ``api/auth.py`` (a signed-out visitor is sent to ``/login?next=…``), and the
+data behind them is checked again by the API.
 
 No build step, no CDN, no external fonts: ``/static`` is this package's ``static/`` folder.
 """
@@ -25,7 +27,9 @@ STATIC_DIR = HERE / "static"
 TEMPLATES_DIR = HERE / "templates"
 
 templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
-router = APIRouter(include_in_schema=False)
+public = APIRouter(include_in_schema=False)
+viewer_pages = APIRouter(include_in_schema=False)
+admin_pages = APIRouter(include_in_schema=False)
 
 _HEADERS = {
     "Cache-Control": "no-store",
@@ -49,17 +53,17 @@ def _page(request: Request, template: str, title: str, **context: object) -> HTM
     )
 
 
-@router.get("/")
+@public.get("/")
 async def home() -> Response:
     return RedirectResponse("/registrations", status_code=303)
 
 
-@router.get("/registrations", response_class=HTMLResponse)
+@viewer_pages.get("/registrations", response_class=HTMLResponse)
 async def registration_list(request: Request) -> HTMLResponse:
     return _page(request, "registrations.html", "Registrations")
 
 
-@router.get("/registrations/{registration_id}", response_class=HTMLResponse)
+@viewer_pages.get("/registrations/{registration_id}", response_class=HTMLResponse)
 async def registration_detail(
     request: Request, registration_id: Annotated[int, PathParam(ge=1, le=2**53)]
 ) -> HTMLResponse:
@@ -71,17 +75,17 @@ async def registration_detail(
     )
 
 
-@router.get("/admin", response_class=HTMLResponse)
+@admin_pages.get("/admin", response_class=HTMLResponse)
 async def admin_dashboard(request: Request) -> HTMLResponse:
     return _page(request, "admin.html", "Live dashboard")
 
 
-@router.get("/admin/audit", response_class=HTMLResponse)
+@admin_pages.get("/admin/audit", response_class=HTMLResponse)
 async def audit_log(request: Request) -> HTMLResponse:
     return _page(request, "audit.html", "Audit log")
 
 
-@router.get("/login", response_class=HTMLResponse)
+@public.get("/login", response_class=HTMLResponse)
 async def login(request: Request) -> HTMLResponse:
     next_path = request.query_params.get("next", "/registrations")[:500]
     failed = request.query_params.get("error") == "invalid"

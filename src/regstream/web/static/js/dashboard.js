@@ -3,7 +3,8 @@
 
 import { api, ApiError, SignInRequired } from './session.js';
 import { initShell } from './shell.js';
-import { createRegistrationUpdates } from './registration-updates.js';
+import { createRegistrationUpdates, onFinalUpdate } from './registration-updates.js';
+import { runEnded } from './notify.js';
 import { h, stageLabel, formatTime, statusChip, showConnection, showError } from './ui.js';
 
 const FEED_MAX = 200;
@@ -43,8 +44,8 @@ function addToFeed(update) {
     h('time', { datetime: new Date(update.timestamp).toISOString() }, formatTime(update.timestamp)),
     h('a', { href: `/registrations/${update.registrationId}` }, `#${update.registrationId}`),
     h('span', { class: 'feed-stage' }, update.stage ? `${stageLabel(update.stage)} · ${update.stageStatus || ''}` : 'Final status'),
-    statusChip(update.status),
-    h('span', { class: 'feed-msg' }, update.message || ''),
+    statusChip(update.status, !update.final),
+    h('span', { class: 'feed-msg' }, update.message === `started: ${update.stage}` ? '' : update.message || ''),
   );
   li.hidden = !matches(li);
   const feed = $('feed');
@@ -133,6 +134,7 @@ const updates = createRegistrationUpdates({
   onStateChange: showConnection,
 });
 
+onFinalUpdate(runEnded); // this tab may be the one holding the stream for the others
 $('feed-status').addEventListener('change', applyFilters);
 $('feed-stage').addEventListener('change', applyFilters);
 $('feed-clear').addEventListener('click', () => {

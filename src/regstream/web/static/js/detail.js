@@ -9,7 +9,7 @@
 
 import { api, ApiError, SignInRequired } from './session.js';
 import { initShell } from './shell.js';
-import { createRegistrationUpdates } from './registration-updates.js';
+import { createRegistrationUpdates, onFinalUpdate } from './registration-updates.js';
 import { markStarted, bindToggles, runEnded } from './notify.js';
 import { h, stageLabel, formatTime, formatDateTime, announce, showConnection, showError, TERMINAL } from './ui.js';
 
@@ -72,6 +72,12 @@ function renderProgress() {
   $('progress-text').textContent = `${percent}% · ${text}`;
 }
 
+/** The server's fixed "started: t24_lookup" says nothing the row does not; say it plainly. */
+function stageMessage(s) {
+  if (s.status === 'started' && (!s.message || s.message === `started: ${s.stage}`)) return 'In progress…';
+  return s.message || '';
+}
+
 function renderStages() {
   const list = $('stages');
   list.replaceChildren(
@@ -82,7 +88,7 @@ function renderStages() {
         h('span', { class: 'stage-icon', 'aria-hidden': 'true' }, s.status === 'completed' ? '✓' : s.status === 'failed' ? '✕' : '…'),
         h('span', { class: 'stage-name' }, stageLabel(s.stage)),
         h('span', { class: 'stage-state' }, s.status),
-        h('span', { class: 'stage-msg' }, s.message || ''),
+        h('span', { class: 'stage-msg' }, stageMessage(s)),
         h('time', { class: 'stage-time', datetime: new Date(s.timestamp).toISOString() }, formatTime(s.timestamp)),
       ),
     ),
@@ -137,6 +143,10 @@ function renderStatus() {
   const button = $('validate');
   button.disabled = !canValidate();
   button.textContent = running ? 'Validating…' : state.status === 'FAILED' ? 'Validate Customer again' : 'Validate Customer';
+  const hint = $('validate-hint');
+  const closed = !running && TERMINAL.has(state.status) && state.status !== 'FAILED';
+  hint.hidden = !closed;
+  hint.textContent = closed ? `This registration is ${state.status}; it cannot be validated again.` : '';
   root.dataset.status = state.status || '';
   root.dataset.inProgress = String(running);
 }
@@ -179,7 +189,6 @@ function applyUpdate(update) {
     state.result = { status: update.status, message: update.message, details: update.details || {} };
     render();
     announce(`Validation finished: ${update.status}. ${update.message || ''}`);
-    runEnded(update);
     refresh(); // the final word comes from the API (no manual reload)
     return;
   }
@@ -245,6 +254,7 @@ const updates = createRegistrationUpdates({
 });
 
 $('validate').addEventListener('click', validate);
+onFinalUpdate(runEnded);
 bindToggles($('notify-toggle'), $('sound-toggle'));
 
 (async () => {

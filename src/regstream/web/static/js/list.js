@@ -6,7 +6,7 @@
 
 import { api, ApiError, SignInRequired } from './session.js';
 import { initShell } from './shell.js';
-import { createRegistrationUpdates } from './registration-updates.js';
+import { createRegistrationUpdates, onFinalUpdate } from './registration-updates.js';
 import { markStarted, bindToggles, runEnded } from './notify.js';
 import { h, stageLabel, formatDateTime, statusChip, announce, showConnection, showError } from './ui.js';
 
@@ -43,9 +43,9 @@ function renderRow(item) {
     h('td', {}, h('a', { href: `/registrations/${item.id}` }, `#${item.id}`)),
     h('td', { class: 'name' }, `${item.firstName} ${item.lastName}`),
     h('td', {}, item.customerNumber || '—'),
-    h('td', { class: 'status' }, statusChip(item.status, item.inProgress)),
-    h('td', { class: 'stage' }, item.currentStage ? stageLabel(item.currentStage) : '—'),
-    h('td', { class: 'updated' }, formatDateTime(item.updatedAt)),
+    h('td', { class: 'col-status' }, statusChip(item.status, item.inProgress)),
+    h('td', { class: 'col-stage' }, item.currentStage ? stageLabel(item.currentStage) : '—'),
+    h('td', { class: 'col-updated' }, formatDateTime(item.updatedAt)),
   );
   return tr;
 }
@@ -96,7 +96,6 @@ async function load() {
 function applyUpdate(update) {
   const entry = rows.get(update.registrationId);
   if (update.final) trackBulk(update.registrationId, false);
-  if (update.final) runEnded(update);
   if (!entry) return;
   const item = entry.item;
   item.inProgress = !update.final;
@@ -105,13 +104,13 @@ function applyUpdate(update) {
   item.updatedAt = new Date(update.timestamp).toISOString();
   const tr = entry.tr;
   tr.dataset.status = item.inProgress ? 'RUNNING' : item.status;
-  tr.querySelector('.status').replaceChildren(statusChip(item.status, item.inProgress));
-  tr.querySelector('.stage').textContent = update.stage
+  tr.querySelector('.col-status').replaceChildren(statusChip(item.status, item.inProgress));
+  tr.querySelector('.col-stage').textContent = update.stage
     ? `${stageLabel(update.stage)}: ${update.stageStatus || ''}`
     : item.currentStage
       ? stageLabel(item.currentStage)
       : '—';
-  tr.querySelector('.updated').textContent = formatDateTime(item.updatedAt);
+  tr.querySelector('.col-updated').textContent = formatDateTime(item.updatedAt);
   const pick = tr.querySelector('.pick');
   pick.disabled = !validatable(item);
   if (pick.disabled) pick.checked = false;
@@ -218,6 +217,7 @@ $('select-all').addEventListener('change', (event) => {
   updateBulkButton();
 });
 $('validate-selected').addEventListener('click', validateSelected);
+onFinalUpdate(runEnded);
 bindToggles($('notify-toggle'), null);
 
 (async () => {

@@ -1,7 +1,8 @@
 // Notifications and sound for runs this browser started.
 //
-// Started runs are remembered in localStorage (shared by the tabs), and a run's end is claimed
-// by taking its id out of that list, so only one tab notifies. Permission is asked only from the
+// Started runs are remembered in localStorage (shared by the tabs). Ends are reported by
+// registration-updates.js's onFinalUpdate, which fires in the leader tab only, so one
+// notification per run however many tabs are open. Permission is asked only from the
 // "Notify me" toggle (a user action); sound is off by default and is a WebAudio beep (no file).
 
 const STARTED_KEY = 'regstream.started';

@@ -158,6 +158,7 @@ class Coordinator {
     this.lastIds = {}; // key → last event id seen (for a new leader to resume from)
     this.me = undefined; // undefined: not known yet; null: sign-in is not enabled (open API)
     this.unserved = [];
+    this.finalsSeen = new Set(); // overlapping streams deliver a final twice
     this.samples = [];
     this.latencyTimer = null;
     this.reconcileTimer = null;
@@ -195,6 +196,10 @@ class Coordinator {
       })
       .catch(() => {}); // SignInRequired: on the way to /login
     window.addEventListener('pagehide', () => this.leave());
+    // Back from the back/forward cache: our streams and needs were given up in leave().
+    window.addEventListener('pageshow', (event) => {
+      if (event.persisted) location.reload();
+    });
     if (!this.shared) {
       this.becomeLeader();
       return;
@@ -204,9 +209,7 @@ class Coordinator {
     this.setRole('follower');
     navigator.locks.request(LOCK_NAME, () => {
       this.becomeLeader();
-      return new Promise((resolve) => {
-        this.abdicate = resolve;
-      });
+      return new Promise(() => {}); // held until this tab goes away; then the next tab leads
     });
     setInterval(() => {
       if (this.role === 'follower') this.post({ kind: 'need', tabId: this.tabId, keys: this.localKeys() });
@@ -358,6 +361,14 @@ class Coordinator {
     }
     this.post({ kind: 'frame', key, frame, id });
     this.dispatch(key, frame, id);
+    if (frame.type === 'update' && frame.data && frame.data.final) {
+      const seen = `${frame.data.registrationId}:${frame.data.seq}`;
+      if (!this.finalsSeen.has(seen)) {
+        this.finalsSeen.add(seen);
+        if (this.finalsSeen.size > 1000) this.finalsSeen.clear();
+        for (const callback of finalListeners) callback(frame.data);
+      }
+    }
   }
 
   onSourceState(key, state) {
@@ -416,6 +427,17 @@ class Coordinator {
     }
     api('/api/metrics/latency', { method: 'POST', body: { samples: batch } }).catch(() => {});
   }
+}
+
+const finalListeners = new Set();
+
+/**
+ * Call ``callback(update)`` for every final update, in exactly one tab of this browser (the
+ * leader, which holds the streams): for notifications that must not pop up once per tab.
+ */
+export function onFinalUpdate(callback) {
+  finalListeners.add(callback);
+  return () => finalListeners.delete(callback);
 }
 
 let coordinator = null;

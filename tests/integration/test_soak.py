@@ -1,0 +1,161 @@
+"""Soak and faults (issue 3): many runs, clients that keep dropping, Redis killed mid-batch.
+
+Every client's view of every registration it follows must equal the database at the end: same
+final status, same stages in the same order; duplicates and gaps are counted and must be zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from regstream.realtime.embedded import EmbeddedRedis
+from tests.conftest import SettingsFactory
+from tests.integration.viewer import Viewer
+from tests.support import LiveServer, auth_headers, serve_app, wait_until
+
+
+async def _create(http: httpx.AsyncClient, count: int, offset: int) -> list[int]:
+    sem = asyncio.Semaphore(20)
+
+    async def one(i: int) -> int:
+        n = offset + i
+        body = {"customerNumber": str(400000 + n), "firstName": "Soak", "lastName": "Runner",
+                "dateOfBirth": "1990-01-01", "nationalId": f"9{n:07d}", "phone": f"+2547300{n:05d}"}  # fmt: skip
+        async with sem:
+            response = await http.post("/api/registrations", json=body)
+        assert response.status_code == 201, response.text
+        return int(response.json()["id"])
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def _process(http: httpx.AsyncClient, rids: list[int]) -> None:
+    sem = asyncio.Semaphore(50)
+
+    async def one(rid: int) -> None:
+        async with sem:
+            response = await http.post(f"/api/registrations/{rid}/process")
+        assert response.status_code == 202, response.text
+
+    await asyncio.gather(*(one(rid) for rid in rids))
+
+
+async def _all_terminal(http: httpx.AsyncClient) -> bool:
+    page = (
+        await http.get("/api/registrations", params={"status": "PENDING", "pageSize": 1})
+    ).json()
+    return page["total"] == 0
+
+
+async def _compare(
+    http: httpx.AsyncClient, viewers: list[Viewer], follows: dict[int, list[int]]
+) -> dict[str, int]:
+    truth: dict[int, Any] = {}
+    mismatches = 0
+    for index, viewer in enumerate(viewers):
+        for rid in follows[index]:
+            if rid not in truth:
+                truth[rid] = (await http.get(f"/api/registrations/{rid}")).json()
+            row = truth[rid]
+            view = viewer.views.get(rid)
+            stages = [(e["stage"], e["status"]) for e in row["processLog"] if e["stage"]]
+            if (
+                view is None
+                or view.status != row["status"]
+                or view.stages != stages
+                or (view.seqs != list(range(1, row["seq"] + 1)))
+            ):
+                mismatches += 1
+    return {
+        "clients": len(viewers),
+        "connections": sum(v.connections for v in viewers),
+        "duplicates": sum(v.duplicates for v in viewers),
+        "gaps": sum(v.gaps for v in viewers),
+        "snapshots": sum(v.snapshots for v in viewers),
+        "resyncs": sum(v.resyncs for v in viewers),
+        "covered_after_resync": sum(v.covered for v in viewers),
+        "mismatches": mismatches,
+    }
+
+
+async def _scenario(
+    live: LiveServer, count: int, clients: int, fault: Any = None, seconds: float = 120
+) -> dict[str, int]:
+    headers = auth_headers(live, "admin")
+    rng = random.Random(7)
+    deadline = asyncio.get_running_loop().time() + seconds
+    async with httpx.AsyncClient(base_url=live.url, headers=headers, timeout=30) as http:
+        rids = await _create(http, count, offset=rng.randrange(10_000))
+        viewers, follows = [], {}
+        for index in range(clients):
+            if index % 2 == 0:
+                viewers.append(Viewer(live.url, headers))
+                follows[index] = rids
+            else:
+                rid = rids[(index * 37) % len(rids)]
+                viewers.append(Viewer(live.url, headers, registration_id=rid))
+                follows[index] = [rid]
+        done = asyncio.Event()
+        tasks = [asyncio.create_task(v.run(follows[i], done, deadline, random.Random(i)))
+                 for i, v in enumerate(viewers)]  # fmt: skip
+        started = time.monotonic()
+        # every client knows its start position before the first update is published
+        await wait_until(lambda: all(v.last_id or v.connections for v in viewers), timeout=30,
+                         what="first connections")  # fmt: skip
+        processing = asyncio.create_task(_process(http, rids))
+        if fault is not None:
+            await fault()
+        await processing
+        await wait_until(
+            lambda: _all_terminal(http), timeout=seconds, interval=0.5, what="all terminal"
+        )
+        done.set()
+        await asyncio.wait_for(
+            asyncio.gather(*tasks), timeout=max(5.0, deadline - asyncio.get_running_loop().time())
+        )
+        counts = await _compare(http, viewers, follows)
+        counts["registrations"] = count
+        counts["seconds"] = round(time.monotonic() - started, 1)
+    print("\nsoak counts:", counts)
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_soak_1000_runs_50_flapping_clients(make_settings: SettingsFactory) -> None:
+    with serve_app(
+        make_settings(sse_ping_interval=1.0, process_rate_per_minute=100_000, streams_per_user=1000)
+    ) as live:
+        counts = await _scenario(live, count=1000, clients=50)
+    assert counts["duplicates"] == 0
+    assert counts["gaps"] == 0
+    assert counts["mismatches"] == 0
+    assert counts["resyncs"] == 0  # the history covered every reconnect
+    assert counts["connections"] > 50 * 3  # clients really did drop and come back
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_redis_killed_during_a_batch_loses_nothing(
+    make_settings: SettingsFactory, redis_server: EmbeddedRedis
+) -> None:
+    with serve_app(
+        make_settings(sse_ping_interval=1.0, process_rate_per_minute=100_000, streams_per_user=1000)
+    ) as live:
+
+        async def kill_redis() -> None:
+            await asyncio.sleep(0.4)
+            redis_server.kill()
+            await asyncio.sleep(3.0)
+            redis_server.start()
+
+        counts = await _scenario(live, count=200, clients=10, fault=kill_redis)
+    assert counts["gaps"] == 0
+    assert counts["duplicates"] == 0
+    assert counts["mismatches"] == 0

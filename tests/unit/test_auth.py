@@ -1,0 +1,159 @@
+"""Unit tests of ``regstream.auth``: passwords, tokens, roles, rate limits, request helpers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from regstream.auth import http, passwords, tokens
+from regstream.auth.credentials import check_username, parse_role
+from regstream.auth.limits import RateLimiter, retry_after
+from regstream.auth.principal import Role
+from regstream.auth.runtime import guard_interval
+from regstream.config import ConfigError, Settings, load_settings
+
+
+def test_password_hash_is_argon2id_and_verifies() -> None:
+    stored = passwords.hash_password("correct horse battery")
+    assert stored.startswith("$argon2id$")
+    assert "m=65536" in stored  # memory-hard: 64 MiB
+    assert passwords.verify_password(stored, "correct horse battery") is True
+    assert passwords.verify_password(stored, "correct horse batterY") is False
+    assert passwords.verify_password(None, "anything at all") is False
+    assert passwords.verify_password("not-a-hash", "anything at all") is False
+    assert passwords.verify_password(stored, "x" * 5000) is False
+
+
+@pytest.mark.parametrize(
+    ("password", "message"),
+    [
+        pytest.param("short", "at least 10", id="short"),
+        pytest.param("a" * 12, "too simple", id="one-char"),
+        pytest.param(" " * 12, "too simple", id="blank"),
+        pytest.param("x" * 1025, "at most 1024", id="huge"),
+    ],
+)
+def test_weak_passwords_are_refused(password: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        passwords.check_strength(password)
+
+
+def test_api_tokens_are_random_prefixed_and_hashed() -> None:
+    token, stored, prefix = tokens.new_api_token()
+    other, _, _ = tokens.new_api_token()
+    assert token.startswith("rst_") and len(token) >= 40 and token != other
+    assert stored == tokens.digest(token) and len(stored) == 64 and token not in stored
+    assert prefix == token[:8]
+    assert tokens.is_api_token(token) and not tokens.is_ticket(token)
+    ticket = tokens.new_ticket()
+    assert tokens.is_ticket(ticket) and not tokens.is_api_token(ticket)
+    assert tokens.same("abc", "abc") and not tokens.same("abc", "abd")
+
+
+def test_roles_are_ordered() -> None:
+    assert Role.ADMIN.includes(Role.OPERATOR) and Role.OPERATOR.includes(Role.VIEWER)
+    assert not Role.VIEWER.includes(Role.OPERATOR)
+    assert parse_role(" Admin ") is Role.ADMIN
+    with pytest.raises(ValueError, match="viewer, operator or admin"):
+        parse_role("root")
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("kim", True), ("Kim.Ops", True), ("a", False), ("../etc", False), ("a b", False),
+     ("x" * 64, False), ("ünïcode", False), ("kim_2-b", True)],
+)  # fmt: skip
+def test_usernames(name: str, ok: bool) -> None:
+    if ok:
+        assert check_username(name) == name.lower()
+    else:
+        with pytest.raises(ValueError):
+            check_username(name)
+
+
+def test_rate_limiter_refills_and_reports_the_wait() -> None:
+    now = [0.0]
+    limiter = RateLimiter(2, 60.0, clock=lambda: now[0])
+    assert limiter.hit("a") == 0.0 and limiter.hit("a") == 0.0
+    wait = limiter.hit("a")
+    assert wait == pytest.approx(30.0)
+    assert limiter.hit("b") == 0.0  # keys are independent
+    now[0] = 30.0
+    assert limiter.hit("a") == 0.0
+    assert retry_after(0.2) == "1" and retry_after(29.1) == "30"
+
+
+def test_rate_limiter_memory_is_bounded() -> None:
+    now = [0.0]
+    limiter = RateLimiter(1, 1.0, max_keys=10, clock=lambda: now[0])
+    for i in range(100):
+        limiter.hit(f"k{i}")
+    assert len(limiter._buckets) <= 10
+
+
+def _scope(headers: dict[str, str], scheme: str = "http", method: str = "POST") -> dict[str, Any]:
+    return {
+        "type": "http", "method": method, "scheme": scheme, "client": ("10.0.0.9", 5000),
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }  # fmt: skip
+
+
+def _settings(**kw: Any) -> Settings:
+    return Settings(**kw)
+
+
+@pytest.mark.parametrize(
+    ("headers", "cross"),
+    [
+        pytest.param({"Host": "ops.bank"}, False, id="no-browser-headers"),
+        pytest.param({"Host": "ops.bank", "Origin": "http://ops.bank"}, False, id="same-origin"),
+        pytest.param({"Host": "ops.bank", "Origin": "https://evil.example"}, True, id="other"),
+        pytest.param({"Host": "ops.bank", "Origin": "null"}, True, id="null-origin"),
+        pytest.param({"Host": "ops.bank", "Sec-Fetch-Site": "cross-site"}, True, id="fetch-cross"),
+        pytest.param({"Host": "ops.bank", "Sec-Fetch-Site": "same-site"}, True, id="sibling"),
+        pytest.param({"Host": "ops.bank", "Sec-Fetch-Site": "same-origin"}, False, id="fetch-same"),
+        pytest.param(
+            {"Host": "ops.bank", "Origin": "https://ops.example"}, False, id="cors-allowed"
+        ),
+    ],
+)
+def test_cross_site_detection(headers: dict[str, str], cross: bool) -> None:
+    settings = _settings(cors_origins="https://ops.example")
+    assert http.cross_site(_scope(headers), settings) is cross
+
+
+def test_forwarded_headers_only_with_trust_proxy() -> None:
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7, 10.0.0.1"}
+    scope = _scope(headers)
+    untrusted, trusted = _settings(), _settings(trust_proxy=True)
+    assert http.cookie_secure(scope, untrusted) is False
+    assert http.client_ip(scope, untrusted) == "10.0.0.9"
+    assert http.cookie_secure(scope, trusted) is True
+    assert http.client_ip(scope, trusted) == "203.0.113.7"
+    assert http.cookie_secure(_scope({}), _settings(cookie_secure="always")) is True
+    assert http.cookie_secure(_scope({}, scheme="https"), _settings(cookie_secure="never")) is False
+
+
+def test_credentials_are_read_from_the_scope() -> None:
+    scope = _scope({"Authorization": "Bearer rst_x", "Cookie": "a=1; regstream_session=abc"})
+    assert http.bearer_token(scope) == "rst_x"
+    assert http.session_cookie(scope) == "abc"
+    assert http.bearer_token(_scope({"Authorization": "Basic x"})) == ""
+    assert http.bearer_token(_scope({})) is None
+    assert http.session_cookie(_scope({"Cookie": "\x00;;=="})) is None
+
+
+def test_cors_origins_setting_is_validated() -> None:
+    assert load_settings(cors_origins="https://a.example, http://b:81/").cors_origins == (
+        "https://a.example", "http://b:81",
+    )  # fmt: skip
+    for bad in ("*", "ftp://x", "https://a.example/path", "nonsense"):
+        with pytest.raises(ConfigError, match="REGSTREAM_CORS_ORIGINS"):
+            load_settings(cors_origins=bad)
+
+
+def test_open_streams_are_rechecked_within_the_ping_interval() -> None:
+    assert guard_interval(30.0) == 10.0
+    assert guard_interval(2.0) == 1.0
+    assert guard_interval(0.1) == 0.25

@@ -275,7 +275,7 @@ def require_page_role(role: str) -> Callable[..., Awaitable[Principal]]:
         except HTTPException as exc:
             if exc.status_code != 401:
                 raise
-            target = quote(_safe_next(request.url.path), safe="/")
+            target = quote(_safe_next(request.url.path), safe="")
             raise HTTPException(
                 303, "sign in first", {"Location": f"/login?next={target}"}
             ) from None

@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
+import html
 import logging
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,21 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, 422, f"invalid input: {names}", fields=fields)
 
 
-async def _http(request: Request, exc: Exception) -> JSONResponse:
+async def _http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else _CODES.get(exc.status_code, "error")
-    return error_response(request, exc.status_code, message, headers=getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if not request.url.path.startswith("/api/") and "text/html" in request.headers.get(
+        "accept", ""
+    ):
+        # A page, opened by a person: a readable page, not JSON.
+        page = (
+            "<!doctype html><html lang=en><meta charset=utf-8><title>regstream</title>"
+            f"<main><h1>{exc.status_code}</h1><p id=page-error>{html.escape(message)}</p>"
+            "<p><a href=/registrations>Registrations</a> · <a href=/login>Sign in</a></p></main>"
+        )
+        return HTMLResponse(page, status_code=exc.status_code, headers=headers)
+    return error_response(request, exc.status_code, message, headers=headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

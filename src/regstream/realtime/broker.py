@@ -61,6 +61,9 @@ class Broker:
         self._rebuild = asyncio.Event()
         self.received = 0
         self._subscribed_once = False
+        # Read at scrape time, so the metric turns red as soon as probes stop coming back,
+        # even while the loop itself is stuck waiting on a silent server.
+        metrics.REDIS_SUBSCRIPTION_HEALTHY.set_function(lambda: float(self.healthy))
 
     @property
     def healthy(self) -> bool:
@@ -85,7 +88,6 @@ class Broker:
                 await self._catch_up()
                 self.connected.set()
                 self._last_probe_seen = time.monotonic()
-                metrics.REDIS_SUBSCRIPTION_HEALTHY.set(1)
                 delay = 0.1
                 await self._read(pubsub)
             except asyncio.CancelledError:
@@ -96,7 +98,6 @@ class Broker:
                 log.exception("subscription loop failed; rebuilding")
             finally:
                 self.connected.clear()
-                metrics.REDIS_SUBSCRIPTION_HEALTHY.set(0)
                 await _quietly(pubsub.aclose())
                 await _quietly(client.aclose())
             await asyncio.sleep(delay * random.random() + 0.05)
@@ -142,7 +143,6 @@ class Broker:
                 next_probe = now + self._probe_interval
                 await self._commands.publish(self.probe_channel, b"probe")
                 if now - self._last_probe_seen > 3 * self._probe_interval:
-                    metrics.REDIS_SUBSCRIPTION_HEALTHY.set(0)
                     log.error("probe did not come back through Redis; rebuilding the subscriber")
                     return
             message = await pubsub.get_message(timeout=min(1.0, self._probe_interval))
@@ -150,7 +150,6 @@ class Broker:
                 continue
             if message["channel"] == self.probe_channel:
                 self._last_probe_seen = time.monotonic()
-                metrics.REDIS_SUBSCRIPTION_HEALTHY.set(1)
                 continue
             parsed = messages.parse_message(message["data"])
             if parsed is None:

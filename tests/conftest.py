@@ -179,3 +179,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
         if reporter is not None:
             reporter.write_line(f"CI: {skipped} test(s) skipped; failing the run", red=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Browser tests last: Playwright's sync API runs its own event loop in the main thread."""
+    items.sort(key=lambda item: "tests/browser/" in item.nodeid)

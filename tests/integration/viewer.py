@@ -38,7 +38,8 @@ class Viewer:
     resyncs: int = 0
     connections: int = 0
     needs_resync: bool = False
-    after_resync: bool = False
+    resync_position: str | None = None
+    resync_floor: dict[int, int] = field(default_factory=dict)
 
     def apply(self, frame: dict[str, Any], event_id: str | None) -> None:
         kind = frame.get("type")
@@ -50,8 +51,10 @@ class Viewer:
                 self.last_id = event_id
         elif kind == "snapshot":
             self.snapshots += 1
-            if event_id:
+            if event_id and not frame.get("resync"):
                 self.last_id = event_id
+            elif event_id:
+                self.resync_position = event_id  # taken once the re-read from the API is done
             data = frame.get("data")
             if frame.get("resync"):
                 self.resyncs += 1
@@ -74,8 +77,8 @@ class Viewer:
         seq = update["seq"]
         last = view.seqs[-1] if view.seqs else 0
         if seq <= last:
-            if self.after_resync:
-                self.covered += 1
+            if seq <= self.resync_floor.get(update["registrationId"], 0):
+                self.covered += 1  # the re-read from the API already had it
             else:
                 self.duplicates += 1
             return
@@ -93,8 +96,10 @@ class Viewer:
             data = (await http.get(f"/api/registrations/{rid}")).json()
             if data["seq"]:
                 self._reset(data)
+                self.resync_floor[rid] = data["seq"]
         self.needs_resync = False
-        self.after_resync = True
+        if self.resync_position:
+            self.last_id, self.resync_position = self.resync_position, None
 
     async def session(self, duration: float, rids: list[int]) -> None:
         """One connection: open (resuming), read for ``duration`` seconds, drop."""
@@ -127,7 +132,10 @@ class Viewer:
                                 if data:
                                     self.apply(json.loads("\n".join(data)), event_id)
                                 if self.needs_resync:
+                                    # a person's page re-reads to the end; no read budget here
+                                    budget.reschedule(None)
                                     await self.resync(http, rids)
+                                    budget.reschedule(asyncio.get_running_loop().time() + duration)
             except TimeoutError:
                 pass
 

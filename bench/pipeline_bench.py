@@ -36,18 +36,47 @@ STREAM = "/api/registrations/updates/stream"
 DATA = re.compile(rb"^data: ?(.*)$", re.M)
 
 
+def _letters(i: int) -> str:
+    out = ""
+    while True:
+        i, r = divmod(i, 26)
+        out += "abcdefghijklmnopqrstuvwxyz"[r]
+        if not i:
+            return out.capitalize()
+
+
 def applicant(run: str, i: int) -> dict:
     """One valid registration request; unique per run so duplicate checks do not collapse them."""
     return {
         "customerNumber": f"{run[:3]}{i:07d}",  # digits only, at most 10
         "firstName": "Bench",
-        "lastName": f"User{i}",
+        "lastName": "User " + _letters(i),  # names take letters only
         "dateOfBirth": "1990-01-01",
         "nationalId": f"{run}{i:06d}",
         "idType": "NATIONAL.ID",
         "phone": f"+2547{i % 100_000_000:08d}",
         "email": f"bench{run}{i}@example.com",
     }
+
+
+def admin_token(exe: str, env: dict[str, str], cwd: str) -> str:
+    """Create an admin user in the server's database (same environment) and return its token."""
+    import subprocess
+
+    name = f"bench-{random.randrange(16**8):08x}"
+    out = subprocess.run(
+        [exe, "users", "add", name, "--role", "admin", "--no-password", "--token"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+    lines = [x.strip() for x in out.stdout.splitlines() if x.strip()]
+    if out.returncode or not lines:
+        raise RuntimeError(f"users add exited {out.returncode}: {out.stderr[-500:]}")
+    return lines[-1]
 
 
 class StreamFollower:
@@ -123,6 +152,7 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
                     return None
             if resp.status_code >= 300:
                 errors[str(resp.status_code)] = errors.get(str(resp.status_code), 0) + 1
+                errors.setdefault(f"first {resp.status_code}", resp.text[:300])  # type: ignore
                 return None
             return resp
 
@@ -205,10 +235,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-cmd", help="command to start (placeholders {port} {redis_url})")
     ap.add_argument("--database-url", help="DATABASE_URL for the started server (default SQLite)")
     ap.add_argument("--t24-latency-ms", type=float, default=0.0, help="T24 simulator latency")
-    ap.add_argument("--auth-header", help="Authorization value, e.g. 'Bearer x'")
+    ap.add_argument(
+        "--auth-header",
+        help="Authorization value, e.g. 'Bearer x' (default for a started server: a fresh admin "
+        "token from 'regstream users add')",
+    )
+    ap.add_argument("--no-auth", action="store_true", help="send no Authorization header")
+    ap.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the started server (repeatable)",
+    )
     ap.add_argument("--no-pin", dest="pin", action="store_false")
     ap.add_argument("--out", default=os.path.join(BENCH, "results", "pipeline_bench.jsonl"))
     args = ap.parse_args(argv)
+    if any("=" not in kv for kv in args.server_env):
+        ap.error("--server-env takes KEY=VALUE")
+    args.server_env = dict(kv.split("=", 1) for kv in args.server_env)
     if not (1 <= args.k <= 100_000 and 1 <= args.concurrency <= 1000 and args.timeout <= 600):
         ap.error("bounds: 1<=k<=100000, concurrency<=1000, timeout<=600")
     if args.pin:
@@ -224,14 +269,22 @@ def main(argv: list[str] | None = None) -> int:
             children.append(redis)
             port = procs.free_port()
             redis_url = f"redis://127.0.0.1:{rport}/0"
+            data_dir = os.path.join(logdir, "data")
+            os.makedirs(data_dir, exist_ok=True)
             env = {
                 "REDIS_URL": redis_url,
-                "REGSTREAM_DATA_DIR": os.path.join(logdir, "data"),
+                "REGSTREAM_DATA_DIR": data_dir,
                 "T24_SIM_LATENCY_MS": str(args.t24_latency_ms),
+                # the per-process `process` rate limit would otherwise be the bottleneck
+                "REGSTREAM_PROCESS_RATE_PER_MINUTE": str(max(60, 10 * args.k)),
             }
             if args.database_url:
                 env["DATABASE_URL"] = args.database_url
+            env.update(args.server_env)
             exe = os.path.join(os.path.dirname(sys.executable), "regstream")
+            if not args.auth_header and not args.no_auth:  # auth is on: a fresh admin token
+                args.auth_header = "Bearer " + admin_token(exe, env, logdir)
+                rec["auth"] = "admin token created by the bench"
             cmd = args.server_cmd or f"{exe} serve --host 127.0.0.1 --port {{port}}"
             argv_ = shlex.split(cmd.format(port=port, redis_url=redis_url))
             srv = procs.Child("regstream", argv_, {0} if args.pin else None, logdir, env=env)
@@ -244,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for c in reversed(children):
             c.stop()
+    rec["args"] = {**vars(args), "auth_header": "<set>" if args.auth_header else None}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(rec, sort_keys=True) + "\n")

@@ -142,6 +142,11 @@ def start_target(name: str, args, port: int, redis_port: int, logdir: str) -> pr
         env["SSE_PING_INTERVAL"] = str(args.ping_interval)
     if name == "regstream":
         env.update(args.server_env)
+        exe = os.path.join(os.path.dirname(sys.executable), "regstream")
+        exe = exe if os.path.exists(exe) else "regstream"
+        if args.auto_auth:  # one-command default: an admin token, the per-user cap lifted for N
+            env.setdefault("REGSTREAM_STREAMS_PER_USER", str(max(20, args.clients + 100)))
+            env.setdefault("SSE_MAX_STREAMS", str(max(20_000, args.clients + 100)))
         if args.server_cmd:
             argv = shlex.split(
                 args.server_cmd.format(
@@ -149,9 +154,8 @@ def start_target(name: str, args, port: int, redis_port: int, logdir: str) -> pr
                 )
             )
         else:
-            exe = os.path.join(os.path.dirname(sys.executable), "regstream")
             argv = [
-                exe if os.path.exists(exe) else "regstream",
+                exe,
                 "serve",
                 "--host",
                 "127.0.0.1",
@@ -161,8 +165,12 @@ def start_target(name: str, args, port: int, redis_port: int, logdir: str) -> pr
         data_dir = os.path.join(logdir, "data")
         os.makedirs(data_dir, exist_ok=True)
         env["REGSTREAM_DATA_DIR"] = data_dir
-        if args.setup_cmd:  # e.g. create a user and print its API token
-            args.token = setup(args.setup_cmd, env, logdir)
+        setup_cmd = args.setup_cmd
+        if args.auto_auth and not setup_cmd:  # the data dir is fresh per run; the name is too
+            name_ = "bench-" + "".join(random.choices(string.ascii_lowercase + string.digits, k=8))
+            setup_cmd = f"{shlex.quote(exe)} users add {name_} --role admin --no-password --token"
+        if setup_cmd:  # e.g. create a user and print its API token
+            args.token = setup(setup_cmd, env, logdir)
         return procs.Child(name, argv, SERVER_CPUS if args.pin else None, logdir, env=env)
     if name == "baseline":
         argv = [
@@ -716,7 +724,15 @@ def parse(argv: list[str] | None):
     ap.add_argument(
         "--auth-header",
         help="Authorization value every client sends, e.g. 'Bearer x'; 'auto' = 'Bearer <last "
-        "line --setup-cmd printed>' (regstream target only)",
+        "line --setup-cmd printed>' (regstream target only). Default for regstream: a fresh "
+        "admin token per run (see --no-auth)",
+    )
+    ap.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="regstream target: send no Authorization header and create no token (default: a "
+        "fresh admin token per run via 'regstream users add', REGSTREAM_STREAMS_PER_USER and "
+        "SSE_MAX_STREAMS raised to fit N, unless --auth-header or --server-env say otherwise)",
     )
     ap.add_argument(
         "--setup-cmd",
@@ -772,6 +788,10 @@ def parse(argv: list[str] | None):
     a.server_env = dict(kv.split("=", 1) for kv in a.server_env)
     if a.auth_header and a.auth_header.lower().startswith("authorization:"):
         a.auth_header = a.auth_header.split(":", 1)[1].strip()
+    # default for regstream (auth is on): create an admin token per run and send it
+    a.auto_auth = "regstream" in a.targets and not a.auth_header and not a.no_auth
+    if a.auto_auth:
+        a.auth_header = "auto"
     bad = [t for t in a.targets if t not in ("regstream", "baseline", "nchan")]
     if bad:
         ap.error(f"unknown targets {bad}")

@@ -102,7 +102,12 @@ class StreamSource {
       } catch {
         return;
       }
-      if (frame && typeof frame === 'object') this.onFrame(this.key, frame, event.lastEventId || null);
+      // A fresh stream starts at the history position named in `connected` (data, not an SSE
+      // id): remember it so a drop before the first update still resumes without a gap.
+      if (frame && frame.type === 'connected' && !this.lastEventId && frame.lastEventId) {
+        this.lastEventId = frame.lastEventId;
+      }
+      if (frame && typeof frame === 'object') this.onFrame(this.key, frame, this.lastEventId || null);
     };
     es.onerror = () => {
       if (this.es !== es) return;

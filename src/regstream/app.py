@@ -30,7 +30,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from regstream import __version__
+from regstream import __version__, logs
 from regstream.api import auth as auth_routes
 from regstream.api import dashboard as dashboard_routes
 from regstream.api import errors
@@ -245,5 +245,8 @@ def create_app(settings: Settings | None = None) -> Application:
 
 
 def create_app_from_env() -> Application:
-    """Factory for ``uvicorn --factory`` and ``serve --workers N``."""
-    return create_app(load_settings())
+    """Factory for ``uvicorn --factory`` and ``serve --workers N`` (each worker process calls
+    it, so it also sets up that process's logging)."""
+    settings = load_settings()
+    logs.configure(settings.log_level, json_format=settings.log_json)
+    return create_app(settings)

@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     )
     streams_per_user: PositiveInt = Field(20, validation_alias=_env("REGSTREAM_STREAMS_PER_USER"))
     process_rate_per_minute: PositiveInt = Field(
-        60, validation_alias=_env("REGSTREAM_PROCESS_RATE_PER_MINUTE")
+        600, validation_alias=_env("REGSTREAM_PROCESS_RATE_PER_MINUTE")
     )
     login_attempts_per_minute: PositiveInt = Field(
         10, validation_alias=_env("REGSTREAM_LOGIN_ATTEMPTS_PER_MINUTE")

@@ -75,4 +75,6 @@ def configure(level: str = "INFO", *, json_format: bool = False) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Libraries that log request URLs or SQL parameters at INFO/DEBUG (personal data): warnings only.
+    for name in ("httpx", "httpcore", "aiosqlite", "asyncpg", "sqlalchemy.engine"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -18,7 +18,7 @@ from types import TracebackType
 import httpx
 
 from regstream.config import Settings
-from regstream.realtime.embedded import EmbeddedRedis, free_port
+from regstream.realtime.embedded import EmbeddedRedis, die_with_parent, free_port
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class EmbeddedStack(AbstractContextManager["EmbeddedStack"]):
             [sys.executable, "-m", "regstream", "t24-sim", "--host", "127.0.0.1", "--port", str(port),
              "--latency-ms", str(self._given.t24_sim_latency_ms)],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+            preexec_fn=die_with_parent,
             env={**os.environ, "REGSTREAM_LOG_LEVEL": "WARNING"},
         )  # fmt: skip
         log_file.close()

@@ -7,6 +7,7 @@ of the test's own (made slow, so runs are mid-flight) and a SQLite file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -46,7 +47,7 @@ def _serve(
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "regstream", "serve", "--port", str(port), *args],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 40
@@ -62,9 +63,16 @@ def _serve(
             raise AssertionError("server not ready:\n" + log.read_text()[-3000:])
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        # the whole process group: `--workers N` children too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def _token(log: Path) -> str:

@@ -126,3 +126,41 @@ async def test_disconnect_frees_the_stream(live: LiveServer) -> None:
         await wait_until(lambda: len(hub) == 2, what="two streams attached")
     await wait_until(lambda: len(hub) == 0, what="streams detached after disconnect")
     assert hub._by_rid == {} and hub._all == set()
+
+
+async def test_stream_following_several_registrations(live: LiveServer) -> None:
+    """A list page follows its rows with one stream (viewer role: no unfiltered stream needed)."""
+    from tests.support import auth_headers
+
+    ids = await live.load_demo()
+    a, b, c = ids["approved"], ids["kyc_mismatch"], ids["duplicate"]
+    viewer = auth_headers(live, "viewer")
+    operator = auth_headers(live, "operator")
+    async with httpx.AsyncClient(base_url=live.url, headers=viewer) as http:
+        response = await http.get(STREAM, params={"registrationId": f"{a},{b},x"})
+        assert response.status_code == 422
+        too_many = ",".join(str(i) for i in range(1, 202))
+        assert (await http.get(STREAM, params={"registrationId": too_many})).status_code == 422
+    async with (
+        httpx.AsyncClient(base_url=live.url, headers=viewer, timeout=httpx.Timeout(10, read=None)) as http,
+        httpx.AsyncClient(base_url=live.url, headers=operator) as ops,
+    ):
+        async with http.stream("GET", STREAM, params={"registrationId": f"{a},{b}"}) as response:
+            assert response.status_code == 200
+            await wait_until(lambda: len(live.services.hub) == 1, what="one stream attached")
+            for rid in (a, b, c):
+                assert (await ops.post(f"/api/registrations/{rid}/process")).status_code == 202
+            text = ""
+            async for chunk in response.aiter_text():
+                text += chunk
+                if text.count('"final":true') == 2:
+                    break
+    frames = [orjson.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")]
+    updates = [f["data"] for f in frames if f["type"] == "update"]
+    assert {u["registrationId"] for u in updates} == {a, b}
+    for rid in (a, b):
+        assert [u["seq"] for u in updates if u["registrationId"] == rid] == list(
+            range(1, len([u for u in updates if u["registrationId"] == rid]) + 1)
+        )
+    await wait_until(lambda: len(live.services.hub) == 0, what="stream detached")
+    assert live.services.hub._by_rid == {}

@@ -33,7 +33,14 @@ from regstream.api import views
 from regstream.api.deps import Services
 from regstream.db import registrations
 from regstream.realtime import messages
-from regstream.realtime.hub import Hub, QueuedStream, Stream, StreamProtocol, TransportStream
+from regstream.realtime.hub import (
+    Hub,
+    QueuedStream,
+    RegistrationFilter,
+    Stream,
+    StreamProtocol,
+    TransportStream,
+)
 from regstream.realtime.messages import EventKey
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,7 @@ _HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 MAX_ID = 2**53
+MAX_IDS = 200  # registrations one stream may follow (a list page)
 
 
 class StreamEndpoint:
@@ -64,16 +72,12 @@ class StreamEndpoint:
             await _json(send, 405, "METHOD_NOT_ALLOWED", "use GET", [(b"allow", b"GET")])
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        rid_raw = (query.get("registrationId") or [None])[0]
-        registration_id: int | None = None
-        if rid_raw not in (None, ""):
-            assert rid_raw is not None
-            if not rid_raw.isdigit() or len(rid_raw) > 16 or not 1 <= int(rid_raw) <= MAX_ID:
-                await _json(
-                    send, 422, "VALIDATION_ERROR", "registrationId must be a positive integer"
-                )
-                return
-            registration_id = int(rid_raw)
+        registration_id = _filter(query.get("registrationId") or [])
+        if registration_id is _INVALID:
+            why = f"registrationId must be a positive integer (or up to {MAX_IDS}, comma-separated)"
+            await _json(send, 422, "VALIDATION_ERROR", why)
+            return
+        assert not isinstance(registration_id, str)
         last_id = _header(scope, b"last-event-id") or (query.get("lastEventId") or [None])[0]
 
         auth = services.stream_auth
@@ -115,7 +119,26 @@ class StreamEndpoint:
                 hub.detach(stream)
 
 
-def _make_stream(send: Send, rid: int | None, max_buffer: int, info: Any) -> Stream:
+_INVALID = "invalid"
+
+
+def _filter(values: list[str]) -> RegistrationFilter | str:
+    """``registrationId=42`` → 42; ``=1,2,3`` (or repeated) → (1, 2, 3); absent → None."""
+    parts = [p.strip() for v in values for p in v.split(",") if p.strip()]
+    if not parts:
+        return None if all(v == "" for v in values) else _INVALID
+    if len(parts) > MAX_IDS:
+        return _INVALID
+    ids = []
+    for part in parts:
+        if not part.isdigit() or len(part) > 16 or not 1 <= int(part) <= MAX_ID:
+            return _INVALID
+        ids.append(int(part))
+    unique = tuple(sorted(set(ids)))
+    return unique[0] if len(unique) == 1 else unique
+
+
+def _make_stream(send: Send, rid: RegistrationFilter, max_buffer: int, info: Any) -> Stream:
     # uvicorn's httptools protocol passes the bound `RequestResponseCycle.send`; its transport
     # and chunked flag are what we need to write frames without a framework call per frame.
     cycle = getattr(send, "__self__", None)
@@ -151,7 +174,7 @@ _UVICORN_HTTPTOOLS = "uvicorn.protocols.http.httptools_impl"
 
 
 async def _start(
-    stream: Stream, services: Services, rid: int | None, last_id: str | None, retry_ms: int
+    stream: Stream, services: Services, rid: RegistrationFilter, last_id: str | None, retry_ms: int
 ) -> None:
     """Write ``connected``, then the replay or snapshot, then release held live updates (no
     gap, no duplicate at the seam).
@@ -177,19 +200,24 @@ async def _start(
             except (RedisError, OSError):
                 replay = None
             if replay is not None and replay.complete:
-                stream.floor_seq = seq_floor if rid is not None else 0
+                stream.floor_seq = seq_floor if isinstance(rid, int) else 0
+                wanted = None if rid is None else set(rid if isinstance(rid, tuple) else (rid,))
                 after: EventKey = key
                 for parsed in replay.entries:
                     if parsed.key is not None:
                         after = parsed.key
-                    if rid is None or (parsed.registration_id == rid and not stream.covers(parsed)):
+                    if wanted is None or (
+                        parsed.registration_id in wanted and not stream.covers(parsed)
+                    ):
                         frame = messages.update_frame(parsed)
                         stream.write(frame, messages.chunk(frame))
                 stream.go_live(after=after, snapshot_seq=stream.floor_seq)
                 return
-        await _snapshot(stream, services, rid, start=await _latest(services))
+        # several registrations: like the dashboard, a resync marker (re-read from the API)
+        await _snapshot(stream, services, rid if isinstance(rid, int) else None,
+                        start=await _latest(services))  # fmt: skip
         return
-    if rid is not None:
+    if isinstance(rid, int):
         await _snapshot(stream, services, rid, only_if_started=True, start=start)
         return
     stream.go_live(after=start)

@@ -38,6 +38,8 @@ from regstream.realtime.messages import EventKey, Parsed
 log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Any]
+#: A stream follows every registration (None), one, or a few (a list page: a tuple of ids).
+RegistrationFilter = int | tuple[int, ...] | None
 
 
 class Stream:
@@ -48,7 +50,7 @@ class Stream:
         "__weakref__",
     )  # fmt: skip
 
-    def __init__(self, registration_id: int | None, info: Any = None) -> None:
+    def __init__(self, registration_id: RegistrationFilter, info: Any = None) -> None:
         self.registration_id = registration_id
         self.pending: list[Parsed] | None = []
         self.closed = False
@@ -105,8 +107,8 @@ class TransportStream(Stream):
     __slots__ = ("transport", "chunked", "max_buffer")
 
     def __init__(
-        self, registration_id: int | None, transport: asyncio.WriteTransport, *, chunked: bool,
-        max_buffer: int, info: Any = None,
+        self, registration_id: RegistrationFilter, transport: asyncio.WriteTransport, *,
+        chunked: bool, max_buffer: int, info: Any = None,
     ) -> None:  # fmt: skip
         super().__init__(registration_id, info)
         self.transport = transport
@@ -178,7 +180,9 @@ class QueuedStream(Stream):
 
     __slots__ = ("_queue", "_size", "max_buffer", "_wake", "_final")
 
-    def __init__(self, registration_id: int | None, *, max_buffer: int, info: Any = None) -> None:
+    def __init__(
+        self, registration_id: RegistrationFilter, *, max_buffer: int, info: Any = None
+    ) -> None:
         super().__init__(registration_id, info)
         self._queue: deque[bytes] = deque()
         self._size = 0
@@ -224,6 +228,10 @@ class QueuedStream(Stream):
                 return
 
 
+def _ids(filter_: int | tuple[int, ...]) -> tuple[int, ...]:
+    return filter_ if isinstance(filter_, tuple) else (filter_,)
+
+
 def _cut(stream: Stream, reason: str) -> None:
     metrics.SLOW_CLIENTS_CUT.inc()
     log.warning(
@@ -260,25 +268,42 @@ class Hub:
         if rid is None:
             self._all.add(stream)
         else:
-            self._by_rid.setdefault(rid, set()).add(stream)
+            for one in _ids(rid):
+                self._by_rid.setdefault(one, set()).add(stream)
         self._count += 1
         metrics.STREAMS_CONNECTED.inc()
 
     def detach(self, stream: Stream) -> None:
         rid = stream.registration_id
-        group = self._all if rid is None else self._by_rid.get(rid)
-        if group is None or stream not in group:
-            return
-        group.discard(stream)
-        if rid is not None and not group:
-            del self._by_rid[rid]
+        if rid is None:
+            if stream not in self._all:
+                return
+            self._all.discard(stream)
+        else:
+            found = False
+            for one in _ids(rid):
+                group = self._by_rid.get(one)
+                if group is not None and stream in group:
+                    found = True
+                    group.discard(stream)
+                    if not group:
+                        del self._by_rid[one]
+            if not found:
+                return
         self._count -= 1
         metrics.STREAMS_CONNECTED.dec()
 
     def streams(self) -> Iterable[Stream]:
+        """Every stream once (a stream following several registrations is in several groups)."""
         yield from self._all
+        seen: set[int] = set()
         for group in self._by_rid.values():
-            yield from group
+            for stream in group:
+                if isinstance(stream.registration_id, tuple):
+                    if id(stream) in seen:
+                        continue
+                    seen.add(id(stream))
+                yield stream
 
     def publish(self, parsed: Parsed) -> None:
         """Deliver one update to every matching stream (frame encoded once)."""

@@ -142,7 +142,9 @@ async def test_stream_following_several_registrations(live: LiveServer) -> None:
         too_many = ",".join(str(i) for i in range(1, 202))
         assert (await http.get(STREAM, params={"registrationId": too_many})).status_code == 422
     async with (
-        httpx.AsyncClient(base_url=live.url, headers=viewer, timeout=httpx.Timeout(10, read=None)) as http,
+        httpx.AsyncClient(
+            base_url=live.url, headers=viewer, timeout=httpx.Timeout(10, read=None)
+        ) as http,
         httpx.AsyncClient(base_url=live.url, headers=operator) as ops,
     ):
         async with http.stream("GET", STREAM, params={"registrationId": f"{a},{b}"}) as response:

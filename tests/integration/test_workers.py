@@ -23,7 +23,11 @@ async def test_every_stream_gets_every_update_across_workers(
         headers = {"Authorization": f"Bearer {_token(log)}"}
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=20) as http:
             items = (await http.get("/api/registrations", params={"pageSize": 50})).json()["items"]
-            rids = [i["id"] for i in items if i["lastName"] in ("Otieno", "Ochieng", "Muthoni", "Wekesa")]
+            rids = [
+                i["id"]
+                for i in items
+                if i["lastName"] in ("Otieno", "Ochieng", "Muthoni", "Wekesa")
+            ]
             assert len(rids) == 4
             clients = [StreamClient(url, headers=headers) for _ in range(6)]
             clients += [StreamClient(url, registration_id=rid, headers=headers) for rid in rids]

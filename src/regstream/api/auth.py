@@ -704,7 +704,9 @@ def stream_authenticator(services: Services, auth: AuthRuntime) -> StreamAuth:
     """The stream endpoint's check: 401 without good credentials, 403 for the unfiltered stream
     unless admin (or a ticket for another stream), 429 over the per-user stream cap."""
 
-    async def decide(scope: dict[str, Any], registration_id: int | None) -> StreamDecision:
+    async def decide(
+        scope: dict[str, Any], registration_id: int | tuple[int, ...] | None
+    ) -> StreamDecision:
         at = credentials.now_ms()
         bearer = http.bearer_token(scope)
         ticket = http.query_param(scope, "ticket")

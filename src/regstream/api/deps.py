@@ -33,7 +33,8 @@ class StreamDecision:
     principal: Any = None
 
 
-StreamAuth = Callable[[dict[str, Any], int | None], Awaitable[StreamDecision]]
+#: ``(scope, registration filter: one id, several ids or None for all) -> decision``
+StreamAuth = Callable[[dict[str, Any], int | tuple[int, ...] | None], Awaitable[StreamDecision]]
 
 
 @dataclass

@@ -108,12 +108,12 @@ class StreamEndpoint:
         handed_over = False
         try:
             await _start(stream, services, registration_id, last_id, services.settings.sse_retry_ms)
-            if isinstance(stream, QueuedStream):
-                await _pump_until_disconnect(stream, send, receive)
-            else:
+            if isinstance(stream, TransportStream):
                 handed_over = _hand_over(stream, hub)
                 if not handed_over:
                     await _wait_disconnect(stream, receive)
+            elif isinstance(stream, QueuedStream):
+                await _pump_until_disconnect(stream, send, receive)
         finally:
             if not handed_over:
                 hub.detach(stream)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
@@ -57,13 +57,13 @@ async def list_page(
     page: int = 1,
     page_size: int = 20,
 ) -> tuple[list[RegistrationRequest], int]:
-    query: Select[tuple[RegistrationRequest]] = select(RegistrationRequest)
+    query = select(RegistrationRequest)
     if status:
         query = query.where(RegistrationRequest.status == status)
     if search:
         term = search.strip()
         like = f"%{term.lower()}%"
-        conditions = [
+        conditions: list[ColumnElement[bool]] = [
             func.lower(RegistrationRequest.first_name).like(like),
             func.lower(RegistrationRequest.last_name).like(like),
         ]

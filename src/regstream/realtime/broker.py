@@ -98,7 +98,7 @@ class Broker:
                 log.exception("subscription loop failed; rebuilding")
             finally:
                 self.connected.clear()
-                await _quietly(pubsub.aclose())
+                await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
                 await _quietly(client.aclose())
             await asyncio.sleep(delay * random.random() + 0.05)
             delay = min(delay * 2, 5.0)

@@ -46,5 +46,5 @@ def create_subscriber_client(url: str, *, name: str) -> Redis:
         decode_responses=False,
         socket_timeout=None,
         socket_connect_timeout=2.0,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )

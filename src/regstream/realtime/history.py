@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -29,7 +31,9 @@ class History:
 
     async def epoch(self) -> str | None:
         value = await self._redis.get(self.epoch_key)
-        return value.decode() if value else None
+        if not value:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
 
     async def since(self, after: EventKey | None) -> Replay:
         """Entries strictly after ``after`` (all entries of the epoch when None)."""
@@ -45,13 +49,15 @@ class History:
             start = "(" + after.stream_id
         else:
             start = "-"
-        rows = await self._redis.xrange(self.key, start, "+", count=self._max_entries + 1)
+        rows = await self._rows(
+            self._redis.xrange(self.key, start, "+", count=self._max_entries + 1)
+        )
         if len(rows) > self._max_entries:
             return Replay(complete=False, entries=[], epoch=epoch)
         entries = []
         for stream_id, fields in rows:
             key = _key(epoch, stream_id)
-            parsed = messages.parse_message(messages.with_event_id(fields[b"m"], key))
+            parsed = messages.parse_message(messages.with_event_id(bytes(fields[b"m"]), key))
             if parsed is not None:
                 entries.append(parsed)
         return Replay(complete=True, entries=entries, epoch=epoch)
@@ -65,7 +71,7 @@ class History:
             await self._redis.set(self.epoch_key, f"{seconds}{micros:06d}", nx=True)
             epoch = await self.epoch()
             assert epoch is not None
-        rows = await self._redis.xrevrange(self.key, "+", "-", count=1)
+        rows = await self._rows(self._redis.xrevrange(self.key, "+", "-", count=1))
         return _key(epoch, rows[0][0]) if rows else EventKey(epoch, 0, 0)
 
     async def _trimmed_after(self, epoch: str, after: EventKey) -> bool:
@@ -92,8 +98,13 @@ class History:
         epoch = await self.epoch()
         if epoch is None:
             return None
-        rows = await self._redis.xrevrange(self.key, "+", "-", count=1)
+        rows = await self._rows(self._redis.xrevrange(self.key, "+", "-", count=1))
         return _key(epoch, rows[0][0]) if rows else None
+
+    @staticmethod
+    async def _rows(pending: Awaitable[Any]) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Stream entries as redis-py returns them with ``decode_responses=False``."""
+        return list(await pending or [])
 
 
 def _key(epoch: str, stream_id: bytes | str) -> EventKey:

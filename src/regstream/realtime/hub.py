@@ -238,7 +238,7 @@ def _cut(stream: Stream, reason: str) -> None:
         "cut off a slow stream (%s, %d bytes buffered, registration filter %s)",
         reason, stream.buffered(), stream.registration_id,
     )  # fmt: skip
-    stream.abort()  # type: ignore[attr-defined]
+    stream.abort()
 
 
 class Hub:

@@ -1,8 +1,9 @@
 // The registration list: filter, search, pages; rows follow the live stream; validate many.
 //
-// The page follows every registration (one unfiltered subscription, shared between tabs by the
-// stream module) and updates the rows it shows. Filters live in the URL so back/forward and
-// bookmarks work.
+// An admin's page follows every registration (the unfiltered stream); anyone else's follows the
+// registrations of the rows it shows (a multi-registration stream, switched over when the page or
+// the filter changes). Either way the stream is shared between tabs by the stream module. Filters
+// live in the URL so back/forward and bookmarks work.
 
 import { api, ApiError, SignInRequired } from './session.js';
 import { initShell } from './shell.js';
@@ -22,6 +23,7 @@ const view = {
   total: 0,
 };
 const rows = new Map(); // registrationId → {tr, item}
+let followRows = false; // not an admin: follow the rows shown, not every registration
 const bulk = { ids: new Set(), done: new Set(), skipped: 0, total: 0 };
 
 function validatable(item) {
@@ -86,6 +88,7 @@ async function load() {
     view.total = page.total;
     for (const item of page.items) updates.setSeq(item.id, item.seq);
     renderTable(page.items);
+    if (followRows) updates.follow(page.items.map((item) => item.id));
     showError('');
   } catch (error) {
     if (error instanceof SignInRequired) return;
@@ -221,7 +224,10 @@ onFinalUpdate(runEnded);
 bindToggles($('notify-toggle'), null);
 
 (async () => {
-  await initShell().catch(() => null);
+  const me = await initShell().catch(() => null);
+  // The unfiltered stream is for admins (and servers without sign-in, where me is null).
+  followRows = !!me && me.role !== 'admin';
+  if (followRows) updates.follow([]);
   await load();
   updates.connect();
 })();

@@ -107,6 +107,7 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         subscriber=lambda: create_subscriber_client(redis_url, name=f"regstream-sub-{os.getpid()}"),
         commands=redis, on_update=hub.publish, on_resync=hub.resync,
         probe_interval=settings.probe_interval, history_max=settings.history_maxlen,
+        health_metric=True,
     )  # fmt: skip
     core = T24Client(
         T24ClientConfig(

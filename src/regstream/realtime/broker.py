@@ -46,6 +46,7 @@ class Broker:
         channel: str = ServiceChannel.REGISTRATION_UPDATES,
         probe_interval: float = 5.0,
         history_max: int = 10_000,
+        health_metric: bool = False,
     ) -> None:
         self._subscriber_factory = subscriber
         self._commands = commands
@@ -61,9 +62,10 @@ class Broker:
         self._rebuild = asyncio.Event()
         self.received = 0
         self._subscribed_once = False
-        # Read at scrape time, so the metric turns red as soon as probes stop coming back,
-        # even while the loop itself is stuck waiting on a silent server.
-        metrics.REDIS_SUBSCRIPTION_HEALTHY.set_function(lambda: float(self.healthy))
+        if health_metric:
+            # Read at scrape time, so the metric turns red as soon as probes stop coming back,
+            # even while the loop itself is stuck waiting on a silent server.
+            metrics.REDIS_SUBSCRIPTION_HEALTHY.set_function(lambda: float(self.healthy))
 
     @property
     def healthy(self) -> bool:

@@ -14,9 +14,11 @@ announced afterwards in one ``resync`` message, which streams turn into a snapsh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -25,6 +27,7 @@ from redis.exceptions import RedisError
 
 from regstream import metrics
 from regstream.realtime import messages
+from regstream.realtime.broker import Broker
 from regstream.realtime.messages import ServiceChannel
 
 log = logging.getLogger(__name__)
@@ -46,10 +49,24 @@ return epoch .. '_' .. id
 """
 
 
+class Subscription:
+    """What ``RegistrationPubSub.subscribe`` returns; ``await sub.aclose()`` unsubscribes."""
+
+    def __init__(self, broker: Broker, task: asyncio.Task[None]) -> None:
+        self.broker = broker
+        self._task = task
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
 class RegistrationPubSub:
     """The seed's ``RegistrationPubSub``: ``publish_update``, ``publish_stage_update``,
-    ``publish_final_status`` (and ``subscribe`` lives on ``broker.Broker``, the only module that
-    speaks Redis's subscribe API). Publishing never raises.
+    ``publish_final_status`` and ``subscribe``. Publishing never raises. ``subscribe`` runs a
+    ``broker.Broker`` (the only module that speaks Redis's subscribe API) on a connection of its
+    own, with the same reconnect, re-subscribe and catch-up as the service's fan-out.
     """
 
     def __init__(
@@ -60,8 +77,10 @@ class RegistrationPubSub:
         history_maxlen: int = 10_000,
         history_max_age: float = 3600.0,
         outbox_max: int = 10_000,
+        subscriber: Callable[[], Redis] | None = None,
     ) -> None:
         self._redis = redis
+        self._subscriber = subscriber
         self.channel = channel
         self.history_key = channel + messages.HISTORY_SUFFIX
         self.epoch_key = channel + messages.EPOCH_SUFFIX
@@ -115,6 +134,21 @@ class RegistrationPubSub:
 
     async def publish_update(self, update: dict[str, Any]) -> None:
         await self.publish_raw(messages.encode(update))
+
+    async def subscribe(
+        self, callback: Callable[[dict[str, Any]], None], *, ready_timeout: float = 5.0
+    ) -> Subscription:
+        """Call ``callback`` with every update published from now on (decoded JSON objects)."""
+        if self._subscriber is None:
+            raise RuntimeError("RegistrationPubSub was built without a subscriber connection")
+        broker = Broker(
+            subscriber=self._subscriber, commands=self._redis, channel=self.channel,
+            on_update=lambda parsed: callback(orjson.loads(parsed.raw)),
+        )  # fmt: skip
+        task = asyncio.create_task(broker.run(), name="registration-subscription")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(broker.connected.wait(), ready_timeout)
+        return Subscription(broker, task)
 
     # --- mechanics -----------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from playwright.sync_api import BrowserContext, expect
+from playwright.sync_api import BrowserContext, Route, expect
 
 from tests.browser.conftest import (
     PASSWORD,
@@ -11,7 +13,10 @@ from tests.browser.conftest import (
     process,
     screenshot,
     sign_in,
+    stream_count,
+    wait_for,
     wait_live,
+    wait_streams,
 )
 from tests.support import LiveServer, create_user
 
@@ -83,18 +88,105 @@ def test_validate_selected_shows_overall_progress(app: LiveServer, context: Brow
         expect(page.locator(f'#rows tr[data-id="{rid}"]')).to_have_attribute("data-status", status)
 
 
-def test_list_for_an_operator_refreshes_without_the_admin_stream(
+def test_list_for_an_operator_is_live_on_one_stream(
     app: LiveServer, context: BrowserContext
 ) -> None:
-    rid = demo_ids(app)["approved"]
+    """An operator may not hold the unfiltered stream: the page follows its rows' ids instead,
+    on one multi-registration stream that switches over when the filter changes."""
+    ids = demo_ids(app)
+    rid = ids["approved"]
     sign_in(context, app, "operator")
     page = context.new_page()
     page.goto(f"{app.url}/registrations")
+    wait_live(page)
     badge = page.locator("#connection")
-    expect(badge).to_have_attribute("data-state", "polling")
+    expect(badge).to_have_text("Live")
+    page.evaluate("window.__marker = 'no-reload'")
+    expect(page.locator("#rows tr")).to_have_count(len(ids))
+    wait_streams(app, 1)
+    assert page.evaluate("window.__regstream.streams") == [",".join(map(str, sorted(ids.values())))]
+
     assert process(app, rid) == 202
-    expect(page.locator(f'#rows tr[data-id="{rid}"]')).to_have_attribute(
-        "data-status", "APPROVED", timeout=10_000
+    row = page.locator(f'#rows tr[data-id="{rid}"]')
+    expect(row).to_have_attribute("data-status", "APPROVED")
+    expect(row.locator(".col-status")).to_have_text("APPROVED")
+    expect(row.locator(".col-stage")).to_contain_text("Status update")
+    assert page.evaluate("window.__marker") == "no-reload"
+    assert stream_count(app) == 1
+
+    # Another filter, other rows: the stream switches over (the old one closes once the new one
+    # is open; the badge stays Live meanwhile) and the new rows follow runs live.
+    page.evaluate(
+        """window.__badgeStates = [];
+        new MutationObserver(() => window.__badgeStates.push(
+            document.getElementById('connection').dataset.state
+        )).observe(document.getElementById('connection'), {attributes: true});"""
+    )
+    page.get_by_label("Status").select_option("PENDING")
+    expect(page.locator("#rows tr")).to_have_count(len(ids) - 1)
+    other = ids["kyc_mismatch"]
+    pending = sorted(i for i in ids.values() if i != rid)
+    wait_for(
+        lambda: page.evaluate("window.__regstream.streams") == [",".join(map(str, pending))],
+        what="the stream to follow the filtered rows",
+    )
+    wait_streams(app, 1)
+    expect(badge).to_have_text("Live")
+    assert process(app, other) == 202
+    expect(page.locator(f'#rows tr[data-id="{other}"]')).to_have_attribute("data-status", "FAILED")
+    assert page.evaluate("window.__marker") == "no-reload"
+    assert stream_count(app) == 1
+    assert set(page.evaluate("window.__badgeStates")) <= {"live"}
+
+
+def test_list_rereads_its_page_when_the_history_cannot_cover_a_switch_over(
+    app: LiveServer, context: BrowserContext
+) -> None:
+    """The switched-over stream resumes from an id the history cannot cover: the server sends
+    ``{resync: true}`` and the page re-fetches its rows from the API."""
+    ids = demo_ids(app)
+    rid = ids["approved"]
+    sign_in(context, app, "operator")
+    page = context.new_page()
+    page.goto(f"{app.url}/registrations")
+    wait_live(page)
+    wait_streams(app, 1)
+    assert process(app, rid) == 202  # the stream has seen an event id now
+    expect(page.locator(f'#rows tr[data-id="{rid}"]')).to_have_attribute("data-status", "APPROVED")
+
+    stale = "1000000000000000_1-0"  # an epoch Redis never had: nothing can be replayed
+
+    def resume_from_stale(route: Route) -> None:
+        url = route.request.url
+        if "lastEventId=" in url:
+            url = re.sub(r"lastEventId=[^&]*", f"lastEventId={stale}", url)
+        route.continue_(url=url)
+
+    page.route("**/api/registrations/updates/stream*", resume_from_stale)
+    page.evaluate(
+        """window.__pageFetches = 0;
+        const fetchBefore = window.fetch;
+        window.fetch = (url, ...rest) => {
+            const u = String(url);
+            if (u.includes('/api/registrations?') && u.includes('status=PENDING')) {
+                window.__pageFetches += 1;
+            }
+            return fetchBefore(url, ...rest);
+        };"""
+    )
+    page.get_by_label("Status").select_option("PENDING")
+    expect(page.locator("#rows tr")).to_have_count(len(ids) - 1)
+    # One fetch for the filter, one more for the resync marker of the new stream.
+    wait_for(
+        lambda: page.evaluate("window.__pageFetches") >= 2,
+        what="the page to be fetched again after the resync",
+    )
+    wait_streams(app, 1)
+    expect(page.locator("#connection")).to_have_text("Live")
+    other = ids["duplicate"]
+    assert process(app, other) == 202
+    expect(page.locator(f'#rows tr[data-id="{other}"]')).to_have_attribute(
+        "data-status", "DUPLICATE"
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
@@ -139,10 +138,11 @@ def test_sign_in_expired_goes_to_login(app: LiveServer, context: BrowserContext)
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
 
 
-def test_more_registrations_than_streams_falls_back_to_polling(
+def test_an_operators_tabs_share_one_multi_registration_stream(
     app: LiveServer, context: BrowserContext
 ) -> None:
-    """An operator may not hold the unfiltered stream: two filtered streams, the rest polled."""
+    """An operator may not hold the unfiltered stream: one stream follows every registration the
+    tabs show (no polling), switched over as tabs open and close."""
     ids = demo_ids(app)
     sign_in(context, app, "operator")
     scenarios = ["approved", "kyc_mismatch", "duplicate", "not_found"]
@@ -151,20 +151,30 @@ def test_more_registrations_than_streams_falls_back_to_polling(
         page = context.new_page()
         page.goto(f"{app.url}/registrations/{ids[scenario]}")
         pages[scenario] = page
-    for page in pages.values():
-        expect(page.locator("#connection")).to_have_attribute(
-            "data-state", re.compile("live|polling")
-        )
-    states = [str(p.locator("#connection").get_attribute("data-state")) for p in pages.values()]
-    assert sorted(states) == ["live", "live", "polling", "polling"]
-    wait_streams(app, 2)
-    for scenario in scenarios:
+    listing = context.new_page()
+    listing.goto(f"{app.url}/registrations")
+    for page in [*pages.values(), listing]:
+        wait_live(page)
+        expect(page.locator("#connection")).to_have_text("Live")
+    wait_streams(app, 1)
+    leaders = [p for p in [*pages.values(), listing] if role_of(p) == "leader"]
+    assert len(leaders) == 1
+
+    # A follower tab closes; the others keep receiving on the one stream.
+    gone = next(s for s, p in pages.items() if role_of(p) == "follower")
+    pages.pop(gone).close()
+    for scenario in pages:
         assert process(app, ids[scenario]) == 202
     expected = {"approved": "APPROVED", "kyc_mismatch": "FAILED", "duplicate": "DUPLICATE",
                 "not_found": "FAILED"}  # fmt: skip
     for scenario, page in pages.items():
         expect(page.locator("#result")).to_have_attribute("data-status", expected[scenario])
-    assert stream_count(app) == 2
+        expect(listing.locator(f'#rows tr[data-id="{ids[scenario]}"]')).to_have_attribute(
+            "data-status", expected[scenario]
+        )
+    wait_streams(app, 1)
+    for page in [*pages.values(), listing]:
+        assert page.evaluate("document.getElementById('connection').dataset.state") == "live"
 
 
 def test_notification_when_a_run_started_here_ends(

@@ -7,6 +7,7 @@ simulator over HTTP, SQLite files or a PostgreSQL database.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import socket
 import threading
@@ -36,9 +37,11 @@ class LiveServer:
     def services(self) -> Any:
         return self.app.state.services
 
-    async def call(self, coro: Awaitable[Any]) -> Any:
+    async def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run a coroutine on the server's event loop (its engine and Redis belong there)."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.app.state.loop)  # type: ignore[arg-type]
+        future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(
+            coro, self.app.state.loop
+        )
         return await asyncio.wrap_future(future)
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:

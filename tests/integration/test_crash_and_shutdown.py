@@ -131,7 +131,7 @@ async def test_sigkill_mid_run_then_restart(
                 )
                 rows = {rid: (await http.get(f"/api/registrations/{rid}")).json() for rid in rids}
     finally:
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
         await redis.aclose()
 
     from sqlalchemy import func, select
@@ -240,7 +240,7 @@ async def test_wedged_redis_turns_readiness_red_and_recovers(
 
                 async def red() -> bool:
                     body = (await http.get("/readyz")).json()
-                    return body["checks"]["subscription"] == "down"
+                    return bool(body["checks"]["subscription"] == "down")
 
                 await wait_until(
                     red, timeout=10, what="readiness to notice the silent subscription"

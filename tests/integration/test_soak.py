@@ -50,7 +50,7 @@ async def _all_terminal(http: httpx.AsyncClient) -> bool:
     page = (
         await http.get("/api/registrations", params={"status": "PENDING", "pageSize": 1})
     ).json()
-    return page["total"] == 0
+    return bool(page["total"] == 0)
 
 
 async def _compare(
@@ -121,7 +121,7 @@ async def _scenario(
         )
         counts = await _compare(http, viewers, follows)
         counts["registrations"] = count
-        counts["seconds"] = round(time.monotonic() - started, 1)
+        counts["seconds"] = round(time.monotonic() - started)
     print("\nsoak counts:", counts)
     return counts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import orjson
@@ -69,7 +70,7 @@ async def test_filtered_stream_gets_only_its_registration(live: LiveServer) -> N
 async def test_raw_redis_subscriber_sees_every_message(live: LiveServer) -> None:
     ids = await live.load_demo()
     rid = ids["approved"]
-    redis = Redis.from_url(live.settings.effective_redis_url)
+    redis = Redis.from_url(str(live.settings.effective_redis_url))
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe("service:registration-updates")
     try:
@@ -77,7 +78,7 @@ async def test_raw_redis_subscriber_sees_every_message(live: LiveServer) -> None
             base_url=live.url, headers=auth_headers(live, "admin")
         ) as http:
             assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
-        received: list[dict[str, object]] = []
+        received: list[dict[str, Any]] = []
 
         async def collect() -> bool:
             message = await pubsub.get_message(timeout=0.2)
@@ -87,7 +88,7 @@ async def test_raw_redis_subscriber_sees_every_message(live: LiveServer) -> None
 
         await wait_until(collect, timeout=15, what="final message on the channel")
     finally:
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
         await redis.aclose()
     assert [m["seq"] for m in received] == [1, 2, 3, 4, 5, 6, 7]
     for message in received:

@@ -137,7 +137,8 @@ async def test_late_joiner_seam_50_times(
             rids = []
             for i in range(50):
                 body = {"customerNumber": str(300000 + i), "firstName": "Late", "lastName": "Joiner",
-                        "dateOfBirth": "1990-01-01", "nationalId": f"7{i:07d}", "phone": f"+2547200{i:05d}"}  # fmt: skip
+                        "dateOfBirth": "1990-01-01", "nationalId": f"7{i:07d}",
+                        "phone": f"+2547200{i:05d}"}  # fmt: skip
                 rids.append((await http.post("/api/registrations", json=body)).json()["id"])
             snapshots = 0
             for i, rid in enumerate(rids):

@@ -1,0 +1,49 @@
+"""A client that stops reading is cut off after a bounded buffer; the others keep up."""
+
+from __future__ import annotations
+
+import socket
+
+from regstream import metrics
+from tests.conftest import SettingsFactory
+from tests.support import StreamClient, auth_headers, serve_app, wait_until
+
+
+def _cut_count() -> float:
+    return metrics.SLOW_CLIENTS_CUT._value.get()  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_stalled_stream_is_cut_and_others_get_everything(
+    make_settings: SettingsFactory,
+) -> None:
+    with serve_app(make_settings(sse_max_buffer_bytes=32 * 1024)) as live:
+        headers = auth_headers(live, "admin")
+        port = int(live.url.rsplit(":", 1)[1])
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(
+            b"GET /api/registrations/updates/stream HTTP/1.1\r\nHost: t\r\n"
+            + f"Authorization: {headers['Authorization']}\r\n\r\n".encode()
+        )
+        before = _cut_count()
+        try:
+            async with StreamClient(live.url, headers=headers) as healthy:
+                await wait_until(lambda: len(live.services.hub) == 2, what="both streams attached")
+                padding = "x" * 2000
+                count = 600  # ~1.3 MB for the stalled client: far past kernel + our buffer
+                for i in range(count):
+                    await live.call(live.services.publisher.publish_update(
+                        {"registrationId": 1, "status": "PENDING", "timestamp": 0, "seq": i + 1,
+                         "message": "load", "stage": "duplicate_check", "pad": padding}
+                    ))  # fmt: skip
+                await wait_until(
+                    lambda: _cut_count() > before, timeout=20, what="the stalled stream cut"
+                )
+                await wait_until(
+                    lambda: len(live.services.hub) == 1, what="stalled stream detached"
+                )
+                await healthy.wait_for(lambda fs: len(healthy.updates()) == count, timeout=20,
+                                       what="every update at the healthy client")  # fmt: skip
+                assert [u["seq"] for u in healthy.updates()] == list(range(1, count + 1))
+        finally:
+            stalled.close()

@@ -172,6 +172,7 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
         # ---- measured: click "process" for every registration, wait for every final frame
         spids = procs.tree(server_pid) if server_pid else []
         cpu0 = procs.cpu(spids)
+        main0 = procs.cpu([server_pid]) if server_pid else None
         clicked: dict[int, float] = {}
 
         async def click(rid: int) -> None:
@@ -185,6 +186,7 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
         while time.monotonic() < deadline and any(r not in follower.final_at for r in clicked):
             await asyncio.sleep(0.02)
         cpu1 = procs.cpu(spids)
+        main1 = procs.cpu([server_pid]) if server_pid else None
     ftask.cancel()
     done = sorted(follower.final_at[r] - clicked[r] for r in clicked if r in follower.final_at)
     last = max((follower.final_at[r] for r in clicked if r in follower.final_at), default=t0)
@@ -214,6 +216,18 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
         if spids and done
         else None,
         "server_core_pct": round(100 * srv_s / window, 1) if spids else None,
+        # the server process alone (its tree also holds an embedded simulator, if any)
+        "server_main_cpu_ms_per_validation": round(
+            1000 * (main1["sched"] - main0["sched"]) / len(done), 3
+        )
+        if main0 and done
+        else None,
+        "server_main_user_sys_s": [
+            round(main1["user"] - main0["user"], 2),
+            round(main1["sys"] - main0["sys"], 2),
+        ]
+        if main0
+        else None,
     }
 
 
@@ -241,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         "token from 'regstream users add')",
     )
     ap.add_argument("--no-auth", action="store_true", help="send no Authorization header")
+    ap.add_argument(
+        "--sim",
+        choices=["separate", "embedded"],
+        default="separate",
+        help="T24 simulator: its own process on the load core (default), or the one `serve` "
+        "starts itself (a child on the server's core, its CPU counted as the server's)",
+    )
     ap.add_argument(
         "--server-env",
         action="append",
@@ -280,8 +301,22 @@ def main(argv: list[str] | None = None) -> int:
             }
             if args.database_url:
                 env["DATABASE_URL"] = args.database_url
-            env.update(args.server_env)
             exe = os.path.join(os.path.dirname(sys.executable), "regstream")
+            if args.sim == "separate":
+                # the simulator on the load core: otherwise `serve` forks it onto the server's
+                # core and its CPU is charged to every validation
+                sport = procs.free_port()
+                sim = procs.Child(
+                    "t24-sim",
+                    [exe, "t24-sim", "--port", str(sport), "--latency-ms",
+                     str(args.t24_latency_ms)],
+                    {1} if args.pin else None,
+                    logdir,
+                )  # fmt: skip
+                children.append(sim)
+                procs.wait_port(sport, sim, 30)
+                env["T24_BASE_URL"] = f"http://127.0.0.1:{sport}"
+            env.update(args.server_env)
             if not args.auth_header and not args.no_auth:  # auth is on: a fresh admin token
                 args.auth_header = "Bearer " + admin_token(exe, env, logdir)
                 rec["auth"] = "admin token created by the bench"

@@ -15,7 +15,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -180,11 +179,6 @@ def _parse_block(block: str) -> Frame:
     return Frame(data=data, id=event_id, retry=retry)
 
 
-@contextmanager
-def _noop() -> Iterator[None]:
-    yield
-
-
 class StreamClient:
     """``async with StreamClient(url, params) as sse:`` opens a stream and reads it live."""
 
@@ -253,12 +247,6 @@ def demo_payload(applicant: Any) -> dict[str, Any]:
     if applicant.account_number:
         body["accountNumber"] = applicant.account_number
     return body
-
-
-def data_dir(tmp: Path) -> Path:
-    path = tmp / "var"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 # --- authentication (issue 4) ------------------------------------------------------------------

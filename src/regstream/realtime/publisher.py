@@ -92,7 +92,6 @@ class RegistrationPubSub:
         self._overflowed: set[int] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._last_trim_ms = 0
-        self._lock = asyncio.Lock()
 
     # --- the seed's verbs ----------------------------------------------------------------------
 

@@ -54,14 +54,16 @@ class LiveServer:
 
 
 @contextmanager
-def serve_app(settings: Settings, *, startup_timeout: float = 20.0) -> Iterator[LiveServer]:
+def serve_app(
+    settings: Settings, *, startup_timeout: float = 20.0, http: str = "httptools"
+) -> Iterator[LiveServer]:
     """Run the whole app (lifespan included) in a background thread on a free port."""
     app = create_app(settings)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
-        app, log_config=None, access_log=False, loop="uvloop", http="httptools",
+        app, log_config=None, access_log=False, loop="uvloop", http=http,
         timeout_graceful_shutdown=5, ws="none",
     )  # fmt: skip
     server = uvicorn.Server(config)

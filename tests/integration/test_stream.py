@@ -167,3 +167,24 @@ async def test_stream_following_several_registrations(live: LiveServer) -> None:
         )
     await wait_until(lambda: len(live.services.hub) == 0, what="stream detached")
     assert live.services.hub._by_rid == {}
+
+
+async def test_portable_stream_mode_on_another_http_protocol(make_settings: Any) -> None:
+    """With uvicorn's h11 protocol there is no transport to hand over: the queued mode serves."""
+    from tests.support import auth_headers, serve_app
+
+    with serve_app(make_settings(), http="h11") as live:
+        ids = await live.load_demo()
+        headers = auth_headers(live, "admin")
+        rid = ids["approved"]
+        async with StreamClient(live.url, registration_id=rid, headers=headers) as sse:
+            from regstream.realtime.hub import QueuedStream
+
+            await wait_until(lambda: len(live.services.hub) == 1, what="stream attached")
+            assert all(isinstance(s, QueuedStream) for s in live.services.hub.streams())
+            async with httpx.AsyncClient(base_url=live.url, headers=headers) as http:
+                assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
+            final = await sse.wait_final(rid)
+            assert final["status"] == "APPROVED"
+            assert [u["seq"] for u in sse.updates(rid)] == list(range(1, 8))
+        await wait_until(lambda: len(live.services.hub) == 0, what="queued stream detached")

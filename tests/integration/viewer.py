@@ -37,6 +37,7 @@ class Viewer:
     snapshots: int = 0
     resyncs: int = 0
     connections: int = 0
+    drops: int = 0
     needs_resync: bool = False
     resync_position: str | None = None
     resync_floor: dict[int, int] = field(default_factory=dict)
@@ -138,6 +139,8 @@ class Viewer:
                                     budget.reschedule(asyncio.get_running_loop().time() + duration)
             except TimeoutError:
                 pass
+            except httpx.TransportError:
+                self.drops += 1  # the server ended the stream (cut off as slow, restarted…)
 
     async def run(
         self, rids: list[int], until: asyncio.Event, deadline: float, rng: random.Random

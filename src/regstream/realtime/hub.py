@@ -38,6 +38,8 @@ from regstream.realtime.messages import EventKey, Parsed
 log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Any]
+UNLIMITED = 1 << 62
+MAX_PENDING = 50_000  # live updates held for one stream while its start-up is written
 #: A stream follows every registration (None), one, or a few (a list page: a tuple of ids).
 RegistrationFilter = int | tuple[int, ...] | None
 
@@ -47,11 +49,19 @@ class Stream:
 
     __slots__ = (
         "registration_id", "pending", "closed", "stalled_since", "info", "floor_key", "floor_seq",
-        "__weakref__",
+        "max_buffer", "limit", "__weakref__",
     )  # fmt: skip
 
-    def __init__(self, registration_id: RegistrationFilter, info: Any = None) -> None:
+    def __init__(
+        self, registration_id: RegistrationFilter, info: Any = None, max_buffer: int = 256 * 1024
+    ) -> None:
         self.registration_id = registration_id
+        self.max_buffer = max_buffer
+        # Start-up (connected + a replay of up to the whole history, or a snapshot) is written in
+        # one burst, before the client could read any of it: no limit then. At go_live the limit
+        # becomes that backlog plus max_buffer, and the shared timer lowers it back to max_buffer
+        # once the client has caught up. So a slow start-up is never mistaken for a slow client.
+        self.limit = UNLIMITED
         self.pending: list[Parsed] | None = []
         self.closed = False
         self.stalled_since: float | None = None
@@ -78,6 +88,9 @@ class Stream:
 
     def deliver(self, frame: bytes, chunk: bytes, parsed: Parsed) -> None:
         if self.pending is not None:
+            if len(self.pending) >= MAX_PENDING:
+                _cut(self, "start-up backlog")
+                return
             self.pending.append(parsed)
         elif not self.closed and not ((self.floor_key or self.floor_seq) and self.covers(parsed)):
             self.write(frame, chunk)
@@ -99,28 +112,28 @@ class Stream:
             if not self.covers(parsed):
                 frame = messages.update_frame(parsed)
                 self.write(frame, messages.chunk(frame))
+        self.limit = self.buffered() + self.max_buffer
 
 
 class TransportStream(Stream):
     """Writes straight to the server's transport (HTTP/1.1 chunked framing done by us)."""
 
-    __slots__ = ("transport", "chunked", "max_buffer")
+    __slots__ = ("transport", "chunked")
 
     def __init__(
         self, registration_id: RegistrationFilter, transport: asyncio.WriteTransport, *,
         chunked: bool, max_buffer: int, info: Any = None,
     ) -> None:  # fmt: skip
-        super().__init__(registration_id, info)
+        super().__init__(registration_id, info, max_buffer)
         self.transport = transport
         self.chunked = chunked
-        self.max_buffer = max_buffer
 
     def write(self, frame: bytes, chunk: bytes) -> None:
         transport = self.transport
         if transport.is_closing():
             self.closed = True
             return
-        if transport.get_write_buffer_size() > self.max_buffer:
+        if transport.get_write_buffer_size() > self.limit:
             _cut(self, "buffer limit")
             return
         transport.write(chunk if self.chunked else frame)
@@ -178,20 +191,19 @@ class StreamProtocol(asyncio.Protocol):
 class QueuedStream(Stream):
     """Portable mode: a bounded buffer drained by the request's own ``send``."""
 
-    __slots__ = ("_queue", "_size", "max_buffer", "_wake", "_final")
+    __slots__ = ("_queue", "_size", "_wake", "_final")
 
     def __init__(
         self, registration_id: RegistrationFilter, *, max_buffer: int, info: Any = None
     ) -> None:
-        super().__init__(registration_id, info)
+        super().__init__(registration_id, info, max_buffer)
         self._queue: deque[bytes] = deque()
         self._size = 0
-        self.max_buffer = max_buffer
         self._wake = asyncio.Event()
         self._final = b""
 
     def write(self, frame: bytes, chunk: bytes) -> None:
-        if self._size + len(frame) > self.max_buffer:
+        if self._size + len(frame) > self.limit:
             _cut(self, "buffer limit")
             return
         self._queue.append(frame)
@@ -363,7 +375,11 @@ class Hub:
             for stream in list(self.streams()):
                 if stream.closed:
                     continue
-                if stream.buffered():
+                buffered = stream.buffered()
+                if stream.limit > stream.max_buffer and stream.pending is None:
+                    if buffered <= stream.max_buffer:
+                        stream.limit = stream.max_buffer  # caught up with its start-up burst
+                if buffered:
                     if stream.stalled_since is None:
                         stream.stalled_since = now
                     elif now - stream.stalled_since > self.send_timeout:

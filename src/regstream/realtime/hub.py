@@ -9,8 +9,11 @@ each stream's transport costs about what nchan does. So:
   ``bytes`` object is written to every matching stream;
 * streams are indexed by ``registrationId``: a filtered stream costs nothing for messages of
   other registrations; unfiltered (dashboard) streams get everything;
-* a stream whose client stopped reading is cut off once its kernel+transport buffer passes
-  ``max_buffer`` bytes, or stays non-empty for ``send_timeout`` seconds; it never slows others;
+* a stream whose client stopped reading is cut off once its transport buffer passes
+  ``max_buffer`` bytes, or stays non-empty for ``send_timeout`` seconds; it never slows others
+  (the kernel's send buffer per stream is capped in ``api/stream.py`` so this shows up soon). A
+  stream's start-up burst (a replay of up to the whole history) is exempt: the limit is lifted
+  while starting and lowered back once the client has read the backlog;
 * one shared timer sends pings and checks stalls for all streams.
 
 A stream has two writing modes: ``TransportStream`` writes to the asyncio transport under the

@@ -113,15 +113,18 @@ async def _scenario(
         if fault is not None:
             await fault()
         await processing
+        accepted_s = time.monotonic() - started
         await wait_until(
             lambda: _all_terminal(http), timeout=seconds, interval=0.5, what="all terminal"
         )
+        terminal_s = time.monotonic() - started
         done.set()
         await asyncio.wait_for(
             asyncio.gather(*tasks), timeout=max(5.0, deadline - asyncio.get_running_loop().time())
         )
         counts = await _compare(http, viewers, follows)
         counts["registrations"] = count
+        counts["accepted_s"], counts["terminal_s"] = round(accepted_s), round(terminal_s)
         counts["seconds"] = round(time.monotonic() - started)
     print("\nsoak counts:", counts)
     return counts

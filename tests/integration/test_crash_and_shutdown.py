@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from regstream.core_banking.simulator.server import RunningSimulator
 from regstream.realtime.embedded import EmbeddedRedis
-from tests.support import LiveServer, StreamClient, auth_headers, free_port, serve_app, wait_until
+from tests.support import StreamClient, auth_headers, free_port, serve_app, wait_until
 
 ENV_DROP = ("REDIS_URL", "REDIS_HOST", "DATABASE_URL", "T24_BASE_URL", "REGSTREAM_SECRET_KEY")
 
@@ -258,6 +258,3 @@ async def test_wedged_redis_turns_readiness_red_and_recovers(
                 final = await sse.wait_final(rid)
             assert final["status"] == "DUPLICATE"
             assert (await http.get("/readyz")).status_code == 200
-
-
-_ = LiveServer  # re-exported fixture type for readers

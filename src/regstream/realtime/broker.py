@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from regstream import metrics
@@ -134,10 +135,7 @@ class Broker:
         if latest is not None:
             self.last_key = latest
 
-    async def _read(self, pubsub: object) -> None:
-        from redis.asyncio.client import PubSub
-
-        assert isinstance(pubsub, PubSub)
+    async def _read(self, pubsub: PubSub) -> None:
         next_probe = 0.0
         while True:
             now = time.monotonic()

@@ -340,18 +340,21 @@ class Hub:
                 metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - parsed.timestamp_ms / 1000))
 
     def resync(self, registration_ids: tuple[int, ...]) -> None:
-        """History could not cover a gap: tell the affected streams to re-sync (snapshot frame)."""
-        frame = messages.snapshot_frame(None, resync=True) if not registration_ids else None
-        targets: Iterable[Stream]
+        """History could not cover a gap: tell the affected streams to re-sync (snapshot frame).
+
+        No ids: every stream. Otherwise the streams that follow any of them (and all unfiltered
+        ones), told which registrations to re-read.
+        """
         if registration_ids:
             ids = set(registration_ids)
-            targets = [
-                s for s in self.streams() if s.registration_id is None or s.registration_id in ids
-            ]
             frame = messages.snapshot_frame({"registrationIds": sorted(ids)}, resync=True)
+            targets = [
+                s for s in self.streams()
+                if s.registration_id is None or not ids.isdisjoint(_ids(s.registration_id))
+            ]  # fmt: skip
         else:
+            frame = messages.snapshot_frame(None, resync=True)
             targets = list(self.streams())
-        assert frame is not None
         chunk = messages.chunk(frame)
         for stream in targets:
             if stream.pending is None and not stream.closed:

@@ -39,9 +39,13 @@ REDIS_SUBSCRIPTION_HEALTHY = Gauge(
     "regstream_redis_subscription_healthy", "1 when the self-probe came back through Pub/Sub"
 )
 PUBLISH_FAILURES = Counter(
-    "regstream_publish_failures_total", "Publishes that failed and were kept in the outbox"
+    "regstream_publish_failures_total",
+    "Publish round trips that failed (their updates stay queued)",
 )
-OUTBOX_SIZE = Gauge("regstream_publish_outbox_size", "Updates waiting for Redis to come back")
+OUTBOX_SIZE = Gauge(
+    "regstream_publish_outbox_size",
+    "Updates queued for Redis (the next batch, or while it is down)",
+)
 OUTBOX_OVERFLOWS = Counter(
     "regstream_publish_outbox_overflows_total", "Updates dropped from a full outbox"
 )

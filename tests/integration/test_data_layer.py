@@ -49,7 +49,9 @@ async def test_data_layer(database_url: str) -> None:
                 session, registration_id=ids[0], now_ms=1_050, lease_ms=100, started_by="op"
             )
             assert again is None  # in progress, lease still valid
-        run_id, run = claim
+        run_id, claimed = claim
+        run = claimed.run_count
+        assert (claimed.id, claimed.in_progress, claimed.run_id, run) == (ids[0], True, run_id, 1)
         async with sessions.begin() as session:
             logged = await registrations.append_events(
                 session, registration_id=ids[0], run_id=run_id, run=run, now_ms=1_060, lease_ms=100,

@@ -10,9 +10,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, status
 from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.api import views
-from regstream.api.auth import OperatorPrincipal, ProcessPrincipal, ViewerPrincipal, record
+from regstream.api.auth import OperatorPrincipal, ProcessPrincipal, ViewerPrincipal
 from regstream.api.deps import ServicesDep, SessionDep
 from regstream.api.errors import error_response
 from regstream.api.schemas import (
@@ -22,7 +23,7 @@ from regstream.api.schemas import (
     RegistrationDetail,
     RegistrationPage,
 )
-from regstream.db import registrations
+from regstream.db import audit, registrations
 from regstream.domain.enums import RegistrationStatus
 
 router = APIRouter(prefix="/api/registrations", tags=["registrations"])
@@ -102,7 +103,16 @@ async def process_registration(
             request, 503, "server is shutting down; retry shortly", headers={"Retry-After": "2"}
         )
     started_by = getattr(request.state, "principal_name", None)
-    submission = await services.runner.submit(registration_id, started_by=started_by)
+
+    async def audit_start(session: AsyncSession) -> None:  # committed with the claim
+        await audit.create(
+            session, action="registration.process", outcome="ok", actor=principal.username,
+            target=f"registration:{registration_id}",
+        )  # fmt: skip
+
+    submission = await services.runner.submit(
+        registration_id, started_by=started_by, on_claimed=audit_start
+    )
     if submission.outcome == "not_found":
         raise HTTPException(404, f"registration {registration_id} not found")
     if submission.outcome == "conflict":
@@ -119,11 +129,4 @@ async def process_registration(
             why,
             registration=views.read_of(row).model_dump(by_alias=True, mode="json"),
         )
-    await record(
-        services,
-        action="registration.process",
-        outcome="ok",
-        actor=principal.username,
-        target=f"registration:{registration_id}",
-    )
     return ProcessAccepted(registration_id=registration_id)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
@@ -117,8 +117,8 @@ async def claim_for_processing(
     now_ms: int,
     lease_ms: int,
     started_by: str | None,
-) -> tuple[str, int] | None:
-    """Take the run if the registration may be validated now; return ``(run_id, run)`` or None.
+) -> tuple[str, RegistrationRequest] | None:
+    """Take the run if the registration may be validated now; return ``(run_id, row)`` or None.
 
     Allowed: a PENDING registration nobody runs, a FAILED one (re-validation), or one whose
     runner's lease expired. The single conditional UPDATE is the guard against double clicks.
@@ -145,12 +145,13 @@ async def claim_for_processing(
             result=None,
             completed_at=None,
         )
-        .returning(RegistrationRequest.run_count)
+        .returning(RegistrationRequest)
+        .execution_options(populate_existing=True)
     )
-    run = result.scalar_one_or_none()
-    if run is None:
+    row = result.scalar_one_or_none()
+    if row is None:
         return None
-    return run_id, int(run)
+    return run_id, row
 
 
 async def take_over_expired(
@@ -241,21 +242,18 @@ async def append_events(
         )
         for i, (stage, stage_status, status, message, details) in enumerate(events)
     ]
-    session.add_all(
-        ProcessLogEntry(
-            registration_id=e.registration_id,
-            seq=e.seq,
-            run=e.run,
-            stage=e.stage,
-            stage_status=e.stage_status,
-            status=e.status,
-            message=e.message,
-            details=e.details,
-            timestamp_ms=e.timestamp_ms,
-        )
-        for e in out
-    )
-    await session.flush()
+    # a bulk INSERT: no ORM objects, no unit-of-work flush (the hot path of every run)
+    await session.execute(
+        insert(ProcessLogEntry),
+        [
+            {
+                "registration_id": e.registration_id, "seq": e.seq, "run": e.run,
+                "stage": e.stage, "stage_status": e.stage_status, "status": e.status,
+                "message": e.message, "details": e.details, "timestamp_ms": e.timestamp_ms,
+            }
+            for e in out
+        ],
+    )  # fmt: skip
     return out
 
 

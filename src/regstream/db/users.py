@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.db.tables import MobileUser
@@ -18,16 +18,20 @@ async def get_by_customer_number(
     )
 
 
-async def get_by_phone(session: AsyncSession, *, phone: str) -> MobileUser | None:
-    return await session.scalar(select(MobileUser).where(MobileUser.phone == phone))
-
-
-async def get_by_national_id_hash(
-    session: AsyncSession, *, national_id_hash: str
-) -> MobileUser | None:
-    return await session.scalar(
-        select(MobileUser).where(MobileUser.national_id_hash == national_id_hash)
+async def find_matching(
+    session: AsyncSession, *, customer_number: str, phone: str, national_id_hash: str
+) -> list[MobileUser]:
+    """Every enrolled user with this CIF, this phone or this national id (one query)."""
+    rows = await session.scalars(
+        select(MobileUser).where(
+            or_(
+                MobileUser.customer_number == customer_number,
+                MobileUser.phone == phone,
+                MobileUser.national_id_hash == national_id_hash,
+            )
+        )
     )
+    return list(rows)
 
 
 async def create(session: AsyncSession, **fields: Any) -> MobileUser:

@@ -3,7 +3,10 @@
 Every step follows the same order: write the process-log entries (and any data change) in one
 transaction, commit, then publish them. So the database is always ahead of Redis, the final
 status is stored before the final message goes out, and a failed publish never changes an
-outcome (the publisher keeps it for later and never raises).
+outcome (the publisher keeps it for later and never raises). A validation that reaches T24 takes
+three transactions: the claim (with its audit entry), the duplicate check with its log entries,
+and the outcome with its log entries and data change. The run keeps its own log in memory for
+the final message's ``processLog``.
 
 Data changes that decide the outcome (enrolling a user, updating an enrolled user) commit in the
 same transaction as the final status: a crash can never leave a person enrolled without the
@@ -22,7 +25,7 @@ import logging
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
@@ -64,6 +67,8 @@ class _Run:
     registration_id: int
     run_id: str
     run: int
+    applicant: Applicant | None = None  # known from the claim; read again when resuming
+    logged: list[LogEvent] = field(default_factory=list)  # this run's log, in order
 
 
 class Outcome(Exception):
@@ -158,7 +163,15 @@ class Runner:
 
     # --- entry points --------------------------------------------------------------------------
 
-    async def submit(self, registration_id: int, *, started_by: str | None = None) -> Submission:
+    async def submit(
+        self,
+        registration_id: int,
+        *,
+        started_by: str | None = None,
+        on_claimed: Callable[[AsyncSession], Awaitable[object]] | None = None,
+    ) -> Submission:
+        """Claim the run and start it. ``on_claimed`` writes in the claim's transaction (the
+        audit entry of who started it)."""
         async with self._sessions.begin() as session:
             claim = await registrations.claim_for_processing(
                 session, registration_id=registration_id, now_ms=_now_ms(),
@@ -167,8 +180,11 @@ class Runner:
             if claim is None:
                 row = await registrations.get(session, registration_id=registration_id)
                 return Submission("not_found" if row is None else "conflict", row)
-        run_id, run = claim
-        self._spawn(_Run(registration_id, run_id, run), resume=False)
+            if on_claimed is not None:
+                await on_claimed(session)
+        run_id, row = claim
+        run = _Run(registration_id, run_id, row.run_count, applicant_of(row))
+        self._spawn(run, resume=False)
         return Submission("accepted")
 
     async def recover(self) -> int:
@@ -238,16 +254,17 @@ class Runner:
                 metrics.RUNS_IN_PROGRESS.dec()
 
     async def _run(self, run: _Run, resume: bool) -> None:
-        async with self._sessions() as session:
-            row = await registrations.get(session, registration_id=run.registration_id)
-            if row is None:
-                return
-            applicant = applicant_of(row)
-            cached_accounts = None
-            if resume:
-                cached_accounts = _completed_lookup(
-                    await registrations.get_log(session, registration_id=row.id, run=run.run)
-                )
+        cached_accounts = None
+        applicant = run.applicant
+        if resume or applicant is None:
+            async with self._sessions() as session:
+                row = await registrations.get(session, registration_id=run.registration_id)
+                if row is None:
+                    return
+                applicant = applicant_of(row)
+                entries = await registrations.get_log(session, registration_id=row.id, run=run.run)
+            run.logged = [registrations.to_log_event(e) for e in entries]
+            cached_accounts = _completed_lookup(entries)
         nid_hash = hash_national_id(self._key, applicant.id_type, applicant.national_id)
         stage = Stage.DUPLICATE_CHECK
         started = time.perf_counter()
@@ -256,7 +273,6 @@ class Runner:
                 stage = Stage.STATUS_UPDATE
                 await self._approve(run, applicant, nid_hash, cached_accounts, announce=True)
                 return
-            await self._emit(run, [_started(Stage.DUPLICATE_CHECK)])
             existing_found = await self._emit_after(
                 run, lambda s: self._duplicate_check(s, applicant, nid_hash)
             )
@@ -273,8 +289,8 @@ class Runner:
             _observe(Stage.T24_LOOKUP, "ok", started)
             stage = Stage.STATUS_UPDATE
             started = time.perf_counter()
-            await self._approve(run, applicant, nid_hash, count, announce=False)
-            _observe(Stage.STATUS_UPDATE, "ok", started)
+            approved = await self._approve(run, applicant, nid_hash, count, announce=False)
+            _observe(Stage.STATUS_UPDATE, "ok" if approved else "failed", started)
         except ValidationFailure as failure:
             _observe(stage, "failed", started)
             details: dict[str, Any] = {"error": failure.code.value, "retryable": failure.retryable}
@@ -290,9 +306,11 @@ class Runner:
     async def _duplicate_check(
         self, session: AsyncSession, applicant: Applicant, nid_hash: str
     ) -> tuple[list[Event], bool]:
+        # "started" is logged with the result: the check is one short transaction.
         result = await stages.duplicate_check(session, applicant, nid_hash)
         if result.existing is not None:
             return [
+                _started(Stage.DUPLICATE_CHECK),
                 _done(
                     Stage.DUPLICATE_CHECK,
                     "Existing user found",
@@ -301,6 +319,7 @@ class Runner:
                 _started(Stage.UPDATE_USER_INFO),
             ], True
         return [
+            _started(Stage.DUPLICATE_CHECK),
             _done(Stage.DUPLICATE_CHECK, "No duplicate found"),
             _started(Stage.T24_LOOKUP),
         ], False
@@ -338,15 +357,14 @@ class Runner:
 
     async def _approve(
         self, run: _Run, applicant: Applicant, nid_hash: str, count: int, *, announce: bool
-    ) -> None:
+    ) -> bool:
+        """Enrol and approve in one transaction with the T24 result's log entries (``announce``:
+        resuming after a crash, the lookup's result is already logged). False: someone enrolled
+        the same person meanwhile, and the run ended FAILED."""
+        before: list[Event] = [_started(Stage.STATUS_UPDATE)]
         if not announce:
-            await self._emit(
-                run,
-                [_done(Stage.T24_LOOKUP, f"Found {count} accounts", {"accountsFound": count}),
-                 _started(Stage.STATUS_UPDATE)],
-            )  # fmt: skip
-        else:
-            await self._emit(run, [_started(Stage.STATUS_UPDATE)])
+            lookup = _done(Stage.T24_LOOKUP, f"Found {count} accounts", {"accountsFound": count})
+            before.insert(0, lookup)
 
         async def work(session: AsyncSession) -> tuple[list[Event], Outcome]:
             await users.create(
@@ -367,23 +385,39 @@ class Runner:
                 f"Customer validated successfully. Found {count} accounts.",
                 {"accountsFound": count},
             )
-            return [_done(Stage.STATUS_UPDATE, "Status set to APPROVED")], outcome
+            return [*before, _done(Stage.STATUS_UPDATE, "Status set to APPROVED")], outcome
 
         try:
             await self._finish(run, work)
+            return True
         except IntegrityError:
-            # Someone enrolled the same person between our duplicate check and now.
-            raise ValidationFailure(ErrorCode.ID_ALREADY_ENROLLED) from None
+            # Someone enrolled the same person between our duplicate check and now; the
+            # transaction (with the lookup's log entries) rolled back, so log them with the failure.
+            code = ErrorCode.ID_ALREADY_ENROLLED
+            retryable = ValidationFailure(code).retryable
+            details = {"error": code.value, "retryable": retryable}
+            await self._fail(run, Stage.STATUS_UPDATE, code, details, before=before)
+            return False
 
     async def _fail(
-        self, run: _Run, stage: Stage, code: ErrorCode, details: dict[str, Any]
+        self,
+        run: _Run,
+        stage: Stage,
+        code: ErrorCode,
+        details: dict[str, Any],
+        *,
+        before: list[Event] | None = None,
     ) -> None:
         message = ERROR_MESSAGES[code]
+        events: list[Event] = list(before or ())
+        if not any(e.stage == stage.value for e in run.logged) and not events:
+            # a stage that failed inside its own transaction logged nothing: say it started
+            events.append(_started(stage))
+        events.append(
+            (stage.value, StageStatus.FAILED.value, PENDING, message, {"error": code.value})
+        )
 
         async def work(_session: AsyncSession) -> tuple[list[Event], Outcome]:
-            events: list[Event] = [
-                (stage.value, StageStatus.FAILED.value, PENDING, message, {"error": code.value})
-            ]
             return events, Outcome(RegistrationStatus.FAILED, message, details)
 
         await self._finish(run, work)
@@ -409,17 +443,13 @@ class Runner:
 
     # --- persistence + publication -------------------------------------------------------------
 
-    async def _emit(self, run: _Run, events: list[Event]) -> None:
-        async with self._sessions.begin() as session:
-            logged = await self._append(session, run, events)
-        await self._publish(logged)
-
     async def _emit_after(
         self, run: _Run, work: Callable[[AsyncSession], Awaitable[tuple[list[Event], bool]]]
     ) -> bool:
         async with self._sessions.begin() as session:
             events, flag = await work(session)
             logged = await self._append(session, run, events)
+        run.logged.extend(logged)
         await self._publish(logged)
         return flag
 
@@ -434,11 +464,9 @@ class Runner:
                     "message": outcome.message, "details": outcome.details,
                 }),
             )  # fmt: skip
-            history = await registrations.get_log(
-                session, registration_id=run.registration_id, run=run.run
-            )
+        run.logged.extend(logged)
         metrics.OUTCOMES.labels(outcome.status.value, str(outcome.details.get("error", ""))).inc()
-        process_log = [log_entry_view(registrations.to_log_event(e)) for e in history if e.stage]
+        process_log = [log_entry_view(e) for e in run.logged if e.stage]
         await self._publish(logged, process_log)
 
     async def _append(

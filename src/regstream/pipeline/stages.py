@@ -29,12 +29,17 @@ async def duplicate_check(
     session: AsyncSession, applicant: Applicant, national_id_hash: str
 ) -> DuplicateCheck:
     """Same CIF: an existing user. Phone or id held by another CIF: refuse (SIM-swap risk)."""
-    by_cif = await users.get_by_customer_number(session, customer_number=applicant.customer_number)
-    by_phone = await users.get_by_phone(session, phone=applicant.phone)
-    if by_phone is not None and by_phone.customer_number != applicant.customer_number:
+    matches = await users.find_matching(
+        session,
+        customer_number=applicant.customer_number,
+        phone=applicant.phone,
+        national_id_hash=national_id_hash,
+    )
+    by_cif = next((u for u in matches if u.customer_number == applicant.customer_number), None)
+    others = [u for u in matches if u.customer_number != applicant.customer_number]
+    if any(u.phone == applicant.phone for u in others):
         raise ValidationFailure(ErrorCode.PHONE_ALREADY_ENROLLED)
-    by_id = await users.get_by_national_id_hash(session, national_id_hash=national_id_hash)
-    if by_id is not None and by_id.customer_number != applicant.customer_number:
+    if any(u.national_id_hash == national_id_hash for u in others):
         raise ValidationFailure(ErrorCode.ID_ALREADY_ENROLLED)
     return DuplicateCheck(existing=by_cif)
 

@@ -1,14 +1,19 @@
 """Publishing registration updates: Pub/Sub for live delivery plus a capped Redis Stream history.
 
-One Lua script call per update does, atomically and in one round trip: make sure the channel has
-an epoch (a new one after Redis lost its data), ``XADD`` the message to the history stream (capped
-by length; trimmed by age once a second), splice ``eventId`` into the JSON and ``PUBLISH`` it. So
-``redis-cli SUBSCRIBE service:registration-updates`` still shows every message, now with its id.
+Every update goes into one in-order queue (``publish_update`` never waits on Redis and never
+raises). One flusher task drains it: each Lua script call takes every update queued so far (up to
+``batch_max``) and, atomically and in one round trip, makes sure the channel has an epoch (a new
+one after Redis lost its data), ``XADD``s each message to the history stream (capped by length;
+trimmed by age once a second), splices ``eventId`` into its JSON and ``PUBLISH``es it. So
+``redis-cli SUBSCRIBE service:registration-updates`` still shows every message, with its id.
+Batching is what lets one process publish thousands of updates a second: at low load a batch is
+one message and nothing waits; under load the messages that queued during one round trip share
+the next (measured in bench/RESULTS.md).
 
-When Redis is unreachable nothing raises into the pipeline: updates wait in a bounded in-memory
-outbox and are published in order once Redis is back (new updates queue behind them, so order is
-kept). If the outbox overflows, the oldest updates are dropped and their registrations are
-announced afterwards in one ``resync`` message, which streams turn into a snapshot frame.
+When Redis is unreachable the queue is the outbox: updates wait, bounded, and are published in
+order once Redis is back (new updates queue behind them, so order is kept). If it overflows, the
+oldest updates are dropped and their registrations are announced afterwards in one ``resync``
+message, which streams turn into a snapshot frame.
 """
 
 from __future__ import annotations
@@ -39,13 +44,17 @@ if not epoch then
   epoch = t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('SET', KEYS[2], epoch)
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'm', ARGV[1])
-if ARGV[4] ~= '' then
-  redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[4])
+local ids = {}
+for i = 4, #ARGV do
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i])
+  local msg = string.sub(ARGV[i], 1, -2) .. ',"eventId":"' .. epoch .. '_' .. id .. '"}'
+  redis.call('PUBLISH', ARGV[2], msg)
+  ids[#ids + 1] = epoch .. '_' .. id
 end
-local msg = string.sub(ARGV[1], 1, -2) .. ',"eventId":"' .. epoch .. '_' .. id .. '"}'
-redis.call('PUBLISH', ARGV[3], msg)
-return epoch .. '_' .. id
+if ARGV[3] ~= '' then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
+end
+return ids
 """
 
 
@@ -77,6 +86,7 @@ class RegistrationPubSub:
         history_maxlen: int = 10_000,
         history_max_age: float = 3600.0,
         outbox_max: int = 10_000,
+        batch_max: int = 256,
         subscriber: Callable[[], Redis] | None = None,
     ) -> None:
         self._redis = redis
@@ -89,6 +99,7 @@ class RegistrationPubSub:
         self._script = redis.register_script(_PUBLISH_SCRIPT)
         self._outbox: deque[bytes] = deque()
         self._outbox_max = outbox_max
+        self._batch_max = batch_max
         self._overflowed: set[int] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._last_trim_ms = 0
@@ -152,18 +163,10 @@ class RegistrationPubSub:
     # --- mechanics -----------------------------------------------------------------------------
 
     async def publish_raw(self, payload: bytes) -> None:
-        """Publish one encoded JSON object; on failure keep it for later, in order."""
-        if self._outbox:
-            self._enqueue(payload)
-            return
-        try:
-            await self._send(payload)
-        except (RedisError, OSError) as exc:
-            metrics.PUBLISH_FAILURES.inc()
-            log.warning("publish failed, keeping update for later: %s", type(exc).__name__)
-            self._enqueue(payload)
+        """Queue one encoded JSON object for publication, after everything queued before it."""
+        self._enqueue(payload)
 
-    async def _send(self, payload: bytes) -> str:
+    async def _send(self, payloads: list[bytes]) -> list[str]:
         now = messages.now_ms()
         minid = ""
         if now - self._last_trim_ms > 1000:
@@ -171,41 +174,59 @@ class RegistrationPubSub:
             minid = str(now - self._max_age_ms)
         result = await self._script(
             keys=[self.history_key, self.epoch_key],
-            args=[payload, self._maxlen, self.channel, minid],
+            args=[self._maxlen, self.channel, minid, *payloads],
         )
-        return result.decode() if isinstance(result, bytes) else str(result)
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
 
     def _enqueue(self, payload: bytes) -> None:
-        if len(self._outbox) >= self._outbox_max:
+        self._outbox.append(payload)
+        self._trim_outbox()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="publish-flusher")
+
+    def _trim_outbox(self) -> None:
+        while len(self._outbox) > self._outbox_max:
             dropped = self._outbox.popleft()
             metrics.OUTBOX_OVERFLOWS.inc()
             rid = _registration_id(dropped)
             if rid is not None:
                 self._overflowed.add(rid)
-        self._outbox.append(payload)
         metrics.OUTBOX_SIZE.set(len(self._outbox))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="publish-outbox")
 
     async def _flush(self) -> None:
         delay = 0.1
-        while self._outbox:
+        failing = False
+        while self._outbox or self._overflowed:
+            batch: list[bytes] = []
             try:
                 if self._overflowed:
-                    ids = sorted(self._overflowed)
                     resync = {
                         "type": "resync",
-                        "registrationIds": ids,
+                        "registrationIds": sorted(self._overflowed),
                         "timestamp": messages.now_ms(),
                     }
-                    await self._send(orjson.dumps(resync))
+                    await self._send([orjson.dumps(resync)])
                     self._overflowed.clear()
-                while self._outbox:
-                    await self._send(self._outbox[0])
-                    self._outbox.popleft()
+                n = min(len(self._outbox), self._batch_max)
+                batch = [self._outbox.popleft() for _ in range(n)]
+                if batch:
+                    await self._send(batch)
                     metrics.OUTBOX_SIZE.set(len(self._outbox))
-                log.info("publish outbox flushed")
-            except (RedisError, OSError):
+                if failing:
+                    failing = False
+                    delay = 0.1
+                    log.info("publishing again; outbox flushed in order")
+            except asyncio.CancelledError:
+                self._outbox.extendleft(reversed(batch))  # shutdown: aclose() reports them
+                raise
+            except (RedisError, OSError) as exc:
+                # Put the batch back in front, in order; what no longer fits is announced later.
+                self._outbox.extendleft(reversed(batch))
+                self._trim_outbox()
+                metrics.PUBLISH_FAILURES.inc()
+                if not failing:
+                    failing = True
+                    log.warning("publish failed, keeping updates for later: %s", type(exc).__name__)
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
 

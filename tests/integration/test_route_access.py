@@ -41,6 +41,7 @@ RULES: dict[tuple[str, str], str] = {
     ("GET", "/api/registrations"): "viewer",
     ("GET", "/api/registrations/{registration_id}"): "viewer",
     ("POST", "/api/registrations/{registration_id}/process"): "operator",
+    ("POST", "/api/registrations/process"): "operator",
     ("GET", STREAM_PATH + "?registrationId=1"): "viewer",
     ("GET", STREAM_PATH): "admin",
     ("GET", "/healthz"): "public",
@@ -59,6 +60,7 @@ RULES: dict[tuple[str, str], str] = {
 }
 BODIES: dict[tuple[str, str], object] = {
     ("POST", "/api/auth/stream-ticket"): {"registrationId": 1},  # unfiltered is admin-only
+    ("POST", "/api/registrations/process"): {"registrationIds": [999999]},
 }
 PUBLIC_MOUNTS = {"/static"}  # CSS and JS files: no data
 RANK = {"viewer": 1, "operator": 2, "admin": 3}

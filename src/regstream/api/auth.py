@@ -134,7 +134,7 @@ class AuditPage(_Model):
 # --- shared helpers ----------------------------------------------------------------------------
 
 
-def get_auth(request: Request) -> AuthRuntime:
+async def get_auth(request: Request) -> AuthRuntime:  # async: no worker thread (see deps.py)
     runtime: AuthRuntime = request.app.state.auth
     return runtime
 

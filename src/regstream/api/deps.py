@@ -52,7 +52,8 @@ class Services:
     stream_auth: StreamAuth | None = None
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async on purpose: FastAPI runs a plain ``def`` dependency on a worker thread (profiled)
     services: Services = request.app.state.services
     return services
 

@@ -1,7 +1,7 @@
 """Registration requests: create, list, read, validate.
 
-Roles (``api/auth.py``): viewer reads; operator creates and starts validations (rate-limited,
-and each run started is written to the audit trail with who started it).
+Roles (``api/auth.py``): viewer reads; operator creates and starts validations, one or many at
+once (rate-limited, and each run started is written to the audit trail with who started it).
 """
 
 from __future__ import annotations
@@ -13,17 +13,22 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.api import views
-from regstream.api.auth import OperatorPrincipal, ProcessPrincipal, ViewerPrincipal
+from regstream.api.auth import AuthDep, OperatorPrincipal, ProcessPrincipal, ViewerPrincipal
 from regstream.api.deps import ServicesDep, SessionDep
 from regstream.api.errors import error_response
 from regstream.api.schemas import (
+    BulkConflict,
+    BulkProcessRequest,
+    BulkProcessResult,
     ErrorBody,
     ProcessAccepted,
     RegistrationCreate,
     RegistrationDetail,
     RegistrationPage,
 )
+from regstream.auth.limits import retry_after
 from regstream.db import audit, registrations
+from regstream.db.tables import RegistrationRequest
 from regstream.domain.enums import RegistrationStatus
 
 router = APIRouter(prefix="/api/registrations", tags=["registrations"])
@@ -118,15 +123,69 @@ async def process_registration(
     if submission.outcome == "conflict":
         assert submission.registration is not None
         row = submission.registration
-        why = (
-            "validation already in progress"
-            if row.in_progress
-            else f"registration already {row.status} and cannot be validated again"
-        )
         return error_response(
             request,
             409,
-            why,
+            _why_not(row),
             registration=views.read_of(row).model_dump(by_alias=True, mode="json"),
         )
     return ProcessAccepted(registration_id=registration_id)
+
+
+def _why_not(row: RegistrationRequest) -> str:
+    if row.in_progress:
+        return "validation already in progress"
+    return f"registration already {row.status} and cannot be validated again"
+
+
+@router.post(
+    "/process",
+    response_model=BulkProcessResult,
+    responses={422: {"model": ErrorBody}, 429: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+)
+async def process_many(
+    body: BulkProcessRequest,
+    request: Request,
+    services: ServicesDep,
+    auth: AuthDep,
+    principal: OperatorPrincipal,
+) -> BulkProcessResult | JSONResponse:
+    """Bulk validation: start every listed registration that may run now, in one transaction.
+    Counts as one validation per id against ``REGSTREAM_PROCESS_RATE_PER_MINUTE``."""
+    if services.draining or not services.runner.accepting:
+        return error_response(
+            request, 503, "server is shutting down; retry shortly", headers={"Retry-After": "2"}
+        )
+    ids = list(dict.fromkeys(body.registration_ids))
+    if len(ids) > auth.process_limiter.rate:
+        return error_response(
+            request, 429, f"at most {auth.process_limiter.rate} validations a minute"
+        )
+    wait = auth.process_limiter.hit(f"operator:{principal.operator_id}", cost=len(ids))
+    if wait:
+        return error_response(
+            request, 429, "too many validations started; retry later",
+            headers={"Retry-After": retry_after(wait)},
+        )  # fmt: skip
+
+    async def audit_starts(session: AsyncSession, accepted: list[int]) -> None:
+        await audit.create_many(  # one entry per run started, committed with the claims
+            session, action="registration.process", outcome="ok", actor=principal.username,
+            targets=[f"registration:{rid}" for rid in accepted],
+        )  # fmt: skip
+
+    started_by = getattr(request.state, "principal_name", None)
+    result = await services.runner.submit_many(ids, started_by=started_by, on_claimed=audit_starts)
+    return BulkProcessResult(
+        accepted=result.accepted,
+        conflicts=[
+            BulkConflict(
+                registration_id=row.id,
+                status=row.status,
+                in_progress=row.in_progress,
+                message=_why_not(row),
+            )  # fmt: skip
+            for row in result.conflicts
+        ],
+        not_found=result.not_found,
+    )

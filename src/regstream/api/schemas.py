@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from datetime import date
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
@@ -171,6 +171,30 @@ class ProcessAccepted(CamelModel):
     registration_id: int
     status: Literal["PENDING"] = "PENDING"
     accepted: bool = True
+
+
+class BulkProcessRequest(CamelModel):
+    """Bulk validation: the registrations to validate (each at most once; up to 500)."""
+
+    registration_ids: list[Annotated[int, Field(ge=1, le=2**53)]] = Field(
+        min_length=1, max_length=500
+    )
+
+
+class BulkConflict(CamelModel):
+    registration_id: int
+    status: str
+    in_progress: bool
+    message: str
+
+
+class BulkProcessResult(CamelModel):
+    """``accepted``: started now (updates follow on the stream); ``conflicts``: running already or
+    final; ``notFound``: no such registration."""
+
+    accepted: list[int]
+    conflicts: list[BulkConflict]
+    not_found: list[int]
 
 
 class ErrorBody(BaseModel):

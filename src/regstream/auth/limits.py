@@ -15,7 +15,9 @@ from collections.abc import Callable
 class RateLimiter:
     """``rate`` events per ``per`` seconds per key, bursting up to ``rate``.
 
-    ``hit(key)`` takes one token and returns 0.0, or returns the seconds to wait (not taking one).
+    ``hit(key)`` takes one token and returns 0.0, or returns the seconds to wait (not taking one);
+    ``hit(key, cost=n)`` takes ``n`` at once (a bulk action). A cost above ``rate`` never fits:
+    callers refuse such a request outright.
     """
 
     def __init__(
@@ -31,16 +33,16 @@ class RateLimiter:
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def hit(self, key: str) -> float:
+    def hit(self, key: str, cost: float = 1.0) -> float:
         now = self._clock()
         tokens, last = self._buckets.get(key, (float(self.rate), now))
         tokens = min(float(self.rate), tokens + (now - last) * self._fill)
-        if tokens < 1.0:
+        if tokens < cost:
             self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self._fill
+            return (cost - tokens) / self._fill
         if key not in self._buckets and len(self._buckets) >= self._max_keys:
             self._prune(now)
-        self._buckets[key] = (tokens - 1.0, now)
+        self._buckets[key] = (tokens - cost, now)
         return 0.0
 
     def _prune(self, now: float) -> None:

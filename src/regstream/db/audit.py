@@ -9,25 +9,42 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.db.tables import AuditEntry
+
+_AUDIT: Table = AuditEntry.__table__  # type: ignore[assignment]
 
 
 async def create(
     session: AsyncSession, *, action: str, outcome: str, actor: str | None = None,
     target: str | None = None, client_ip: str | None = None,
     details: dict[str, Any] | None = None,
-) -> AuditEntry:  # fmt: skip
-    entry = AuditEntry(
-        action=action[:40], outcome=outcome[:16], actor=actor[:64] if actor else None,
-        target=target[:200] if target else None, client_ip=client_ip[:45] if client_ip else None,
-        details=details,
+) -> None:  # fmt: skip
+    await session.execute(
+        insert(_AUDIT),
+        {
+            "action": action[:40], "outcome": outcome[:16], "actor": actor[:64] if actor else None,
+            "target": target[:200] if target else None,
+            "client_ip": client_ip[:45] if client_ip else None, "details": details,
+        },
     )  # fmt: skip
-    session.add(entry)
-    await session.flush()
-    return entry
+
+
+async def create_many(
+    session: AsyncSession, *, action: str, outcome: str, actor: str | None, targets: list[str]
+) -> None:
+    """One entry per target (a bulk action), in one statement."""
+    if targets:
+        await session.execute(
+            insert(_AUDIT),
+            [
+                {"action": action[:40], "outcome": outcome[:16],
+                 "actor": actor[:64] if actor else None, "target": t[:200]}
+                for t in targets
+            ],
+        )  # fmt: skip
 
 
 async def list_page(

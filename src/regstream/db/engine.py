@@ -1,9 +1,10 @@
 """Engine and session factory, and migrations applied at start.
 
-SQLite notes: we run WAL mode with a busy timeout, and start every transaction with
-``BEGIN IMMEDIATE``. A deferred SQLite transaction that reads and then writes gets ``SQLITE_BUSY``
-at once (no busy wait) when another writer got there first; taking the write lock up front makes
-concurrent runs queue on the busy timeout instead (SQLAlchemy's documented pysqlite recipe).
+SQLite notes: we run WAL mode and start every transaction with ``BEGIN IMMEDIATE``. A deferred
+SQLite transaction that reads and then writes gets ``SQLITE_BUSY`` at once (no busy wait) when
+another writer got there first; taking the write lock up front makes concurrent runs queue for it
+instead (SQLAlchemy's documented pysqlite recipe). Statements run on the event loop and a busy
+lock is waited for with ``asyncio.sleep`` (``sqlite_inline``), up to ``SQLITE_BUSY_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from regstream.db import sqlite_inline
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_S = 30.0
 
 
 def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        creator = sqlite_inline.connector(SQLITE_BUSY_TIMEOUT_S)
+        engine = create_async_engine(url, connect_args={"async_creator_fn": creator})
         _configure_sqlite(engine)
         return engine
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
@@ -40,7 +45,6 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Row, Table, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
+
+_REGISTRATIONS: Table = RegistrationRequest.__table__  # type: ignore[assignment]
+_PROCESS_LOG: Table = ProcessLogEntry.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,41 +120,63 @@ async def claim_for_processing(
     now_ms: int,
     lease_ms: int,
     started_by: str | None,
-) -> tuple[str, RegistrationRequest] | None:
+) -> tuple[str, Row[Any]] | None:
     """Take the run if the registration may be validated now; return ``(run_id, row)`` or None.
 
     Allowed: a PENDING registration nobody runs, a FAILED one (re-validation), or one whose
     runner's lease expired. The single conditional UPDATE is the guard against double clicks.
     """
+    claimed = await claim_many(
+        session, registration_ids=[registration_id], now_ms=now_ms, lease_ms=lease_ms,
+        started_by=started_by,
+    )  # fmt: skip
+    return claimed[0] if claimed else None
+
+
+async def claim_many(
+    session: AsyncSession,
+    *,
+    registration_ids: Sequence[int],
+    now_ms: int,
+    lease_ms: int,
+    started_by: str | None,
+) -> list[tuple[str, Row[Any]]]:
+    """``claim_for_processing`` for many registrations in one statement (bulk validation).
+
+    The claimed runs share one ``run_id``: ownership is always checked as (registration, run id).
+    """
     run_id = str(uuid.uuid4())
+    reg = _REGISTRATIONS.c
     result = await session.execute(
-        update(RegistrationRequest)
+        update(_REGISTRATIONS)
         .where(
-            RegistrationRequest.id == registration_id,
-            RegistrationRequest.status.in_(("PENDING", "FAILED")),
-            or_(
-                RegistrationRequest.in_progress.is_(False),
-                RegistrationRequest.lease_expires_ms < now_ms,
-            ),
+            reg.id.in_(registration_ids),
+            reg.status.in_(("PENDING", "FAILED")),
+            or_(reg.in_progress.is_(False), reg.lease_expires_ms < now_ms),
         )
         .values(
             in_progress=True,
             status="PENDING",
             run_id=run_id,
-            run_count=RegistrationRequest.run_count + 1,
+            run_count=reg.run_count + 1,
             lease_expires_ms=now_ms + lease_ms,
             started_by=started_by,
             current_stage=None,
             result=None,
             completed_at=None,
         )
-        .returning(RegistrationRequest)
-        .execution_options(populate_existing=True)
+        .returning(*reg)
     )
-    row = result.scalar_one_or_none()
-    if row is None:
-        return None
-    return run_id, row
+    return [(run_id, row) for row in result.all()]
+
+
+async def get_many(
+    session: AsyncSession, *, registration_ids: Sequence[int]
+) -> list[RegistrationRequest]:
+    rows = await session.scalars(
+        select(RegistrationRequest).where(RegistrationRequest.id.in_(registration_ids))
+    )
+    return list(rows)
 
 
 async def take_over_expired(
@@ -206,23 +231,21 @@ async def append_events(
     """
     count = len(events)
     last_stage = next((e[0] for e in reversed(events) if e[0] is not None), None)
+    reg = _REGISTRATIONS.c
     values: dict[str, Any] = {
-        "seq": RegistrationRequest.seq + count,
+        "seq": reg.seq + count,
         "lease_expires_ms": now_ms + lease_ms,
     }
     if last_stage is not None:
         values["current_stage"] = last_stage
     if final is not None:
         values.update(status=final[0], result=final[1], in_progress=False, completed_at=func.now())
+    # Core statements on the hot path (no ORM identity-map synchronisation; profiled)
     result = await session.execute(
-        update(RegistrationRequest)
-        .where(
-            RegistrationRequest.id == registration_id,
-            RegistrationRequest.run_id == run_id,
-            RegistrationRequest.in_progress.is_(True),
-        )
+        update(_REGISTRATIONS)
+        .where(reg.id == registration_id, reg.run_id == run_id, reg.in_progress.is_(True))
         .values(**values)
-        .returning(RegistrationRequest.seq)
+        .returning(reg.seq)
     )
     last_seq = result.scalar_one_or_none()
     if last_seq is None:
@@ -242,9 +265,8 @@ async def append_events(
         )
         for i, (stage, stage_status, status, message, details) in enumerate(events)
     ]
-    # a bulk INSERT: no ORM objects, no unit-of-work flush (the hot path of every run)
     await session.execute(
-        insert(ProcessLogEntry),
+        insert(_PROCESS_LOG),
         [
             {
                 "registration_id": e.registration_id, "seq": e.seq, "run": e.run,

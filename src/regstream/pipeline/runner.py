@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -60,6 +61,15 @@ class Submission:
 
     outcome: str
     registration: RegistrationRequest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BulkSubmission:
+    """What ``submit_many`` decided for each registration asked for."""
+
+    accepted: list[int]
+    conflicts: list[RegistrationRequest]  # the rows as they are (running, or already final)
+    not_found: list[int]
 
 
 @dataclass(slots=True)
@@ -122,7 +132,7 @@ def log_entry_view(event: LogEvent) -> dict[str, Any]:
     return view
 
 
-def applicant_of(row: RegistrationRequest) -> Applicant:
+def applicant_of(row: RegistrationRequest | Row[Any]) -> Applicant:
     return Applicant(
         customer_number=row.customer_number,
         first_name=row.first_name,
@@ -182,10 +192,38 @@ class Runner:
                 return Submission("not_found" if row is None else "conflict", row)
             if on_claimed is not None:
                 await on_claimed(session)
-        run_id, row = claim
-        run = _Run(registration_id, run_id, row.run_count, applicant_of(row))
+        run_id, claimed = claim
+        run = _Run(registration_id, run_id, claimed.run_count, applicant_of(claimed))
         self._spawn(run, resume=False)
         return Submission("accepted")
+
+    async def submit_many(
+        self,
+        registration_ids: list[int],
+        *,
+        started_by: str | None = None,
+        on_claimed: Callable[[AsyncSession, list[int]], Awaitable[object]] | None = None,
+    ) -> BulkSubmission:
+        """Bulk validation: claim every registration that may run now in one transaction (one
+        statement), and start them. ``on_claimed`` gets the claimed ids, in that transaction."""
+        async with self._sessions.begin() as session:
+            claims = await registrations.claim_many(
+                session, registration_ids=registration_ids, now_ms=_now_ms(),
+                lease_ms=self._lease_ms, started_by=started_by,
+            )  # fmt: skip
+            accepted = sorted(row.id for _, row in claims)
+            rest = sorted(set(registration_ids) - set(accepted))
+            existing = await registrations.get_many(session, registration_ids=rest) if rest else []
+            if accepted and on_claimed is not None:
+                await on_claimed(session, accepted)
+        for run_id, claimed in sorted(claims, key=lambda c: c[1].id):
+            self._spawn(
+                _Run(claimed.id, run_id, claimed.run_count, applicant_of(claimed)), resume=False
+            )
+        found = {row.id for row in existing}
+        return BulkSubmission(
+            accepted, sorted(existing, key=lambda r: r.id), [i for i in rest if i not in found]
+        )
 
     async def recover(self) -> int:
         """Take over and resume every run whose lease expired. Returns how many."""

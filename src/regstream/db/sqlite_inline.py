@@ -1,0 +1,96 @@
+"""aiosqlite without its thread: SQLite statements run on the event loop, busy waits do not.
+
+Why by hand: aiosqlite runs every call (cursor, execute, fetch, close, commit) on a worker thread
+and hands the result back through the loop. On our machines one hand-off costs ~100 µs of CPU
+while the SQLite work of a pipeline statement costs 2-20 µs, so the hand-offs were most of the
+pipeline's database time (bench/RESULTS.md, "Pipeline"). Local SQLite calls are short enough to
+run inline, as long as nothing ever *waits* inline.
+
+The only waiting SQLite does is for another connection's write lock (``SQLITE_BUSY``): another
+transaction of this process that is suspended at an ``await``, or another worker process. So
+connections run with ``busy_timeout = 0`` and this module retries a busy call after an
+``asyncio.sleep`` (1 ms doubling to 50 ms, until ``busy_timeout_s``), which lets the holder of the
+lock finish. A busy call had no effect, so running it again is safe (SQLite's documented rule for
+``BEGIN IMMEDIATE`` and ``COMMIT``).
+
+Used through SQLAlchemy's aiosqlite dialect (``connect_args={"async_creator_fn": ...}``), so the
+rest of the code base sees the same engine, sessions and errors as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Generator
+from functools import partial
+from typing import Any
+
+import aiosqlite
+
+_FIRST_BACKOFF_S = 0.001
+_MAX_BACKOFF_S = 0.05
+
+
+class _RunNow:
+    """Stands in for aiosqlite's queue to its thread: runs each call at once, on this thread."""
+
+    def put_nowait(self, item: tuple[asyncio.Future[Any] | None, Callable[[], Any]]) -> None:
+        future, function = item
+        try:
+            result = function()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller, as aiosqlite
+            if future is not None and not future.done():
+                future.set_exception(exc)
+            return
+        if future is not None and not future.done():
+            future.set_result(result)
+
+
+class InlineConnection(aiosqlite.Connection):
+    """An ``aiosqlite.Connection`` whose calls run on the caller's thread (see the module doc)."""
+
+    def __init__(self, connector: Callable[[], sqlite3.Connection], busy_timeout_s: float) -> None:
+        super().__init__(connector, iter_chunk_size=64)
+        self._tx = _RunNow()  # type: ignore[assignment]
+        self._busy_timeout_s = busy_timeout_s
+
+    def __await__(self) -> Generator[Any, None, InlineConnection]:
+        return self._open().__await__()  # no thread to start
+
+    async def _open(self) -> InlineConnection:
+        await self._connect()  # runs the connector at once (see _RunNow)
+        return self
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not self._running or not self._connection:
+            raise ValueError("Connection closed")
+        call = partial(fn, *args, **kwargs)
+        deadline = asyncio.get_running_loop().time() + self._busy_timeout_s
+        backoff = _FIRST_BACKOFF_S
+        while True:
+            try:
+                return call()
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                    raise
+                if asyncio.get_running_loop().time() + backoff > deadline:
+                    raise
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+
+def connector(busy_timeout_s: float) -> Callable[..., InlineConnection]:
+    """An ``async_creator_fn`` for SQLAlchemy's aiosqlite dialect."""
+
+    def connect(database: str, **kwargs: Any) -> InlineConnection:
+        kwargs.pop("timeout", None)  # SQLite never waits by itself here, see the module doc
+        kwargs["check_same_thread"] = False  # the pool may close a connection from its finaliser
+
+        def open_sqlite() -> sqlite3.Connection:
+            conn: sqlite3.Connection = sqlite3.connect(database, timeout=0, **kwargs)
+            conn.execute("PRAGMA busy_timeout=0")
+            return conn
+
+        return InlineConnection(open_sqlite, busy_timeout_s)
+
+    return connect

@@ -1,0 +1,92 @@
+"""Bulk validation (``POST /api/registrations/process``): one request starts many runs, each
+runs exactly as if clicked alone, a second request conflicts, refusals are clear."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.conftest import SettingsFactory
+from tests.support import LiveServer, StreamClient, auth_headers, serve_app
+
+BULK = "/api/registrations/process"
+
+
+async def test_bulk_starts_every_demo_registration_once(
+    make_settings: SettingsFactory, database_url: str
+) -> None:
+    with serve_app(make_settings(database_url=database_url)) as live:
+        from regstream.demo import load_demo
+
+        rows = await live.call(load_demo(live.services.sessions, b"test-secret-key"))
+        expected = {row.registration_id: row.expected_status for row in rows}
+        ids = sorted(expected)
+        operator = auth_headers(live, "operator")
+        async with (
+            StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
+            httpx.AsyncClient(base_url=live.url, headers=operator) as http,
+        ):
+            asked = [*ids, ids[0], 999_999]  # a repeat and an unknown id
+            response = await http.post(BULK, json={"registrationIds": asked})
+            assert response.status_code == 200, response.text
+            assert response.json() == {"accepted": ids, "conflicts": [], "notFound": [999_999]}
+
+            again = (await http.post(BULK, json={"registrationIds": ids})).json()
+            assert again["accepted"] == [] and again["notFound"] == []
+            assert sorted(c["registrationId"] for c in again["conflicts"]) == ids
+            for conflict in again["conflicts"]:
+                assert (
+                    conflict["inProgress"]
+                    or conflict["status"] == expected[conflict["registrationId"]]
+                )
+                assert conflict["message"]
+
+            for rid in ids:
+                final = await sse.wait_final(rid, timeout=30)
+                assert final["status"] == expected[rid], (rid, final)
+                updates = sse.updates(rid)
+                assert [u["seq"] for u in updates] == list(range(1, len(updates) + 1))
+                starts = [u for u in updates if u.get("stage") == "duplicate_check"
+                          and u["stageStatus"] == "started"]  # fmt: skip
+                assert len(starts) == 1
+                row = (await http.get(f"/api/registrations/{rid}")).json()
+                assert (row["status"], row["inProgress"]) == (expected[rid], False)
+
+            admin = auth_headers(live, "admin")
+            audit = (
+                await http.get(
+                    "/api/audit", params={"pageSize": 200, "action": "registration.process"},
+                    headers=admin,
+                )
+            ).json()  # fmt: skip
+            targets = sorted(e["target"] for e in audit["items"])
+            assert targets == sorted(f"registration:{rid}" for rid in ids)
+
+
+async def test_bulk_refusals_are_clear(live: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "operator")) as h:
+        for body in ({"registrationIds": []}, {"registrationIds": [0]},
+                     {"registrationIds": list(range(1, 502))}, {"ids": [1]}, [1, 2]):  # fmt: skip
+            response = await h.post(BULK, json=body)
+            assert response.status_code == 422, (body, response.text)
+            assert "Traceback" not in response.text
+        viewer = auth_headers(live, "viewer")
+        assert (
+            await h.post(BULK, json={"registrationIds": [1]}, headers=viewer)
+        ).status_code == 403
+
+
+async def test_bulk_counts_each_id_against_the_rate_limit(make_settings: SettingsFactory) -> None:
+    with serve_app(make_settings(process_rate_per_minute=5)) as live:
+        ids = sorted((await live.load_demo()).values())[:6]
+        async with httpx.AsyncClient(
+            base_url=live.url, headers=auth_headers(live, "operator")
+        ) as http:
+            too_many = await http.post(BULK, json={"registrationIds": ids})
+            assert too_many.status_code == 429
+            assert "5 validations a minute" in too_many.json()["message"]
+            ok = await http.post(BULK, json={"registrationIds": ids[:4]})
+            assert ok.status_code == 200 and ok.json()["accepted"] == ids[:4]
+            refused = await http.post(BULK, json={"registrationIds": ids[4:6]})
+            assert refused.status_code == 429  # 1 token left, 2 asked
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert (await http.post(f"/api/registrations/{ids[4]}/process")).status_code == 202

@@ -180,8 +180,21 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
             if await call(f"/api/registrations/{rid}/process") is None:
                 clicked.pop(rid, None)
 
+        async def click_many(chunk: list[int]) -> None:
+            now = time.monotonic()
+            clicked.update((rid, now) for rid in chunk)
+            resp = await call("/api/registrations/process", {"registrationIds": chunk})
+            accepted = set(resp.json()["accepted"]) if resp is not None else set()
+            for rid in chunk:
+                if rid not in accepted:
+                    clicked.pop(rid, None)
+
         t0 = time.monotonic()
-        await asyncio.gather(*(click(rid) for rid in ids))
+        if args.bulk:
+            chunks = [ids[i : i + args.bulk] for i in range(0, len(ids), args.bulk)]
+            await asyncio.gather(*(click_many(c) for c in chunks))
+        else:
+            await asyncio.gather(*(click(rid) for rid in ids))
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline and any(r not in follower.final_at for r in clicked):
             await asyncio.sleep(0.02)
@@ -238,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("-k", type=int, default=1000, help="registrations to validate")
     ap.add_argument("--concurrency", type=int, default=64, help="HTTP requests in flight")
+    ap.add_argument(
+        "--bulk",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start validations N at a time with POST /api/registrations/process (bulk "
+        "validation) instead of one POST per registration",
+    )
     ap.add_argument("--timeout", type=float, default=120, help="bound for all final frames, s")
     ap.add_argument(
         "--final-statuses",

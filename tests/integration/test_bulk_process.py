@@ -64,6 +64,7 @@ async def test_bulk_starts_every_demo_registration_once(
 
 async def test_bulk_refusals_are_clear(live: LiveServer) -> None:
     async with httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "operator")) as h:
+        body: object
         for body in ({"registrationIds": []}, {"registrationIds": [0]},
                      {"registrationIds": list(range(1, 502))}, {"ids": [1]}, [1, 2]):  # fmt: skip
             response = await h.post(BULK, json=body)

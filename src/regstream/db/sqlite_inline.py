@@ -13,6 +13,11 @@ connections run with ``busy_timeout = 0`` and this module retries a busy call af
 lock finish. A busy call had no effect, so running it again is safe (SQLite's documented rule for
 ``BEGIN IMMEDIATE`` and ``COMMIT``).
 
+What does block the loop: the statement itself (microseconds for the pipeline's statements, a few
+milliseconds for a large list page) and SQLite's WAL checkpoint, which runs in the commit that
+crosses 1,000 WAL pages and fsyncs. That is the trade for the embedded default; a deployment that
+cannot accept it uses PostgreSQL (``DATABASE_URL``), whose driver is asynchronous anyway.
+
 Used through SQLAlchemy's aiosqlite dialect (``connect_args={"async_creator_fn": ...}``), so the
 rest of the code base sees the same engine, sessions and errors as before.
 """

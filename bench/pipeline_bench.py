@@ -189,6 +189,7 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
                 if rid not in accepted:
                     clicked.pop(rid, None)
 
+        print(f"created {len(ids)} in {create_s:.1f} s; validating", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         if args.bulk:
             chunks = [ids[i : i + args.bulk] for i in range(0, len(ids), args.bulk)]

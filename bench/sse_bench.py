@@ -1,6 +1,10 @@
-"""SSE fan-out benchmark: regstream's update stream against a baseline (and nchan), one command.
+"""SSE fan-out benchmark: regstream's update stream against a baseline (nchan, floor), one command.
 
-  .venv/bin/python bench/sse_bench.py --targets regstream,baseline,nchan -n 1000 --rate 20
+  .venv/bin/python bench/sse_bench.py --targets regstream,baseline,nchan,floor -n 1000 --rate 20
+
+Targets: regstream (the service), baseline (FastAPI + sse-starlette, baseline_app.py), nchan
+(nginx + nchan, C) and floor (floor_app.py: the cheapest pure-Python fan-out, asyncio + uvloop and
+one pre-encoded chunk written to every stream; what one Python process can do at best here).
 
 For every rep and every target (targets interleaved within a rep) one run: start a private
 redis-server (CPU 1) and the target (CPU 0), open N SSE streams from --workers client processes
@@ -42,6 +46,7 @@ STREAM = "/api/registrations/updates/stream"
 RID_BASE = 100_000
 CLIENT_BOUND_PCT = 70.0
 SERVER_CPUS, LOAD_CPUS = {0}, {1}
+TARGETS = ("regstream", "baseline", "nchan", "floor")
 NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
 MSG = (
     b'{"registrationId":%d,"status":"PENDING","timestamp":%d,"stage":"duplicate_check",'
@@ -197,6 +202,11 @@ def start_target(name: str, args, port: int, redis_port: int, logdir: str) -> pr
         return procs.Child(
             name, argv, SERVER_CPUS if args.pin else None, logdir, env=env, cwd=BENCH
         )
+    if name == "floor":
+        argv = [sys.executable, os.path.join(BENCH, "floor_app.py"), "--port", str(port)]
+        return procs.Child(
+            name, argv, SERVER_CPUS if args.pin else None, logdir, env=env, cwd=BENCH
+        )
     if name == "nchan":
         prefix = os.path.join(logdir, "nginx")
         os.makedirs(prefix, exist_ok=True)
@@ -222,7 +232,7 @@ def start_target(name: str, args, port: int, redis_port: int, logdir: str) -> pr
             "daemon off;",
         ]
         return procs.Child(name, argv, SERVER_CPUS if args.pin else None, logdir)
-    raise SystemExit(f"unknown target {name!r} (regstream, baseline, nchan)")
+    raise SystemExit(f"unknown target {name!r} ({', '.join(TARGETS)})")
 
 
 def setup(cmd: str, env: dict[str, str], logdir: str) -> str:
@@ -651,13 +661,15 @@ def table(recs: list[dict], targets: list[str], idle: bool) -> str:
 
 
 def ratios(recs: list[dict], targets: list[str], reps: int) -> str:
-    """Per-rep ratios (runs of one rep ran back to back) of each target to baseline and nchan."""
+    """Per-rep ratios (runs of one rep ran back to back) of each target to baseline and nchan,
+    and to floor (×floor: how many times the pure-Python floor's cost; floor is never the
+    numerator)."""
     pairs = [
         (t, ref)
-        for ref in ("baseline", "nchan")
+        for ref in ("baseline", "nchan", "floor")
         if ref in targets
         for t in targets
-        if t != ref and (t, ref) != ("baseline", "nchan")
+        if t not in (ref, "floor") and (t, ref) != ("baseline", "nchan")
     ]
     if not pairs:
         return ""
@@ -690,7 +702,7 @@ def parse(argv: list[str] | None):
     ap.add_argument(
         "--targets",
         default="regstream,baseline",
-        help="comma list of regstream, baseline, nchan (default %(default)s)",
+        help="comma list of regstream, baseline, nchan, floor (default %(default)s)",
     )
     ap.add_argument(
         "--scenario",
@@ -792,7 +804,7 @@ def parse(argv: list[str] | None):
     a.auto_auth = "regstream" in a.targets and not a.auth_header and not a.no_auth
     if a.auto_auth:
         a.auth_header = "auto"
-    bad = [t for t in a.targets if t not in ("regstream", "baseline", "nchan")]
+    bad = [t for t in a.targets if t not in TARGETS]
     if bad:
         ap.error(f"unknown targets {bad}")
     if not (

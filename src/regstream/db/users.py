@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.db.tables import MobileUser
@@ -18,20 +18,22 @@ async def get_by_customer_number(
     )
 
 
+# prebuilt: the duplicate check runs once per validation (no statement construction per call)
+_MATCHING = select(MobileUser).where(
+    or_(
+        MobileUser.customer_number == bindparam("cn"),
+        MobileUser.phone == bindparam("phone"),
+        MobileUser.national_id_hash == bindparam("nid"),
+    )
+)
+
+
 async def find_matching(
     session: AsyncSession, *, customer_number: str, phone: str, national_id_hash: str
 ) -> list[MobileUser]:
     """Every enrolled user with this CIF, this phone or this national id (one query)."""
-    rows = await session.scalars(
-        select(MobileUser).where(
-            or_(
-                MobileUser.customer_number == customer_number,
-                MobileUser.phone == phone,
-                MobileUser.national_id_hash == national_id_hash,
-            )
-        )
-    )
-    return list(rows)
+    params = {"cn": customer_number, "phone": phone, "nid": national_id_hash}
+    return list(await session.scalars(_MATCHING, params))
 
 
 async def create(session: AsyncSession, **fields: Any) -> MobileUser:

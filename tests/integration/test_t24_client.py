@@ -14,12 +14,17 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from datetime import date
+from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
+from multidict import CIMultiDict
 from prometheus_client import REGISTRY
+from yarl import URL
 
 from regstream.core_banking import (
     CircuitOpen,
@@ -104,8 +109,8 @@ async def make_client(sim: RunningSimulator) -> AsyncIterator[ClientFactory]:
             "backoff_max": 0.05,
             **overrides,
         }
-        transport = settings.pop("transport", None)
-        client = T24Client(T24ClientConfig(**settings), transport=transport)
+        trace_configs = settings.pop("trace_configs", None)
+        client = T24Client(T24ClientConfig(**settings), trace_configs=trace_configs)
         clients.append(client)
         return client
 
@@ -114,16 +119,32 @@ async def make_client(sim: RunningSimulator) -> AsyncIterator[ClientFactory]:
         await client.aclose()
 
 
-class RecordingTransport(httpx.AsyncHTTPTransport):
-    """A real transport that remembers the requests it sent."""
+@dataclass(frozen=True)
+class SentRequest:
+    method: str
+    url: URL
+    headers: CIMultiDict[str]
+
+
+class RecordingTrace:
+    """aiohttp request tracing that remembers every request as its headers went on the wire.
+
+    ``on_request_headers_sent`` fires after aiohttp wrote the request line and headers to the
+    socket, with the final URL (query included) and the full header set (auth included).
+    """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[httpx.Request] = []
+        self.requests: list[SentRequest] = []
+        self.config = aiohttp.TraceConfig()
+        self.config.on_request_headers_sent.append(self._sent)
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return await super().handle_async_request(request)
+    async def _sent(
+        self,
+        session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        params: aiohttp.TraceRequestHeadersSentParams,
+    ) -> None:
+        self.requests.append(SentRequest(params.method, params.url, CIMultiDict(params.headers)))
 
 
 def _state(client: T24Client) -> BreakerState:
@@ -339,7 +360,7 @@ async def test_connection_refused(make_client: ClientFactory) -> None:
         with pytest.raises(CoreUnavailable) as info:
             await client.get_customer("100100")
     assert info.value.http_status is None
-    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert isinstance(info.value.__cause__, aiohttp.ClientConnectorError)
 
 
 async def test_cob_switch(make_client: ClientFactory, sim: RunningSimulator) -> None:
@@ -439,18 +460,22 @@ async def test_breaker_opening_mid_retries_reports_the_cause(
 async def test_headers_and_correlation_id(
     make_client: ClientFactory, sim: RunningSimulator
 ) -> None:
-    transport = RecordingTransport()
-    client = make_client(transport=transport, company_id="KE0010002")
+    trace = RecordingTrace()
+    client = make_client(trace_configs=[trace.config], company_id="KE0010002")
     await client.get_customer("100950")  # three attempts
     await client.list_accounts("100100")
-    ids = [request.headers["X-Correlation-ID"] for request in transport.requests]
+    ids = [request.headers["X-Correlation-ID"] for request in trace.requests]
     assert len(ids) == 4
     assert all(re.fullmatch(r"[0-9a-f]{32}", value) for value in ids)
     assert ids[0] == ids[1] == ids[2] != ids[3]
-    assert {request.headers["companyId"] for request in transport.requests} == {"KE0010002"}
-    assert all("Authorization" not in request.headers for request in transport.requests)
-    assert transport.requests[3].url.params["page_size"] == "25"
-    assert transport.requests[3].url.params["page_start"] == "1"
+    assert {request.headers["companyId"] for request in trace.requests} == {"KE0010002"}
+    assert {request.headers["Accept"] for request in trace.requests} == {"application/json"}
+    assert all("Authorization" not in request.headers for request in trace.requests)
+    assert {request.method for request in trace.requests} == {"GET"}
+    assert trace.requests[0].url.path == "/api/v1.0.0/party/customers/100950"
+    assert trace.requests[3].url.path == "/api/v1.0.0/party/customers/100100/arrangements"
+    assert trace.requests[3].url.query["page_size"] == "25"
+    assert trace.requests[3].url.query["page_start"] == "1"
 
 
 async def test_basic_auth(auth_simulator: RunningSimulator, make_client: ClientFactory) -> None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from regstream.core_banking.errors import CircuitOpen, CoreBankingError
 from regstream.metrics import T24_CALL_LATENCY, T24_ERRORS
 
-__all__ = ["CallContext", "DropRequestLines", "mask_customer_id", "observe"]
+__all__ = ["CallContext", "mask_customer_id", "observe"]
 
 # Named after the client: operators filter on the module that makes the calls.
 logger = logging.getLogger("regstream.core_banking.client")
@@ -81,17 +80,3 @@ def observe(call: CallContext, status: int | None, exc: CoreBankingError | None)
             "correlation_id": call.correlation_id,
         },
     )
-
-
-class DropRequestLines(logging.Filter):
-    """Drop ``httpx``'s "HTTP Request: GET <url>" lines for our base URL (URLs carry CIFs)."""
-
-    def __init__(self, base_url: str) -> None:
-        super().__init__()
-        self._base = base_url
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args: Any = record.args
-        if isinstance(args, tuple):
-            return not any(str(arg).startswith(self._base) for arg in args)
-        return True

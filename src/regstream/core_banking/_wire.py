@@ -18,6 +18,8 @@ Decisions:
   call (``is_transient``); other 5xx fail fast but stay ``retryable`` for a later re-run.
 - A customer body whose ``customerId`` differs from the one asked for is a protocol error:
   validating the wrong person is worse than failing.
+- The functions read an answer through ``Response`` (status, headers, body bytes): the client
+  hands over an ``Answer`` built from its aiohttp response.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ import email.utils
 import json
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Protocol
 
-import httpx
+import aiohttp
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 
 from regstream.core_banking.errors import (
     CircuitOpen,
@@ -48,6 +52,28 @@ from regstream.domain.core_records import CoreAccount, CoreCustomer, LegalId
 NO_RECORDS_MARKER = "no records were found"
 _MAINTENANCE_WORDS = re.compile(r"\b(cob|close of business|batch|maintenance)\b", re.IGNORECASE)
 _TRANSIENT_STATUSES = frozenset({502, 503, 504})
+
+
+class Response(Protocol):
+    """What the classification reads of an HTTP answer."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def content(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A fully read HTTP answer (the client builds one from its aiohttp response)."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +107,7 @@ class Envelope:
         return NO_RECORDS_MARKER in self.t24_message.casefold()
 
 
-def decode(response: httpx.Response) -> Envelope | None:
+def decode(response: Response) -> Envelope | None:
     """The response as a T24 envelope, or ``None`` when it is not a JSON object."""
     try:
         document = json.loads(response.content)
@@ -107,7 +133,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def classify_error(response: httpx.Response, envelope: Envelope | None) -> CoreBankingError:
+def classify_error(response: Response, envelope: Envelope | None) -> CoreBankingError:
     """Map a non-success answer to our exception (``NoRecords`` is handled before this)."""
     status = response.status_code
     t24_code = envelope.t24_code if envelope else None
@@ -149,19 +175,25 @@ def is_transient(exc: CoreBankingError) -> bool:
     return status in _TRANSIENT_STATUSES or (status == 500 and exc.t24_code == "TGVCP-001")
 
 
-def map_transport_error(exc: httpx.HTTPError) -> CoreBankingError:
-    """Translate an ``httpx`` exception (no response received) into ours."""
-    if isinstance(exc, httpx.TimeoutException):
+def map_transport_error(exc: BaseException) -> CoreBankingError:
+    """Translate an aiohttp transport exception (no usable answer received) into ours."""
+    if isinstance(exc, TimeoutError):  # aiohttp's connect / sock_connect / sock_read timeouts
         return CoreTimeout()
-    if isinstance(exc, httpx.DecodingError):
+    if isinstance(exc, ContentEncodingError):  # a body that does not decompress
         return CoreProtocolError()
-    if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError | httpx.ProxyError):
+    if isinstance(exc, aiohttp.ClientPayloadError):  # body cut short, or undecodable
+        cause = exc.__cause__
+        return CoreProtocolError() if isinstance(cause, ContentEncodingError) else CoreUnavailable()
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientResponseError):
+        # refused / reset / DNS / TLS / proxy, server hung up, or a malformed status line or
+        # headers (ClientResponseError is not raised for statuses: raise_for_status is off)
         return CoreUnavailable()
-    # UnsupportedProtocol, LocalProtocolError, InvalidURL, ...: our configuration or code.
-    return CoreRequestError()
+    if isinstance(exc, HttpProcessingError):  # malformed chunked framing and the like
+        return CoreUnavailable()
+    return CoreRequestError()  # anything else: our configuration or code
 
 
-def interpret(response: httpx.Response) -> Envelope | None:
+def interpret(response: Response) -> Envelope | None:
     """The envelope of a good answer, ``None`` for "No records were found", else raise."""
     envelope = decode(response)
     status = response.status_code

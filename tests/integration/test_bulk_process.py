@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 
 from tests.conftest import SettingsFactory
-from tests.support import LiveServer, StreamClient, auth_headers, serve_app
+from tests.support import LiveServer, StreamClient, auth_headers, serve_app, wait_until
 
 BULK = "/api/registrations/process"
 
@@ -30,16 +30,6 @@ async def test_bulk_starts_every_demo_registration_once(
             assert response.status_code == 200, response.text
             assert response.json() == {"accepted": ids, "conflicts": [], "notFound": [999_999]}
 
-            again = (await http.post(BULK, json={"registrationIds": ids})).json()
-            assert again["accepted"] == [] and again["notFound"] == []
-            assert sorted(c["registrationId"] for c in again["conflicts"]) == ids
-            for conflict in again["conflicts"]:
-                assert (
-                    conflict["inProgress"]
-                    or conflict["status"] == expected[conflict["registrationId"]]
-                )
-                assert conflict["message"]
-
             for rid in ids:
                 final = await sse.wait_final(rid, timeout=30)
                 assert final["status"] == expected[rid], (rid, final)
@@ -51,6 +41,22 @@ async def test_bulk_starts_every_demo_registration_once(
                 row = (await http.get(f"/api/registrations/{rid}")).json()
                 assert (row["status"], row["inProgress"]) == (expected[rid], False)
 
+            # again, all ended: FAILED ones may be validated again, the others conflict
+            again = (await http.post(BULK, json={"registrationIds": ids})).json()
+            failed = sorted(rid for rid in ids if expected[rid] == "FAILED")
+            assert failed and again["accepted"] == failed and again["notFound"] == []
+            conflicts = {c["registrationId"]: c for c in again["conflicts"]}
+            assert sorted(conflicts) == sorted(set(ids) - set(failed))
+            for rid, conflict in conflicts.items():
+                assert (conflict["status"], conflict["inProgress"]) == (expected[rid], False)
+                assert f"already {expected[rid]}" in conflict["message"]
+
+            def finals(rid: int) -> int:
+                return len([u for u in sse.updates(rid) if u.get("final")])
+
+            await wait_until(lambda: all(finals(rid) == 2 for rid in failed), timeout=30,
+                             what="the re-validated runs' final updates")  # fmt: skip
+
             admin = auth_headers(live, "admin")
             audit = (
                 await http.get(
@@ -59,7 +65,7 @@ async def test_bulk_starts_every_demo_registration_once(
                 )
             ).json()  # fmt: skip
             targets = sorted(e["target"] for e in audit["items"])
-            assert targets == sorted(f"registration:{rid}" for rid in ids)
+            assert targets == sorted(f"registration:{rid}" for rid in [*ids, *failed])
 
 
 async def test_bulk_refusals_are_clear(live: LiveServer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 
@@ -83,3 +84,35 @@ async def test_200_registrations_processed_concurrently(
                                   ("t24_lookup", "started"), ("t24_lookup", "failed")]  # fmt: skip
                 seqs = [u["seq"] for u in sse.updates(rid)]
                 assert seqs == list(range(1, row["seq"] + 1))
+
+
+async def test_runs_queued_longer_than_their_lease_are_not_taken_over(
+    make_settings: SettingsFactory, t24_private: Any
+) -> None:
+    """One pipeline slot, a 1 s lease and a slow core: the later runs wait in this process's
+    queue past their claim's lease. The heartbeat keeps them ours: nobody takes them over."""
+    httpx.post(
+        f"http://{t24_private.host}:{t24_private.port}/_sim/config", json={"latency_ms": 250}
+    )
+    settings = make_settings(
+        t24_base_url=t24_private.base_url, pipeline_concurrency=1, lease_seconds=1.0,
+        process_rate_per_minute=100_000,
+    )  # fmt: skip
+    with serve_app(settings) as live:
+        ids = sorted((await live.load_demo()).values())
+        async with (
+            httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http,
+            StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
+        ):
+            response = await http.post("/api/registrations/process", json={"registrationIds": ids})
+            assert response.json()["accepted"] == ids
+            for rid in ids:  # ~10 runs x (1-2 T24 calls x 250 ms): the last waits several leases
+                await sse.wait_final(rid, timeout=60)
+            for rid in ids:
+                starts = [u for u in sse.updates(rid) if u.get("stage") == "duplicate_check"
+                          and u["stageStatus"] == "started"]  # fmt: skip
+                assert len(starts) == 1, (rid, sse.updates(rid))
+                finals = [u for u in sse.updates(rid) if u.get("final")]
+                assert len(finals) == 1
+                seqs = [u["seq"] for u in sse.updates(rid)]
+                assert seqs == list(range(1, len(seqs) + 1))

@@ -192,6 +192,26 @@ async def get_many(
     return list(rows)
 
 
+async def renew_leases(
+    session: AsyncSession, *, runs: Sequence[tuple[int, str]], lease_until_ms: int
+) -> int:
+    """Extend the leases of runs ``(registration id, run id)`` still held; returns how many."""
+    if not runs:
+        return 0
+    reg = _REGISTRATIONS.c
+    result = await session.execute(
+        update(_REGISTRATIONS)
+        .where(
+            reg.id.in_([rid for rid, _ in runs]),
+            # a registration whose run id is one of ours is held by us (run ids are per claim)
+            reg.run_id.in_({run_id for _, run_id in runs}),
+            reg.in_progress.is_(True),
+        )
+        .values(lease_expires_ms=lease_until_ms)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 async def take_over_expired(
     session: AsyncSession, *, registration_id: int, old_run_id: str, now_ms: int, lease_ms: int
 ) -> str | None:

@@ -76,7 +76,7 @@ class InlineConnection(aiosqlite.Connection):
             try:
                 return call()
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # incl. extended codes
                     raise
                 if asyncio.get_running_loop().time() + backoff > deadline:
                     raise

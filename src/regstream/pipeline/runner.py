@@ -165,6 +165,9 @@ class Runner:
         self._semaphore = asyncio.Semaphore(concurrency)
         self._lease_ms = int(lease_seconds * 1000)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._owned: dict[
+            asyncio.Task[None], _Run
+        ] = {}  # runs this process holds, queued or running
         self.accepting = True
 
     @property
@@ -243,9 +246,24 @@ class Runner:
                 resumed += 1
         return resumed
 
+    async def renew_leases(self) -> int:
+        """Heartbeat: renew the lease of every run this process holds, including runs still
+        waiting for a pipeline slot, so a live process's queue is never taken for abandoned."""
+        runs = list(self._owned.values())
+        renewed = 0
+        for start in range(0, len(runs), 500):
+            chunk = runs[start : start + 500]
+            async with self._sessions.begin() as session:
+                renewed += await registrations.renew_leases(
+                    session, runs=[(r.registration_id, r.run_id) for r in chunk],
+                    lease_until_ms=_now_ms() + self._lease_ms,
+                )  # fmt: skip
+        return renewed
+
     async def run_recovery_loop(self) -> None:
         while True:
             try:
+                await self.renew_leases()
                 await self.recover()
             except asyncio.CancelledError:
                 raise
@@ -271,7 +289,12 @@ class Runner:
             self._guarded(run, resume), name=f"validate-{run.registration_id}"
         )
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._owned[task] = run
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._owned.pop(task, None)
 
     # --- the run -------------------------------------------------------------------------------
 

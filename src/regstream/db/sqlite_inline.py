@@ -6,12 +6,15 @@ while the SQLite work of a pipeline statement costs 2-20 µs, so the hand-offs w
 pipeline's database time (bench/RESULTS.md, "Pipeline"). Local SQLite calls are short enough to
 run inline, as long as nothing ever *waits* inline.
 
-The only waiting SQLite does is for another connection's write lock (``SQLITE_BUSY``): another
-transaction of this process that is suspended at an ``await``, or another worker process. So
-connections run with ``busy_timeout = 0`` and this module retries a busy call after an
-``asyncio.sleep`` (1 ms doubling to 50 ms, until ``busy_timeout_s``), which lets the holder of the
-lock finish. A busy call had no effect, so running it again is safe (SQLite's documented rule for
-``BEGIN IMMEDIATE`` and ``COMMIT``).
+The only waiting SQLite does is for another connection's write lock (``SQLITE_BUSY``). Inside
+one process, transactions (all of ours start with ``BEGIN``) queue on a first-come-first-served
+``asyncio.Lock`` per database file, held from ``BEGIN`` until the connection is no longer in a
+transaction: no writer can be starved by a stream of others, and SQLite itself never sees
+contention from this process. Between processes (``serve --workers N``), connections run with
+``busy_timeout = 0`` and a busy call is retried after an ``asyncio.sleep`` (1 ms doubling to
+50 ms), which lets the holder finish. A busy call had no effect, so running it again is safe
+(SQLite's documented rule for ``BEGIN IMMEDIATE`` and ``COMMIT``). Both waits end with
+"database is locked" after ``busy_timeout_s``, as SQLite's own busy timeout would.
 
 What does block the loop: the statement itself (microseconds for the pipeline's statements, a few
 milliseconds for a large list page) and SQLite's WAL checkpoint, which runs in the commit that
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import weakref
 from collections.abc import Callable, Generator
 from functools import partial
 from typing import Any
@@ -34,6 +38,15 @@ import aiosqlite
 
 _FIRST_BACKOFF_S = 0.001
 _MAX_BACKOFF_S = 0.05
+# one FIFO writer lock per (event loop, database file): asyncio locks belong to one loop
+_WRITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _writer_lock(database: str) -> asyncio.Lock:
+    locks = _WRITERS.setdefault(asyncio.get_running_loop(), {})
+    return locks.setdefault(database, asyncio.Lock())
 
 
 class _RunNow:
@@ -54,10 +67,14 @@ class _RunNow:
 class InlineConnection(aiosqlite.Connection):
     """An ``aiosqlite.Connection`` whose calls run on the caller's thread (see the module doc)."""
 
-    def __init__(self, connector: Callable[[], sqlite3.Connection], busy_timeout_s: float) -> None:
+    def __init__(
+        self, connector: Callable[[], sqlite3.Connection], busy_timeout_s: float, database: str
+    ) -> None:
         super().__init__(connector, iter_chunk_size=64)
         self._tx = _RunNow()  # type: ignore[assignment]
         self._busy_timeout_s = busy_timeout_s
+        self._database = database
+        self._writer: asyncio.Lock | None = None  # held from BEGIN to the end of the transaction
 
     def __await__(self) -> Generator[Any, None, InlineConnection]:
         return self._open().__await__()  # no thread to start
@@ -71,6 +88,32 @@ class InlineConnection(aiosqlite.Connection):
             raise ValueError("Connection closed")
         call = partial(fn, *args, **kwargs)
         deadline = asyncio.get_running_loop().time() + self._busy_timeout_s
+        if self._writer is None and args and _is_begin(args[0]):
+            await self._take_writer_lock(deadline)
+        try:
+            return await self._retry_busy(call, deadline)
+        finally:
+            if self._writer is not None and not self._in_transaction():
+                self._writer.release()
+                self._writer = None
+
+    async def _take_writer_lock(self, deadline: float) -> None:
+        lock = _writer_lock(self._database)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await lock.acquire()
+        except TimeoutError:
+            raise sqlite3.OperationalError("database is locked") from None
+        self._writer = lock
+
+    def _in_transaction(self) -> bool:
+        conn = self._connection
+        try:
+            return conn is not None and conn.in_transaction
+        except sqlite3.ProgrammingError:  # closed
+            return False
+
+    async def _retry_busy(self, call: Callable[[], Any], deadline: float) -> Any:
         backoff = _FIRST_BACKOFF_S
         while True:
             try:
@@ -96,6 +139,10 @@ def connector(busy_timeout_s: float) -> Callable[..., InlineConnection]:
             conn.execute("PRAGMA busy_timeout=0")
             return conn
 
-        return InlineConnection(open_sqlite, busy_timeout_s)
+        return InlineConnection(open_sqlite, busy_timeout_s, database)
 
     return connect
+
+
+def _is_begin(sql: object) -> bool:
+    return isinstance(sql, str) and sql.lstrip()[:5].upper() == "BEGIN"

@@ -12,8 +12,10 @@ Data changes that decide the outcome (enrolling a user, updating an enrolled use
 same transaction as the final status: a crash can never leave a person enrolled without the
 APPROVED status, nor apply an update twice.
 
-Crash recovery: a run holds a lease renewed at every step. ``recover()`` (at start, then every
-half lease) takes over runs whose lease expired and resumes them; a T24 lookup that completed
+Crash recovery: a run holds a lease renewed at every step, and every half lease the process
+renews the leases of all the runs it holds, including those still queued for a pipeline slot
+(``renew_leases``), so only a dead or stalled process's runs ever expire. ``recover()`` (at
+start, then every half lease) takes over runs whose lease expired and resumes them; a T24 lookup that completed
 before the crash is not repeated (its result is in the process log), one that was cut off is
 retried. A runner that lost its lease cannot write anything more (``RunLost``).
 """

@@ -91,7 +91,13 @@ async def _scenario(
     headers = auth_headers(live, "admin")
     rng = random.Random(7)
     deadline = asyncio.get_running_loop().time() + seconds
-    async with httpx.AsyncClient(base_url=live.url, headers=headers, timeout=30) as http:
+    # The server closes keep-alive connections idle for 5 s (uvicorn's default). A pooled
+    # connection reused at that moment fails a POST, which is not retried; so the client never
+    # keeps one idle that long (the usual rule: client keep-alive below the server's).
+    limits = httpx.Limits(keepalive_expiry=1.0)
+    async with httpx.AsyncClient(
+        base_url=live.url, headers=headers, timeout=30, limits=limits
+    ) as http:
         rids = await _create(http, count, offset=rng.randrange(10_000))
         viewers, follows = [], {}
         for index in range(clients):

@@ -32,7 +32,10 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     if url.startswith("sqlite"):
         creator = sqlite_inline.connector(SQLITE_BUSY_TIMEOUT_S)
-        engine = create_async_engine(url, connect_args={"async_creator_fn": creator})
+        engine = create_async_engine(
+            url, connect_args={"async_creator_fn": creator},
+            pool_size=pool_size, max_overflow=pool_size,
+        )  # fmt: skip
         _configure_sqlite(engine)
         return engine
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)

@@ -97,6 +97,15 @@ class InlineConnection(aiosqlite.Connection):
                 self._writer.release()
                 self._writer = None
 
+    def stop(self) -> asyncio.Future[Any] | None:
+        """Closing without ``close()`` (SQLAlchemy's terminate, a finaliser): SQLite rolls back,
+        so this connection's turn as the writer ends too."""
+        future = super().stop()
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        return future
+
     async def _take_writer_lock(self, deadline: float) -> None:
         lock = _writer_lock(self._database)
         try:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.api import views
 from regstream.api.auth import AuthDep, OperatorPrincipal, ProcessPrincipal, ViewerPrincipal
-from regstream.api.deps import ServicesDep, SessionDep
+from regstream.api.deps import Services, ServicesDep, SessionDep
 from regstream.api.errors import error_response
 from regstream.api.schemas import (
     BulkConflict,
@@ -103,10 +103,8 @@ async def process_registration(
     services: ServicesDep,
     principal: ProcessPrincipal,
 ) -> ProcessAccepted | JSONResponse:
-    if services.draining or not services.runner.accepting:
-        return error_response(
-            request, 503, "server is shutting down; retry shortly", headers={"Retry-After": "2"}
-        )
+    if (refusal := _refuse_while_draining(request, services)) is not None:
+        return refusal
     started_by = getattr(request.state, "principal_name", None)
 
     async def audit_start(session: AsyncSession) -> None:  # committed with the claim
@@ -132,6 +130,15 @@ async def process_registration(
     return ProcessAccepted(registration_id=registration_id)
 
 
+def _refuse_while_draining(request: Request, services: Services) -> JSONResponse | None:
+    """503 + Retry-After once shutdown started: new runs go to another instance."""
+    if services.draining or not services.runner.accepting:
+        return error_response(
+            request, 503, "server is shutting down; retry shortly", headers={"Retry-After": "2"}
+        )
+    return None
+
+
 def _why_not(row: RegistrationRequest) -> str:
     if row.in_progress:
         return "validation already in progress"
@@ -152,10 +159,8 @@ async def process_many(
 ) -> BulkProcessResult | JSONResponse:
     """Bulk validation: start every listed registration that may run now, in one transaction.
     Counts as one validation per id against ``REGSTREAM_PROCESS_RATE_PER_MINUTE``."""
-    if services.draining or not services.runner.accepting:
-        return error_response(
-            request, 503, "server is shutting down; retry shortly", headers={"Retry-After": "2"}
-        )
+    if (refusal := _refuse_while_draining(request, services)) is not None:
+        return refusal
     ids = list(dict.fromkeys(body.registration_ids))
     if len(ids) > auth.process_limiter.rate:
         return error_response(

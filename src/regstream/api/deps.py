@@ -66,4 +66,7 @@ async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# scope="function": the session (and its transaction) ends when the handler returns, before the
+# response is sent. With the default ("request") it stayed open while a client read the response:
+# a slow reader held a pooled connection, and on SQLite the database's write turn.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

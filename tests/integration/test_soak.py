@@ -35,15 +35,29 @@ async def _create(http: httpx.AsyncClient, count: int, offset: int) -> list[int]
     return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-async def _process(http: httpx.AsyncClient, rids: list[int]) -> None:
+async def _process(http: httpx.AsyncClient, rids: list[int]) -> list[float]:
+    """Click "Validate" on every registration, 50 at a time; returns each answer's seconds."""
     sem = asyncio.Semaphore(50)
+    took: list[float] = []
 
     async def one(rid: int) -> None:
         async with sem:
+            started = time.monotonic()
             response = await http.post(f"/api/registrations/{rid}/process")
+            took.append(time.monotonic() - started)
         assert response.status_code == 202, response.text
 
     await asyncio.gather(*(one(rid) for rid in rids))
+    return took
+
+
+async def _watch_loop_lag(worst: list[float], interval: float = 0.05) -> None:
+    """On the server's loop: the longest time it took to come back to a due timer."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval
+        await asyncio.sleep(interval)
+        worst[0] = max(worst[0], loop.time() - due)
 
 
 async def _all_terminal(http: httpx.AsyncClient) -> bool:
@@ -115,10 +129,19 @@ async def _scenario(
         # every client knows its start position before the first update is published
         await wait_until(lambda: all(v.last_id or v.connections for v in viewers), timeout=30,
                          what="first connections")  # fmt: skip
+        lag = [0.0]
+        watch = asyncio.run_coroutine_threadsafe(_watch_loop_lag(lag), live.app.state.loop)
         processing = asyncio.create_task(_process(http, rids))
         if fault is not None:
             await fault()
-        await processing
+        try:
+            took = sorted(await processing)
+        except httpx.TimeoutException as exc:
+            watch.cancel()
+            stall = round(lag[0] * 1000)
+            raise AssertionError(
+                f"a click got no answer (server loop's worst stall {stall} ms)"
+            ) from exc
         accepted_s = time.monotonic() - started
         await wait_until(
             lambda: _all_terminal(http), timeout=seconds, interval=0.5, what="all terminal"
@@ -132,6 +155,10 @@ async def _scenario(
         counts["registrations"] = count
         counts["accepted_s"], counts["terminal_s"] = round(accepted_s), round(terminal_s)
         counts["seconds"] = round(time.monotonic() - started)
+        counts["post_p99_ms"] = round(took[int(len(took) * 0.99)] * 1000)
+        counts["post_max_ms"] = round(took[-1] * 1000)
+        counts["server_loop_worst_stall_ms"] = round(lag[0] * 1000)
+        watch.cancel()
     print("\nsoak counts:", counts)
     return counts
 

@@ -74,7 +74,14 @@ function renderTable(items) {
   updateBulkButton();
 }
 
+// The list request in flight. Answers can arrive out of order (clear a filter, then type a
+// search): a newer request cancels the older one, so the table always shows the newest ask.
+let loading = null;
+
 async function load() {
+  loading?.abort();
+  const request = new AbortController();
+  loading = request;
   const params = new URLSearchParams({ page: String(view.page), pageSize: String(PAGE_SIZE) });
   if (view.status) params.set('status', view.status);
   if (view.q) params.set('q', view.q);
@@ -84,14 +91,15 @@ async function load() {
   if (view.page > 1) shown.set('page', String(view.page));
   history.replaceState(null, '', shown.toString() ? `?${shown}` : location.pathname);
   try {
-    const page = await api(`/api/registrations?${params}`);
+    const page = await api(`/api/registrations?${params}`, { signal: request.signal });
+    if (request !== loading) return;
     view.total = page.total;
     for (const item of page.items) updates.setSeq(item.id, item.seq);
     renderTable(page.items);
     if (followRows) updates.follow(page.items.map((item) => item.id));
     showError('');
   } catch (error) {
-    if (error instanceof SignInRequired) return;
+    if (error instanceof SignInRequired || request.signal.aborted) return;
     showError(`Could not load registrations: ${error.message}`);
   }
 }

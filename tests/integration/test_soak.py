@@ -60,6 +60,25 @@ async def _watch_loop_lag(worst: list[float], interval: float = 0.05) -> None:
         worst[0] = max(worst[0], loop.time() - due)
 
 
+def _incomplete(viewers: list[Viewer], follows: dict[int, list[int]]) -> str:
+    """Which clients never saw a final status, and where they stood (for a failed soak)."""
+    lines = []
+    for index, viewer in enumerate(viewers):
+        missing = [
+            rid
+            for rid in follows[index]
+            if not (viewer.views.get(rid) and viewer.views[rid].status)
+        ]
+        if missing:
+            view = viewer.views.get(missing[0])
+            lines.append(
+                f"client {index} (filter {viewer.registration_id}): {len(missing)} without a final "
+                f"status, e.g. {missing[0]} seqs={view.seqs if view else None}; last id "
+                f"{viewer.last_id}, {viewer.connections} connections, {viewer.resyncs} resyncs"
+            )
+    return "clients incomplete at the deadline:\n" + "\n".join(lines[:20])
+
+
 async def _all_terminal(http: httpx.AsyncClient) -> bool:
     page = (
         await http.get("/api/registrations", params={"status": "PENDING", "pageSize": 1})
@@ -126,9 +145,11 @@ async def _scenario(
         tasks = [asyncio.create_task(v.run(follows[i], done, deadline, random.Random(i)))
                  for i, v in enumerate(viewers)]  # fmt: skip
         started = time.monotonic()
-        # every client knows its start position before the first update is published
-        await wait_until(lambda: all(v.last_id or v.connections for v in viewers), timeout=30,
-                         what="first connections")  # fmt: skip
+        # Every client knows its start position (``connected.lastEventId``) before the first
+        # update is published. Being connected is not enough: a client that dropped before that
+        # frame arrived would open a fresh stream later and rightly miss what came before.
+        await wait_until(lambda: all(v.last_id for v in viewers), timeout=60,
+                         what="every client's start position")  # fmt: skip
         lag = [0.0]
         watch = asyncio.run_coroutine_threadsafe(_watch_loop_lag(lag), live.app.state.loop)
         processing = asyncio.create_task(_process(http, rids))
@@ -148,9 +169,13 @@ async def _scenario(
         )
         terminal_s = time.monotonic() - started
         done.set()
-        await asyncio.wait_for(
-            asyncio.gather(*tasks), timeout=max(5.0, deadline - asyncio.get_running_loop().time())
-        )
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*tasks),
+                timeout=max(5.0, deadline - asyncio.get_running_loop().time()),
+            )
+        except TimeoutError:
+            raise AssertionError(_incomplete(viewers, follows)) from None
         counts = await _compare(http, viewers, follows)
         counts["registrations"] = count
         counts["accepted_s"], counts["terminal_s"] = round(accepted_s), round(terminal_s)

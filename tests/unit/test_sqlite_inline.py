@@ -103,3 +103,42 @@ async def test_a_lock_held_past_the_timeout_is_an_error(
         blocker.execute("ROLLBACK")
         blocker.close()
         await engine.dispose()
+
+
+async def test_transactions_end_in_their_own_step_not_a_loop_turn_later(tmp_path: Path) -> None:
+    """100 concurrent transactions (writes, and reads that autobegin) need a few loop turns, not
+    one each: a transaction left open until the next turn holds SQLite's write turn, and then
+    every other one queues behind it (the convoy the soak test hit under load)."""
+    engine = db_engine.create_engine(f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+    sessions = db_engine.create_session_factory(engine)
+    loop = asyncio.get_running_loop()
+    turns = 0
+    ticking = True
+
+    def tick() -> None:
+        nonlocal turns
+        turns += 1
+        if ticking:
+            loop.call_soon(tick)
+
+    try:
+        async with sessions.begin() as session:
+            await session.execute(text("CREATE TABLE t (n INTEGER)"))
+
+        async def write(n: int) -> None:
+            async with sessions.begin() as session:
+                await session.execute(text("INSERT INTO t VALUES (:n)"), {"n": n})
+
+        async def read() -> int:
+            async with sessions() as session:
+                return int((await session.execute(text("SELECT count(*) FROM t"))).scalar_one())
+
+        loop.call_soon(tick)
+        await asyncio.gather(*(write(n) if n % 2 else read() for n in range(100)))
+        ticking = False
+        async with sessions() as session:
+            assert (await session.execute(text("SELECT count(*) FROM t"))).scalar_one() == 50
+        assert turns < 20, f"{turns} loop turns for 100 transactions"
+    finally:
+        ticking = False
+        await engine.dispose()

@@ -22,7 +22,7 @@ from regstream.domain.models import Applicant
 
 @dataclass(frozen=True, slots=True)
 class DuplicateCheck:
-    existing: MobileUser | None
+    existing: users.Match | None
 
 
 async def duplicate_check(

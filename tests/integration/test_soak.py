@@ -7,8 +7,10 @@ final status, same stages in the same order; duplicates and gaps are counted and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -52,12 +54,22 @@ async def _process(http: httpx.AsyncClient, rids: list[int]) -> list[float]:
 
 
 async def _watch_loop_lag(worst: list[float], interval: float = 0.05) -> None:
-    """On the server's loop: the longest time it took to come back to a due timer."""
+    """The longest time the running loop took to come back to a due timer."""
     loop = asyncio.get_running_loop()
     while True:
         due = loop.time() + interval
         await asyncio.sleep(interval)
         worst[0] = max(worst[0], loop.time() - due)
+
+
+@contextlib.asynccontextmanager
+async def _stopped_on_exit(tasks: list[asyncio.Task[None]]) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _incomplete(viewers: list[Viewer], follows: dict[int, list[int]]) -> str:
@@ -124,10 +136,11 @@ async def _scenario(
     headers = auth_headers(live, "admin")
     rng = random.Random(7)
     deadline = asyncio.get_running_loop().time() + seconds
-    # The server closes keep-alive connections idle for 5 s (uvicorn's default). A pooled
-    # connection reused at that moment fails a POST, which is not retried; so the client never
-    # keeps one idle that long (the usual rule: client keep-alive below the server's).
-    limits = httpx.Limits(keepalive_expiry=1.0)
+    # A fresh connection per request: the server closes keep-alive connections idle for 5 s
+    # (uvicorn's default), and a POST sent on one as it closes fails with ReadError and is not
+    # retried. Expiring them sooner on the client side is not enough here: this busy process may
+    # read an answer seconds after it arrived, so its idle clock runs late (seen in a soak run).
+    limits = httpx.Limits(max_keepalive_connections=0)
     async with httpx.AsyncClient(
         base_url=live.url, headers=headers, timeout=60, limits=limits
     ) as http:
@@ -144,53 +157,54 @@ async def _scenario(
         done = asyncio.Event()
         tasks = [asyncio.create_task(v.run(follows[i], done, deadline, random.Random(i)))
                  for i, v in enumerate(viewers)]  # fmt: skip
-        started = time.monotonic()
-        # Every client knows its start position (``connected.lastEventId``) before the first
-        # update is published. Being connected is not enough: a client that dropped before that
-        # frame arrived would open a fresh stream later and rightly miss what came before.
-        await wait_until(lambda: all(v.last_id for v in viewers), timeout=60,
-                         what="every client's start position")  # fmt: skip
-        # The server, its clients and the T24 simulator share this process (and its GIL): a
-        # click's time as measured here includes this loop's own backlog, which is why the
-        # client waits up to 60 s (server-side handling stayed under 1 s with a busy core).
-        lag, client_lag = [0.0], [0.0]
-        client_watch = asyncio.create_task(_watch_loop_lag(client_lag))
-        watch = asyncio.run_coroutine_threadsafe(_watch_loop_lag(lag), live.app.state.loop)
-        processing = asyncio.create_task(_process(http, rids))
-        if fault is not None:
-            await fault()
-        try:
-            took = sorted(await processing)
-        except httpx.TimeoutException as exc:
-            watch.cancel()
-            client_watch.cancel()
-            stall = round(lag[0] * 1000)
-            raise AssertionError(
-                f"a click got no answer (server loop's worst stall {stall} ms)"
-            ) from exc
-        accepted_s = time.monotonic() - started
-        await wait_until(
-            lambda: _all_terminal(http), timeout=seconds, interval=0.5, what="all terminal"
-        )
-        terminal_s = time.monotonic() - started
-        done.set()
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*tasks),
-                timeout=max(5.0, deadline - asyncio.get_running_loop().time()),
+        async with _stopped_on_exit(tasks):  # a failure leaves no client running
+            started = time.monotonic()
+            # Every client knows its start position (``connected.lastEventId``) before the first
+            # update is published. Being connected is not enough: a client that dropped before that
+            # frame arrived would open a fresh stream later and rightly miss what came before.
+            await wait_until(lambda: all(v.last_id for v in viewers), timeout=60,
+                             what="every client's start position")  # fmt: skip
+            # The server, its clients and the T24 simulator share this process (and its GIL): a
+            # click's time as measured here includes this loop's own backlog, which is why the
+            # client waits up to 60 s (server-side handling stayed under 1 s with a busy core).
+            lag, client_lag = [0.0], [0.0]
+            client_watch = asyncio.create_task(_watch_loop_lag(client_lag))
+            watch = asyncio.run_coroutine_threadsafe(_watch_loop_lag(lag), live.app.state.loop)
+            processing = asyncio.create_task(_process(http, rids))
+            if fault is not None:
+                await fault()
+            try:
+                took = sorted(await processing)
+            except httpx.TimeoutException as exc:
+                stall = round(lag[0] * 1000)
+                raise AssertionError(
+                    f"a click got no answer (server loop's worst stall {stall} ms)"
+                ) from exc
+            finally:
+                watch.cancel()
+                client_watch.cancel()
+            accepted_s = time.monotonic() - started
+            await wait_until(
+                lambda: _all_terminal(http), timeout=seconds, interval=0.5, what="all terminal"
             )
-        except TimeoutError:
-            raise AssertionError(_incomplete(viewers, follows)) from None
-        counts = await _compare(http, viewers, follows)
-        counts["registrations"] = count
-        counts["accepted_s"], counts["terminal_s"] = round(accepted_s), round(terminal_s)
-        counts["seconds"] = round(time.monotonic() - started)
-        counts["post_p99_ms"] = round(took[int(len(took) * 0.99)] * 1000)
-        counts["post_max_ms"] = round(took[-1] * 1000)
-        counts["server_loop_worst_stall_ms"] = round(lag[0] * 1000)
-        counts["client_loop_worst_stall_ms"] = round(client_lag[0] * 1000)
-        watch.cancel()
-        client_watch.cancel()
+            terminal_s = time.monotonic() - started
+            done.set()
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*tasks),
+                    timeout=max(5.0, deadline - asyncio.get_running_loop().time()),
+                )
+            except TimeoutError:
+                raise AssertionError(_incomplete(viewers, follows)) from None
+            counts = await _compare(http, viewers, follows)
+            counts["registrations"] = count
+            counts["accepted_s"], counts["terminal_s"] = round(accepted_s), round(terminal_s)
+            counts["seconds"] = round(time.monotonic() - started)
+            counts["post_p99_ms"] = round(took[int(len(took) * 0.99)] * 1000)
+            counts["post_max_ms"] = round(took[-1] * 1000)
+            # the loops' worst stalls while the clicks were being answered
+            counts["server_loop_worst_stall_ms"] = round(lag[0] * 1000)
+            counts["client_loop_worst_stall_ms"] = round(client_lag[0] * 1000)
     print("\nsoak counts:", counts)
     return counts
 

@@ -1,8 +1,8 @@
 """Exceptions raised by the core-banking adapter.
 
-The pipeline catches ``CoreBankingError`` and nothing lower: every transport (aiohttp) error and every
-non-success T24 answer is translated once, in ``regstream.core_banking.client``, into one of
-these (with ``raise ... from exc`` so the cause stays in the traceback for operators).
+The pipeline catches ``CoreBankingError`` and nothing lower: every transport (aiohttp) error
+and every non-success T24 answer is translated once, in ``regstream.core_banking.client``, into
+one of these (with ``raise ... from exc`` so the cause stays in the traceback for operators).
 
 Our exception hierarchy::
 

@@ -67,9 +67,8 @@ class Session(AsyncSession):
     database's write turn (``sqlite_inline``), so under load every transaction waited a loop turn
     for the one before it (a lock convoy: ~40 requests queued for seconds; the soak test with a
     busy core accepted its 1,000 clicks in 89 s, 35 s without). Here the session closes in the
-    caller's own step;
-    SQLAlchemy's shielded close is kept as the cleanup when that is interrupted (cancelled while
-    a PostgreSQL rollback is in flight).
+    caller's own step; SQLAlchemy's shielded close is kept as the cleanup when that is
+    interrupted (cancelled while a PostgreSQL rollback is in flight).
     """
 
     async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:

@@ -15,9 +15,9 @@ APPROVED status, nor apply an update twice.
 Crash recovery: a run holds a lease renewed at every step, and every half lease the process
 renews the leases of all the runs it holds, including those still queued for a pipeline slot
 (``renew_leases``), so only a dead or stalled process's runs ever expire. ``recover()`` (at
-start, then every half lease) takes over runs whose lease expired and resumes them; a T24 lookup that completed
-before the crash is not repeated (its result is in the process log), one that was cut off is
-retried. A runner that lost its lease cannot write anything more (``RunLost``).
+start, then every half lease) takes over runs whose lease expired and resumes them; a T24 lookup
+that completed before the crash is not repeated (its result is in the process log), one that was
+cut off is retried. A runner that lost its lease cannot write anything more (``RunLost``).
 """
 
 from __future__ import annotations
@@ -166,10 +166,8 @@ class Runner:
         self._key = secret_key
         self._semaphore = asyncio.Semaphore(concurrency)
         self._lease_ms = int(lease_seconds * 1000)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._owned: dict[
-            asyncio.Task[None], _Run
-        ] = {}  # runs this process holds, queued or running
+        # the runs this process holds, queued or running, by the task that runs each
+        self._tasks: dict[asyncio.Task[None], _Run] = {}
         self.accepting = True
 
     @property
@@ -251,7 +249,7 @@ class Runner:
     async def renew_leases(self) -> int:
         """Heartbeat: renew the lease of every run this process holds, including runs still
         waiting for a pipeline slot, so a live process's queue is never taken for abandoned."""
-        runs = list(self._owned.values())
+        runs = list(self._tasks.values())
         renewed = 0
         for start in range(0, len(runs), 500):
             chunk = runs[start : start + 500]
@@ -290,13 +288,11 @@ class Runner:
         task = asyncio.create_task(
             self._guarded(run, resume), name=f"validate-{run.registration_id}"
         )
-        self._tasks.add(task)
-        self._owned[task] = run
+        self._tasks[task] = run
         task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._owned.pop(task, None)
+        self._tasks.pop(task, None)
 
     # --- the run -------------------------------------------------------------------------------
 

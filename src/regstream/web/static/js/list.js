@@ -92,7 +92,7 @@ async function load() {
   history.replaceState(null, '', shown.toString() ? `?${shown}` : location.pathname);
   try {
     const page = await api(`/api/registrations?${params}`, { signal: request.signal });
-    if (request !== loading) return;
+    if (request.signal.aborted) return; // overtaken after its answer was read
     view.total = page.total;
     for (const item of page.items) updates.setSeq(item.id, item.seq);
     renderTable(page.items);

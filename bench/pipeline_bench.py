@@ -32,6 +32,8 @@ sys.path.insert(0, BENCH)
 import httpx  # noqa: E402
 import procs  # noqa: E402
 
+from regstream.core_banking.simulator.dataset import load_applicant  # noqa: E402
+
 STREAM = "/api/registrations/updates/stream"
 DATA = re.compile(rb"^data: ?(.*)$", re.M)
 
@@ -45,8 +47,15 @@ def _letters(i: int) -> str:
             return out.capitalize()
 
 
-def applicant(run: str, i: int) -> dict:
-    """One valid registration request; unique per run so duplicate checks do not collapse them."""
+def applicant(outcome: str, run: str, i: int) -> dict:
+    """One valid registration request, unique per run so duplicate checks do not collapse them.
+
+    ``approved``: a generated customer of the simulator (``dataset.load_applicant``) whose
+    validation runs every stage and ends APPROVED. ``not-found``: a CIF the core does not know,
+    so the run ends FAILED (CUSTOMER_NOT_FOUND) after one T24 call.
+    """
+    if outcome == "approved":
+        return load_applicant(int(run[:3]) * 1_000_000 + i)
     return {
         "customerNumber": f"{run[:3]}{i:07d}",  # digits only, at most 10
         "firstName": "Bench",
@@ -85,6 +94,7 @@ class StreamFollower:
     def __init__(self, finals: set[str]) -> None:
         self.finals = finals
         self.final_at: dict[int, float] = {}
+        self.outcomes: dict[str, int] = {}  # final status (and error code) -> count
         self.frames = 0
         self.connected = asyncio.Event()
 
@@ -129,6 +139,8 @@ class StreamFollower:
         d = frame.get("data") or {}
         if d.get("status") in self.finals and "registrationId" in d:
             self.final_at[int(d["registrationId"])] = now
+            outcome = f"{d['status']} {(d.get('details') or {}).get('error') or ''}".strip()
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
 async def bench(args, base: str, server_pid: int | None) -> dict:
@@ -158,7 +170,7 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
 
         t = time.monotonic()
         created = await asyncio.gather(
-            *(call("/api/registrations", applicant(run, i)) for i in range(args.k))
+            *(call("/api/registrations", applicant(args.outcome, run, i)) for i in range(args.k))
         )
         ids = []
         for resp in created:
@@ -218,6 +230,7 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
         "finished": len(done),
         "http_errors": errors,
         "update_frames": follower.frames,
+        "outcomes": follower.outcomes,
         "validations_per_s": round(len(done) / window, 1),
         "click_to_final_ms": {
             "p50": q(50),
@@ -263,8 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=120, help="bound for all final frames, s")
     ap.add_argument(
         "--final-statuses",
-        default="COMPLETED,DUPLICATE,FAILED",
+        default="APPROVED,COMPLETED,DUPLICATE,FAILED",
         help="statuses whose frame ends a registration's pipeline",
+    )
+    ap.add_argument(
+        "--outcome",
+        choices=("approved", "not-found"),
+        default="approved",
+        help="what the registrations validate to: approved (every stage, two T24 calls, an "
+        "enrolment) or not-found (one T24 call, FAILED with CUSTOMER_NOT_FOUND)",
     )
     ap.add_argument("--url", help="measure a running server (http://127.0.0.1:PORT) instead")
     ap.add_argument("--server-pid", type=int, help="with --url: PID whose tree's CPU is measured")
@@ -337,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
                 children.append(sim)
                 procs.wait_port(sport, sim, 30)
-                env["T24_BASE_URL"] = f"http://127.0.0.1:{sport}"
+                env["T24_BASE_URL"] = f"http://127.0.0.1:{sport}/api/v1.0.0"
             env.update(args.server_env)
             if not args.auth_header and not args.no_auth:  # auth is on: a fresh admin token
                 args.auth_header = "Bearer " + admin_token(exe, env, logdir)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import httpx
 
+from regstream.core_banking.simulator.dataset import load_applicant
+from regstream.db import users
 from tests.conftest import SettingsFactory
 from tests.support import LiveServer, StreamClient, auth_headers, serve_app, wait_until
 
@@ -66,6 +68,44 @@ async def test_bulk_starts_every_demo_registration_once(
             ).json()  # fmt: skip
             targets = sorted(e["target"] for e in audit["items"])
             assert targets == sorted(f"registration:{rid}" for rid in [*ids, *failed])
+
+
+async def test_bulk_of_many_people_approves_each_one(
+    make_settings: SettingsFactory, database_url: str
+) -> None:
+    """40 runs at once (their steps commit in groups): each one APPROVED, each person enrolled
+    once, each run's log complete and numbered, as when validated alone."""
+    with serve_app(make_settings(database_url=database_url)) as live:
+        operator = auth_headers(live, "operator")
+        async with (
+            StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
+            httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
+        ):
+            ids = []
+            for n in range(40):
+                created = await http.post("/api/registrations", json=load_applicant(9000 + n))
+                assert created.status_code == 201, created.text
+                ids.append(created.json()["id"])
+            response = await http.post(BULK, json={"registrationIds": ids})
+            assert response.json()["accepted"] == sorted(ids)
+            for rid in ids:
+                final = await sse.wait_final(rid, timeout=60)
+                assert (final["status"], final["details"]) == ("APPROVED", {"accountsFound": 2})
+                updates = sse.updates(rid)
+                assert [u["seq"] for u in updates] == list(range(1, 8))
+                assert len(final["processLog"]) == 6
+            statuses = {
+                (await http.get(f"/api/registrations/{rid}")).json()["status"] for rid in ids
+            }
+            assert statuses == {"APPROVED"}
+
+            async def enrolled() -> int:
+                async with live.services.sessions() as session:
+                    return await users.count(session)
+
+            assert await live.call(enrolled()) == 40
+            again = (await http.post(BULK, json={"registrationIds": ids})).json()
+            assert again["accepted"] == [] and len(again["conflicts"]) == 40
 
 
 async def test_bulk_refusals_are_clear(live: LiveServer) -> None:

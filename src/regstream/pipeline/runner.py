@@ -5,8 +5,9 @@ transaction, commit, then publish them. So the database is always ahead of Redis
 status is stored before the final message goes out, and a failed publish never changes an
 outcome (the publisher keeps it for later and never raises). A validation that reaches T24 takes
 three transactions: the claim (with its audit entry), the duplicate check with its log entries,
-and the outcome with its log entries and data change. The run keeps its own log in memory for
-the final message's ``processLog``.
+and the outcome with its log entries and data change. Under load, the steps of many runs commit
+together (``db.group_commit``), each still all-or-nothing. The run keeps its own log in memory
+for the final message's ``processLog``.
 
 Data changes that decide the outcome (enrolling a user, updating an enrolled user) commit in the
 same transaction as the final status: a crash can never leave a person enrolled without the
@@ -38,6 +39,7 @@ from regstream import metrics
 from regstream.core_banking.client import CoreBanking
 from regstream.core_banking.errors import CoreBankingError
 from regstream.db import registrations, users
+from regstream.db.group_commit import GroupCommit
 from regstream.db.registrations import LogEvent, RunLost
 from regstream.db.tables import RegistrationRequest
 from regstream.domain.enums import RegistrationStatus, Stage, StageStatus
@@ -161,6 +163,8 @@ class Runner:
         lease_seconds: float = 60.0,
     ) -> None:
         self._sessions = sessions
+        # the run's steps commit in groups; a validation failure is decided by reading only
+        self._commits = GroupCommit(sessions, decided=(ValidationFailure,))
         self._core = core
         self._publisher = publisher
         self._key = secret_key
@@ -185,16 +189,21 @@ class Runner:
     ) -> Submission:
         """Claim the run and start it. ``on_claimed`` writes in the claim's transaction (the
         audit entry of who started it)."""
-        async with self._sessions.begin() as session:
+
+        async def step(session: AsyncSession) -> tuple[str, Row[Any]] | RegistrationRequest | None:
             claim = await registrations.claim_for_processing(
                 session, registration_id=registration_id, now_ms=_now_ms(),
                 lease_ms=self._lease_ms, started_by=started_by,
             )  # fmt: skip
             if claim is None:
-                row = await registrations.get(session, registration_id=registration_id)
-                return Submission("not_found" if row is None else "conflict", row)
+                return await registrations.get(session, registration_id=registration_id)
             if on_claimed is not None:
                 await on_claimed(session)
+            return claim
+
+        claim = await self._commits.run(step)
+        if not isinstance(claim, tuple):
+            return Submission("not_found" if claim is None else "conflict", claim)
         run_id, claimed = claim
         run = _Run(registration_id, run_id, claimed.run_count, applicant_of(claimed))
         self._spawn(run, resume=False)
@@ -209,16 +218,24 @@ class Runner:
     ) -> BulkSubmission:
         """Bulk validation: claim every registration that may run now in one transaction (one
         statement), and start them. ``on_claimed`` gets the claimed ids, in that transaction."""
-        async with self._sessions.begin() as session:
+
+        async def step(
+            session: AsyncSession,
+        ) -> tuple[list[tuple[str, Row[Any]]], list[RegistrationRequest]]:
             claims = await registrations.claim_many(
                 session, registration_ids=registration_ids, now_ms=_now_ms(),
                 lease_ms=self._lease_ms, started_by=started_by,
             )  # fmt: skip
-            accepted = sorted(row.id for _, row in claims)
-            rest = sorted(set(registration_ids) - set(accepted))
+            claimed_ids = sorted(row.id for _, row in claims)
+            rest = sorted(set(registration_ids) - set(claimed_ids))
             existing = await registrations.get_many(session, registration_ids=rest) if rest else []
-            if accepted and on_claimed is not None:
-                await on_claimed(session, accepted)
+            if claimed_ids and on_claimed is not None:
+                await on_claimed(session, claimed_ids)
+            return claims, existing
+
+        claims, existing = await self._commits.run(step)
+        accepted = sorted(row.id for _, row in claims)
+        rest = sorted(set(registration_ids) - set(accepted))
         for run_id, claimed in sorted(claims, key=lambda c: c[1].id):
             self._spawn(
                 _Run(claimed.id, run_id, claimed.run_count, applicant_of(claimed)), resume=False
@@ -282,6 +299,7 @@ class Runner:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=1)
+        await self._commits.idle(timeout=1)
         return left
 
     def _spawn(self, run: _Run, *, resume: bool) -> None:
@@ -505,9 +523,11 @@ class Runner:
     async def _emit_after(
         self, run: _Run, work: Callable[[AsyncSession], Awaitable[tuple[list[Event], bool]]]
     ) -> bool:
-        async with self._sessions.begin() as session:
+        async def step(session: AsyncSession) -> tuple[list[LogEvent], bool]:
             events, flag = await work(session)
-            logged = await self._append(session, run, events)
+            return await self._append(session, run, events), flag
+
+        logged, flag = await self._commits.run(step)
         run.logged.extend(logged)
         await self._publish(logged)
         return flag
@@ -515,7 +535,7 @@ class Runner:
     async def _finish(
         self, run: _Run, work: Callable[[AsyncSession], Awaitable[tuple[list[Event], Outcome]]]
     ) -> None:
-        async with self._sessions.begin() as session:
+        async def step(session: AsyncSession) -> tuple[list[LogEvent], Outcome]:
             events, outcome = await work(session)
             final: Event = (None, None, outcome.status.value, outcome.message, outcome.details)
             logged = await self._append(
@@ -523,6 +543,9 @@ class Runner:
                     "message": outcome.message, "details": outcome.details,
                 }),
             )  # fmt: skip
+            return logged, outcome
+
+        logged, outcome = await self._commits.run(step)
         run.logged.extend(logged)
         metrics.OUTCOMES.labels(outcome.status.value, str(outcome.details.get("error", ""))).inc()
         process_log = [log_entry_view(e) for e in run.logged if e.stage]

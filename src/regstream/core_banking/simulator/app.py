@@ -14,7 +14,8 @@ and control endpoints under ``/_sim``: ``GET stats`` (``calls`` per endpoint,
 Each T24 call goes through the same steps, in order: count it, wait ``latency_ms``, answer
 503 + ``Retry-After: 1`` if ``cob`` is on, check Basic auth if ``require_auth`` is set,
 fail with 500 ``TGVCP-001`` for a ``fault_rate`` fraction of calls (seeded RNG), apply the
-CIF's scripted fault (``dataset.SCRIPTS``), then answer from ``dataset.CUSTOMERS``.
+CIF's scripted fault (``dataset.SCRIPTS``), then answer from ``dataset.CUSTOMERS`` (or a
+generated load customer, ``dataset.load_customer``).
 
 Decisions:
 
@@ -47,7 +48,7 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive
 
 from regstream.core_banking.simulator import _responses as r
-from regstream.core_banking.simulator.dataset import CUSTOMERS, SCRIPTS, Fault
+from regstream.core_banking.simulator.dataset import CUSTOMERS, SCRIPTS, Fault, load_customer
 
 __all__ = ["API_PREFIX", "MAX_SLEEP", "SimulatorConfig", "create_simulator_app"]
 
@@ -223,7 +224,7 @@ async def _scripted(
 
 
 def _answer(request: Request, state: _State, endpoint: str, cif: str, started: float) -> Response:
-    customer = CUSTOMERS.get(cif)
+    customer = CUSTOMERS.get(cif) or load_customer(cif)
     if customer is None:
         return r.error(404, "TGVCP-002", r.RECORD_MISSING, started)
     if endpoint == "customer":

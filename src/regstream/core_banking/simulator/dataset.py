@@ -36,12 +36,18 @@ CIF      case                            wire behaviour
 100950   flaky                           calls 1 and 2 of every 3 (per CIF): 500 ``TGVCP-001``
 100960   brief maintenance               odd calls (per CIF): 503 + ``Retry-After: 1``
 100999   unknown CIF                     absent: 404 ``TGVCP-002`` RECORD MISSING
+7nnnnnnnnn  load customers (``LOAD_CIF``)   generated approved-like customers, for benchmarks
 =======  ==============================  =================================================
+
+Load customers: any ten-digit CIF starting with 7 is a generated customer (``load_customer``) whose
+registration (``load_applicant``) validates to APPROVED with 2 active accounts, so a benchmark can
+run the full happy path for as many distinct people as it needs.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from enum import StrEnum
@@ -265,6 +271,52 @@ SCRIPTS: dict[str, Script] = {
     "100950": Script(Fault.FLAKY),
     "100960": Script(Fault.BRIEF_MAINTENANCE),
 }
+
+
+LOAD_CIF = re.compile(r"^7\d{9}$")
+_LOAD_DOB = date(1990, 1, 1)
+
+
+def _load_letters(number: int) -> str:
+    """A name part from a number (names take letters only): 0 -> "Aaaaaaa", 1 -> "Baaaaaa"."""
+    letters = []
+    for _ in range(7):
+        number, digit = divmod(number, 26)
+        letters.append("abcdefghijklmnopqrstuvwxyz"[digit])
+    return "".join(letters).capitalize()
+
+
+def load_customer(cif: str) -> SimCustomer | None:
+    """The generated customer of a load CIF (``LOAD_CIF``), None for any other CIF."""
+    if not LOAD_CIF.fullmatch(cif):
+        return None
+    n = int(cif[1:])
+    return SimCustomer(
+        customer_id=cif,
+        mnemonic=f"LOAD{n % 1_000_000:06d}",
+        name=f"Load {_load_letters(n)}",
+        date_of_birth=_LOAD_DOB,
+        national_id=f"7{n:09d}",
+        phone=f"+2548{n % 100_000_000:08d}",
+        email=f"load{n}@example.test",
+        accounts=_accounts(cif, [_ACTIVE, _ACTIVE]),
+    )
+
+
+def load_applicant(n: int) -> dict[str, str]:
+    """The registration (REST API fields) that validates to APPROVED against load customer
+    ``n`` (0 <= n < 10**9)."""
+    cif = f"7{n:09d}"
+    return {
+        "customerNumber": cif,
+        "firstName": "Load",
+        "lastName": _load_letters(n),
+        "dateOfBirth": _LOAD_DOB.isoformat(),
+        "nationalId": f"7{n:09d}",
+        "idType": "NATIONAL.ID",
+        "phone": f"+2548{n % 100_000_000:08d}",
+        "email": f"load{n}@example.test",
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,128 @@
+"""Group commit: many short transactions committed as one.
+
+A validation's steps are small transactions (a claim, a duplicate check with its log rows, an
+outcome with its log rows). Under load dozens of runs reach a step at once, and each transaction's
+fixed cost (a session, a pooled connection, ``BEGIN``, ``COMMIT``; on SQLite the write turn) was
+most of the step's CPU (bench/RESULTS.md, run 9). ``GroupCommit.run(step)`` queues the step; one
+task runs the queued steps one after another in a single transaction and commits once. Steps that
+arrive meanwhile form the next batch: a lone step waits for nothing, and batches grow only with
+load (no timer, so no added latency).
+
+Every step stays atomic. When a step raises, the batch is rolled back and each of its steps runs
+again alone, in a transaction of its own, so the failing step fails alone (a lost lease, a unique
+violation, which on PostgreSQL aborts the whole transaction) and the others commit. So a step
+must be safe to run again after a rollback: it reads and writes only through the session it is
+given and keeps its results to itself until it returns. Exceptions listed in ``decided`` are
+outcomes a step reaches before it writes anything (a validation failure found by reading): they
+go to that step's caller and the batch goes on.
+
+A step whose caller was cancelled before the batch started is dropped; once its batch runs, it
+commits or rolls back with the batch (as a transaction cancelled mid-commit may still commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+T = TypeVar("T")
+Step = Callable[[AsyncSession], Awaitable[T]]
+
+
+class _StepRaised(Exception):
+    """A step of a batch raised: roll the batch back and run its steps alone."""
+
+
+class GroupCommit:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        max_batch: int = 64,
+        decided: tuple[type[Exception], ...] = (),
+    ) -> None:
+        self._sessions = sessions
+        self._max_batch = max_batch
+        self._decided = decided
+        self._queue: deque[tuple[Step[Any], asyncio.Future[Any]]] = deque()
+        self._worker: asyncio.Task[None] | None = None
+
+    async def run(self, step: Step[T]) -> T:
+        """Run ``step`` in a transaction (shared with other steps) and return what it returned
+        once that transaction committed."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((step, future))
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._work(), name="group-commit")
+        return await future
+
+    async def idle(self, *, timeout: float) -> None:
+        """Wait (bounded) until the batch being committed, if any, is done."""
+        if self._worker is not None:
+            await asyncio.wait({self._worker}, timeout=timeout)
+
+    async def _work(self) -> None:
+        batch: list[tuple[Step[Any], asyncio.Future[Any]]] = []
+        try:
+            while self._queue:
+                batch = []
+                while self._queue and len(batch) < self._max_batch:
+                    step, future = self._queue.popleft()
+                    if not future.done():  # done: its caller was cancelled
+                        batch.append((step, future))
+                if batch:
+                    await self._commit(batch)
+        except BaseException:  # cancelled (loop shutdown): nobody is left to settle these
+            for _, future in [*batch, *self._queue]:
+                future.cancel()
+            self._queue.clear()
+            raise
+        finally:
+            self._worker = None
+
+    async def _commit(self, batch: list[tuple[Step[Any], asyncio.Future[Any]]]) -> None:
+        outcomes: list[tuple[bool, Any]] = []  # (raised, result or exception) per step
+        try:
+            async with self._sessions.begin() as session:
+                for step, _ in batch:
+                    try:
+                        outcomes.append((False, await step(session)))
+                    except self._decided as exc:
+                        outcomes.append((True, exc))
+                    except Exception as exc:
+                        raise _StepRaised from exc
+        except _StepRaised as raised:
+            if len(batch) == 1:  # it ran alone already
+                _settle(batch[0][1], True, raised.__cause__)
+                return
+            for step, future in batch:
+                await self._alone(step, future)
+            return
+        except Exception as exc:  # the transaction itself failed (BEGIN, COMMIT, connection)
+            for _, future in batch:
+                _settle(future, True, exc)
+            return
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            _settle(future, *outcome)
+
+    async def _alone(self, step: Step[Any], future: asyncio.Future[Any]) -> None:
+        try:
+            async with self._sessions.begin() as session:
+                result = await step(session)
+        except Exception as exc:
+            _settle(future, True, exc)
+        else:
+            _settle(future, False, result)
+
+
+def _settle(future: asyncio.Future[Any], raised: bool, value: Any) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if raised:
+        future.set_exception(value)
+    else:
+        future.set_result(value)

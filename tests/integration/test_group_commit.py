@@ -1,0 +1,175 @@
+"""Group commit on SQLite and PostgreSQL: steps share transactions, and each stays atomic."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import date
+from typing import Any
+
+import pytest
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from regstream.db import registrations, users
+from regstream.db.engine import SessionFactory, create_engine, create_session_factory, migrate
+from regstream.db.group_commit import GroupCommit
+from regstream.db.tables import MobileUser, RegistrationRequest
+from tests.integration.test_data_layer import FIELDS
+
+
+class Decided(Exception):
+    """Stands for a validation failure found by reading only."""
+
+
+@pytest.fixture
+async def sessions(database_url: str) -> AsyncIterator[tuple[SessionFactory, list[int]]]:
+    """The session factory and a list that counts commits (one entry per COMMIT)."""
+    engine = create_engine(database_url)
+    await migrate(engine)
+    commits: list[int] = []
+    event.listen(engine.sync_engine, "commit", lambda _conn: commits.append(1))
+    try:
+        yield create_session_factory(engine), commits
+    finally:
+        await engine.dispose()
+
+
+def _registration(i: int) -> dict[str, Any]:
+    return {**FIELDS, "customer_number": str(500000 + i), "last_name": f"Group{i}"}
+
+
+async def _user(session: AsyncSession, n: int, customer_number: str) -> None:
+    await users.create(
+        session, customer_number=customer_number, first_name="G", last_name="C",
+        phone=f"+2547110000{n:02d}", email=None, date_of_birth=date(1990, 1, 1),
+        national_id_hash=f"{n:064d}", national_id_last4="0000", device_id=None,
+        registration_id=None,
+    )  # fmt: skip
+
+
+async def _count(factory: SessionFactory, entity: type[Any]) -> int:
+    async with factory() as session:
+        return int(await session.scalar(select(func.count()).select_from(entity)) or 0)
+
+
+async def test_concurrent_steps_commit_together(
+    sessions: tuple[SessionFactory, list[int]],
+) -> None:
+    factory, commits = sessions
+    group = GroupCommit(factory)
+
+    async def step(i: int) -> int:
+        async def write(session: AsyncSession) -> int:
+            return (await registrations.create(session, **_registration(i))).id
+
+        return await group.run(write)
+
+    commits.clear()
+    ids = await asyncio.gather(*(step(i) for i in range(60)))
+    assert len(set(ids)) == 60
+    assert await _count(factory, RegistrationRequest) == 60
+    # the first step commits alone; the 59 that queued meanwhile share one more transaction
+    assert len(commits) <= 3, f"{len(commits)} commits for 60 steps"
+
+
+async def test_a_step_that_raises_fails_alone(sessions: tuple[SessionFactory, list[int]]) -> None:
+    """A unique violation (which aborts a PostgreSQL transaction) in one step of a batch: that
+    step's writes are all undone, every other step commits once."""
+    factory, _ = sessions
+    group = GroupCommit(factory)
+    async with factory.begin() as session:
+        await _user(session, 99, "770000")
+    calls: dict[int, int] = {}
+
+    async def step(i: int) -> str:
+        async def write(session: AsyncSession) -> str:
+            calls[i] = calls.get(i, 0) + 1
+            await registrations.create(session, **_registration(i))
+            await _user(session, i, "770000" if i == 7 else str(600000 + i))
+            return f"ok {i}"
+
+        return await group.run(write)
+
+    blocker = asyncio.Event()
+
+    async def hold(session: AsyncSession) -> None:
+        await blocker.wait()  # keeps the first batch open while the others queue
+
+    first = asyncio.create_task(group.run(hold))
+    await asyncio.sleep(0.05)
+    steps = [asyncio.create_task(step(i)) for i in range(20)]
+    await asyncio.sleep(0.05)
+    blocker.set()
+    await first
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    assert isinstance(results[7], IntegrityError)
+    assert [r for i, r in enumerate(results) if i != 7] == [f"ok {i}" for i in range(20) if i != 7]
+    assert await _count(factory, RegistrationRequest) == 19  # step 7's registration undone
+    assert await _count(factory, MobileUser) == 20  # the one made first, and 19
+    assert calls[7] == 2  # in the batch, then alone
+
+
+async def test_a_decided_outcome_keeps_the_batch(
+    sessions: tuple[SessionFactory, list[int]],
+) -> None:
+    factory, commits = sessions
+    group = GroupCommit(factory, decided=(Decided,))
+    calls: dict[int, int] = {}
+    blocker = asyncio.Event()
+
+    async def hold(session: AsyncSession) -> None:
+        await blocker.wait()
+
+    async def step(i: int) -> int:
+        async def write(session: AsyncSession) -> int:
+            calls[i] = calls.get(i, 0) + 1
+            if i % 5 == 0:
+                await registrations.get(session, registration_id=1)  # read, decide, write nothing
+                raise Decided(i)
+            return (await registrations.create(session, **_registration(i))).id
+
+        return await group.run(write)
+
+    first = asyncio.create_task(group.run(hold))
+    await asyncio.sleep(0.05)
+    steps = [asyncio.create_task(step(i)) for i in range(20)]
+    await asyncio.sleep(0.05)
+    commits.clear()
+    blocker.set()
+    await first
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    assert [type(r) for r in results[::5]] == [Decided] * 4
+    assert await _count(factory, RegistrationRequest) == 16
+    assert set(calls.values()) == {1}, "a decided outcome made the batch run again"
+    assert len(commits) == 1  # the 20 steps in one (the held step never used its connection)
+
+
+async def test_a_cancelled_caller_step_does_not_run(
+    sessions: tuple[SessionFactory, list[int]],
+) -> None:
+    factory, _ = sessions
+    group = GroupCommit(factory)
+    blocker = asyncio.Event()
+    ran: list[str] = []
+
+    async def hold(session: AsyncSession) -> None:
+        await blocker.wait()
+
+    async def write(session: AsyncSession) -> None:
+        ran.append("write")
+        await registrations.create(session, **_registration(1))
+
+    first = asyncio.create_task(group.run(hold))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(group.run(write))
+    await asyncio.sleep(0.05)
+    queued.cancel()
+    blocker.set()
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await group.idle(timeout=5)
+    assert ran == []
+    assert await _count(factory, RegistrationRequest) == 0

@@ -42,7 +42,7 @@ def parse_role(value: str) -> Role:
 
 
 def _principal(
-    operator: Operator, kind: CredentialKind, credential_id: int, expires_ms: int | None,
+    operator: Operator | accounts.Owner, kind: CredentialKind, credential_id: int, expires_ms: int | None,
     csrf: str | None = None,
 ) -> Principal | None:  # fmt: skip
     try:
@@ -76,7 +76,10 @@ async def from_session(session: AsyncSession, session_id: str, *, at_ms: int) ->
     if found is None:
         return None
     row, operator = found
-    if operator.disabled or row.revoked_ms is not None or row.expires_ms <= at_ms:
+    if (
+        operator.disabled or row.revoked_ms is not None
+        or row.expires_ms is None or row.expires_ms <= at_ms  # sessions always expire
+    ):  # fmt: skip
         return None
     return _principal(operator, "session", row.id, row.expires_ms, row.csrf_token)
 

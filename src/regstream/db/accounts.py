@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Select, Table, bindparam, delete, func, null, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.db.tables import ApiToken, AuthSession, Operator, StreamTicket
@@ -85,17 +86,59 @@ async def create_token(
     return token
 
 
+class Credential(NamedTuple):
+    """An API token's or a session's row, as authenticating a request reads it."""
+
+    id: int
+    expires_ms: int | None
+    revoked_ms: int | None
+    csrf_token: str | None  # sessions only
+
+
+class Owner(NamedTuple):
+    """The operator a credential belongs to, as authenticating a request reads it."""
+
+    id: int
+    username: str
+    role: str
+    disabled: bool
+
+
+# Every API request reads one of these: prebuilt Core statements (no statement building, no
+# cache-key walk and no ORM entity loading per request; they were ~10 % of a click's CPU).
+_OPERATOR: Table = Operator.__table__  # type: ignore[assignment]
+_TOKEN: Table = ApiToken.__table__  # type: ignore[assignment]
+_SESSION: Table = AuthSession.__table__  # type: ignore[assignment]
+_OWNER_COLUMNS = (_OPERATOR.c.id, _OPERATOR.c.username, _OPERATOR.c.role, _OPERATOR.c.disabled)
+_TOKEN_BY_HASH = (
+    select(_TOKEN.c.id, _TOKEN.c.expires_ms, _TOKEN.c.revoked_ms, null(), *_OWNER_COLUMNS)
+    .join(_OPERATOR, _OPERATOR.c.id == _TOKEN.c.operator_id)
+    .where(_TOKEN.c.token_hash == bindparam("hash"))
+)
+_SESSION_BY_HASH = (
+    select(
+        _SESSION.c.id,
+        _SESSION.c.expires_ms,
+        _SESSION.c.revoked_ms,
+        _SESSION.c.csrf_token,
+        *_OWNER_COLUMNS,
+    )
+    .join(_OPERATOR, _OPERATOR.c.id == _SESSION.c.operator_id)
+    .where(_SESSION.c.session_hash == bindparam("hash"))
+)
+
+
+async def _credential(
+    session: AsyncSession, statement: Select[Any], secret_hash: str
+) -> tuple[Credential, Owner] | None:
+    row = (await session.execute(statement, {"hash": secret_hash})).first()
+    return None if row is None else (Credential(*row[:4]), Owner(*row[4:]))
+
+
 async def get_token_by_hash(
     session: AsyncSession, *, token_hash: str
-) -> tuple[ApiToken, Operator] | None:
-    row = (
-        await session.execute(
-            select(ApiToken, Operator)
-            .join(Operator, Operator.id == ApiToken.operator_id)
-            .where(ApiToken.token_hash == token_hash)
-        )
-    ).first()
-    return None if row is None else (row[0], row[1])
+) -> tuple[Credential, Owner] | None:
+    return await _credential(session, _TOKEN_BY_HASH, token_hash)
 
 
 async def list_tokens(session: AsyncSession, *, operator_id: int) -> list[ApiToken]:
@@ -139,15 +182,8 @@ async def create_session(
 
 async def get_session_by_hash(
     session: AsyncSession, *, session_hash: str
-) -> tuple[AuthSession, Operator] | None:
-    row = (
-        await session.execute(
-            select(AuthSession, Operator)
-            .join(Operator, Operator.id == AuthSession.operator_id)
-            .where(AuthSession.session_hash == session_hash)
-        )
-    ).first()
-    return None if row is None else (row[0], row[1])
+) -> tuple[Credential, Owner] | None:
+    return await _credential(session, _SESSION_BY_HASH, session_hash)
 
 
 async def revoke_session(session: AsyncSession, *, session_hash: str, now_ms: int) -> int | None:

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from regstream.db.tables import AuditEntry
 
 _AUDIT: Table = AuditEntry.__table__  # type: ignore[assignment]
+_INSERT = insert(_AUDIT)  # built once: every click writes an entry
 
 
 async def create(
@@ -23,7 +24,7 @@ async def create(
     details: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     await session.execute(
-        insert(_AUDIT),
+        _INSERT,
         {
             "action": action[:40], "outcome": outcome[:16], "actor": actor[:64] if actor else None,
             "target": target[:200] if target else None,
@@ -38,7 +39,7 @@ async def create_many(
     """One entry per target (a bulk action), in one statement."""
     if targets:
         await session.execute(
-            insert(_AUDIT),
+            _INSERT,
             [
                 {"action": action[:40], "outcome": outcome[:16],
                  "actor": actor[:64] if actor else None, "target": t[:200]}

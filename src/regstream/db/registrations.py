@@ -159,27 +159,13 @@ async def claim_many(
     The claimed runs share one ``run_id``: ownership is always checked as (registration, run id).
     """
     run_id = str(uuid.uuid4())
-    reg = _REGISTRATIONS.c
     result = await session.execute(
-        update(_REGISTRATIONS)
-        .where(
-            reg.id.in_(registration_ids),
-            reg.status.in_(("PENDING", "FAILED")),
-            or_(reg.in_progress.is_(False), reg.lease_expires_ms < now_ms),
-        )
-        .values(
-            in_progress=True,
-            status="PENDING",
-            run_id=run_id,
-            run_count=reg.run_count + 1,
-            lease_expires_ms=now_ms + lease_ms,
-            started_by=started_by,
-            current_stage=None,
-            result=None,
-            completed_at=None,
-        )
-        .returning(*reg)
-    )
+        _CLAIM,
+        {
+            "ids": list(registration_ids), "now": now_ms, "claim_run_id": run_id,
+            "claim_lease": now_ms + lease_ms, "claim_started_by": started_by,
+        },
+    )  # fmt: skip
     return [(run_id, row) for row in result.all()]
 
 
@@ -328,6 +314,27 @@ _FINISH = (
     .returning(_reg.seq)
 )
 _INSERT_LOG = insert(_PROCESS_LOG)
+# every click runs it (single clicks too: building it per call was ~3 % of a click's CPU)
+_CLAIM = (
+    update(_REGISTRATIONS)
+    .where(
+        _reg.id.in_(bindparam("ids", expanding=True)),
+        _reg.status.in_(("PENDING", "FAILED")),
+        or_(_reg.in_progress.is_(False), _reg.lease_expires_ms < bindparam("now", BigInteger())),
+    )
+    .values(
+        in_progress=True,
+        status="PENDING",
+        run_id=bindparam("claim_run_id", String()),
+        run_count=_reg.run_count + 1,
+        lease_expires_ms=bindparam("claim_lease", BigInteger()),
+        started_by=bindparam("claim_started_by", String()),
+        current_stage=None,
+        result=None,
+        completed_at=None,
+    )
+    .returning(*_reg)
+)
 
 
 def to_log_event(entry: ProcessLogEntry) -> LogEvent:

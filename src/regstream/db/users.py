@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from sqlalchemy import Table, bindparam, or_, select
+from sqlalchemy import Table, bindparam, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.db.tables import MobileUser
@@ -50,11 +50,14 @@ async def find_matching(
     return [Match(*row) for row in await session.execute(_MATCHING, params)]
 
 
-async def create(session: AsyncSession, **fields: Any) -> MobileUser:
-    user = MobileUser(status="ACTIVE", **fields)
-    session.add(user)
-    await session.flush()
-    return user
+_CREATE = insert(_USERS).returning(_USERS.c.id)
+
+
+async def create(session: AsyncSession, **fields: Any) -> int:
+    """Enrol a user; returns its id. A Core statement: it runs once per approved validation, and
+    the ORM's unit-of-work flush cost more than the insert itself (profiled)."""
+    result = await session.execute(_CREATE, {"status": "ACTIVE", **fields})
+    return int(result.scalar_one())
 
 
 async def update(session: AsyncSession, *, user: MobileUser, changes: dict[str, Any]) -> None:

@@ -265,6 +265,52 @@ async def test_retry_after_is_honoured(make_client: ClientFactory, sim: RunningS
     assert 1.0 <= elapsed < 2.0
 
 
+def _attempt_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str, str]]:
+    """(attempt, outcome, correlation id) of each T24 attempt logged so far."""
+    return [
+        (r.t24_attempt, r.outcome, r.correlation_id)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "regstream.core_banking.client"
+    ]
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2, 4])
+async def test_max_attempts_counts_the_first_attempt(
+    make_client: ClientFactory,
+    sim: RunningSimulator,
+    caplog: pytest.LogCaptureFixture,
+    max_attempts: int,
+) -> None:
+    caplog.set_level(logging.INFO, logger="regstream.core_banking.client")
+    with pytest.raises(CoreUnavailable) as info:
+        await make_client(max_attempts=max_attempts).get_customer("100810")  # always 502
+    assert info.value.http_status == 502
+    assert _calls(sim, "100810") == max_attempts
+    lines = _attempt_lines(caplog)
+    assert [(attempt, outcome) for attempt, outcome, _ in lines] == [
+        (n, "core_unavailable") for n in range(1, max_attempts + 1)
+    ]
+    assert len({correlation_id for *_, correlation_id in lines}) == 1
+
+
+async def test_retried_call_logs_each_request_once(
+    make_client: ClientFactory, sim: RunningSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="regstream.core_banking.client")
+    client = make_client()
+    assert (await client.get_customer("100950")).customer_id == "100950"  # fails twice, then 200
+    assert (await client.get_customer("100100")).customer_id == "100100"
+    lines = _attempt_lines(caplog)
+    assert [(attempt, outcome) for attempt, outcome, _ in lines] == [
+        (1, "core_unavailable"),
+        (2, "core_unavailable"),
+        (3, "ok"),
+        (1, "ok"),
+    ]
+    assert lines[0][2] == lines[1][2] == lines[2][2] != lines[3][2]
+    assert _calls(sim, "100950") == 3
+
+
 # --- failures, case by case -----------------------------------------------------------------------
 
 

@@ -123,6 +123,8 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
     runner = Runner(
         sessions=sessions, core=core, publisher=publisher, secret_key=secret_key(settings),
         concurrency=settings.pipeline_concurrency, lease_seconds=settings.lease_seconds,
+        # SQLite writers take turns anyway; PostgreSQL's statements are round trips to overlap
+        open_transactions=1 if engine.dialect.name == "sqlite" else 4,
     )  # fmt: skip
     services = Services(
         settings=settings, engine=engine, sessions=sessions, redis=redis, publisher=publisher,

@@ -173,3 +173,34 @@ async def test_a_cancelled_caller_step_does_not_run(
     await group.idle(timeout=5)
     assert ran == []
     assert await _count(factory, RegistrationRequest) == 0
+
+
+async def test_open_transactions_are_bounded_by_max_open(
+    sessions: tuple[SessionFactory, list[int]],
+) -> None:
+    """With ``max_open=2`` a second batch runs while the first is held open; a third step waits
+    for one of them."""
+    factory, _ = sessions
+    group = GroupCommit(factory, max_open=2)
+    first_held, second_held = asyncio.Event(), asyncio.Event()
+
+    async def hold(event: asyncio.Event) -> None:
+        await event.wait()
+
+    async def write(session: AsyncSession) -> int:
+        return (await registrations.create(session, **_registration(1))).id
+
+    first = asyncio.create_task(group.run(lambda _s: hold(first_held)))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(group.run(lambda _s: hold(second_held)))
+    await asyncio.sleep(0.05)
+    third = asyncio.create_task(group.run(write))
+    await asyncio.sleep(0.2)
+    assert not third.done(), "a third transaction was opened"
+    second_held.set()
+    assert isinstance(await asyncio.wait_for(third, 5), int)
+    await asyncio.wait_for(second, 5)
+    assert not first.done()
+    first_held.set()
+    await asyncio.wait_for(first, 5)
+    await group.idle(timeout=5)

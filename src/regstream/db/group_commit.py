@@ -6,7 +6,9 @@ fixed cost (a session, a pooled connection, ``BEGIN``, ``COMMIT``; on SQLite the
 most of the step's CPU (bench/RESULTS.md, run 9). ``GroupCommit.run(step)`` queues the step; one
 task runs the queued steps one after another in a single transaction and commits once. Steps that
 arrive meanwhile form the next batch: a lone step waits for nothing, and batches grow only with
-load (no timer, so no added latency).
+load (no timer, so no added latency). ``max_open`` transactions may be open at once: one on
+SQLite, where writers take turns anyway; a few on PostgreSQL, whose statements are network round
+trips that one transaction at a time would leave the server waiting on.
 
 Every step stays atomic. When a step raises, the batch is rolled back and each of its steps runs
 again alone, in a transaction of its own, so the failing step fails alone (a lost lease, a unique
@@ -43,27 +45,29 @@ class GroupCommit:
         sessions: async_sessionmaker[AsyncSession],
         *,
         max_batch: int = 64,
+        max_open: int = 1,
         decided: tuple[type[Exception], ...] = (),
     ) -> None:
         self._sessions = sessions
         self._max_batch = max_batch
+        self._max_open = max_open
         self._decided = decided
         self._queue: deque[tuple[Step[Any], asyncio.Future[Any]]] = deque()
-        self._worker: asyncio.Task[None] | None = None
+        self._workers: set[asyncio.Task[None]] = set()
 
     async def run(self, step: Step[T]) -> T:
         """Run ``step`` in a transaction (shared with other steps) and return what it returned
         once that transaction committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((step, future))
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._work(), name="group-commit")
+        if len(self._workers) < self._max_open:
+            self._workers.add(asyncio.create_task(self._work(), name="group-commit"))
         return await future
 
     async def idle(self, *, timeout: float) -> None:
-        """Wait (bounded) until the batch being committed, if any, is done."""
-        if self._worker is not None:
-            await asyncio.wait({self._worker}, timeout=timeout)
+        """Wait (bounded) until the batches being committed, if any, are done."""
+        if self._workers:
+            await asyncio.wait(set(self._workers), timeout=timeout)
 
     async def _work(self) -> None:
         batch: list[tuple[Step[Any], asyncio.Future[Any]]] = []
@@ -81,8 +85,8 @@ class GroupCommit:
                 future.cancel()
             self._queue.clear()
             raise
-        finally:
-            self._worker = None
+        finally:  # at once, not in a done callback: a step queued meanwhile needs a worker
+            self._workers.discard(asyncio.current_task())
 
     async def _commit(self, batch: list[tuple[Step[Any], asyncio.Future[Any]]]) -> None:
         outcomes: list[tuple[bool, Any]] = []  # (raised, result or exception) per step

@@ -161,10 +161,13 @@ class Runner:
         secret_key: bytes,
         concurrency: int = 64,
         lease_seconds: float = 60.0,
+        open_transactions: int = 1,
     ) -> None:
         self._sessions = sessions
         # the run's steps commit in groups; a validation failure is decided by reading only
-        self._commits = GroupCommit(sessions, decided=(ValidationFailure,))
+        self._commits = GroupCommit(
+            sessions, max_open=open_transactions, decided=(ValidationFailure,)
+        )
         self._core = core
         self._publisher = publisher
         self._key = secret_key

@@ -260,6 +260,51 @@ def test_dashboard_feed_shows_a_run_started_in_another_page(
     expect(dashboard.locator("#lat-chart polyline")).to_have_count(1)
 
 
+def test_dashboard_keeps_the_newest_figures_when_answers_cross(
+    app: LiveServer, context: BrowserContext
+) -> None:
+    """The figures are asked for on a timer and after every update: an answer that arrives after
+    a newer one must not put older counts back."""
+    ids = demo_ids(app)
+    rid = ids["completed_update"]
+    sign_in(context, app, "admin")
+    dashboard = context.new_page()
+    dashboard.goto(f"{app.url}/admin")
+    wait_live(dashboard)
+    completed = dashboard.locator('#counters li[data-counter="COMPLETED"] .n')
+    duplicate = dashboard.locator('#counters li[data-counter="DUPLICATE"] .n')
+    expect(completed).to_have_text("0")
+    held: list[Route] = []
+
+    def hold_first(route: Route) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    dashboard.route(re.compile(r".*/api/stats$"), hold_first)
+    assert process(app, rid) == 202  # its updates ask for the figures again
+    for _ in range(200):  # route handlers run inside Playwright calls: wait with one
+        if held:
+            break
+        dashboard.wait_for_timeout(50)
+    assert held, "no figures were asked for after the updates"
+    final = dashboard.locator(f'#feed li[data-registration-id="{rid}"][data-stage="final"]')
+    expect(final).to_have_count(1)
+    assert process(app, ids["duplicate"]) == 202  # its updates ask again: this one answers
+    expect(duplicate).to_have_text("1")
+    expect(completed).to_have_text("1")
+    try:  # the overtaken request answers last, with the figures from before the run
+        held[0].fulfill(
+            json={"inProgress": 1, "streams": 1, "byStatus": {"COMPLETED": 0},
+                  "latency": {"p50": None, "p95": None, "max": None, "count": 0, "recent": []}},
+        )  # fmt: skip
+    except Exception:  # noqa: BLE001 - the page may have cancelled it already
+        pass
+    dashboard.wait_for_timeout(500)
+    expect(completed).to_have_text("1")
+
+
 def test_dashboard_is_for_admins(app: LiveServer, context: BrowserContext) -> None:
     sign_in(context, app, "operator")
     page = context.new_page()

@@ -88,9 +88,17 @@ function renderChart(points) {
 
 const ms = (value) => (value == null ? '–' : `${Math.round(value)} ms`);
 
+// Figures are asked for on a timer, after updates and after a snapshot, so two requests can be
+// in flight: a newer one cancels the older, and the counters never go back to older figures.
+let loadingStats = null;
+
 async function loadStats() {
+  loadingStats?.abort();
+  const request = new AbortController();
+  loadingStats = request;
   try {
-    const stats = await api('/api/stats');
+    const stats = await api('/api/stats', { signal: request.signal });
+    if (request.signal.aborted) return true; // overtaken after its answer was read
     const counters = { inProgress: stats.inProgress, streams: stats.streams, ...stats.byStatus };
     for (const li of document.querySelectorAll('#counters li[data-counter]')) {
       const value = counters[li.dataset.counter];
@@ -104,6 +112,7 @@ async function loadStats() {
     renderChart(latency.recent || []);
     showError('');
   } catch (error) {
+    if (request.signal.aborted) return true;
     if (error instanceof SignInRequired) return false;
     if (error instanceof ApiError && error.status === 403) {
       showError('The dashboard is for administrators.');

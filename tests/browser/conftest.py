@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Route, sync_playwright
 
 from regstream.demo import load_demo
 from tests.conftest import SettingsFactory
@@ -94,6 +95,39 @@ def demo_ids(live: LiveServer) -> dict[str, int]:
 
 def stream_count(live: LiveServer) -> int:
     return int(call_on_server_loop(live, lambda: len(live.services.hub)))
+
+
+def hold_requests(
+    page: Page, pattern: str, should_hold: Callable[[Route, int], bool]
+) -> list[Route]:
+    """Hold back the requests to URLs matching ``pattern`` that ``should_hold(route, how many are
+    held already)`` picks (the others go on), so a test can answer them after newer ones."""
+    held: list[Route] = []
+
+    def handle(route: Route) -> None:
+        if should_hold(route, len(held)):
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route(re.compile(pattern), handle)
+    return held
+
+
+def wait_held(page: Page, held: list[Route], what: str) -> Route:
+    for _ in range(200):  # route handlers run inside Playwright calls: wait with one
+        if held:
+            return held[0]
+        page.wait_for_timeout(50)
+    raise AssertionError(f"{what} was not sent")
+
+
+def answer_late(route: Route, **fulfil: Any) -> None:
+    """Let a held request answer now (with ``fulfil``'s body if given, else the server's)."""
+    try:
+        route.fulfill(**fulfil) if fulfil else route.continue_()
+    except Exception:  # noqa: BLE001 - the page may have cancelled it already
+        pass
 
 
 def wait_for(predicate: Callable[[], bool], *, timeout: float = 15.0, what: str) -> None:

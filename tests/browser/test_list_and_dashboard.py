@@ -9,12 +9,15 @@ from playwright.sync_api import BrowserContext, Route, expect
 
 from tests.browser.conftest import (
     PASSWORD,
+    answer_late,
     demo_ids,
+    hold_requests,
     process,
     screenshot,
     sign_in,
     stream_count,
     wait_for,
+    wait_held,
     wait_live,
     wait_streams,
 )
@@ -81,27 +84,15 @@ def test_list_keeps_the_newest_answer_when_answers_cross(
     page = context.new_page()
     page.goto(f"{app.url}/registrations?status=APPROVED")
     wait_live(page)
-    held: list[Route] = []
-
-    def hold_unfiltered(route: Route) -> None:
-        if "q=" in route.request.url or "status=" in route.request.url:
-            route.continue_()
-        else:
-            held.append(route)
-
-    page.route(re.compile(r".*/api/registrations\?.*"), hold_unfiltered)
+    held = hold_requests(
+        page, r".*/api/registrations\?.*",
+        lambda route, _n: "q=" not in route.request.url and "status=" not in route.request.url,
+    )  # fmt: skip
     page.get_by_label("Status").select_option("")
-    for _ in range(200):  # route handlers run inside Playwright calls: wait with one
-        if held:
-            break
-        page.wait_for_timeout(50)
-    assert len(held) == 1, "the unfiltered list request was not sent"
+    unfiltered = wait_held(page, held, "the unfiltered list request")
     page.get_by_label("Search").fill("Otieno")
     expect(page.locator("#rows tr .name")).to_have_text("Amani Otieno")
-    try:
-        held[0].continue_()  # the overtaken answer arrives last
-    except Exception:  # noqa: BLE001 - the page may have cancelled it already
-        pass
+    answer_late(unfiltered)  # the overtaken answer arrives last
     page.wait_for_timeout(500)
     expect(page.locator("#rows tr")).to_have_count(1)
     expect(page.locator("#rows tr .name")).to_have_text("Amani Otieno")
@@ -272,37 +263,27 @@ def test_dashboard_keeps_the_newest_figures_when_answers_cross(
     dashboard.goto(f"{app.url}/admin")
     wait_live(dashboard)
     completed = dashboard.locator('#counters li[data-counter="COMPLETED"] .n')
-    duplicate = dashboard.locator('#counters li[data-counter="DUPLICATE"] .n')
     expect(completed).to_have_text("0")
-    held: list[Route] = []
+    asked: list[int] = []
 
-    def hold_first(route: Route) -> None:
-        if held:
-            route.continue_()
-        else:
-            held.append(route)
+    def all_but_the_second(_route: Route, _held: int) -> bool:
+        asked.append(1)
+        return len(asked) != 2  # later ones are held too: only the stale answer can arrive
 
-    dashboard.route(re.compile(r".*/api/stats$"), hold_first)
+    held = hold_requests(dashboard, r".*/api/stats$", all_but_the_second)
     assert process(app, rid) == 202  # its updates ask for the figures again
-    for _ in range(200):  # route handlers run inside Playwright calls: wait with one
-        if held:
-            break
-        dashboard.wait_for_timeout(50)
-    assert held, "no figures were asked for after the updates"
+    first = wait_held(dashboard, held, "a figures request after the updates")
     final = dashboard.locator(f'#feed li[data-registration-id="{rid}"][data-stage="final"]')
     expect(final).to_have_count(1)
     assert process(app, ids["duplicate"]) == 202  # its updates ask again: this one answers
-    expect(duplicate).to_have_text("1")
     expect(completed).to_have_text("1")
-    try:  # the overtaken request answers last, with the figures from before the run
-        held[0].fulfill(
-            json={"inProgress": 1, "streams": 1, "byStatus": {"COMPLETED": 0},
-                  "latency": {"p50": None, "p95": None, "max": None, "count": 0, "recent": []}},
-        )  # fmt: skip
-    except Exception:  # noqa: BLE001 - the page may have cancelled it already
-        pass
+    answer_late(  # the overtaken request answers last, with the figures from before the run
+        first,
+        json={"inProgress": 1, "streams": 1, "byStatus": {"COMPLETED": 0},
+              "latency": {"p50": None, "p95": None, "max": None, "count": 0, "recent": []}},
+    )  # fmt: skip
     dashboard.wait_for_timeout(500)
-    expect(completed).to_have_text("1")
+    assert completed.text_content() == "1"  # read once: nothing else can answer now
 
 
 def test_dashboard_is_for_admins(app: LiveServer, context: BrowserContext) -> None:

@@ -57,7 +57,7 @@ def applicant(outcome: str, run: str, i: int) -> dict:
     so the run ends FAILED (CUSTOMER_NOT_FOUND) after one T24 call.
     """
     if outcome == "approved":
-        return load_applicant(int(run[:3]) * 1_000_000 + i)
+        return load_applicant(int(run[:2]) * 1_000_000 + i)  # unique phones too: < 10**8
     return {
         "customerNumber": f"{run[:3]}{i:07d}",  # digits only, at most 10
         "firstName": "Bench",
@@ -115,15 +115,19 @@ async def raw_clicks(
                 f"{auth_line}Content-Length: 0\r\n\r\n"
             ).encode()
             clicked[rid] = time.monotonic()
-            status = 0
+            status, failure = 0, ""
             for attempt in (1, 2):
                 try:
                     if writer is None or reader is None:
-                        reader, writer = await asyncio.open_connection(host, port)
+                        reader, writer = await asyncio.wait_for(
+                            asyncio.open_connection(host, port), 30
+                        )
                     writer.write(request)
-                    head = await reader.readuntil(b"\r\n\r\n")
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
                     length = CONTENT_LENGTH.search(head)
-                    await reader.readexactly(int(length.group(1)) if length else 0)
+                    if length is None:  # FastAPI's JSON answers carry one; anything else: stop
+                        raise ValueError(f"no Content-Length: {head[:80]!r}")
+                    await asyncio.wait_for(reader.readexactly(int(length.group(1))), 30)
                     status = int(head[9:12])
                     if CLOSE.search(head):
                         writer.close()
@@ -131,13 +135,17 @@ async def raw_clicks(
                     if attempt == 2 and status == 409:
                         status = 202
                     break
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
-                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                except (
+                    OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
+                    asyncio.LimitOverrunError,
+                ) as e:  # fmt: skip
+                    failure = type(e).__name__  # counted once per click, below
                     if writer is not None:
                         writer.close()
                     reader = writer = None
             if not 200 <= status < 300:
-                errors[str(status)] = errors.get(str(status), 0) + 1
+                key = str(status) if status else failure
+                errors[key] = errors.get(key, 0) + 1
                 clicked.pop(rid, None)
         if writer is not None:
             writer.close()

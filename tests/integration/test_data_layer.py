@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import date
 
 from regstream.db import registrations
@@ -79,5 +80,40 @@ async def test_data_layer(database_url: str) -> None:
         async with sessions() as session:
             log = await registrations.get_log(session, registration_id=ids[0])
             assert [(e.seq, e.stage_status) for e in log] == [(1, "started"), (2, "completed")]
+    finally:
+        await engine.dispose()
+
+
+async def test_lease_renewal_skips_rows_a_transaction_holds(postgres_url: str) -> None:
+    """PostgreSQL: renewing leases must not wait for (and deadlock with) a group commit that
+    holds some of the same rows; those rows are renewed by their own step."""
+
+    engine = create_engine(postgres_url)
+    try:
+        await migrate(engine)
+        sessions = create_session_factory(engine)
+        async with sessions.begin() as session:
+            ids = [
+                (await registrations.create(session, **{**FIELDS, "customer_number": str(n)})).id
+                for n in (300001, 300002)
+            ]
+            claims = await registrations.claim_many(
+                session, registration_ids=ids, now_ms=1_000, lease_ms=100, started_by="op"
+            )
+        runs = [(row.id, run_id) for run_id, row in claims]
+        async with sessions.begin() as holder:
+            # a batch in flight: it advanced (and so locked) the first registration's row
+            await registrations.append_events(
+                holder, registration_id=runs[0][0], run_id=runs[0][1], run=1, now_ms=1_010,
+                lease_ms=100, events=[("duplicate_check", "started", "PENDING", "x", None)],
+            )  # fmt: skip
+            async with sessions.begin() as session:
+                renewed = await asyncio.wait_for(
+                    registrations.renew_leases(session, runs=runs, lease_until_ms=5_000), 5
+                )
+            assert renewed == 1  # the free row; the held one renews with its own step
+        async with sessions() as session:
+            rows = await registrations.get_many(session, registration_ids=ids)
+            assert sorted(r.lease_expires_ms or 0 for r in rows) == [1_110, 5_000]
     finally:
         await engine.dispose()

@@ -204,3 +204,37 @@ async def test_open_transactions_are_bounded_by_max_open(
     first_held.set()
     await asyncio.wait_for(first, 5)
     await group.idle(timeout=5)
+
+
+async def test_a_step_cancelled_from_inside_fails_alone(
+    sessions: tuple[SessionFactory, list[int]],
+) -> None:
+    """A step that awaited something cancelled raises CancelledError although nobody cancelled
+    the commit: that step fails, the others in its batch and the steps after it still commit."""
+    factory, _ = sessions
+    group = GroupCommit(factory)
+    blocker = asyncio.Event()
+
+    async def hold(session: AsyncSession) -> None:
+        await blocker.wait()
+
+    async def interrupted(session: AsyncSession) -> None:
+        await registrations.create(session, **_registration(1))
+        gone = asyncio.get_running_loop().create_future()
+        gone.cancel()
+        await gone
+
+    async def write(session: AsyncSession) -> int:
+        return (await registrations.create(session, **_registration(2))).id
+
+    first = asyncio.create_task(group.run(hold))
+    await asyncio.sleep(0.05)
+    steps = [asyncio.create_task(group.run(interrupted)), asyncio.create_task(group.run(write))]
+    await asyncio.sleep(0.05)
+    blocker.set()
+    await first
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert isinstance(results[1], int)
+    assert isinstance(await asyncio.wait_for(group.run(write), 5), int)  # a worker still runs
+    assert await _count(factory, RegistrationRequest) == 2  # step 1's row rolled back

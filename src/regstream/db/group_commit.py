@@ -80,10 +80,13 @@ class GroupCommit:
                         batch.append((step, future))
                 if batch:
                     await self._commit(batch)
-        except BaseException:  # cancelled (loop shutdown): nobody is left to settle these
-            for _, future in [*batch, *self._queue]:
+        except BaseException:  # this worker was cancelled (shutdown): settle what it holds
+            for _, future in batch:
                 future.cancel()
-            self._queue.clear()
+            if not self._workers - {asyncio.current_task()}:  # and nobody is left for the rest
+                for _, future in self._queue:
+                    future.cancel()
+                self._queue.clear()
             raise
         finally:  # at once, not in a done callback: a step queued meanwhile needs a worker
             self._workers.discard(asyncio.current_task())
@@ -97,14 +100,16 @@ class GroupCommit:
                         outcomes.append((False, await step(session)))
                     except self._decided as exc:
                         outcomes.append((True, exc))
-                    except Exception as exc:
+                    except (Exception, asyncio.CancelledError) as exc:
+                        _reraise_if_cancelled(exc)
                         raise _StepRaised from exc
         except _StepRaised as raised:
             if len(batch) == 1:  # it ran alone already
                 _settle(batch[0][1], True, raised.__cause__)
                 return
             for step, future in batch:
-                await self._alone(step, future)
+                if not future.done():  # done: its caller was cancelled meanwhile
+                    await self._alone(step, future)
             return
         except Exception as exc:  # the transaction itself failed (BEGIN, COMMIT, connection)
             for _, future in batch:
@@ -117,10 +122,20 @@ class GroupCommit:
         try:
             async with self._sessions.begin() as session:
                 result = await step(session)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            _reraise_if_cancelled(exc)
             _settle(future, True, exc)
         else:
             _settle(future, False, result)
+
+
+def _reraise_if_cancelled(exc: BaseException) -> None:
+    """A ``CancelledError`` is the worker's own cancellation only when the worker is being
+    cancelled; one raised inside a step (it awaited something that was cancelled) is that
+    step's failure, not a reason to stop every step queued behind it."""
+    task = asyncio.current_task()
+    if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+        raise exc
 
 
 def _settle(future: asyncio.Future[Any], raised: bool, value: Any) -> None:

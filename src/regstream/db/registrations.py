@@ -62,7 +62,8 @@ async def create(session: AsyncSession, **fields: Any) -> RegistrationRequest:
 
 
 async def get(session: AsyncSession, *, registration_id: int) -> RegistrationRequest | None:
-    return await session.get(RegistrationRequest, registration_id)
+    # populate_existing: a session shared by a group commit's steps may hold an older copy
+    return await session.get(RegistrationRequest, registration_id, populate_existing=True)
 
 
 async def list_page(
@@ -173,7 +174,9 @@ async def get_many(
     session: AsyncSession, *, registration_ids: Sequence[int]
 ) -> list[RegistrationRequest]:
     rows = await session.scalars(
-        select(RegistrationRequest).where(RegistrationRequest.id.in_(registration_ids))
+        select(RegistrationRequest)
+        .where(RegistrationRequest.id.in_(registration_ids))
+        .execution_options(populate_existing=True)  # see ``get``
     )
     return list(rows)
 
@@ -185,14 +188,22 @@ async def renew_leases(
     if not runs:
         return 0
     reg = _REGISTRATIONS.c
-    result = await session.execute(
-        update(_REGISTRATIONS)
+    # Rows another transaction has locked are skipped (PostgreSQL; SQLite has no row locks):
+    # they belong to steps being committed right now, which renew the lease themselves, and
+    # waiting for them, locking the others in a different order, could deadlock with a batch.
+    free = (
+        select(reg.id)
         .where(
             reg.id.in_([rid for rid, _ in runs]),
             # a registration whose run id is one of ours is held by us (run ids are per claim)
             reg.run_id.in_({run_id for _, run_id in runs}),
             reg.in_progress.is_(True),
         )
+        .with_for_update(skip_locked=True)
+    )
+    result = await session.execute(
+        update(_REGISTRATIONS)
+        .where(reg.id.in_(free.scalar_subquery()))
         .values(lease_expires_ms=lease_until_ms)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]

@@ -27,9 +27,9 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
@@ -204,13 +204,16 @@ class Runner:
                 await on_claimed(session)
             return claim
 
-        claim = await self._commits.run(step)
-        if not isinstance(claim, tuple):
-            return Submission("not_found" if claim is None else "conflict", claim)
-        run_id, claimed = claim
-        run = _Run(registration_id, run_id, claimed.run_count, applicant_of(claimed))
-        self._spawn(run, resume=False)
-        return Submission("accepted")
+        async def claim_and_start() -> Submission:
+            claim = await self._commits.run(step)
+            if not isinstance(claim, tuple):
+                return Submission("not_found" if claim is None else "conflict", claim)
+            run_id, claimed = claim
+            run = _Run(registration_id, run_id, claimed.run_count, applicant_of(claimed))
+            self._spawn(run, resume=False)
+            return Submission("accepted")
+
+        return await _to_the_end(claim_and_start())
 
     async def submit_many(
         self,
@@ -236,17 +239,21 @@ class Runner:
                 await on_claimed(session, claimed_ids)
             return claims, existing
 
-        claims, existing = await self._commits.run(step)
-        accepted = sorted(row.id for _, row in claims)
-        rest = sorted(set(registration_ids) - set(accepted))
-        for run_id, claimed in sorted(claims, key=lambda c: c[1].id):
-            self._spawn(
-                _Run(claimed.id, run_id, claimed.run_count, applicant_of(claimed)), resume=False
+        async def claim_and_start() -> BulkSubmission:
+            claims, existing = await self._commits.run(step)
+            accepted = sorted(row.id for _, row in claims)
+            rest = sorted(set(registration_ids) - set(accepted))
+            for run_id, claimed in sorted(claims, key=lambda c: c[1].id):
+                self._spawn(
+                    _Run(claimed.id, run_id, claimed.run_count, applicant_of(claimed)),
+                    resume=False,
+                )
+            found = {row.id for row in existing}
+            return BulkSubmission(
+                accepted, sorted(existing, key=lambda r: r.id), [i for i in rest if i not in found]
             )
-        found = {row.id for row in existing}
-        return BulkSubmission(
-            accepted, sorted(existing, key=lambda r: r.id), [i for i in rest if i not in found]
-        )
+
+        return await _to_the_end(claim_and_start())
 
     async def recover(self) -> int:
         """Take over and resume every run whose lease expired. Returns how many."""
@@ -530,10 +537,13 @@ class Runner:
             events, flag = await work(session)
             return await self._append(session, run, events), flag
 
-        logged, flag = await self._commits.run(step)
-        run.logged.extend(logged)
-        await self._publish(logged)
-        return flag
+        async def commit_and_publish() -> bool:
+            logged, flag = await self._commits.run(step)
+            run.logged.extend(logged)
+            await self._publish(logged)
+            return flag
+
+        return await _to_the_end(commit_and_publish())
 
     async def _finish(
         self, run: _Run, work: Callable[[AsyncSession], Awaitable[tuple[list[Event], Outcome]]]
@@ -548,11 +558,15 @@ class Runner:
             )  # fmt: skip
             return logged, outcome
 
-        logged, outcome = await self._commits.run(step)
-        run.logged.extend(logged)
-        metrics.OUTCOMES.labels(outcome.status.value, str(outcome.details.get("error", ""))).inc()
-        process_log = [log_entry_view(e) for e in run.logged if e.stage]
-        await self._publish(logged, process_log)
+        async def commit_and_publish() -> None:
+            logged, outcome = await self._commits.run(step)
+            run.logged.extend(logged)
+            status, error = outcome.status.value, str(outcome.details.get("error", ""))
+            metrics.OUTCOMES.labels(status, error).inc()
+            process_log = [log_entry_view(e) for e in run.logged if e.stage]
+            await self._publish(logged, process_log)
+
+        await _to_the_end(commit_and_publish())
 
     async def _append(
         self,
@@ -573,6 +587,25 @@ class Runner:
             await self._publisher.publish_update(
                 event_to_update(event, process_log if event.stage is None else None)
             )
+
+
+T = TypeVar("T")
+
+
+async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` shielded from the caller's cancellation. Once a step is in a group commit it
+    may commit whatever its caller does, and what follows a commit (publishing it, starting the
+    run) must then happen too; the caller still sees its cancellation at once."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_consume)
+    return await asyncio.shield(task)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    # retrieved so a failure after the caller left is not reported as "never retrieved": the
+    # run's lease then expires and recovery resumes it from the stored log
+    if not task.cancelled():
+        task.exception()
 
 
 def _started(stage: Stage) -> Event:

@@ -305,7 +305,7 @@ def load_customer(cif: str) -> SimCustomer | None:
 
 def load_applicant(n: int) -> dict[str, str]:
     """The registration (REST API fields) that validates to APPROVED against load customer
-    ``n`` (0 <= n < 10**9)."""
+    ``n`` (0 <= n < 10**9; phones repeat every 10**8, so people below 10**8 are all distinct)."""
     cif = f"7{n:09d}"
     return {
         "customerNumber": cif,

@@ -238,3 +238,36 @@ async def test_a_step_cancelled_from_inside_fails_alone(
     assert isinstance(results[1], int)
     assert isinstance(await asyncio.wait_for(group.run(write), 5), int)  # a worker still runs
     assert await _count(factory, RegistrationRequest) == 2  # step 1's row rolled back
+
+
+async def test_what_follows_a_commit_runs_when_the_caller_left(
+    sessions: tuple[SessionFactory, list[int]],
+) -> None:
+    """``then`` runs right after the commit even when the caller was cancelled while its step
+    was in the batch (what was committed gets published, a claimed run gets started)."""
+    factory, _ = sessions
+    group = GroupCommit(factory)
+    first_held, second_held = asyncio.Event(), asyncio.Event()
+    followed: list[int] = []
+
+    async def hold(event: asyncio.Event) -> None:
+        await event.wait()
+
+    async def write(session: AsyncSession) -> int:
+        return (await registrations.create(session, **_registration(1))).id
+
+    first = asyncio.create_task(group.run(lambda _s: hold(first_held)))
+    await asyncio.sleep(0.05)
+    caller = asyncio.create_task(group.run(write, then=followed.append))
+    blocker = asyncio.create_task(group.run(lambda _s: hold(second_held)))
+    await asyncio.sleep(0.05)
+    first_held.set()  # the second batch starts: write, then a step that waits
+    await first
+    await asyncio.sleep(0.05)
+    caller.cancel()  # the caller leaves while its step is in the running batch
+    second_held.set()
+    await asyncio.wait_for(blocker, 5)
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert len(followed) == 1  # the follow-up ran, with the step's result
+    assert await _count(factory, RegistrationRequest) == 1

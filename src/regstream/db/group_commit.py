@@ -20,19 +20,32 @@ go to that step's caller and the batch goes on.
 
 A step whose caller was cancelled before the batch started is dropped; once its batch runs, it
 commits or rolls back with the batch (as a transaction cancelled mid-commit may still commit).
+What must follow a commit (publishing what was written, starting a run) goes in ``then``: the
+worker calls it right after the commit, in commit order, whether or not the caller still waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 Step = Callable[[AsyncSession], Awaitable[T]]
+
+
+@dataclass(slots=True)
+class _Entry(Generic[T]):
+    step: Step[T]
+    then: Callable[[T], object] | None
+    future: asyncio.Future[T]
 
 
 class _StepRaised(Exception):
@@ -52,14 +65,15 @@ class GroupCommit:
         self._max_batch = max_batch
         self._max_open = max_open
         self._decided = decided
-        self._queue: deque[tuple[Step[Any], asyncio.Future[Any]]] = deque()
+        self._queue: deque[_Entry[Any]] = deque()
         self._workers: set[asyncio.Task[None]] = set()
 
-    async def run(self, step: Step[T]) -> T:
+    async def run(self, step: Step[T], then: Callable[[T], object] | None = None) -> T:
         """Run ``step`` in a transaction (shared with other steps) and return what it returned
-        once that transaction committed."""
+        once that transaction committed; ``then(result)`` is called first, right after the
+        commit, even if this caller was cancelled meanwhile (it must not block)."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((step, future))
+        self._queue.append(_Entry(step, then, future))
         if len(self._workers) < self._max_open:
             self._workers.add(asyncio.create_task(self._work(), name="group-commit"))
         return await future
@@ -70,34 +84,34 @@ class GroupCommit:
             await asyncio.wait(set(self._workers), timeout=timeout)
 
     async def _work(self) -> None:
-        batch: list[tuple[Step[Any], asyncio.Future[Any]]] = []
+        batch: list[_Entry[Any]] = []
         try:
             while self._queue:
                 batch = []
                 while self._queue and len(batch) < self._max_batch:
-                    step, future = self._queue.popleft()
-                    if not future.done():  # done: its caller was cancelled
-                        batch.append((step, future))
+                    entry = self._queue.popleft()
+                    if not entry.future.done():  # done: its caller was cancelled
+                        batch.append(entry)
                 if batch:
                     await self._commit(batch)
         except BaseException:  # this worker was cancelled (shutdown): settle what it holds
-            for _, future in batch:
-                future.cancel()
+            for entry in batch:
+                entry.future.cancel()
             if not self._workers - {asyncio.current_task()}:  # and nobody is left for the rest
-                for _, future in self._queue:
-                    future.cancel()
+                for entry in self._queue:
+                    entry.future.cancel()
                 self._queue.clear()
             raise
         finally:  # at once, not in a done callback: a step queued meanwhile needs a worker
             self._workers.discard(asyncio.current_task())
 
-    async def _commit(self, batch: list[tuple[Step[Any], asyncio.Future[Any]]]) -> None:
+    async def _commit(self, batch: list[_Entry[Any]]) -> None:
         outcomes: list[tuple[bool, Any]] = []  # (raised, result or exception) per step
         try:
             async with self._sessions.begin() as session:
-                for step, _ in batch:
+                for entry in batch:
                     try:
-                        outcomes.append((False, await step(session)))
+                        outcomes.append((False, await entry.step(session)))
                     except self._decided as exc:
                         outcomes.append((True, exc))
                     except (Exception, asyncio.CancelledError) as exc:
@@ -105,28 +119,39 @@ class GroupCommit:
                         raise _StepRaised from exc
         except _StepRaised as raised:
             if len(batch) == 1:  # it ran alone already
-                _settle(batch[0][1], True, raised.__cause__)
+                _settle(batch[0].future, True, raised.__cause__)
                 return
-            for step, future in batch:
-                if not future.done():  # done: its caller was cancelled meanwhile
-                    await self._alone(step, future)
+            for entry in batch:
+                if not entry.future.done():  # done: its caller was cancelled meanwhile
+                    await self._alone(entry)
             return
         except Exception as exc:  # the transaction itself failed (BEGIN, COMMIT, connection)
-            for _, future in batch:
-                _settle(future, True, exc)
+            for entry in batch:
+                _settle(entry.future, True, exc)
             return
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            _settle(future, *outcome)
+        for entry, (failed, value) in zip(batch, outcomes, strict=True):
+            _committed(entry, failed, value)
 
-    async def _alone(self, step: Step[Any], future: asyncio.Future[Any]) -> None:
+    async def _alone(self, entry: _Entry[Any]) -> None:
         try:
             async with self._sessions.begin() as session:
-                result = await step(session)
+                result = await entry.step(session)
         except (Exception, asyncio.CancelledError) as exc:
             _reraise_if_cancelled(exc)
-            _settle(future, True, exc)
+            _settle(entry.future, True, exc)
         else:
-            _settle(future, False, result)
+            _committed(entry, False, result)
+
+
+def _committed(entry: _Entry[Any], raised: bool, value: Any) -> None:
+    """After the commit: the step's follow-up, then its caller's answer."""
+    if not raised and entry.then is not None:
+        try:
+            entry.then(value)
+        except Exception as exc:  # a bug in the follow-up: its caller hears of it
+            log.error("after-commit work failed: %s", type(exc).__name__)
+            raised, value = True, exc
+    _settle(entry.future, raised, value)
 
 
 def _reraise_if_cancelled(exc: BaseException) -> None:

@@ -27,9 +27,9 @@ import asyncio
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
@@ -56,7 +56,7 @@ Event = tuple[str | None, str | None, str, str, dict[str, Any] | None]
 
 
 class Publisher(Protocol):
-    async def publish_update(self, update: dict[str, Any]) -> None: ...
+    def enqueue_update(self, update: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,16 +204,16 @@ class Runner:
                 await on_claimed(session)
             return claim
 
-        async def claim_and_start() -> Submission:
-            claim = await self._commits.run(step)
-            if not isinstance(claim, tuple):
-                return Submission("not_found" if claim is None else "conflict", claim)
-            run_id, claimed = claim
-            run = _Run(registration_id, run_id, claimed.run_count, applicant_of(claimed))
-            self._spawn(run, resume=False)
-            return Submission("accepted")
+        def start(claim: tuple[str, Row[Any]] | RegistrationRequest | None) -> None:
+            if isinstance(claim, tuple):
+                run_id, claimed = claim
+                run = _Run(registration_id, run_id, claimed.run_count, applicant_of(claimed))
+                self._spawn(run, resume=False)
 
-        return await _to_the_end(claim_and_start())
+        claim = await self._commits.run(step, then=start)
+        if not isinstance(claim, tuple):
+            return Submission("not_found" if claim is None else "conflict", claim)
+        return Submission("accepted")
 
     async def submit_many(
         self,
@@ -239,21 +239,20 @@ class Runner:
                 await on_claimed(session, claimed_ids)
             return claims, existing
 
-        async def claim_and_start() -> BulkSubmission:
-            claims, existing = await self._commits.run(step)
-            accepted = sorted(row.id for _, row in claims)
-            rest = sorted(set(registration_ids) - set(accepted))
-            for run_id, claimed in sorted(claims, key=lambda c: c[1].id):
+        def start(result: tuple[list[tuple[str, Row[Any]]], list[RegistrationRequest]]) -> None:
+            for run_id, claimed in sorted(result[0], key=lambda c: c[1].id):
                 self._spawn(
                     _Run(claimed.id, run_id, claimed.run_count, applicant_of(claimed)),
                     resume=False,
                 )
-            found = {row.id for row in existing}
-            return BulkSubmission(
-                accepted, sorted(existing, key=lambda r: r.id), [i for i in rest if i not in found]
-            )
 
-        return await _to_the_end(claim_and_start())
+        claims, existing = await self._commits.run(step, then=start)
+        accepted = sorted(row.id for _, row in claims)
+        rest = sorted(set(registration_ids) - set(accepted))
+        found = {row.id for row in existing}
+        return BulkSubmission(
+            accepted, sorted(existing, key=lambda r: r.id), [i for i in rest if i not in found]
+        )
 
     async def recover(self) -> int:
         """Take over and resume every run whose lease expired. Returns how many."""
@@ -537,13 +536,12 @@ class Runner:
             events, flag = await work(session)
             return await self._append(session, run, events), flag
 
-        async def commit_and_publish() -> bool:
-            logged, flag = await self._commits.run(step)
-            run.logged.extend(logged)
-            await self._publish(logged)
-            return flag
+        def publish(result: tuple[list[LogEvent], bool]) -> None:
+            run.logged.extend(result[0])
+            self._publish(result[0])
 
-        return await _to_the_end(commit_and_publish())
+        _, flag = await self._commits.run(step, then=publish)
+        return flag
 
     async def _finish(
         self, run: _Run, work: Callable[[AsyncSession], Awaitable[tuple[list[Event], Outcome]]]
@@ -558,15 +556,14 @@ class Runner:
             )  # fmt: skip
             return logged, outcome
 
-        async def commit_and_publish() -> None:
-            logged, outcome = await self._commits.run(step)
+        def publish(result: tuple[list[LogEvent], Outcome]) -> None:
+            logged, outcome = result
             run.logged.extend(logged)
             status, error = outcome.status.value, str(outcome.details.get("error", ""))
             metrics.OUTCOMES.labels(status, error).inc()
-            process_log = [log_entry_view(e) for e in run.logged if e.stage]
-            await self._publish(logged, process_log)
+            self._publish(logged, [log_entry_view(e) for e in run.logged if e.stage])
 
-        await _to_the_end(commit_and_publish())
+        await self._commits.run(step, then=publish)
 
     async def _append(
         self,
@@ -580,32 +577,13 @@ class Runner:
             events=events, now_ms=_now_ms(), lease_ms=self._lease_ms, final=final,
         )  # fmt: skip
 
-    async def _publish(
+    def _publish(
         self, logged: list[LogEvent], process_log: list[dict[str, Any]] | None = None
     ) -> None:
         for event in logged:
-            await self._publisher.publish_update(
+            self._publisher.enqueue_update(
                 event_to_update(event, process_log if event.stage is None else None)
             )
-
-
-T = TypeVar("T")
-
-
-async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
-    """Await ``work`` shielded from the caller's cancellation. Once a step is in a group commit it
-    may commit whatever its caller does, and what follows a commit (publishing it, starting the
-    run) must then happen too; the caller still sees its cancellation at once."""
-    task = asyncio.ensure_future(work)
-    task.add_done_callback(_consume)
-    return await asyncio.shield(task)
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    # retrieved so a failure after the caller left is not reported as "never retrieved": the
-    # run's lease then expires and recovery resumes it from the stored log
-    if not task.cancelled():
-        task.exception()
 
 
 def _started(stage: Stage) -> Event:

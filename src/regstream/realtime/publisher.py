@@ -143,7 +143,12 @@ class RegistrationPubSub:
         )  # fmt: skip
 
     async def publish_update(self, update: dict[str, Any]) -> None:
-        await self.publish_raw(messages.encode(update))
+        self.enqueue_update(update)
+
+    def enqueue_update(self, update: dict[str, Any]) -> None:
+        """``publish_update`` without an await: queued at once (the runner calls it right after
+        a commit, inside the group commit's worker)."""
+        self._enqueue(messages.encode(update))
 
     async def subscribe(
         self, callback: Callable[[dict[str, Any]], None], *, ready_timeout: float = 5.0

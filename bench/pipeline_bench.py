@@ -40,34 +40,16 @@ STREAM = "/api/registrations/updates/stream"
 DATA = re.compile(rb"^data: ?(.*)$", re.M)
 
 
-def _letters(i: int) -> str:
-    out = ""
-    while True:
-        i, r = divmod(i, 26)
-        out += "abcdefghijklmnopqrstuvwxyz"[r]
-        if not i:
-            return out.capitalize()
-
-
 def applicant(outcome: str, run: str, i: int) -> dict:
-    """One valid registration request, unique per run so duplicate checks do not collapse them.
-
-    ``approved``: a generated customer of the simulator (``dataset.load_applicant``) whose
-    validation runs every stage and ends APPROVED. ``not-found``: a CIF the core does not know,
-    so the run ends FAILED (CUSTOMER_NOT_FOUND) after one T24 call.
-    """
-    if outcome == "approved":
-        return load_applicant(int(run[:2]) * 1_000_000 + i)  # unique phones too: < 10**8
-    return {
-        "customerNumber": f"{run[:3]}{i:07d}",  # digits only, at most 10
-        "firstName": "Bench",
-        "lastName": "User " + _letters(i),  # names take letters only
-        "dateOfBirth": "1990-01-01",
-        "nationalId": f"{run}{i:06d}",
-        "idType": "NATIONAL.ID",
-        "phone": f"+2547{i % 100_000_000:08d}",
-        "email": f"bench{run}{i}@example.com",
-    }
+    """One valid registration request, unique per run so duplicate checks do not collapse them:
+    a generated customer of the simulator (``dataset.load_applicant``, people below 10**8 are
+    distinct), whose validation runs every stage and ends APPROVED. For ``not-found`` its CIF
+    moves out of the simulator's load range (7nnnnnnnnn → 8nnnnnnnnn), so the run ends FAILED
+    (CUSTOMER_NOT_FOUND) after one T24 call."""
+    person = load_applicant(int(run[:2]) * 1_000_000 + i)
+    if outcome == "not-found":
+        person["customerNumber"] = "8" + person["customerNumber"][1:]
+    return person
 
 
 def admin_token(exe: str, env: dict[str, str], cwd: str) -> str:
@@ -191,9 +173,7 @@ class StreamFollower:
 
     def on_data(self, raw: bytes, now: float) -> None:
         if b'"final"' not in raw and b'"connected"' not in raw:  # only these are read
-            self.frames += raw.startswith(b'{"type":"update"') or raw.startswith(
-                b'{"type": "update"'
-            )
+            self.frames += raw.startswith(b'{"type":"update"')  # the hub's frames are compact
             return
         try:
             frame = json.loads(raw)

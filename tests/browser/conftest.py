@@ -125,7 +125,10 @@ def wait_held(page: Page, held: list[Route], what: str) -> Route:
 def answer_late(route: Route, **fulfil: Any) -> None:
     """Let a held request answer now (with ``fulfil``'s body if given, else the server's)."""
     try:
-        route.fulfill(**fulfil) if fulfil else route.continue_()
+        if fulfil:
+            route.fulfill(**fulfil)
+        else:
+            route.continue_()
     except Exception:  # noqa: BLE001 - the page may have cancelled it already
         pass
 

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 PENDING = RegistrationStatus.PENDING.value
 
 Event = tuple[str | None, str | None, str, str, dict[str, Any] | None]
+Claims = list[tuple[str, Row[Any]]]  # (run id, claimed row)
 
 
 class Publisher(Protocol):
@@ -225,34 +226,30 @@ class Runner:
         """Bulk validation: claim every registration that may run now in one transaction (one
         statement), and start them. ``on_claimed`` gets the claimed ids, in that transaction."""
 
-        async def step(
-            session: AsyncSession,
-        ) -> tuple[list[tuple[str, Row[Any]]], list[RegistrationRequest]]:
+        async def step(session: AsyncSession) -> tuple[Claims, BulkSubmission]:
             claims = await registrations.claim_many(
                 session, registration_ids=registration_ids, now_ms=_now_ms(),
                 lease_ms=self._lease_ms, started_by=started_by,
             )  # fmt: skip
-            claimed_ids = sorted(row.id for _, row in claims)
-            rest = sorted(set(registration_ids) - set(claimed_ids))
+            accepted = sorted(row.id for _, row in claims)
+            rest = sorted(set(registration_ids) - set(accepted))
             existing = await registrations.get_many(session, registration_ids=rest) if rest else []
-            if claimed_ids and on_claimed is not None:
-                await on_claimed(session, claimed_ids)
-            return claims, existing
+            if accepted and on_claimed is not None:
+                await on_claimed(session, accepted)
+            found = {row.id for row in existing}
+            return claims, BulkSubmission(
+                accepted, sorted(existing, key=lambda r: r.id), [i for i in rest if i not in found]
+            )
 
-        def start(result: tuple[list[tuple[str, Row[Any]]], list[RegistrationRequest]]) -> None:
+        def start(result: tuple[Claims, BulkSubmission]) -> None:
             for run_id, claimed in sorted(result[0], key=lambda c: c[1].id):
                 self._spawn(
                     _Run(claimed.id, run_id, claimed.run_count, applicant_of(claimed)),
                     resume=False,
                 )
 
-        claims, existing = await self._commits.run(step, then=start)
-        accepted = sorted(row.id for _, row in claims)
-        rest = sorted(set(registration_ids) - set(accepted))
-        found = {row.id for row in existing}
-        return BulkSubmission(
-            accepted, sorted(existing, key=lambda r: r.id), [i for i in rest if i not in found]
-        )
+        _, submission = await self._commits.run(step, then=start)
+        return submission
 
     async def recover(self) -> int:
         """Take over and resume every run whose lease expired. Returns how many."""

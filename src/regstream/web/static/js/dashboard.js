@@ -1,7 +1,7 @@
 // The admin dashboard: a live feed of every update, counters for the last hour, connected
 // stream clients and the delivery latency browsers report (figures + a small SVG chart).
 
-import { api, ApiError, SignInRequired } from './session.js';
+import { api, ApiError, SignInRequired, newestOnly } from './session.js';
 import { initShell } from './shell.js';
 import { createRegistrationUpdates, onFinalUpdate } from './registration-updates.js';
 import { runEnded } from './notify.js';
@@ -88,17 +88,15 @@ function renderChart(points) {
 
 const ms = (value) => (value == null ? '–' : `${Math.round(value)} ms`);
 
-// Figures are asked for on a timer, after updates and after a snapshot, so two requests can be
-// in flight: a newer one cancels the older, and the counters never go back to older figures.
-let loadingStats = null;
+// Figures are asked for on a timer, after updates and after a snapshot: the counters never go
+// back to older figures.
+const nextStatsRequest = newestOnly();
 
 async function loadStats() {
-  loadingStats?.abort();
-  const request = new AbortController();
-  loadingStats = request;
+  const signal = nextStatsRequest();
   try {
-    const stats = await api('/api/stats', { signal: request.signal });
-    if (request.signal.aborted) return true; // overtaken after its answer was read
+    const stats = await api('/api/stats', { signal });
+    if (signal.aborted) return true; // overtaken after its answer was read
     const counters = { inProgress: stats.inProgress, streams: stats.streams, ...stats.byStatus };
     for (const li of document.querySelectorAll('#counters li[data-counter]')) {
       const value = counters[li.dataset.counter];
@@ -112,7 +110,7 @@ async function loadStats() {
     renderChart(latency.recent || []);
     showError('');
   } catch (error) {
-    if (request.signal.aborted) return true;
+    if (signal.aborted) return true;
     if (error instanceof SignInRequired) return false;
     if (error instanceof ApiError && error.status === 403) {
       showError('The dashboard is for administrators.');

@@ -5,7 +5,7 @@
 // the filter changes). Either way the stream is shared between tabs by the stream module. Filters
 // live in the URL so back/forward and bookmarks work.
 
-import { api, ApiError, SignInRequired } from './session.js';
+import { api, ApiError, SignInRequired, newestOnly } from './session.js';
 import { initShell } from './shell.js';
 import { createRegistrationUpdates, onFinalUpdate } from './registration-updates.js';
 import { markStarted, bindToggles, runEnded } from './notify.js';
@@ -74,14 +74,11 @@ function renderTable(items) {
   updateBulkButton();
 }
 
-// The list request in flight. Answers can arrive out of order (clear a filter, then type a
-// search): a newer request cancels the older one, so the table always shows the newest ask.
-let loading = null;
+// Clear a filter, then type a search: the table shows the newest ask, whichever answers last.
+const nextListRequest = newestOnly();
 
 async function load() {
-  loading?.abort();
-  const request = new AbortController();
-  loading = request;
+  const signal = nextListRequest();
   const params = new URLSearchParams({ page: String(view.page), pageSize: String(PAGE_SIZE) });
   if (view.status) params.set('status', view.status);
   if (view.q) params.set('q', view.q);
@@ -91,15 +88,15 @@ async function load() {
   if (view.page > 1) shown.set('page', String(view.page));
   history.replaceState(null, '', shown.toString() ? `?${shown}` : location.pathname);
   try {
-    const page = await api(`/api/registrations?${params}`, { signal: request.signal });
-    if (request.signal.aborted) return; // overtaken after its answer was read
+    const page = await api(`/api/registrations?${params}`, { signal });
+    if (signal.aborted) return; // overtaken after its answer was read
     view.total = page.total;
     for (const item of page.items) updates.setSeq(item.id, item.seq);
     renderTable(page.items);
     if (followRows) updates.follow(page.items.map((item) => item.id));
     showError('');
   } catch (error) {
-    if (error instanceof SignInRequired || request.signal.aborted) return;
+    if (error instanceof SignInRequired || signal.aborted) return;
     showError(`Could not load registrations: ${error.message}`);
   }
 }

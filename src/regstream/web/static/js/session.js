@@ -62,6 +62,18 @@ export class ApiError extends Error {
   }
 }
 
+// For requests repeated as the page changes (a list after each filter, the figures on a timer):
+// answers can arrive out of order, so each new request cancels the one before it. Call the
+// returned function for each request's signal; a request whose signal is aborted was overtaken.
+export function newestOnly() {
+  let current = null;
+  return () => {
+    current?.abort();
+    current = new AbortController();
+    return current.signal;
+  };
+}
+
 /** fetch() JSON from our API. Throws ApiError on non-2xx (after redirecting on 401). */
 export async function api(path, { method = 'GET', body, signal } = {}) {
   const headers = { Accept: 'application/json' };

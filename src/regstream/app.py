@@ -118,6 +118,10 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
             timeout=settings.t24_timeout,
             deadline=settings.t24_deadline,
             max_attempts=settings.t24_max_attempts,
+            # a validation has at most one T24 request in flight: with as many connections as
+            # validations running at once, none waits for a connection (a wait would count
+            # against the request's connect timeout, and so against the circuit breaker)
+            max_connections=settings.pipeline_concurrency,
         )
     )
     runner = Runner(

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
 
     # --- pipeline ----------------------------------------------------------------------------
     pipeline_concurrency: PositiveInt = Field(
-        256, validation_alias=_env("REGSTREAM_PIPELINE_CONCURRENCY")
+        64, validation_alias=_env("REGSTREAM_PIPELINE_CONCURRENCY")
     )
     lease_seconds: PositiveFloat = Field(60.0, validation_alias=_env("REGSTREAM_LEASE_SECONDS"))
     shutdown_grace: Annotated[float, Field(ge=0)] = Field(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from datetime import date
 
+from sqlalchemy import text
+
 from regstream.db import registrations
 from regstream.db.engine import create_engine, create_session_factory, migrate
 from regstream.db.registrations import RunLost
@@ -188,5 +190,15 @@ async def test_appending_log_entries_is_part_of_the_transaction(database_url: st
                 (1, 1, *events[0], 1_020), (2, 1, *events[1], 1_020), (3, 1, *events[2], 1_030)
             ]  # fmt: skip
             assert [registrations.to_log_event(e) for e in log] == logged
+            # stored as SQLAlchemy's JSON type stores them: no details is JSON null, not NULL
+            stored = await session.execute(
+                text("SELECT CAST(details AS TEXT) FROM process_log WHERE registration_id = :r "
+                     "ORDER BY seq"), {"r": rid},
+            )  # fmt: skip
+            assert [d for (d,) in stored] == [
+                '{"accountsFound": 2}',
+                "null",
+                '{"accountsFound": 2}',
+            ]
     finally:
         await engine.dispose()

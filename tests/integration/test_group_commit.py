@@ -8,11 +8,11 @@ from datetime import date
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from regstream.db import registrations, users
+from regstream.db import driver, registrations, users
 from regstream.db.engine import SessionFactory, create_engine, create_session_factory, migrate
 from regstream.db.group_commit import GroupCommit, Step
 from regstream.db.tables import MobileUser, RegistrationRequest
@@ -259,3 +259,47 @@ async def test_what_follows_a_commit_runs_when_the_caller_left(
         committed = list(await session.scalars(select(RegistrationRequest.id)))
     assert followed == committed  # the follow-up ran once, with the step's result
     assert len(committed) == 1
+
+
+async def test_a_connection_lost_mid_batch_fails_no_step(postgres_url: str) -> None:
+    """PostgreSQL: the server ends the batch's connection (a restart, a failover, an idle
+    timeout) while one of its steps runs a statement on the driver. The batch must roll back and
+    every step run again alone on a fresh connection, as with a statement through SQLAlchemy;
+    not fail all of them with the error of a rollback on the dead connection."""
+    engine = create_engine(postgres_url)
+    try:
+        await migrate(engine)
+        factory = create_session_factory(engine)
+        group = GroupCommit(factory)
+        killed: list[int] = []
+
+        def killing(i: int) -> Step[int]:
+            async def step(session: AsyncSession) -> int:
+                if i == 3 and not killed:  # once: run alone, the step succeeds
+                    db = await driver.of(session)
+                    killed.append(await db.connection.fetchval("SELECT pg_backend_pid()"))
+                    async with engine.connect() as admin:
+                        await admin.execute(
+                            text("SELECT pg_terminate_backend(:pid)"), {"pid": killed[0]}
+                        )
+                await users.find_matching(  # a statement on the driver
+                    session, customer_number=str(800000 + i), phone="+254700000000",
+                    national_id_hash="0" * 64,
+                )  # fmt: skip
+                return (await registrations.create(session, **_registration(i))).id
+
+            return step
+
+        blocker = asyncio.Event()
+        first = asyncio.create_task(group.run(_held(blocker)))
+        await asyncio.sleep(0.05)
+        steps = [asyncio.create_task(group.run(killing(i))) for i in range(8)]
+        await asyncio.sleep(0.05)
+        blocker.set()
+        await first
+        ids = await asyncio.gather(*steps)
+        assert killed, "the connection was never ended"
+        assert len(set(ids)) == 8
+        assert await _count(factory, RegistrationRequest) == 8
+    finally:
+        await engine.dispose()

@@ -614,3 +614,19 @@ async def test_kyc_mismatch_demo_names_the_field(make_client: ClientFactory) -> 
     with pytest.raises(ValidationFailure) as info:
         check_customer(_applicant(demo), customer)
     assert info.value.fields == ["dateOfBirth"]
+
+
+async def test_requests_in_flight_are_bounded_by_max_connections(
+    make_client: ClientFactory, sim: RunningSimulator
+) -> None:
+    """``max_connections`` bounds the requests the core sees at once (the service sets it to the
+    pipeline concurrency); the other calls wait for a connection instead of being sent."""
+    _control(sim, "config", {"latency_ms": 300})
+    client = make_client(max_connections=2)
+    peak = 0
+    calls = asyncio.gather(*(client.get_customer("100100") for _ in range(6)))
+    while not calls.done():
+        peak = max(peak, (await asyncio.to_thread(_control, sim, "stats"))["inFlight"])
+        await asyncio.sleep(0.02)
+    assert [c.customer_id for c in await calls] == ["100100"] * 6
+    assert peak == 2

@@ -123,6 +123,7 @@ class T24ClientConfig:
     breaker_reset: float = 30.0
     page_size: int = 25
     max_pages: int = 50
+    max_connections: int = 100  # requests in flight at most; more wait for a free connection
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -201,8 +202,10 @@ class T24Client:
             if self._closed:
                 raise RuntimeError("T24Client is closed")
             session = self._session = aiohttp.ClientSession(
-                # httpx's defaults: at most 100 connections, idle ones kept for 5 s.
-                connector=aiohttp.TCPConnector(limit=100, keepalive_timeout=5.0),
+                # idle connections kept for 5 s, as httpx's default
+                connector=aiohttp.TCPConnector(
+                    limit=self.config.max_connections, keepalive_timeout=5.0
+                ),
                 headers=self._headers,
                 timeout=self._timeout,
                 trace_configs=self._trace_configs,

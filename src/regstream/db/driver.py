@@ -11,7 +11,8 @@ round trip instead of two). Only the statements every validation runs are writte
 through SQLAlchemy.
 
 Statements run in the session's transaction, so they commit or roll back with it. A constraint
-violation is raised as SQLAlchemy's ``IntegrityError``, as from ``session.execute``.
+violation is raised as SQLAlchemy's ``IntegrityError`` and a lost PostgreSQL connection as its
+``OperationalError`` (with the connection invalidated), as from ``session.execute``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 __all__ = ["Driver", "Sql", "of", "sql"]
 
@@ -50,18 +51,17 @@ class Driver:
 
     postgres: bool
     connection: Any
+    owner: AsyncConnection  # SQLAlchemy's connection the driver connection belongs to
 
     async def fetch_all(self, statement: Sql, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         try:
             if self.postgres:
-                return [
-                    tuple(row) for row in await self.connection.fetch(statement.postgres, *args)
-                ]
-            return [tuple(row) for row in await self.connection.execute_fetchall(
-                statement.sqlite, args
-            )]  # fmt: skip
-        except _INTEGRITY as exc:
-            raise IntegrityError(statement.postgres, None, exc) from exc
+                rows = await self.connection.fetch(statement.postgres, *args)
+            else:
+                rows = await self.connection.execute_fetchall(statement.sqlite, args)
+        except Exception as exc:  # noqa: BLE001 - translated, then re-raised
+            raise await self._translate(statement, exc) from exc
+        return [tuple(row) for row in rows]
 
     async def fetch_one(self, statement: Sql, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """The first row of the result, or None."""
@@ -69,11 +69,26 @@ class Driver:
         return rows[0] if rows else None
 
     async def execute_many(self, statement: Sql, rows: list[tuple[Any, ...]]) -> None:
-        text = statement.postgres if self.postgres else statement.sqlite
         try:
-            await self.connection.executemany(text, rows)  # the same call on both drivers
-        except _INTEGRITY as exc:
-            raise IntegrityError(statement.postgres, None, exc) from exc
+            if self.postgres:
+                await self.connection.executemany(statement.postgres, rows)
+            else:
+                cursor = await self.connection.executemany(statement.sqlite, rows)
+                await cursor.close()
+        except Exception as exc:  # noqa: BLE001 - translated, then re-raised
+            raise await self._translate(statement, exc) from exc
+
+    async def _translate(self, statement: Sql, exc: Exception) -> Exception:
+        """What ``session.execute`` would have raised: ``IntegrityError`` for a constraint
+        violation; for a connection that died, ``OperationalError``, with SQLAlchemy told
+        (``invalidate``) so that it drops the connection instead of rolling back on it (a
+        rollback there fails, and the group commit would fail its whole batch with that)."""
+        if isinstance(exc, _INTEGRITY):
+            return IntegrityError(statement.postgres, None, exc)
+        if self.postgres and self.connection.is_closed():
+            await self.owner.invalidate(exc)
+            return OperationalError(statement.postgres, None, exc)
+        return exc
 
 
 async def of(session: AsyncSession) -> Driver:
@@ -81,7 +96,12 @@ async def of(session: AsyncSession) -> Driver:
     # kept for the transaction: a group commit's steps ask for it several times per transaction
     transaction = session.sync_session.get_transaction()
     cached = session.info.get(_CACHE_KEY)
-    if cached is not None and transaction is not None and cached[0] is transaction:
+    if (
+        cached is not None
+        and transaction is not None
+        and cached[0] is transaction
+        and transaction.is_active  # not after a failed flush, before the rollback
+    ):
         return cached[1]  # type: ignore[no-any-return]
     connection = await session.connection()
     raw = await connection.get_raw_connection()
@@ -91,10 +111,11 @@ async def of(session: AsyncSession) -> Driver:
     if postgres and not driver_connection.is_in_transaction():
         # SQLAlchemy's asyncpg adapter sends BEGIN lazily, with the transaction's first
         # statement: a statement on the driver before that would run (and commit) on its own.
-        # Let the adapter begin (one round trip; only when no statement of the transaction
-        # went through SQLAlchemy yet). SQLite: our "begin" listener has sent BEGIN IMMEDIATE.
+        # Let the adapter begin (BEGIN and this SELECT: two round trips, once per transaction
+        # whose first statement is one of ours). SQLite: our "begin" listener sent BEGIN
+        # IMMEDIATE when the session took the connection.
         await connection.exec_driver_sql("SELECT 1")
-    driver = Driver(postgres, driver_connection)
+    driver = Driver(postgres, driver_connection, connection)
     session.info[_CACHE_KEY] = (session.sync_session.get_transaction(), driver)
     return driver
 

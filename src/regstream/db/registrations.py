@@ -259,6 +259,7 @@ async def append_events(
     (``(status, result)``), also ends the run in the same statement. Raises ``RunLost`` when the
     runner no longer owns the run.
     """
+    assert events, "nothing to append"
     count = len(events)
     stage = next((e[0] for e in reversed(events) if e[0] is not None), None)
     db = await driver.of(session)

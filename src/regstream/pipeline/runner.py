@@ -160,7 +160,7 @@ class Runner:
         core: CoreBanking,
         publisher: Publisher,
         secret_key: bytes,
-        concurrency: int = 256,
+        concurrency: int = 64,
         lease_seconds: float = 60.0,
         open_transactions: int = 1,
     ) -> None:

@@ -66,7 +66,7 @@ def observe(call: CallContext, status: int | None, exc: CoreBankingError | None)
         status if status is not None else "-",
         t24_code or "-",
         outcome,
-        duration * 1000,
+        round(duration * 1000, 1),  # as printed: no long digit runs in the record's arguments
         call.correlation_id,
         call.masked_id,
         extra={

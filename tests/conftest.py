@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,14 +35,6 @@ def unavailable(what: str) -> None:
     pytest.skip(f"{what} unreachable")
 
 
-def _tcp_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 # --- Redis -------------------------------------------------------------------------------------
 
 
@@ -60,17 +51,6 @@ def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="session")
-def system_redis_url() -> str:
-    """The machine's Redis (127.0.0.1:6379 or TEST_REDIS_URL)."""
-    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    host_port = url.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]
-    host, _, port = host_port.partition(":")
-    if not _tcp_open(host, int(port or 6379)):
-        unavailable(f"Redis at {host_port}")
-    return url
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------

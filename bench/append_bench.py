@@ -103,21 +103,10 @@ async def append_events_sqlalchemy(
     last_seq = result.scalar_one_or_none()
     if last_seq is None:
         raise RunLost(f"registration {registration_id}: run {run_id} is no longer ours")
-    first_seq = int(last_seq) - count + 1
-    out = [
-        LogEvent(
-            registration_id=registration_id,
-            seq=first_seq + i,
-            run=run,
-            stage=stage,
-            stage_status=stage_status,
-            status=status,
-            message=message,
-            details=details,
-            timestamp_ms=now_ms,
-        )
-        for i, (stage, stage_status, status, message, details) in enumerate(events)
-    ]
+    out = registrations.numbered(
+        events, registration_id=registration_id, run=run, last_seq=int(last_seq),
+        timestamp_ms=now_ms,
+    )  # fmt: skip
     await session.execute(
         _INSERT_LOG,
         [

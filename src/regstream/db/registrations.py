@@ -32,7 +32,6 @@ from regstream.db import driver
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
 
 _REGISTRATIONS: Table = RegistrationRequest.__table__  # type: ignore[assignment]
-_PROCESS_LOG: Table = ProcessLogEntry.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,23 +260,46 @@ async def append_events(
     """
     assert events, "nothing to append"
     count = len(events)
-    stage = next((e[0] for e in reversed(events) if e[0] is not None), None)
+    current_stage = next((e[0] for e in reversed(events) if e[0] is not None), None)
     db = await driver.of(session)
     # JSON as text, as SQLAlchemy's JSON type writes it (a missing ``details`` is JSON null)
-    details = [json.dumps(e[4]) for e in events]
-    head = (registration_id, run_id, count, now_ms + lease_ms, stage)
+    details_json = [json.dumps(e[4]) for e in events]
+    head = (registration_id, run_id, count, now_ms + lease_ms, current_stage)
     tail = () if final is None else (final[0], json.dumps(final[1]))
+    statement = _APPEND if final is None else _FINISH
     if db.postgres:  # one statement: the run's row, then its log rows (one round trip)
         columns = tuple(list(c) for c in zip(*events, strict=True))[:4]
-        row = await db.fetch_one(
-            _APPEND if final is None else _FINISH, (*head, run, now_ms, *columns, details, *tail)
-        )
+        row = await db.fetch_one(statement, (*head, run, now_ms, *columns, details_json, *tail))
     else:
-        row = await db.fetch_one(_APPEND if final is None else _FINISH, head + tail)
+        row = await db.fetch_one(statement, head + tail)
     if row is None:
         raise RunLost(f"registration {registration_id}: run {run_id} is no longer ours")
-    first_seq = int(row[0]) - count + 1
-    out = [
+    out = numbered(events, registration_id=registration_id, run=run, last_seq=int(row[0]),
+                   timestamp_ms=now_ms)  # fmt: skip
+    if not db.postgres:
+        await db.execute_many(
+            _INSERT_LOG,
+            [
+                (registration_id, e.seq, run, e.stage, e.stage_status, e.status, e.message,
+                 text, now_ms)
+                for e, text in zip(out, details_json, strict=True)
+            ],
+        )  # fmt: skip
+    return out
+
+
+def numbered(
+    events: Sequence[tuple[str | None, str | None, str, str, dict[str, Any] | None]],
+    *,
+    registration_id: int,
+    run: int,
+    last_seq: int,
+    timestamp_ms: int,
+) -> list[LogEvent]:
+    """The log entries for ``events``, numbered up to ``last_seq`` (the registration's ``seq``
+    after the append)."""
+    first_seq = last_seq - len(events) + 1
+    return [
         LogEvent(
             registration_id=registration_id,
             seq=first_seq + i,
@@ -287,20 +309,10 @@ async def append_events(
             status=status,
             message=message,
             details=details,
-            timestamp_ms=now_ms,
+            timestamp_ms=timestamp_ms,
         )
         for i, (stage, stage_status, status, message, details) in enumerate(events)
     ]
-    if not db.postgres:
-        await db.execute_many(
-            _INSERT_LOG,
-            [
-                (registration_id, e.seq, run, e.stage, e.stage_status, e.status, e.message,
-                 text, now_ms)
-                for e, text in zip(out, details, strict=True)
-            ],
-        )  # fmt: skip
-    return out
 
 
 # Appending a step's log entries is the pipeline's most frequent write (twice per validation):

@@ -13,7 +13,11 @@ RETURNING`` then ``executemany``). This measures both in one process:
 - ``sqlalchemy``: the pre-9f66f23 ``append_events``, reproduced here (the same prebuilt Core
   statements ``_ADVANCE`` and ``_INSERT_LOG``, ``session.execute(stmt, params)``, then
   ``session.execute(insert, [rows])``);
-- ``driver``: ``regstream.db.registrations.append_events`` as it is now.
+- ``driver``: ``regstream.db.registrations.append_events`` as it is now;
+- ``query+append``: the duplicate check's step before its query rode in the append's statement:
+  ``users.find_matching`` (a query that matches no one), then ``append_events``;
+- ``combined``: the same step now, ``append_events_unless`` with ``users.matching`` as its query
+  (on PostgreSQL one statement, one round trip).
 
 Set-up (not timed): the schema by the migrations (``--database-url``, default a SQLite file in a
 temp dir), 50 registrations created and claimed with ``claim_many`` (a real ``run_id``,
@@ -23,11 +27,12 @@ order alternating rep by rep): ``-n / 50`` transactions (``sessions.begin()``), 
 ``--events`` entries to every one of the 50 registrations once, with ``now_ms`` the current time
 and a 60 s lease renewal as the runner passes them. ``time.process_time()`` around the rep gives
 the CPU of this process (all its threads; on PostgreSQL the server's CPU is not counted) per
-append; wall time is reported too. After each rep the bench checks that the variant wrote: every
-registration's ``seq`` moved on by ``n / 50 * events`` and ``process_log`` grew by
-``n * events`` rows (it fails otherwise). Prints per variant the reps and the median µs per
-append, the ratio driver/sqlalchemy (median of the per-rep ratios), and appends one JSON line to
---out.
+append; wall time is reported too (on PostgreSQL it includes the round trips). After each rep
+the bench checks that the variant wrote: every registration's ``seq`` moved on by
+``n / 50 * events`` and ``process_log`` grew by ``n * events`` rows (it fails otherwise).
+Prints per variant the reps and the median µs per append, the ratios driver/sqlalchemy and
+combined/query+append (medians of the per-rep ratios; the latter for CPU and for wall time), and
+appends one JSON line to --out.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Integer, String, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from regstream.db import registrations
+from regstream.db import registrations, users
 from regstream.db.engine import create_engine, create_session_factory, migrate
 from regstream.db.registrations import LogEvent, RunLost
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
@@ -121,9 +126,31 @@ async def append_events_sqlalchemy(
     return out
 
 
+# The duplicate check's step: its query (no enrolled user matches, the common case), then the
+# append, as two statements (before the query rode in the append's statement), or as one.
+_NOBODY = {"customer_number": "0", "phone": "+0", "national_id_hash": "0" * 64}
+
+
+async def query_then_append(session: AsyncSession, **append: Any) -> list[LogEvent]:
+    if await users.find_matching(session, **_NOBODY):
+        raise AssertionError("the bench's query matched an enrolled user")
+    return await registrations.append_events(session, **append)
+
+
+async def append_unless_query(session: AsyncSession, **append: Any) -> list[LogEvent]:
+    logged, rows = await registrations.append_events_unless(
+        session, unless=users.matching(**_NOBODY), **append
+    )
+    if logged is None:
+        raise AssertionError(f"the bench's query matched {len(rows)} enrolled users")
+    return logged
+
+
 VARIANTS: dict[str, Callable[..., Awaitable[list[LogEvent]]]] = {
     "sqlalchemy": append_events_sqlalchemy,
     "driver": registrations.append_events,
+    "query+append": query_then_append,
+    "combined": append_unless_query,
 }
 
 
@@ -213,6 +240,10 @@ async def bench(args: argparse.Namespace, url: str) -> dict[str, Any]:
     finally:
         await engine.dispose()
     ratios = [d / s for d, s in zip(us["driver"], us["sqlalchemy"], strict=True)]
+    combined = [c / q for c, q in zip(us["combined"], us["query+append"], strict=True)]
+    combined_wall = [
+        c / q for c, q in zip(wall_us["combined"], wall_us["query+append"], strict=True)
+    ]
     return {
         "dialect": url.split(":", 1)[0],
         "cpu_us_per_append": us,
@@ -220,6 +251,11 @@ async def bench(args: argparse.Namespace, url: str) -> dict[str, Any]:
         "median_cpu_us_per_append": {v: round(statistics.median(x), 1) for v, x in us.items()},
         "ratio_driver_over_sqlalchemy": round(statistics.median(ratios), 3),
         "ratios": [round(r, 3) for r in ratios],
+        "median_wall_us_per_append": {
+            v: round(statistics.median(x), 1) for v, x in wall_us.items()
+        },
+        "ratio_combined_over_query_append": round(statistics.median(combined), 3),
+        "ratio_combined_over_query_append_wall": round(statistics.median(combined_wall), 3),
     }
 
 
@@ -272,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"driver/sqlalchemy: {rec['ratio_driver_over_sqlalchemy']} "
         f"(median of per-rep ratios {rec['ratios']})"
+    )
+    print(
+        f"combined/query+append: CPU {rec['ratio_combined_over_query_append']}, wall "
+        f"{rec['ratio_combined_over_query_append_wall']} (medians of per-rep ratios; wall "
+        f"µs/append {rec['median_wall_us_per_append']})"
     )
     return 0
 

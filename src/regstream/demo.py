@@ -59,13 +59,15 @@ async def _enrol(session: AsyncSession, applicant: DemoApplicant, key: bytes) ->
         return
     await users.create(
         session,
-        customer_number=applicant.customer_number,
-        first_name=applicant.first_name,
-        last_name=applicant.last_name,
-        phone=applicant.phone,
-        email=getattr(applicant, "enrolled_email", None) or applicant.email,
-        date_of_birth=date.fromisoformat(applicant.date_of_birth),
-        national_id_hash=hash_national_id(key, applicant.id_type, applicant.national_id),
-        national_id_last4=applicant.national_id[-4:],
-        device_id=getattr(applicant, "enrolled_device_id", None) or applicant.device_id,
+        users.enrolment(
+            customer_number=applicant.customer_number,
+            first_name=applicant.first_name,
+            last_name=applicant.last_name,
+            phone=applicant.phone,
+            email=getattr(applicant, "enrolled_email", None) or applicant.email,
+            date_of_birth=date.fromisoformat(applicant.date_of_birth),
+            national_id_hash=hash_national_id(key, applicant.id_type, applicant.national_id),
+            national_id_last4=applicant.national_id[-4:],
+            device_id=getattr(applicant, "enrolled_device_id", None) or applicant.device_id,
+        ),
     )

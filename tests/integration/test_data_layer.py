@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from datetime import date
+from typing import Any
 
+import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from regstream.db import registrations
+from regstream.db import registrations, users
+from regstream.db.driver import Bound
 from regstream.db.engine import create_engine, create_session_factory, migrate
 from regstream.db.registrations import RunLost
 
@@ -131,12 +136,7 @@ async def test_appending_log_entries_is_part_of_the_transaction(database_url: st
         await migrate(engine)
         sessions = create_session_factory(engine)
         async with sessions.begin() as session:
-            rid = (
-                await registrations.create(session, **{**FIELDS, "customer_number": "400001"})
-            ).id
-            [(run_id, _)] = await registrations.claim_many(
-                session, registration_ids=[rid], now_ms=1_000, lease_ms=100, started_by="op"
-            )
+            rid, run_id = await _claimed(session, "400001")
         events = [
             ("t24_lookup", "completed", "PENDING", "Found 2 accounts", {"accountsFound": 2}),
             ("status_update", "started", "PENDING", "started: status_update", None),
@@ -202,3 +202,93 @@ async def test_appending_log_entries_is_part_of_the_transaction(database_url: st
             ]
     finally:
         await engine.dispose()
+
+
+async def test_a_step_s_query_or_insert_runs_with_its_append(database_url: str) -> None:
+    """The duplicate check's query and the enrolment ride in the statement that appends a step's
+    log entries (one round trip on PostgreSQL): a query that finds rows returns them and
+    writes nothing, one that finds none lets the append happen; an enrolment commits with the
+    final status, or its unique violation fails the append."""
+
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+        sessions = create_session_factory(engine)
+        async with sessions.begin() as session:
+            rid, run_id = await _claimed(session, "410001")
+            enrolled = await users.create(session, _enrolment("410009", "+254700000009", "e" * 64))
+        checked = [
+            ("duplicate_check", "started", "PENDING", "started: duplicate_check", None),
+            ("duplicate_check", "completed", "PENDING", "No duplicate found", None),
+        ]
+        run: dict[str, Any] = dict(registration_id=rid, run_id=run_id, run=1, lease_ms=100)
+
+        async with sessions.begin() as session:  # another CIF holds the phone: rows, no append
+            same_phone = users.matching(
+                customer_number="410001", phone="+254700000009", national_id_hash="f" * 64
+            )
+            logged, rows = await registrations.append_events_unless(
+                session, unless=same_phone, events=checked, now_ms=1_010, **run
+            )
+            assert logged is None
+            assert rows == [(enrolled, "410009", "+254700000009", "e" * 64)]
+        async with sessions() as session:
+            row = await registrations.get(session, registration_id=rid)
+            assert row is not None and (row.seq, row.lease_expires_ms) == (0, 1_100)
+            assert await registrations.get_log(session, registration_id=rid) == []
+
+        async with sessions.begin() as session:  # no match: appended, nothing returned
+            nobody = users.matching(
+                customer_number="410001", phone="+254700000001", national_id_hash="a" * 64
+            )
+            logged, rows = await registrations.append_events_unless(
+                session, unless=nobody, events=checked, now_ms=1_020, **run
+            )
+            assert rows == [] and logged is not None and [e.seq for e in logged] == [1, 2]
+
+        final_event = (None, None, "APPROVED", "Customer validated", {"accountsFound": 1})
+        final = ("APPROVED", {"message": "Customer validated", "details": {"accountsFound": 1}})
+        # the CIF is enrolled already: the enrolment's unique violation fails the whole append
+        with pytest.raises(IntegrityError):
+            async with sessions.begin() as session:
+                await registrations.append_events(
+                    session, events=[final_event], now_ms=1_030, final=final, **run,
+                    also=_enrolment("410009", "+254700000001", "a" * 64),
+                )  # fmt: skip
+        async with sessions.begin() as session:
+            await registrations.append_events(
+                session, events=[final_event], now_ms=1_040, final=final, **run,
+                also=_enrolment("410001", "+254700000001", "a" * 64, registration_id=rid),
+            )  # fmt: skip
+        async with sessions() as session:
+            row = await registrations.get(session, registration_id=rid)
+            assert row is not None and (row.status, row.seq, row.in_progress) == (
+                "APPROVED", 3, False,
+            )  # fmt: skip
+            user = await users.get_by_customer_number(session, customer_number="410001")
+            assert user is not None
+            assert (user.registration_id, user.date_of_birth, user.phone, user.email) == (
+                rid, date(1988, 4, 2), "+254700000001", None,
+            )  # fmt: skip
+            assert await users.count(session) == 2
+    finally:
+        await engine.dispose()
+
+
+async def _claimed(session: AsyncSession, customer_number: str) -> tuple[int, str]:
+    """A new registration, claimed at 1 s with a 100 ms lease: (its id, the run id)."""
+    rid = (await registrations.create(session, **{**FIELDS, "customer_number": customer_number})).id
+    [(run_id, _)] = await registrations.claim_many(
+        session, registration_ids=[rid], now_ms=1_000, lease_ms=100, started_by="op"
+    )
+    return rid, run_id
+
+
+def _enrolment(
+    customer_number: str, phone: str, national_id_hash: str, registration_id: int | None = None
+) -> Bound:
+    return users.enrolment(
+        customer_number=customer_number, first_name="Maria", last_name="Santos", phone=phone,
+        email=None, date_of_birth=date(1988, 4, 2), national_id_hash=national_id_hash,
+        national_id_last4="1236", device_id=None, registration_id=registration_id,
+    )  # fmt: skip

@@ -42,10 +42,12 @@ def _registration(i: int) -> dict[str, Any]:
 
 async def _user(session: AsyncSession, n: int, customer_number: str) -> None:
     await users.create(
-        session, customer_number=customer_number, first_name="G", last_name="C",
-        phone=f"+2547110000{n:02d}", email=None, date_of_birth=date(1990, 1, 1),
-        national_id_hash=f"{n:064d}", national_id_last4="0000", device_id=None,
-        registration_id=None,
+        session,
+        users.enrolment(
+            customer_number=customer_number, first_name="G", last_name="C",
+            phone=f"+2547110000{n:02d}", email=None, date_of_birth=date(1990, 1, 1),
+            national_id_hash=f"{n:064d}", national_id_last4="0000", device_id=None,
+        ),
     )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ import asyncpg
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-__all__ = ["Driver", "Sql", "of", "sql"]
+__all__ = ["Bound", "Driver", "Sql", "of", "shifted", "sql"]
 
 _INTEGRITY = (asyncpg.IntegrityConstraintViolationError, sqlite3.IntegrityError)
 
@@ -37,6 +37,21 @@ class Sql:
 
     postgres: str
     sqlite: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """A statement with its arguments, handed to another data function to run with its own
+    (``registrations.append_events``: in the same statement on PostgreSQL, one round trip)."""
+
+    statement: Sql
+    args: tuple[Any, ...]
+
+
+def shifted(text: str, by: int) -> str:
+    """PostgreSQL ``text`` with its placeholders moved up by ``by`` (``$1`` becomes ``$(1+by)``),
+    to follow another statement's in a combined one."""
+    return re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + by}", text)
 
 
 def sql(text: str) -> Sql:

@@ -7,6 +7,7 @@ the lease) can never write a second final status.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Sequence
@@ -47,6 +48,10 @@ class LogEvent:
     stage: str | None = None
     stage_status: str | None = None
     details: dict[str, Any] | None = None
+
+
+#: A log entry to append: ``(stage, stage_status, status, message, details)``.
+Event = tuple[str | None, str | None, str, str, dict[str, Any] | None]
 
 
 class RunLost(Exception):
@@ -247,17 +252,60 @@ async def append_events(
     registration_id: int,
     run_id: str,
     run: int,
-    events: Sequence[tuple[str | None, str | None, str, str, dict[str, Any] | None]],
+    events: Sequence[Event],
     now_ms: int,
     lease_ms: int,
     final: tuple[str, dict[str, Any]] | None = None,
+    also: driver.Bound | None = None,
 ) -> list[LogEvent]:
     """Append events ``(stage, stage_status, status, message, details)`` to the log, in order.
 
     Numbers them with the registration's next ``seq`` values and renews the lease. With ``final``
-    (``(status, result)``), also ends the run in the same statement. Raises ``RunLost`` when the
-    runner no longer owns the run.
+    (``(status, result)``), also ends the run in the same statement. ``also`` is a write that
+    belongs with these entries (the enrolment that goes with APPROVED): on PostgreSQL it is part
+    of the same statement, one round trip. Raises ``RunLost`` when the runner no longer owns the
+    run (the caller's transaction then rolls back, ``also`` with it).
     """
+    logged, _ = await _append(
+        session, registration_id, run_id, run, events, now_ms, lease_ms, final, also, guard=False
+    )
+    assert logged is not None  # no guard
+    return logged
+
+
+async def append_events_unless(
+    session: AsyncSession,
+    *,
+    unless: driver.Bound,
+    registration_id: int,
+    run_id: str,
+    run: int,
+    events: Sequence[Event],
+    now_ms: int,
+    lease_ms: int,
+) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
+    """``append_events`` only if the query ``unless`` finds no rows (the duplicate check's common
+    case: no enrolled user matches, so log that, in the query's round trip on PostgreSQL).
+    Returns ``(entries, [])`` when it appended, ``(None, rows)`` when the query found ``rows``
+    and nothing was written."""
+    return await _append(
+        session, registration_id, run_id, run, events, now_ms, lease_ms, None, unless, guard=True
+    )
+
+
+async def _append(
+    session: AsyncSession,
+    registration_id: int,
+    run_id: str,
+    run: int,
+    events: Sequence[Event],
+    now_ms: int,
+    lease_ms: int,
+    final: tuple[str, dict[str, Any]] | None,
+    extra: driver.Bound | None,
+    *,
+    guard: bool,
+) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
     assert events, "nothing to append"
     count = len(events)
     current_stage = next((e[0] for e in reversed(events) if e[0] is not None), None)
@@ -266,15 +314,34 @@ async def append_events(
     details_json = [json.dumps(e[4]) for e in events]
     head = (registration_id, run_id, count, now_ms + lease_ms, current_stage)
     tail = () if final is None else (final[0], json.dumps(final[1]))
-    statement = _APPEND if final is None else _FINISH
-    if db.postgres:  # one statement: the run's row, then its log rows (one round trip)
+    statement = _statement(final is not None, None if extra is None else extra.statement, guard)
+    found: list[tuple[Any, ...]] = []
+    if db.postgres:  # one statement: ``extra``, the run's row, its log rows (one round trip)
         columns = tuple(list(c) for c in zip(*events, strict=True))[:4]
-        row = await db.fetch_one(statement, (*head, run, now_ms, *columns, details_json, *tail))
+        args = (*head, run, now_ms, *columns, details_json, *tail)
+        row = await db.fetch_one(statement, args if extra is None else args + extra.args)
+        if guard:
+            assert row is not None  # scalar subqueries: always one row
+            seq, rows_json = row
+            if rows_json is not None:  # decoded by SQLAlchemy's codec on its connections
+                rows = json.loads(rows_json) if isinstance(rows_json, str) else rows_json
+                found = [tuple(r.values()) for r in rows]
+        else:
+            seq = None if row is None else row[0]
     else:
-        row = await db.fetch_one(statement, head + tail)
-    if row is None:
+        if extra is not None:
+            found = await db.fetch_all(extra.statement, extra.args)
+            if not guard:
+                found = []
+        seq = None
+        if not found:
+            row = await db.fetch_one(statement, head + tail)
+            seq = None if row is None else row[0]
+    if found:
+        return None, found
+    if seq is None:
         raise RunLost(f"registration {registration_id}: run {run_id} is no longer ours")
-    out = numbered(events, registration_id=registration_id, run=run, last_seq=int(row[0]),
+    out = numbered(events, registration_id=registration_id, run=run, last_seq=int(seq),
                    timestamp_ms=now_ms)  # fmt: skip
     if not db.postgres:
         await db.execute_many(
@@ -285,11 +352,11 @@ async def append_events(
                 for e, text in zip(out, details_json, strict=True)
             ],
         )  # fmt: skip
-    return out
+    return out, []
 
 
 def numbered(
-    events: Sequence[tuple[str | None, str | None, str, str, dict[str, Any] | None]],
+    events: Sequence[Event],
     *,
     registration_id: int,
     run: int,
@@ -332,28 +399,46 @@ _PG = {
     "now": "now()",
 }  # fmt: skip
 _PG_APPEND = (
-    "WITH run AS (UPDATE registration_requests SET {set} " + _RUN_WHERE + " RETURNING seq), "
+    "WITH {extra}run AS (UPDATE registration_requests SET {set} " + _RUN_WHERE + "{guard} "
+    "RETURNING seq), "
     "log AS (INSERT INTO process_log (registration_id, seq, run, stage, stage_status, status, "
     "message, details, timestamp_ms) "
     "SELECT {rid}, run.seq - {count} + e.n, $6::int, e.stage, e.stage_status, e.status, "
     "e.message, e.details::json, $7::bigint FROM run, unnest($8::varchar[], $9::varchar[], "
     "$10::varchar[], $11::varchar[], $12::text[]) WITH ORDINALITY "
     "AS e(stage, stage_status, status, message, details, n)) "
-    "SELECT seq FROM run"
+    "{returns}"
 )
 _SQLITE = {
     "rid": "?1", "owner": "?2", "count": "?3", "lease": "?4", "stage": "?5", "status": "?6",
     "result": "?7", "false": "0", "now": "CURRENT_TIMESTAMP",
 }  # fmt: skip
 _SQLITE_ADVANCE = "UPDATE registration_requests SET {set} " + _RUN_WHERE + " RETURNING seq"
-_APPEND = driver.Sql(
-    _PG_APPEND.format(set=_RUN_SET.format(**_PG), **_PG),
-    _SQLITE_ADVANCE.format(set=_RUN_SET.format(**_SQLITE), **_SQLITE),
-)
-_FINISH = driver.Sql(
-    _PG_APPEND.format(set=(_RUN_SET + _FINISH_SET).format(**_PG), **_PG),
-    _SQLITE_ADVANCE.format(set=(_RUN_SET + _FINISH_SET).format(**_SQLITE), **_SQLITE),
-)
+
+
+@functools.cache
+def _statement(final: bool, extra: driver.Sql | None, guard: bool) -> driver.Sql:
+    """The append (``final``: and the end of the run) for both drivers. On PostgreSQL, ``extra``
+    is a member of the statement (its placeholders follow ours) and, with ``guard``, the run's
+    row is updated (so the log rows inserted) only if ``extra`` finds no rows; then the result
+    is one row: the new ``seq`` or NULL, and ``extra``'s rows as JSON or NULL. On SQLite, the
+    caller runs ``extra`` first, on its own (no round trip to save)."""
+    run_set = _RUN_SET + _FINISH_SET if final else _RUN_SET
+    ours = 14 if final else 12  # placeholders the PostgreSQL statement takes before ``extra``'s
+    postgres = _PG_APPEND.format(
+        set=run_set.format(**_PG),
+        extra="" if extra is None else f"extra AS ({driver.shifted(extra.postgres, ours)}), ",
+        guard=" AND NOT EXISTS (SELECT FROM extra)" if guard else "",
+        returns=(
+            "SELECT (SELECT seq FROM run), (SELECT json_agg(extra) FROM extra)"
+            if guard
+            else "SELECT seq FROM run"
+        ),
+        **_PG,
+    )
+    return driver.Sql(postgres, _SQLITE_ADVANCE.format(set=run_set.format(**_SQLITE), **_SQLITE))
+
+
 _INSERT_LOG = driver.sql(  # SQLite only: on PostgreSQL the statements above insert the rows
     "INSERT INTO process_log (registration_id, seq, run, stage, stage_status, status, message, "
     "details, timestamp_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"

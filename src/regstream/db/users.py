@@ -31,31 +31,45 @@ class Match(NamedTuple):
 
 # The duplicate check and the enrolment run once per validation: hand-written on the driver
 # (``db.driver`` says why, with the numbers). Through SQLAlchemy they were, with the log appends,
-# most of a validation's database CPU (profiled).
+# most of a validation's database CPU (profiled). The runner has each run inside the statement
+# that appends the step's log entries (``registrations.append_events``), so each step is one
+# round trip to PostgreSQL.
 _MATCHING = driver.sql(
     "SELECT id, customer_number, phone, national_id_hash FROM mobile_users "
     "WHERE customer_number = $1 OR phone = $2 OR national_id_hash = $3"
 )
 
 
+def matching(*, customer_number: str, phone: str, national_id_hash: str) -> driver.Bound:
+    """The query for every enrolled user with this CIF, this phone or this national id; its rows
+    make ``Match``es."""
+    return driver.Bound(_MATCHING, (customer_number, phone, national_id_hash))
+
+
 async def find_matching(
     session: AsyncSession, *, customer_number: str, phone: str, national_id_hash: str
 ) -> list[Match]:
     """Every enrolled user with this CIF, this phone or this national id (one query)."""
+    query = matching(
+        customer_number=customer_number, phone=phone, national_id_hash=national_id_hash
+    )
     db = await driver.of(session)
-    rows = await db.fetch_all(_MATCHING, (customer_number, phone, national_id_hash))
-    return [Match(*row) for row in rows]
+    return [Match(*row) for row in await db.fetch_all(query.statement, query.args)]
 
 
-_CREATE = driver.sql(
+# The date of birth goes as ISO text to both drivers: how SQLAlchemy's Date type keeps it in
+# SQLite, cast on PostgreSQL (asyncpg takes only ``date`` objects for a date parameter).
+_INSERT = (
     "INSERT INTO mobile_users (customer_number, first_name, last_name, phone, email, "
     "date_of_birth, national_id_hash, national_id_last4, device_id, registration_id, status) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'ACTIVE') RETURNING id"
+    "VALUES ($1, $2, $3, $4, $5, {dob}, $7, $8, $9, $10, 'ACTIVE') RETURNING id"
+)
+_CREATE = driver.Sql(
+    _INSERT.format(dob="$6::text::date"), driver.sql(_INSERT.format(dob="$6")).sqlite
 )
 
 
-async def create(
-    session: AsyncSession,
+def enrolment(
     *,
     customer_number: str,
     first_name: str,
@@ -67,19 +81,22 @@ async def create(
     national_id_last4: str,
     device_id: str | None,
     registration_id: int | None = None,
-) -> int:
-    """Enrol a user; returns its id. ``IntegrityError`` when the CIF, phone or national id is
-    enrolled already."""
-    db = await driver.of(session)
-    row = await db.fetch_one(
+) -> driver.Bound:
+    """The insert that enrols a user (returns its id); it raises ``IntegrityError`` when the
+    CIF, phone or national id is enrolled already."""
+    return driver.Bound(
         _CREATE,
         (
-            customer_number, first_name, last_name, phone, email,
-            # SQLAlchemy's Date type keeps ISO text in SQLite
-            date_of_birth if db.postgres else date_of_birth.isoformat(),
+            customer_number, first_name, last_name, phone, email, date_of_birth.isoformat(),
             national_id_hash, national_id_last4, device_id, registration_id,
         ),
     )  # fmt: skip
+
+
+async def create(session: AsyncSession, insert: driver.Bound) -> int:
+    """Run an ``enrolment``; returns the new user's id."""
+    db = await driver.of(session)
+    row = await db.fetch_one(insert.statement, insert.args)
     assert row is not None  # RETURNING of an insert that did not raise
     return int(row[0])
 

@@ -39,8 +39,9 @@ from regstream import metrics
 from regstream.core_banking.client import CoreBanking
 from regstream.core_banking.errors import CoreBankingError
 from regstream.db import registrations, users
+from regstream.db.driver import Bound
 from regstream.db.group_commit import GroupCommit
-from regstream.db.registrations import LogEvent, RunLost
+from regstream.db.registrations import Event, LogEvent, RunLost
 from regstream.db.tables import RegistrationRequest
 from regstream.domain.enums import RegistrationStatus, Stage, StageStatus
 from regstream.domain.errors import ERROR_MESSAGES, ErrorCode, ValidationFailure
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 
 PENDING = RegistrationStatus.PENDING.value
 
-Event = tuple[str | None, str | None, str, str, dict[str, Any] | None]
 Claims = list[tuple[str, Row[Any]]]  # (run id, claimed row)
 
 
@@ -356,9 +356,7 @@ class Runner:
                 stage = Stage.STATUS_UPDATE
                 await self._approve(run, applicant, nid_hash, cached_accounts, announce=True)
                 return
-            existing_found = await self._emit_after(
-                run, lambda s: self._duplicate_check(s, applicant, nid_hash)
-            )
+            existing_found = await self._duplicate_check(run, applicant, nid_hash)
             _observe(Stage.DUPLICATE_CHECK, "ok", started)
             if existing_found:
                 stage = Stage.UPDATE_USER_INFO
@@ -386,26 +384,41 @@ class Runner:
             details = {"error": error.code.value, "retryable": error.retryable}
             await self._fail(run, stage, error.code, details)
 
-    async def _duplicate_check(
-        self, session: AsyncSession, applicant: Applicant, nid_hash: str
-    ) -> tuple[list[Event], bool]:
-        # "started" is logged with the result: the check is one short transaction.
-        result = await stages.duplicate_check(session, applicant, nid_hash)
-        if result.existing is not None:
-            return [
+    async def _duplicate_check(self, run: _Run, applicant: Applicant, nid_hash: str) -> bool:
+        """One transaction: the check, "started" logged with its result. True: the applicant
+        is enrolled already (same CIF)."""
+
+        async def step(session: AsyncSession) -> tuple[list[LogEvent], bool]:
+            # Most applicants match no one: the query and that result's log entries are one
+            # statement (one round trip to PostgreSQL); the rows, if any, are decided here.
+            query = users.matching(
+                customer_number=applicant.customer_number, phone=applicant.phone,
+                national_id_hash=nid_hash,
+            )  # fmt: skip
+            logged, rows = await registrations.append_events_unless(
+                session, unless=query, registration_id=run.registration_id, run_id=run.run_id,
+                run=run.run, events=_NO_DUPLICATE, now_ms=_now_ms(), lease_ms=self._lease_ms,
+            )  # fmt: skip
+            if logged is not None:
+                return logged, False
+            matches = [users.Match(*row) for row in rows]
+            existing = stages.duplicate_check(matches, applicant, nid_hash).existing
+            assert existing is not None  # a match on the phone or id alone raised above
+            events = [
                 _started(Stage.DUPLICATE_CHECK),
                 _done(
-                    Stage.DUPLICATE_CHECK,
-                    "Existing user found",
-                    {"existingUserId": result.existing.id},
+                    Stage.DUPLICATE_CHECK, "Existing user found", {"existingUserId": existing.id}
                 ),
                 _started(Stage.UPDATE_USER_INFO),
-            ], True
-        return [
-            _started(Stage.DUPLICATE_CHECK),
-            _done(Stage.DUPLICATE_CHECK, "No duplicate found"),
-            _started(Stage.T24_LOOKUP),
-        ], False
+            ]
+            return await self._append(session, run, events), True
+
+        def publish(result: tuple[list[LogEvent], bool]) -> None:
+            run.logged.extend(result[0])
+            self._publish(result[0])
+
+        _, existing_found = await self._commits.run(step, then=publish)
+        return existing_found
 
     async def _update_existing(self, run: _Run, applicant: Applicant, nid_hash: str) -> None:
         async def work(session: AsyncSession) -> tuple[list[Event], Outcome]:
@@ -449,20 +462,20 @@ class Runner:
             lookup = _done(Stage.T24_LOOKUP, f"Found {count} accounts", {"accountsFound": count})
             before.insert(0, lookup)
 
-        async def work(session: AsyncSession) -> tuple[list[Event], Outcome]:
-            await users.create(
-                session,
-                customer_number=applicant.customer_number,
-                first_name=applicant.first_name,
-                last_name=applicant.last_name,
-                phone=applicant.phone,
-                email=applicant.email,
-                date_of_birth=applicant.date_of_birth,
-                national_id_hash=nid_hash,
-                national_id_last4=applicant.national_id[-4:],
-                device_id=applicant.device_id,
-                registration_id=run.registration_id,
-            )
+        enrolment = users.enrolment(
+            customer_number=applicant.customer_number,
+            first_name=applicant.first_name,
+            last_name=applicant.last_name,
+            phone=applicant.phone,
+            email=applicant.email,
+            date_of_birth=applicant.date_of_birth,
+            national_id_hash=nid_hash,
+            national_id_last4=applicant.national_id[-4:],
+            device_id=applicant.device_id,
+            registration_id=run.registration_id,
+        )
+
+        async def work(_session: AsyncSession) -> tuple[list[Event], Outcome]:
             outcome = Outcome(
                 RegistrationStatus.APPROVED,
                 f"Customer validated successfully. Found {count} accounts.",
@@ -471,7 +484,7 @@ class Runner:
             return [*before, _done(Stage.STATUS_UPDATE, "Status set to APPROVED")], outcome
 
         try:
-            await self._finish(run, work)
+            await self._finish(run, work, also=enrolment)  # the enrolment commits with APPROVED
             return True
         except IntegrityError:
             # Someone enrolled the same person between our duplicate check and now; the
@@ -526,30 +539,23 @@ class Runner:
 
     # --- persistence + publication -------------------------------------------------------------
 
-    async def _emit_after(
-        self, run: _Run, work: Callable[[AsyncSession], Awaitable[tuple[list[Event], bool]]]
-    ) -> bool:
-        async def step(session: AsyncSession) -> tuple[list[LogEvent], bool]:
-            events, flag = await work(session)
-            return await self._append(session, run, events), flag
-
-        def publish(result: tuple[list[LogEvent], bool]) -> None:
-            run.logged.extend(result[0])
-            self._publish(result[0])
-
-        _, flag = await self._commits.run(step, then=publish)
-        return flag
-
     async def _finish(
-        self, run: _Run, work: Callable[[AsyncSession], Awaitable[tuple[list[Event], Outcome]]]
+        self,
+        run: _Run,
+        work: Callable[[AsyncSession], Awaitable[tuple[list[Event], Outcome]]],
+        *,
+        also: Bound | None = None,
     ) -> None:
+        """End the run: ``work``'s log entries, the final status, and ``also`` (a write that
+        commits with them, ``registrations.append_events``) in one transaction."""
+
         async def step(session: AsyncSession) -> tuple[list[LogEvent], Outcome]:
             events, outcome = await work(session)
             final: Event = (None, None, outcome.status.value, outcome.message, outcome.details)
             logged = await self._append(
                 session, run, [*events, final], final=(outcome.status.value, {
                     "message": outcome.message, "details": outcome.details,
-                }),
+                }), also=also,
             )  # fmt: skip
             return logged, outcome
 
@@ -568,10 +574,11 @@ class Runner:
         run: _Run,
         events: list[Event],
         final: tuple[str, dict[str, Any]] | None = None,
+        also: Bound | None = None,
     ) -> list[LogEvent]:
         return await registrations.append_events(
             session, registration_id=run.registration_id, run_id=run.run_id, run=run.run,
-            events=events, now_ms=_now_ms(), lease_ms=self._lease_ms, final=final,
+            events=events, now_ms=_now_ms(), lease_ms=self._lease_ms, final=final, also=also,
         )  # fmt: skip
 
     def _publish(
@@ -595,6 +602,14 @@ def _started(stage: Stage) -> Event:
 
 def _done(stage: Stage, message: str, details: dict[str, Any] | None = None) -> Event:
     return (stage.value, StageStatus.COMPLETED.value, PENDING, message, details)
+
+
+#: The duplicate check's common result, appended by its query's statement (``_duplicate_check``).
+_NO_DUPLICATE: list[Event] = [
+    _started(Stage.DUPLICATE_CHECK),
+    _done(Stage.DUPLICATE_CHECK, "No duplicate found"),
+    _started(Stage.T24_LOOKUP),
+]
 
 
 def _completed_lookup(entries: list[Any]) -> int | None:

@@ -1,7 +1,7 @@
 """One function per stage. Stages decide; the runner logs, publishes and persists.
 
-``duplicate_check`` and ``update_user_info`` read and write enrolled users in the session they
-are given (the runner's transaction); ``t24_lookup`` talks to the core only through the
+``duplicate_check`` decides on the enrolled users the runner read for it; ``update_user_info``
+writes in the session it is given (the runner's transaction); ``t24_lookup`` talks to the core only through the
 ``CoreBanking`` protocol and turns its errors into outcomes.
 """
 
@@ -25,16 +25,13 @@ class DuplicateCheck:
     existing: users.Match | None
 
 
-async def duplicate_check(
-    session: AsyncSession, applicant: Applicant, national_id_hash: str
+def duplicate_check(
+    matches: list[users.Match], applicant: Applicant, national_id_hash: str
 ) -> DuplicateCheck:
-    """Same CIF: an existing user. Phone or id held by another CIF: refuse (SIM-swap risk)."""
-    matches = await users.find_matching(
-        session,
-        customer_number=applicant.customer_number,
-        phone=applicant.phone,
-        national_id_hash=national_id_hash,
-    )
+    """Decide on the enrolled users that share the applicant's CIF, phone or national id
+    (``users.matching``; the runner queries them in the statement that logs the common result,
+    no match). Same CIF: an existing user. Phone or id held by another CIF: refuse (SIM-swap
+    risk)."""
     by_cif = next((u for u in matches if u.customer_number == applicant.customer_number), None)
     others = [u for u in matches if u.customer_number != applicant.customer_number]
     if any(u.phone == applicant.phone for u in others):

@@ -18,6 +18,7 @@ from tests.support import (
     create_user,
     run_in_db,
     serve_app,
+    wait_until,
 )
 
 PING = 2.0
@@ -211,6 +212,35 @@ async def test_demoted_admin_loses_the_unfiltered_stream(live_fast: LiveServer) 
             assert response.status_code == 200
         await sse.wait_for(lambda fs: any(f.type == "auth" for f in fs), PING + 1.0, "auth frame")
         assert _auth_frames(sse)[0]["reason"] == "forbidden"
+
+
+async def test_a_settled_stream_gets_nothing_after_it_is_closed(live_fast: LiveServer) -> None:
+    """The hub writes to a settled unfiltered stream without its per-write checks (direct);
+    once the stream is closed for its credentials, no update may reach it any more."""
+    admin = auth_headers(live_fast, "admin")
+    target = create_user(live_fast, "admin")
+    hub = live_fast.services.hub
+
+    async def publish(seq: int) -> None:
+        await live_fast.call(live_fast.services.publisher.publish_update(
+            {"registrationId": 5, "status": "PENDING", "timestamp": 0, "seq": seq,
+             "message": "m", "stage": "duplicate_check"}
+        ))  # fmt: skip
+
+    async with StreamClient(live_fast.url, headers=target.headers) as sse:
+        await publish(1)
+        await sse.wait_for(lambda fs: len(sse.updates()) == 1, 5.0, "first update")
+        await wait_until(lambda: len(hub._direct) == 1, timeout=5, what="stream direct")  # noqa: SLF001
+        async with httpx.AsyncClient(base_url=live_fast.url, headers=admin) as client:
+            response = await client.patch(f"/api/users/{target.username}", json={"role": "viewer"})
+            assert response.status_code == 200
+        await sse.wait_for(lambda fs: any(f.type == "auth" for f in fs), PING + 1.0, "auth frame")
+        for seq in range(2, 12):
+            await publish(seq)
+        await sse.wait_for(lambda fs: sse.closed, 2.0, "stream closed")
+        assert [u["seq"] for u in sse.updates()] == [1]
+        assert sse.frames[-1].type == "auth"
+    await wait_until(lambda: len(hub) == 0, what="stream detached")
 
 
 async def test_refused_streams_are_audited(live: LiveServer) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from regstream import metrics
 from tests.conftest import SettingsFactory
 from tests.support import StreamClient, auth_headers, serve_app, wait_until
@@ -13,9 +15,13 @@ def _cut_count() -> float:
     return float(metrics.SLOW_CLIENTS_CUT._value.get())
 
 
+@pytest.mark.parametrize("settled", [False, True], ids=["checked", "direct"])
 async def test_stalled_stream_is_cut_and_others_get_everything(
-    make_settings: SettingsFactory,
+    make_settings: SettingsFactory, settled: bool
 ) -> None:
+    """``direct``: both streams settle after the first update (the hub then writes to them
+    unchecked and the transport's high-water mark enforces the limit); ``checked``: the flood
+    goes on at once."""
     with serve_app(make_settings(sse_max_buffer_bytes=32 * 1024)) as live:
         headers = auth_headers(live, "admin")
         port = int(live.url.rsplit(":", 1)[1])
@@ -28,7 +34,8 @@ async def test_stalled_stream_is_cut_and_others_get_everything(
         before = _cut_count()
         try:
             async with StreamClient(live.url, headers=headers) as healthy:
-                await wait_until(lambda: len(live.services.hub) == 2, what="both streams attached")
+                hub = live.services.hub
+                await wait_until(lambda: len(hub) == 2, what="both streams attached")
                 padding = "x" * 2000
                 count = 600  # ~1.3 MB for the stalled client: far past kernel + our buffer
                 for i in range(count):
@@ -36,6 +43,11 @@ async def test_stalled_stream_is_cut_and_others_get_everything(
                         {"registrationId": 1, "status": "PENDING", "timestamp": 0, "seq": i + 1,
                          "message": "load", "stage": "duplicate_check", "pad": padding}
                     ))  # fmt: skip
+                    if settled and i == 0:  # past its start-up position, a stream settles
+                        await wait_until(
+                            lambda: len(hub._direct) == 2,  # noqa: SLF001
+                            timeout=10, what="both streams direct (the timer ticks every 1 s)",
+                        )  # fmt: skip
                 await wait_until(
                     lambda: _cut_count() > before, timeout=20, what="the stalled stream cut"
                 )

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import orjson
+import pytest
+import uvloop
 
 from regstream.realtime import messages
-from regstream.realtime.hub import Hub, QueuedStream
+from regstream.realtime.hub import Hub, QueuedStream, StreamProtocol, TransportStream
 
 
 def _frames(stream: QueuedStream) -> list[dict[str, object]]:
@@ -16,12 +22,67 @@ def _frames(stream: QueuedStream) -> list[dict[str, object]]:
     return out
 
 
-def _update(rid: int, seq: int) -> messages.Parsed:
-    parsed = messages.parse_message(
-        orjson.dumps({"registrationId": rid, "seq": seq, "timestamp": 1})
-    )
+def _update(rid: int, seq: int, key: messages.EventKey | None = None) -> messages.Parsed:
+    fields: dict[str, object] = {"registrationId": rid, "seq": seq, "timestamp": 1}
+    if key is not None:
+        fields["eventId"] = str(key)
+    parsed = messages.parse_message(orjson.dumps(fields))
     assert parsed is not None
     return parsed
+
+
+@asynccontextmanager
+async def _connected(hub: Hub) -> AsyncIterator[tuple[TransportStream, asyncio.StreamReader]]:
+    """An unfiltered stream on a real loopback connection, owned by a ``StreamProtocol`` as
+    after the HTTP server handed it over; and the client's reader."""
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[asyncio.Transport] = loop.create_future()
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            accepted.set_result(transport)  # type: ignore[arg-type]
+
+    server = await loop.create_server(Accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    transport = await asyncio.wait_for(accepted, 5)
+    stream = TransportStream(None, transport, chunked=True, max_buffer=1 << 16)
+    transport.set_protocol(StreamProtocol(stream, hub))
+    hub.attach(stream)
+    try:
+        yield stream, reader
+    finally:
+        writer.close()
+        transport.abort()
+        server.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_stream_is_direct_only_past_its_floor_and_nothing_follows_its_close(loop: str) -> None:
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:  # the server runs on uvloop
+        runner.run(_direct_stream())
+
+
+async def _direct_stream() -> None:
+    hub = Hub()
+    floor = messages.EventKey("1", 1000, 5)
+    async with _connected(hub) as (stream, reader):
+        stream.go_live(after=floor)
+        hub._settle(stream)  # noqa: SLF001 - what the shared timer does every tick
+        assert not hub.is_direct(stream)  # its start-up position is still a floor
+        hub.publish(_update(1, 1, messages.EventKey("1", 1000, 5)))  # covered: skipped
+        hub.publish(_update(1, 2, messages.EventKey("1", 1000, 6)))  # past it: the floor goes
+        assert stream.floor_key is None
+        hub._settle(stream)  # noqa: SLF001
+        assert hub.is_direct(stream)
+        hub.publish(_update(1, 3, messages.EventKey("1", 1000, 7)))  # written unchecked
+        stream.close()
+        hub.publish(_update(1, 4, messages.EventKey("1", 1000, 8)))  # closed: must not go out
+        received = await asyncio.wait_for(reader.read(), 5)  # up to the server's close
+    assert b'"seq":1,' not in received and b'"seq":4,' not in received
+    assert b'"seq":2,' in received and b'"seq":3,' in received
+    assert received.endswith(b"0\r\n\r\n")  # the chunked body's end, nothing after it
 
 
 async def test_routing_by_filter_and_resync_reach_multi_registration_streams() -> None:
@@ -49,3 +110,13 @@ async def test_routing_by_filter_and_resync_reach_multi_registration_streams() -
 
     hub.detach(several)
     assert len(hub) == 3 and 8 not in hub._by_rid and hub._by_rid[7] == {one}  # noqa: SLF001
+
+
+def test_an_empty_history_s_position_is_no_floor() -> None:
+    """A stream that started on an empty history (position ``<epoch>_0-0``) skips nothing, so
+    it can settle at once; any other start position stays its floor until an update passes."""
+    empty, started = QueuedStream(None, max_buffer=1024), QueuedStream(None, max_buffer=1024)
+    empty.go_live(after=messages.EventKey("1", 0, 0))
+    started.go_live(after=messages.EventKey("1", 0, 1))
+    assert empty.floor_key is None
+    assert started.floor_key == messages.EventKey("1", 0, 1)

@@ -463,7 +463,9 @@ _CLAIM = (
         result=None,
         completed_at=None,
     )
-    .returning(*_reg)
+    # the claimed row but its result, which the claim just cleared (a JSON column, decoded per
+    # row for nothing)
+    .returning(*(column for column in _reg if column.name != "result"))
 )
 
 

@@ -271,6 +271,17 @@ async def test_a_step_s_query_or_insert_runs_with_its_append(database_url: str) 
                 rid, date(1988, 4, 2), "+254700000001", None,
             )  # fmt: skip
             assert await users.count(session) == 2
+        # the run has ended: an append with an enrolment is refused, and the caller's rollback
+        # takes the enrolment with it (on PostgreSQL the insert ran inside the statement)
+        with pytest.raises(RunLost):
+            async with sessions.begin() as session:
+                await registrations.append_events(
+                    session, events=[final_event], now_ms=1_050, final=final, **run,
+                    also=_enrolment("410002", "+254700000002", "b" * 64),
+                )  # fmt: skip
+        async with sessions() as session:
+            assert await users.get_by_customer_number(session, customer_number="410002") is None
+            assert await users.count(session) == 2
     finally:
         await engine.dispose()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import pytest
 
@@ -35,14 +36,24 @@ async def test_stalled_stream_is_cut_and_others_get_everything(
         try:
             async with StreamClient(live.url, headers=headers) as healthy:
                 hub = live.services.hub
+                if not settled:  # keep both streams on the checked path whatever the timer does
+                    hub._settle = lambda stream: None  # noqa: SLF001
                 await wait_until(lambda: len(hub) == 2, what="both streams attached")
                 padding = "x" * 2000
+
+                def received(n: int) -> Callable[[object], bool]:
+                    return lambda _frames: len(healthy.updates()) >= n
+
                 count = 600  # ~1.3 MB for the stalled client: far past kernel + our buffer
                 for i in range(count):
                     await live.call(live.services.publisher.publish_update(
                         {"registrationId": 1, "status": "PENDING", "timestamp": 0, "seq": i + 1,
                          "message": "load", "stage": "duplicate_check", "pad": padding}
                     ))  # fmt: skip
+                    if i % 10 == 9:  # the healthy reader (a thread of this process, under the
+                        # GIL with the server) may lag, but never by the ~96 KB that cuts a stream
+                        await healthy.wait_for(received(i - 10), timeout=20,
+                                               what="the healthy client keeping up")  # fmt: skip
                     if settled and i == 0:  # past its start-up position, a stream settles
                         await wait_until(
                             lambda: len(hub._direct) == 2,  # noqa: SLF001
@@ -54,6 +65,7 @@ async def test_stalled_stream_is_cut_and_others_get_everything(
                 await wait_until(
                     lambda: len(live.services.hub) == 1, what="stalled stream detached"
                 )
+                assert len(hub._direct) == (1 if settled else 0)  # noqa: SLF001 - the healthy one
                 await healthy.wait_for(lambda fs: len(healthy.updates()) == count, timeout=20,
                                        what="every update at the healthy client")  # fmt: skip
                 assert [u["seq"] for u in healthy.updates()] == list(range(1, count + 1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -315,24 +316,19 @@ async def _append(
     head = (registration_id, run_id, count, now_ms + lease_ms, current_stage)
     tail = () if final is None else (final[0], json.dumps(final[1]))
     statement = _statement(final is not None, None if extra is None else extra.statement, guard)
-    found: list[tuple[Any, ...]] = []
+    found: list[tuple[Any, ...]] = []  # the guard query's rows (then nothing was written)
     if db.postgres:  # one statement: ``extra``, the run's row, its log rows (one round trip)
         columns = tuple(list(c) for c in zip(*events, strict=True))[:4]
         args = (*head, run, now_ms, *columns, details_json, *tail)
-        row = await db.fetch_one(statement, args if extra is None else args + extra.args)
-        if guard:
-            assert row is not None  # scalar subqueries: always one row
-            seq, rows_json = row
-            if rows_json is not None:  # decoded by SQLAlchemy's codec on its connections
-                rows = json.loads(rows_json) if isinstance(rows_json, str) else rows_json
-                found = [tuple(r.values()) for r in rows]
-        else:
-            seq = None if row is None else row[0]
+        rows = await db.fetch_all(statement, args if extra is None else args + extra.args)
+        if guard:  # (seq or NULL, true, extra's columns) per row found; (seq, NULL, …) if none
+            found = [row[2:] for row in rows if row[1]]
+        seq = rows[0][0] if rows else None
     else:
         if extra is not None:
-            found = await db.fetch_all(extra.statement, extra.args)
-            if not guard:
-                found = []
+            extra_rows = await db.fetch_all(extra.statement, extra.args)
+            if guard:
+                found = extra_rows
         seq = None
         if not found:
             row = await db.fetch_one(statement, head + tail)
@@ -421,16 +417,19 @@ def _statement(final: bool, extra: driver.Sql | None, guard: bool) -> driver.Sql
     """The append (``final``: and the end of the run) for both drivers. On PostgreSQL, ``extra``
     is a member of the statement (its placeholders follow ours) and, with ``guard``, the run's
     row is updated (so the log rows inserted) only if ``extra`` finds no rows; then the result
-    is one row: the new ``seq`` or NULL, and ``extra``'s rows as JSON or NULL. On SQLite, the
-    caller runs ``extra`` first, on its own (no round trip to save)."""
+    is the new ``seq`` or NULL, ``true`` and ``extra``'s columns per row found, or one row of
+    the ``seq`` and NULLs. On SQLite, the caller runs ``extra`` first, on its own (no round trip
+    to save)."""
     run_set = _RUN_SET + _FINISH_SET if final else _RUN_SET
-    ours = 14 if final else 12  # placeholders the PostgreSQL statement takes before ``extra``'s
+    base = _PG_APPEND.format(set=run_set.format(**_PG), extra="", guard="", returns="", **_PG)
+    ours = max(int(n) for n in re.findall(r"\$(\d+)", base))  # ``extra``'s placeholders follow
     postgres = _PG_APPEND.format(
         set=run_set.format(**_PG),
         extra="" if extra is None else f"extra AS ({driver.shifted(extra.postgres, ours)}), ",
         guard=" AND NOT EXISTS (SELECT FROM extra)" if guard else "",
         returns=(
-            "SELECT (SELECT seq FROM run), (SELECT json_agg(extra) FROM extra)"
+            "SELECT r.seq, e.* FROM (SELECT (SELECT seq FROM run) AS seq) AS r "
+            "LEFT JOIN (SELECT true AS found, * FROM extra) AS e ON true"
             if guard
             else "SELECT seq FROM run"
         ),

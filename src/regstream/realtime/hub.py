@@ -107,8 +107,10 @@ class Stream:
                     return
                 key, floor = parsed.key, self.floor_key
                 if floor is not None and key is not None and key.epoch == floor.epoch:
-                    # Past the floor: the broker dispatches updates in id order (it drops any
-                    # at or before the last it dispatched), so none the floor covers can follow.
+                    # Past the floor: the broker dispatches updates in id order within an epoch
+                    # (it drops any at or before the last it dispatched), so none the floor
+                    # covers can follow. (A floor of another epoch stays: that stream is never
+                    # direct, which costs only speed.)
                     self.floor_key = None
             self.write(frame, chunk)
 
@@ -161,6 +163,7 @@ class TransportStream(Stream):
 
     def close(self, final: bytes = b"") -> None:
         if not self.closed and not self.transport.is_closing():
+            self.closed = True  # first: the writes below are no slow client (pause_writing)
             if final:
                 self.transport.write(messages.chunk(final) if self.chunked else final)
             if self.chunked:
@@ -377,6 +380,7 @@ class Hub:
             and stream in self._all
             and stream.pending is None
             and stream.floor_key is None
+            and not stream.floor_seq
             and stream.chunked
             and not stream.closed
             and stream.limit == stream.max_buffer

@@ -120,3 +120,33 @@ def test_an_empty_history_s_position_is_no_floor() -> None:
     started.go_live(after=messages.EventKey("1", 0, 1))
     assert empty.floor_key is None
     assert started.floor_key == messages.EventKey("1", 0, 1)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_closed_stream_whose_client_stopped_reading_is_dropped(loop: str) -> None:
+    """A stream closed by the service (credentials, shutdown) whose client reads no more would
+    keep its connection while its last bytes wait: the shared timer drops it after the send
+    timeout, as it does a live stream."""
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_closed_and_stalled())
+
+
+async def _closed_and_stalled() -> None:
+    hub = Hub(send_timeout=0.2, tick=0.05)
+    timer = asyncio.create_task(hub.run())
+    try:
+        async with _connected(hub) as (stream, _reader):  # the client never reads
+            stream.go_live()
+            # more than the client's socket and reader take: the rest waits in our buffer
+            stream.transport.write(b"x" * 8_000_000)
+            assert stream.unsent() > 0
+            stream.close(b"event: auth\ndata: {}\n\n")
+            assert len(hub) == 1
+            for _ in range(100):  # bounded: 5 s
+                if len(hub) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(hub) == 0  # aborted, so the connection is gone and the stream detached
+    finally:
+        timer.cancel()

@@ -10,7 +10,8 @@ each stream's transport costs about what nchan does. So:
 * streams are indexed by ``registrationId``: a filtered stream costs nothing for messages of
   other registrations; unfiltered (dashboard) streams get everything;
 * a stream whose client stopped reading is cut off once its transport buffer passes
-  ``max_buffer`` bytes, or stays non-empty for ``send_timeout`` seconds; it never slows others
+  ``max_buffer`` bytes, or stays non-empty for ``send_timeout`` seconds (also once we closed
+  it, so a stalled client cannot hold a closed stream's connection); it never slows others
   (the kernel's send buffer per stream is capped in ``api/stream.py`` so this shows up soon). A
   stream's start-up burst (a replay of up to the whole history) is exempt: the limit is lifted
   while starting and lowered back once the client has read the backlog;
@@ -88,6 +89,10 @@ class Stream:
     def buffered(self) -> int:
         raise NotImplementedError
 
+    def unsent(self) -> int:
+        """Bytes still waiting for the client after ``close`` (0 where the mode cannot tell)."""
+        return 0
+
     def close(self, final: bytes = b"") -> None:
         """End the stream (after writing ``final``); whoever owns the connection cleans up."""
         self.closed = True
@@ -160,6 +165,9 @@ class TransportStream(Stream):
 
     def buffered(self) -> int:
         return 0 if self.transport.is_closing() else self.transport.get_write_buffer_size()
+
+    def unsent(self) -> int:
+        return self.transport.get_write_buffer_size()
 
     def close(self, final: bytes = b"") -> None:
         if not self.closed and not self.transport.is_closing():
@@ -433,6 +441,14 @@ class Hub:
                 chunk = messages.chunk(frame)
             for stream in list(self.streams()):
                 if stream.closed:
+                    # Closed by us (credentials, shutdown), its last bytes unread: a client that
+                    # stopped reading would hold the connection (and a stream slot) for as long
+                    # as it stays connected. It gets ``send_timeout``, as a live stream does.
+                    if stream.unsent():
+                        if stream.stalled_since is None:
+                            stream.stalled_since = now
+                        elif now - stream.stalled_since > self.send_timeout:
+                            _cut(stream, "send timeout after close")
                     continue
                 buffered = stream.buffered()
                 if stream.limit > stream.max_buffer and stream.pending is None:

@@ -15,7 +15,7 @@ RETURNING`` then ``executemany``). This measures both in one process:
   ``session.execute(insert, [rows])``);
 - ``driver``: ``regstream.db.registrations.append_events`` as it is now;
 - ``query+append``: the duplicate check's step before its query rode in the append's statement:
-  ``users.find_matching`` (a query that matches no one), then ``append_events``;
+  ``users.matching`` run on its own (a query that matches no one), then ``append_events``;
 - ``combined``: the same step now, ``append_events_unless`` with ``users.matching`` as its query
   (on PostgreSQL one statement, one round trip).
 
@@ -53,7 +53,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Integer, String, bindparam, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from regstream.db import registrations, users
+from regstream.db import driver, registrations, users
 from regstream.db.engine import create_engine, create_session_factory, migrate
 from regstream.db.registrations import LogEvent, RunLost
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
@@ -132,7 +132,8 @@ _NOBODY = {"customer_number": "0", "phone": "+0", "national_id_hash": "0" * 64}
 
 
 async def query_then_append(session: AsyncSession, **append: Any) -> list[LogEvent]:
-    if await users.find_matching(session, **_NOBODY):
+    query = users.matching(**_NOBODY)
+    if await (await driver.of(session)).fetch_all(query.statement, query.args):
         raise AssertionError("the bench's query matched an enrolled user")
     return await registrations.append_events(session, **append)
 

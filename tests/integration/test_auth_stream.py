@@ -215,8 +215,10 @@ async def test_demoted_admin_loses_the_unfiltered_stream(live_fast: LiveServer) 
 
 
 async def test_a_settled_stream_gets_nothing_after_it_is_closed(live_fast: LiveServer) -> None:
-    """The hub writes to a settled unfiltered stream without its per-write checks (direct);
-    once the stream is closed for its credentials, no update may reach it any more."""
+    """The hub writes to a settled unfiltered stream without its per-write checks (direct):
+    the credentials check of the shared timer must still reach it, close it with its auth frame,
+    and no update may follow. (That no byte goes out after a close, on the socket itself, is
+    ``tests/unit/test_hub.py``'s job: this client stops reading at the stream's end.)"""
     admin = auth_headers(live_fast, "admin")
     target = create_user(live_fast, "admin")
     hub = live_fast.services.hub

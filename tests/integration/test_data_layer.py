@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import date
 from typing import Any
 
@@ -13,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.db import registrations, users
 from regstream.db.driver import Bound
-from regstream.db.engine import create_engine, create_session_factory, migrate
+from regstream.db.engine import SessionFactory, create_engine, create_session_factory, migrate
 from regstream.db.registrations import RunLost
 
 FIELDS = dict(
@@ -95,10 +97,7 @@ async def test_lease_renewal_skips_rows_a_transaction_holds(postgres_url: str) -
     """PostgreSQL: renewing leases must not wait for (and deadlock with) a group commit that
     holds some of the same rows; those rows are renewed by their own step."""
 
-    engine = create_engine(postgres_url)
-    try:
-        await migrate(engine)
-        sessions = create_session_factory(engine)
+    async with _migrated(postgres_url) as sessions:
         async with sessions.begin() as session:
             ids = [
                 (await registrations.create(session, **{**FIELDS, "customer_number": str(n)})).id
@@ -122,8 +121,6 @@ async def test_lease_renewal_skips_rows_a_transaction_holds(postgres_url: str) -
         async with sessions() as session:
             rows = await registrations.get_many(session, registration_ids=ids)
             assert sorted(r.lease_expires_ms or 0 for r in rows) == [1_110, 5_000]
-    finally:
-        await engine.dispose()
 
 
 async def test_appending_log_entries_is_part_of_the_transaction(database_url: str) -> None:
@@ -131,10 +128,7 @@ async def test_appending_log_entries_is_part_of_the_transaction(database_url: st
     transaction it must still roll back with it, and what it writes must read back through the
     ORM as the entries, the final status and result, and the lease it was given."""
 
-    engine = create_engine(database_url)
-    try:
-        await migrate(engine)
-        sessions = create_session_factory(engine)
+    async with _migrated(database_url) as sessions:
         async with sessions.begin() as session:
             rid, run_id = await _claimed(session, "400001")
         events = [
@@ -200,8 +194,6 @@ async def test_appending_log_entries_is_part_of_the_transaction(database_url: st
                 "null",
                 '{"accountsFound": 2}',
             ]
-    finally:
-        await engine.dispose()
 
 
 async def test_a_step_s_query_or_insert_runs_with_its_append(database_url: str) -> None:
@@ -210,10 +202,7 @@ async def test_a_step_s_query_or_insert_runs_with_its_append(database_url: str) 
     writes nothing, one that finds none lets the append happen; an enrolment commits with the
     final status, or its unique violation fails the append."""
 
-    engine = create_engine(database_url)
-    try:
-        await migrate(engine)
-        sessions = create_session_factory(engine)
+    async with _migrated(database_url) as sessions:
         async with sessions.begin() as session:
             rid, run_id = await _claimed(session, "410001")
             enrolled = await users.create(session, _enrolment("410009", "+254700000009", "e" * 64))
@@ -282,6 +271,15 @@ async def test_a_step_s_query_or_insert_runs_with_its_append(database_url: str) 
         async with sessions() as session:
             assert await users.get_by_customer_number(session, customer_number="410002") is None
             assert await users.count(session) == 2
+
+
+@asynccontextmanager
+async def _migrated(url: str) -> AsyncIterator[SessionFactory]:
+    """A migrated database's session factory; the engine is disposed of afterwards."""
+    engine = create_engine(url)
+    try:
+        await migrate(engine)
+        yield create_session_factory(engine)
     finally:
         await engine.dispose()
 

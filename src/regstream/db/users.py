@@ -46,17 +46,6 @@ def matching(*, customer_number: str, phone: str, national_id_hash: str) -> driv
     return driver.Bound(_MATCHING, (customer_number, phone, national_id_hash))
 
 
-async def find_matching(
-    session: AsyncSession, *, customer_number: str, phone: str, national_id_hash: str
-) -> list[Match]:
-    """Every enrolled user with this CIF, this phone or this national id (one query)."""
-    query = matching(
-        customer_number=customer_number, phone=phone, national_id_hash=national_id_hash
-    )
-    db = await driver.of(session)
-    return [Match(*row) for row in await db.fetch_all(query.statement, query.args)]
-
-
 # The date of birth goes as ISO text to both drivers: how SQLAlchemy's Date type keeps it in
 # SQLite, cast on PostgreSQL (asyncpg takes only ``date`` objects for a date parameter).
 _INSERT = (

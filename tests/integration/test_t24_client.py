@@ -14,17 +14,13 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from datetime import date
-from types import SimpleNamespace
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-import aiohttp
 import httpx
 import pytest
-from multidict import CIMultiDict
 from prometheus_client import REGISTRY
-from yarl import URL
 
 from regstream.core_banking import (
     CircuitOpen,
@@ -40,6 +36,7 @@ from regstream.core_banking import (
     T24Client,
     T24ClientConfig,
 )
+from regstream.core_banking._http import ConnectionFailed, SentRequest
 from regstream.core_banking.breaker import BreakerState
 from regstream.core_banking.simulator import (
     DEMO_APPLICANTS,
@@ -109,42 +106,14 @@ async def make_client(sim: RunningSimulator) -> AsyncIterator[ClientFactory]:
             "backoff_max": 0.05,
             **overrides,
         }
-        trace_configs = settings.pop("trace_configs", None)
-        client = T24Client(T24ClientConfig(**settings), trace_configs=trace_configs)
+        on_request = settings.pop("on_request", None)
+        client = T24Client(T24ClientConfig(**settings), on_request=on_request)
         clients.append(client)
         return client
 
     yield make
     for client in clients:
         await client.aclose()
-
-
-@dataclass(frozen=True)
-class SentRequest:
-    method: str
-    url: URL
-    headers: CIMultiDict[str]
-
-
-class RecordingTrace:
-    """aiohttp request tracing that remembers every request as its headers went on the wire.
-
-    ``on_request_headers_sent`` fires after aiohttp wrote the request line and headers to the
-    socket, with the final URL (query included) and the full header set (auth included).
-    """
-
-    def __init__(self) -> None:
-        self.requests: list[SentRequest] = []
-        self.config = aiohttp.TraceConfig()
-        self.config.on_request_headers_sent.append(self._sent)
-
-    async def _sent(
-        self,
-        session: aiohttp.ClientSession,
-        context: SimpleNamespace,
-        params: aiohttp.TraceRequestHeadersSentParams,
-    ) -> None:
-        self.requests.append(SentRequest(params.method, params.url, CIMultiDict(params.headers)))
 
 
 def _state(client: T24Client) -> BreakerState:
@@ -406,7 +375,7 @@ async def test_connection_refused(make_client: ClientFactory) -> None:
         with pytest.raises(CoreUnavailable) as info:
             await client.get_customer("100100")
     assert info.value.http_status is None
-    assert isinstance(info.value.__cause__, aiohttp.ClientConnectorError)
+    assert isinstance(info.value.__cause__, ConnectionFailed)
 
 
 async def test_cob_switch(make_client: ClientFactory, sim: RunningSimulator) -> None:
@@ -506,22 +475,23 @@ async def test_breaker_opening_mid_retries_reports_the_cause(
 async def test_headers_and_correlation_id(
     make_client: ClientFactory, sim: RunningSimulator
 ) -> None:
-    trace = RecordingTrace()
-    client = make_client(trace_configs=[trace.config], company_id="KE0010002")
+    sent: list[SentRequest] = []
+    client = make_client(on_request=sent.append, company_id="KE0010002")
     await client.get_customer("100950")  # three attempts
     await client.list_accounts("100100")
-    ids = [request.headers["X-Correlation-ID"] for request in trace.requests]
+    ids = [request.headers["X-Correlation-ID"] for request in sent]
     assert len(ids) == 4
     assert all(re.fullmatch(r"[0-9a-f]{32}", value) for value in ids)
     assert ids[0] == ids[1] == ids[2] != ids[3]
-    assert {request.headers["companyId"] for request in trace.requests} == {"KE0010002"}
-    assert {request.headers["Accept"] for request in trace.requests} == {"application/json"}
-    assert all("Authorization" not in request.headers for request in trace.requests)
-    assert {request.method for request in trace.requests} == {"GET"}
-    assert trace.requests[0].url.path == "/api/v1.0.0/party/customers/100950"
-    assert trace.requests[3].url.path == "/api/v1.0.0/party/customers/100100/arrangements"
-    assert trace.requests[3].url.query["page_size"] == "25"
-    assert trace.requests[3].url.query["page_start"] == "1"
+    assert {request.headers["companyId"] for request in sent} == {"KE0010002"}
+    assert {request.headers["Accept"] for request in sent} == {"application/json"}
+    assert all("Authorization" not in request.headers for request in sent)
+    assert {request.method for request in sent} == {"GET"}
+    first, last = urlsplit(sent[0].url), urlsplit(sent[3].url)
+    assert (first.scheme, first.netloc) == ("http", urlsplit(sim.base_url).netloc)
+    assert first.path == "/api/v1.0.0/party/customers/100950"
+    assert last.path == "/api/v1.0.0/party/customers/100100/arrangements"
+    assert parse_qs(last.query) == {"page_size": ["25"], "page_start": ["1"]}
 
 
 async def test_basic_auth(auth_simulator: RunningSimulator, make_client: ClientFactory) -> None:

@@ -1,6 +1,6 @@
 """Exceptions raised by the core-banking adapter.
 
-The pipeline catches ``CoreBankingError`` and nothing lower: every transport (aiohttp) error
+The pipeline catches ``CoreBankingError`` and nothing lower: every transport error
 and every non-success T24 answer is translated once, in ``regstream.core_banking.client``, into
 one of these (with ``raise ... from exc`` so the cause stays in the traceback for operators).
 

@@ -9,7 +9,7 @@ import string
 
 import pytest
 
-from regstream.logs import RedactingFilter, _has_keyword, redact
+from regstream.logs import RedactingFilter, TextFormatter, _has_keyword, redact
 
 # The implementation before the fast path, kept verbatim as the oracle: five substitutions in order.
 _REFERENCE_PATTERNS: list[tuple[re.Pattern[str], str]] = [
@@ -249,3 +249,14 @@ def test_filter_masks_the_formatted_message() -> None:
     assert RedactingFilter().filter(record)
     assert record.getMessage() == "lookup +***…78 token=***"
     assert record.args is None
+
+
+def test_text_formatter_matches_the_stock_one_across_seconds() -> None:
+    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    ours, stock = TextFormatter(fmt), logging.Formatter(fmt)
+    start = 1_790_000_000.0
+    for offset in (0.0, 0.0004, 0.5, 0.9996, 1.0, 1.2, 59.999, 3600.7, 0.25, 86_400.001):
+        record = logging.LogRecord("regstream.x", logging.INFO, __file__, 1, "m %s", ("a",), None)
+        record.created = start + offset
+        record.msecs = (record.created - int(record.created)) * 1000
+        assert ours.format(record) == stock.format(record)

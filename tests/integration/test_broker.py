@@ -70,7 +70,7 @@ async def test_burst_is_dispatched_in_order_exactly_once(
     resyncs: list[tuple[int, ...]] = []
     broker = Broker(
         subscriber=lambda: create_subscriber_client(url, name=SUB_NAME), commands=commands,
-        on_update=received.append, on_resync=resyncs.append, channel=CHANNEL, probe_interval=0.2,
+        on_update=received.append, on_resync=resyncs.append, channel=CHANNEL, probe_interval=1.0,
     )  # fmt: skip
     reconnects = _reconnects()
     n = 2000  # ~600 kB: more than one read (256 kB), so replies split across reads
@@ -87,7 +87,7 @@ async def test_burst_is_dispatched_in_order_exactly_once(
                     pipe.publish(CHANNEL, _message(0))  # no eventId: dispatched, never de-duped
             await pipe.execute()
             await wait_until(lambda: len(received) >= n + 1, what="the burst")
-            await asyncio.sleep(0.8)  # four probe intervals: probes keep it healthy, no extras
+            await asyncio.sleep(2.5)  # two probe intervals more: probes keep it healthy
             assert broker.healthy
         seqs = [p.seq for p in received]
         assert seqs == [*range(1, 301), 0, *range(301, n + 1)]
@@ -125,8 +125,9 @@ async def test_killed_connection_reconnects_and_catches_up(
             for seq in range(1, 4):  # live
                 await publisher.publish_raw(_message(seq))
             await wait_until(lambda: len(received) == 3, what="three live updates")
-            # Killed mid-burst while the broker waits in its read: part arrives live, the rest
-            # must come from the history. Reconnecting fails until the URL is good again.
+            # Killed after a burst (some of it may still be unread, some may be read live;
+            # which is timing): whatever was not read live must come from the history.
+            # Reconnecting fails until the URL is good again.
             for seq in range(4, 304):
                 await publisher.publish_raw(_message(seq))
             await asyncio.sleep(0.002)

@@ -142,6 +142,10 @@ def test_config_validation() -> None:
         T24ClientConfig(base_url="127.0.0.1:8700")
     with pytest.raises(ValueError, match="together"):
         T24ClientConfig(base_url="http://x", username="u")
+    for bad in ("http://u:pw@x/api", "http://x/api/v\u00e9", "http://x/api?v=1", "http://x/a#b"):
+        with pytest.raises(ValueError, match="base_url"):
+            T24ClientConfig(base_url=bad)
+    assert T24ClientConfig(base_url="https://t24.bank.example:8443/api/v1.0.0").base_url
     with pytest.raises(ValueError, match="timeout"):
         T24ClientConfig(base_url="http://x", timeout=0)
     with pytest.raises(ValueError, match="max_attempts"):

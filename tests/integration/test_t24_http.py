@@ -131,14 +131,64 @@ async def test_keep_alive_reuses_one_connection_and_sends_the_headers() -> None:
 
 
 async def test_connection_close_answer_is_not_reused() -> None:
-    async def close_each(peer: Peer) -> None:
-        await peer.request()
-        await peer.answer(extra=b"Connection: close\r\n")
+    per_connection: list[int] = []
 
-    async with serving(close_each) as (server, http):
+    async def close_but_stay(peer: Peer) -> None:
+        # says "Connection: close" but keeps the socket open: only the client's own decision
+        # can keep it from sending the next request here
+        count = 0
+        while await peer.request() is not None:
+            count += 1
+            await peer.answer(extra=b"Connection: close\r\n")
+        per_connection.append(count)
+
+    async with serving(close_but_stay, read_timeout=1.0) as (server, http):
         for _ in range(3):
             assert (await http.get("/", {})).status_code == 200
     assert server.connections == 3
+    await asyncio.sleep(0.05)
+    assert per_connection == [1, 1, 1]
+
+
+async def test_bytes_after_an_answer_never_become_the_next_answer() -> None:
+    async def too_much(peer: Peer) -> None:
+        if peer.server.connections == 1:
+            await peer.request()  # Content-Length 2, then a whole second answer in the same write
+            peer.writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nRetry-After: 7\r\n\r\nEVIL!"
+            )
+            await peer.reader.read()
+            return
+        await keep_alive(peer)
+
+    async with serving(too_much) as (server, http):
+        first = await http.get("/", {})
+        assert (first.content, dict(first.headers)) == (b"ok", {"content-length": "2"})
+        second = await http.get("/", {})
+        assert second.content == b'{"ok":true}'
+    assert server.connections == 2
+
+
+async def test_trailers_are_not_headers_and_other_framings() -> None:
+    async def framings(peer: Peer) -> None:
+        await peer.request()
+        peer.writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nhi\r\n0\r\nRetry-After: 9\r\n\r\n"
+        )
+        await peer.request()
+        peer.writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await peer.request()
+        peer.writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nold")
+        await peer.reader.read()
+
+    async with serving(framings) as (server, http):
+        chunked = await http.get("/", {})
+        assert chunked.content == b"hi" and "retry-after" not in chunked.headers
+        assert (await http.get("/", {})).status_code == 204
+        assert (await http.get("/", {})).content == b"old"  # HTTP/1.0: not kept alive
+    assert server.connections == 1
 
 
 async def test_chunked_and_read_to_close_bodies() -> None:
@@ -284,7 +334,7 @@ async def test_pool_limits_connections_and_times_out_waiting() -> None:
             await release.wait()
             await peer.answer()
 
-    async with serving(slow, max_connections=2, pool_timeout=0.2) as (server, http):
+    async with serving(slow, max_connections=2, pool_timeout=1.0) as (server, http):
         waiting = [asyncio.create_task(http.get("/", {})) for _ in range(2)]
         await asyncio.sleep(0.05)
         with pytest.raises(PoolTimeout):
@@ -303,26 +353,99 @@ async def test_connect_failures() -> None:
     async with HttpClient(f"http://127.0.0.1:{port}", headers={}) as http:
         with pytest.raises(ConnectionFailed):
             await http.get("/", {})
-    # A non-routable address (TEST-NET-1): the connect cannot finish in time.
-    async with HttpClient("http://192.0.2.1:81", headers={}, connect_timeout=0.1) as http:
-        with pytest.raises((ConnectTimeout, ConnectionFailed)):
-            await http.get("/", {})
+
+    # TCP is accepted but TLS never answered: the connect (TCP + TLS) times out.
+    async def silent(peer: Peer) -> None:
+        await peer.reader.read()
+
+    async with listening(silent) as (server, port):
+        url = f"https://127.0.0.1:{port}"
+        async with HttpClient(url, headers={}, connect_timeout=0.3) as http:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(ConnectTimeout):
+                await http.get("/", {})
+            assert asyncio.get_running_loop().time() - started < 3.0
+    assert server.connections == 1
 
 
-def test_bad_urls_targets_and_headers_are_refused() -> None:
+async def test_a_slot_is_released_after_every_failure() -> None:
+    async def misbehave(peer: Peer) -> None:
+        await peer.request()
+        number = peer.server.connections
+        if number == 1:
+            await peer.reader.read()  # never answers: read timeout
+        elif number == 2:
+            peer.writer.write(b"garbage\r\n\r\n")  # malformed
+            await peer.reader.read()
+        elif number == 3:
+            await peer.answer(b"not gzip", extra=b"Content-Encoding: gzip\r\n")
+        elif number == 4:
+            await peer.answer(gzip.compress(b"{}")[:-4], extra=b"Content-Encoding: gzip\r\n")
+        else:
+            await peer.answer()
+            await keep_alive(peer)
+
+    options = {"max_connections": 1, "pool_timeout": 0.5, "read_timeout": 0.3}
+    async with serving(misbehave, **options) as (server, http):
+        for error in (ReadTimeout, MalformedAnswer, UnreadableBody, UnreadableBody):
+            with pytest.raises(error):
+                await http.get("/", {})
+        assert (await http.get("/", {})).status_code == 200  # the one slot is free again
+        assert server.connections == 5
+
+
+@pytest.mark.parametrize(
+    ("url", "headers"),
+    [
+        ("ftp://host", {}),
+        ("http://user:secret@host", {}),
+        ("http://host", {"X-Bad": "a\r\nInjected: 1"}),
+        ("http://host", {"X(Bad)": "1"}),
+        ("http://host", {"X-Bad": "nul\x00"}),
+        ("http://host", {"X-Bad": "not latin-1 \u20ac"}),
+    ],
+)
+def test_bad_urls_and_headers_are_refused(url: str, headers: dict[str, str]) -> None:
     with pytest.raises(ValueError):
-        HttpClient("ftp://host", headers={})
-    with pytest.raises(ValueError):
-        HttpClient("http://host", headers={"X-Bad": "a\r\nInjected: 1"})
+        HttpClient(url, headers=headers)
 
 
 async def test_header_injection_in_a_request_is_refused() -> None:
     async with serving(keep_alive) as (server, http):
         with pytest.raises(ValueError):
             await http.get("/", {"X-Correlation-ID": "a\r\nInjected: 1"})
-        with pytest.raises(ValueError):
-            await http.get("/a b", {})
+        for target in ("/a b", "/a#frag", "/tab\there", "/caf\u00e9", "relative"):
+            with pytest.raises(ValueError):
+                await http.get(target, {})
     assert server.requests == []
+
+
+async def test_a_server_that_acts_then_hangs_up_is_not_sent_the_request_twice() -> None:
+    async def act_then_hang_up(peer: Peer) -> None:
+        await peer.request()
+        await peer.answer()
+        await peer.request()  # the second request, on the kept-alive connection
+        await asyncio.sleep(0.6)  # works on it, then closes without a byte: not a stale close
+        peer.writer.close()
+        await keep_alive(peer)
+
+    async with serving(act_then_hang_up) as (server, http):
+        await http.get("/", {})
+        with pytest.raises(Disconnected):
+            await http.get("/", {})
+    assert len(server.requests) == 2 and server.connections == 1
+
+
+async def test_the_authorization_header_is_sent_but_not_shown() -> None:
+    sent: list[SentRequest] = []
+    async with listening(keep_alive) as (server, port):
+        headers = {"Authorization": "Basic c2VjcmV0"}
+        async with HttpClient(
+            f"http://127.0.0.1:{port}", headers=headers, on_request=sent.append
+        ) as http:
+            await http.get("/", {})
+    assert "Authorization: Basic c2VjcmV0\r\n" in server.requests[0].decode()
+    assert sent[0].headers["Authorization"] == "***"
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
@@ -349,4 +472,29 @@ async def test_https_verifies_the_server_certificate(tmp_path: Path) -> None:
         async with HttpClient(url, headers={}) as default:  # system CAs only
             with pytest.raises(ConnectionFailed):
                 await default.get("/", {})
+        other_name = f"https://localhost:{port}"  # trusted certificate, not for this name
+        async with HttpClient(other_name, headers={}, ssl_context=trust) as wrong_host:
+            with pytest.raises(ConnectionFailed):
+                await wrong_host.get("/", {})
     assert len(server.requests) == 2
+
+
+async def test_a_request_waiting_for_a_slot_is_not_sent_after_aclose() -> None:
+    release = asyncio.Event()
+
+    async def slow(peer: Peer) -> None:
+        while await peer.request() is not None:
+            await release.wait()
+            await peer.answer()
+
+    async with serving(slow, max_connections=1) as (server, http):
+        first = asyncio.create_task(http.get("/1", {}))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(http.get("/2", {}))
+        await asyncio.sleep(0.05)
+        await http.aclose()
+        release.set()
+        assert (await first).status_code == 200
+        with pytest.raises(RuntimeError, match="closed"):
+            await waiting
+    assert len(server.requests) == 1

@@ -246,3 +246,33 @@ def test_parse_accounts() -> None:
 def test_parse_accounts_rejects(body: Any) -> None:
     with pytest.raises(CoreProtocolError):
         _wire.parse_accounts(body)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        pytest.param(b'{"header": {}, "body": {"n": NaN}}', "nan", id="nan"),
+        pytest.param(
+            b'{"header": {}, "body": {"n": 123456789012345678901234567890}}',
+            123456789012345678901234567890,
+            id="big-int-exact",
+        ),  # fmt: skip
+        pytest.param(b'{"header": {}, "body": {"n": 1}}', 1, id="small-int"),
+    ],
+)
+def test_what_json_reads_is_read_exactly(content: bytes, expected: object) -> None:
+    envelope = _wire.decode(_http.Answer(200, {}, content))
+    assert envelope is not None
+    value = envelope.document["body"]["n"]
+    assert (str(value) if expected == "nan" else value) == expected
+
+
+@pytest.mark.parametrize("content", [b"[1]", b"not json", b"\xff\xfe"])
+def test_non_objects_and_non_json_are_not_envelopes(content: bytes) -> None:
+    assert _wire.decode(_http.Answer(200, {}, content)) is None
+
+
+@pytest.mark.parametrize("value", ["1988-02-30", "1988-13-01", "19880230", "1988/02/01"])
+def test_impossible_dates_are_protocol_errors(value: str) -> None:
+    with pytest.raises(CoreProtocolError):
+        _wire.parse_customer({"customerId": "7", "dateOfBirth": value, "customerStatus": 1}, "7")

@@ -16,8 +16,11 @@ numbers say so; it stays small by doing only what the core-banking link needs:
   up to ``pool_timeout``); idle connections are dropped after ``keepalive`` seconds;
 - a connection is reused only after a complete answer that allows it; anything else (error,
   timeout, cancellation) closes it, so an unread answer can never be taken for the next one;
-- a kept-alive connection the server closed just as we sent (nothing came back) is retried
-  once on a new connection: safe for a GET, and what HTTP clients commonly do;
+- a kept-alive connection the server closed just as we sent (nothing came back, within
+  ``_STALE_WINDOW`` of sending) is retried once on a new connection: safe for a GET, and what
+  HTTP clients commonly do; a close after that is an answer (``Disconnected``), not retried here;
+- bytes after a complete answer (a wrong ``Content-Length``) drop the connection: they can never
+  become the next request's answer; a chunked answer's trailer fields are not headers;
 - timeouts: ``connect_timeout`` for TCP (and TLS) set-up, ``read_timeout`` from the request
   sent to the answer complete. Both raise ``TimeoutError`` subclasses.
 
@@ -28,9 +31,11 @@ them to its own exceptions (``_wire.map_transport_error``).
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -50,6 +55,16 @@ __all__ = [
     "SentRequest",
     "UnreadableBody",
 ]
+
+
+#: A kept-alive connection that ends, with nothing read, this soon after the request was sent was
+#: closed by the server while idle (its FIN or RST was in flight): the request is sent once more.
+_STALE_WINDOW = 0.25
+#: RFC 9110: a request target we send (origin-form, percent-encoded), header names (tokens) and
+#: values (visible latin-1 characters, spaces and tabs; no CR, LF or other controls).
+_TARGET = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 
 class HttpError(Exception):
@@ -95,7 +110,8 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class SentRequest:
-    """A request as it went on the wire (for tests and diagnostics via ``on_request``)."""
+    """A request as it is sent, for tests (``on_request``): the URL holds the customer id, so
+    it is not for logs; an ``Authorization`` header is shown as ``***``."""
 
     method: str
     url: str
@@ -107,7 +123,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_body", "_body_size", "_headers", "_headers_done", "_parser", "_waiter", "closed",
-        "idle_since", "max_body", "received", "transport",
+        "idle_since", "max_body", "received", "sent_at", "transport",
     )  # fmt: skip
 
     def __init__(self, max_body: int) -> None:
@@ -116,6 +132,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.received = False  # any byte of the current answer
+        self.sent_at = 0.0  # event-loop time the current request was written
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Answer] | None = None
         self._headers: dict[str, str] = {}
@@ -125,14 +142,14 @@ class _Connection(asyncio.Protocol):
 
     # --- driven by ``HttpClient`` ---
 
-    def send(self, request: bytes, waiter: asyncio.Future[Answer]) -> None:
+    def send(self, request: bytes, waiter: asyncio.Future[Answer], now: float) -> None:
+        self.received = False
+        self.sent_at = now
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise Disconnected("connection closed before the request was sent")
         self._waiter = waiter
-        self._headers = {}
-        self._headers_done = False
         self._body = []
         self._body_size = 0
-        self.received = False
-        assert self.transport is not None
         self.transport.write(request)
 
     def close(self) -> None:
@@ -160,9 +177,15 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(MalformedAnswer("protocol upgrade in an answer"))
             self.close()
+        except httptools.HttpParserCallbackError as exc:
+            # Raised in one of our callbacks: on purpose after failing the request (_Stop), or a
+            # bug, which the caller sees as it is (not as a bad answer to retry).
+            cause = exc.__context__
+            if not isinstance(cause, _Stop):
+                self._fail(cause if isinstance(cause, Exception) else exc)
+            self.close()
         except httptools.HttpParserError as exc:
-            if self._waiter is not None:  # (not an error raised by our own callbacks' _fail)
-                self._fail(MalformedAnswer(f"malformed HTTP answer: {exc}"))
+            self._fail(MalformedAnswer(f"malformed HTTP answer: {exc}"))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -174,7 +197,18 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks ---
 
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # More bytes after a complete answer (a wrong Content-Length, a confused gateway):
+            # they must never become the next request's answer. Drop the connection.
+            self.close()
+            raise _Stop
+        self._headers = {}  # a fresh dict: an answer handed out is never written to again
+        self._headers_done = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:  # a chunked answer's trailer fields: not headers
+            return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         previous = self._headers.get(key)
@@ -188,15 +222,13 @@ class _Connection(asyncio.Protocol):
         if self._body_size > self.max_body:
             self._fail(UnreadableBody(f"answer body over {self.max_body} bytes"))
             self.close()
-            raise httptools.HttpParserError("body too large")  # stop parsing this feed
+            raise _Stop
         self._body.append(body)
 
     def on_message_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200:  # an interim answer (e.g. 100 Continue): the real one follows
-            self._headers = {}
-            self._headers_done = False
-            return
+            return  # (on_message_begin starts the next one afresh)
         self._complete()
 
     # --- internals ---
@@ -206,7 +238,7 @@ class _Connection(asyncio.Protocol):
             self._headers_done
             and self._parser.get_status_code() >= 200
             and "content-length" not in self._headers
-            and "transfer-encoding" not in self._headers
+            and "chunked" not in self._headers.get("transfer-encoding", "").lower()
         )
 
     def _complete(self) -> None:
@@ -232,6 +264,10 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(exc)
 
 
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing (the request was already failed)."""
+
+
 def _decode_body(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding not in ("gzip", "x-gzip", "deflate"):
         raise ValueError(f"unsupported content encoding {encoding!r}")
@@ -246,6 +282,8 @@ def _decode_body(body: bytes, encoding: str, limit: int) -> bytes:
         out = decoder.decompress(body, limit + 1)
     if len(out) > limit:
         raise ValueError("decoded body too large")
+    if not decoder.eof or decoder.unused_data:
+        raise ValueError("truncated or trailing data in a compressed body")
     return out
 
 
@@ -269,10 +307,12 @@ class HttpClient:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("base_url must be an http:// or https:// URL with a host")
+        if "@" in parts.netloc:
+            raise ValueError("base_url must not carry credentials (use the Authorization header)")
         self._tls = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port or (443 if self._tls else 80)
-        host_header = parts.netloc.rpartition("@")[2]  # host[:port], IPv6 in brackets
+        host_header = parts.netloc  # host[:port], IPv6 in brackets
         self._origin = f"{parts.scheme}://{host_header}"
         self._ssl = (ssl_context or ssl.create_default_context()) if self._tls else None
         fixed = {"Host": host_header, "User-Agent": "regstream", "Accept-Encoding": "identity"}
@@ -282,7 +322,7 @@ class HttpClient:
         self._fixed_headers = dict(fixed)
         self._fixed = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in fixed.items())
         self._slots = asyncio.Semaphore(max_connections)
-        self._idle: list[_Connection] = []
+        self._idle: deque[_Connection] = deque()  # oldest first
         self._connect_timeout = connect_timeout
         self._pool_timeout = pool_timeout
         self._read_timeout = read_timeout
@@ -296,8 +336,8 @@ class HttpClient:
         added to the fixed ones. Raises ``HttpError`` or ``TimeoutError``."""
         if self._closed:
             raise RuntimeError("HttpClient is closed")
-        if not target.startswith("/") or any(c in target for c in " \r\n"):
-            raise ValueError("target must be an encoded absolute path")
+        if not _TARGET.fullmatch(target):
+            raise ValueError("target must be a percent-encoded absolute path (and query)")
         for name, value in headers.items():
             _check_header(name, value)
         request = (
@@ -314,18 +354,21 @@ class HttpClient:
         else:
             await self._slots.acquire()  # a free slot: returns at once
         try:
+            if self._closed:  # closed while this request waited for a slot
+                raise RuntimeError("HttpClient is closed")
+            self._record(target, headers)
             connection = self._idle_connection()
             if connection is not None:
                 try:
-                    self._record(target, headers)
                     return await self._exchange(connection, request)
                 except Disconnected:
-                    if connection.received:  # the server had started answering: not stale
+                    # Stale: the server had closed the kept-alive connection as we sent (nothing
+                    # came back, at once). Anything else is an answer to report, not to retry.
+                    now = asyncio.get_running_loop().time()
+                    if connection.received or now - connection.sent_at > _STALE_WINDOW:
                         raise
-                # a kept-alive connection closed by the server: once more on a new one
-            connection = await self._connect()
-            self._record(target, headers)
-            return await self._exchange(connection, request)
+                self._record(target, headers)  # once more, on a new connection
+            return await self._exchange(await self._connect(), request)
         finally:
             self._slots.release()
 
@@ -336,8 +379,9 @@ class HttpClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close idle connections; requests in flight finish, their connections then close."""
         self._closed = True
-        idle, self._idle = self._idle, []
+        idle, self._idle = self._idle, deque()
         for connection in idle:
             connection.close()
 
@@ -345,20 +389,20 @@ class HttpClient:
 
     def _record(self, target: str, headers: Mapping[str, str]) -> None:
         if self._on_request is not None:
-            sent = SentRequest("GET", self._origin + target, {**self._fixed_headers, **headers})
-            self._on_request(sent)
+            sent = {**self._fixed_headers, **headers}
+            if "Authorization" in sent:
+                sent["Authorization"] = "***"
+            self._on_request(SentRequest("GET", self._origin + target, sent))
 
     def _idle_connection(self) -> _Connection | None:
-        now = time.monotonic()
-        while self._idle:
-            connection = self._idle.pop()  # the most recently used: the least likely stale
+        idle = self._idle
+        expired = time.monotonic() - self._keepalive
+        while idle and idle[0].idle_since <= expired:  # idle too long: the server may drop it
+            idle.popleft().close()
+        while idle:
+            connection = idle.pop()  # the most recently used: the least likely stale
             transport = connection.transport
-            if (
-                not connection.closed
-                and transport is not None
-                and not transport.is_closing()
-                and now - connection.idle_since < self._keepalive
-            ):
+            if not connection.closed and transport is not None and not transport.is_closing():
                 return connection
             connection.close()
         return None
@@ -384,7 +428,7 @@ class HttpClient:
         timer = loop.call_later(self._read_timeout, connection.expire)
         reusable = False
         try:
-            connection.send(request, waiter)
+            connection.send(request, waiter, loop.time())
             answer = await waiter
             reusable = not connection.closed
             return answer
@@ -398,5 +442,5 @@ class HttpClient:
 
 
 def _check_header(name: str, value: str) -> None:
-    if not name or any(c in name for c in " :\r\n") or any(c in value for c in "\r\n"):
+    if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
         raise ValueError(f"invalid header {name!r}")

@@ -34,8 +34,9 @@ Decisions:
   (``****31``); bodies and headers are never logged. (The transport logs nothing, so no URL,
   and so no customer id, reaches the logs from it.)
 - A customer id outside ``[A-Za-z0-9_-]{1,32}`` raises ``CoreRequestError`` without a request.
-- The correlation id is a fresh UUID per public call, sent as ``X-Correlation-ID`` on every
-  attempt and page of that call, so the core's logs and ours can be joined.
+- The correlation id is a fresh random 128-bit hex id per public call, sent as
+  ``X-Correlation-ID`` on every attempt and page of that call, so the core's logs and ours can be
+  joined.
 - Paging: ``page_start`` is the 1-based page number (IRIS semantics); ``page_token`` from the
   first answer is sent back on the following pages until ``total_size`` rows were read. An
   answer without ``total_size`` is a single page. More than ``max_pages`` pages, or an empty
@@ -83,10 +84,12 @@ LIST_ACCOUNTS = "list_accounts"
 #: Least time worth starting another attempt with (seconds left after the back-off sleep).
 _MIN_ATTEMPT_BUDGET = 0.1
 _CUSTOMER_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_BASE_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
 #: Exceptions of one attempt that mean "no usable answer" (mapped by ``map_transport_error``).
 #: The transport's timeouts are ``TimeoutError`` subclasses; the call deadline is not caught
 #: here (``asyncio.timeout_at`` cancels the attempt and raises only where it is entered).
-_TRANSPORT_ERRORS = (HttpError, TimeoutError)
+#: A ``ValueError`` from the transport is a request we could not send (our bug).
+_TRANSPORT_ERRORS = (HttpError, TimeoutError, ValueError)
 
 
 @runtime_checkable
@@ -107,7 +110,8 @@ class T24ClientConfig:
     ``base_url`` includes the API prefix, e.g. ``http://127.0.0.1:8700/api/v1.0.0``. Basic
     auth is used when both ``username`` and ``password`` are set. ``timeout`` bounds one HTTP
     attempt from sending the request to the complete answer (connect and waiting for a free
-    connection: 2 s each); ``deadline`` bounds a whole ``get_customer``/``list_accounts`` call
+    connection: 2 s each; a kept-alive connection found closed as the request was sent is
+    replaced once, see ``_http``); ``deadline`` bounds a whole ``get_customer``/``list_accounts`` call
     including retries and pages.
     """
 
@@ -129,6 +133,11 @@ class T24ClientConfig:
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
+        parts = urlsplit(self.base_url)
+        if "@" in parts.netloc:
+            raise ValueError("base_url must not carry credentials: use username and password")
+        if parts.query or parts.fragment or not _BASE_PATH.fullmatch(parts.path or "/"):
+            raise ValueError("base_url must be scheme://host[:port]/path, the path URL-encoded")
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password must be set together")
         for name in ("timeout", "deadline", "backoff_initial", "backoff_max", "breaker_reset"):

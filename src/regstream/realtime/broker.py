@@ -245,10 +245,13 @@ class _Replies:
         floor: bare ``asyncio.Protocol`` + parse          ~12             ~77
     """
 
+    fallback_logged = False
+
     def __init__(self, connection: AbstractConnection) -> None:
         self._connection = connection
         self._stream = _stream_of(connection)
-        if self._stream is None:
+        if self._stream is None and not _Replies.fallback_logged:  # once per process
+            _Replies.fallback_logged = True
             log.warning("redis-py connection has no StreamReader; reading via read_response")
         self._parser = hiredis.Reader(
             protocolError=InvalidResponse, replyError=ResponseError, notEnoughData=_INCOMPLETE

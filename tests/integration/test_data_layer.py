@@ -9,7 +9,7 @@ from datetime import date
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import UniqueConstraint, inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -17,6 +17,7 @@ from regstream.db import registrations, users
 from regstream.db.driver import Bound
 from regstream.db.engine import SessionFactory, create_engine, create_session_factory, migrate
 from regstream.db.registrations import RunLost
+from regstream.db.tables import Base
 
 FIELDS = dict(
     customer_number="100231", account_number=None, first_name="Maria", last_name="Santos",
@@ -301,3 +302,45 @@ def _enrolment(
         email=None, date_of_birth=date(1988, 4, 2), national_id_hash=national_id_hash,
         national_id_last4="1236", device_id=None, registration_id=registration_id,
     )  # fmt: skip
+
+
+async def test_migrated_indexes_are_the_models_and_none_is_redundant(database_url: str) -> None:
+    """The migrations build the indexes the models declare (no drift), and no index is a
+    leading prefix of another one on the same table (a redundant index only slows writes)."""
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+
+        def read(connection: Any) -> dict[str, set[tuple[str, ...]]]:
+            inspector = inspect(connection)
+            found: dict[str, set[tuple[str, ...]]] = {}
+            for table in inspector.get_table_names():
+                if table == "alembic_version":
+                    continue
+                columns = {tuple(i["column_names"]) for i in inspector.get_indexes(table)}
+                columns |= {
+                    tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)
+                }
+                found[table] = columns
+            return found
+
+        async with engine.connect() as connection:
+            migrated = await connection.run_sync(read)
+    finally:
+        await engine.dispose()
+    declared: dict[str, set[tuple[str, ...]]] = {}
+    for table in Base.metadata.sorted_tables:
+        columns = {tuple(c.name for c in i.columns) for i in table.indexes}
+        columns |= {
+            tuple(c.name for c in u.columns)
+            for u in table.constraints
+            if isinstance(u, UniqueConstraint)
+        }
+        columns |= {(c.name,) for c in table.columns if c.unique}
+        declared[table.name] = columns
+    assert migrated == declared
+    assert ("registration_id", "seq") in migrated["process_log"]
+    for table, indexes in migrated.items():
+        for index in indexes:
+            longer = [o for o in indexes if len(o) > len(index) and o[: len(index)] == index]
+            assert not longer, f"{table}: index {index} is a prefix of {longer}"

@@ -72,8 +72,9 @@ class ProcessLogEntry(Base):
     __tablename__ = "process_log"
 
     id: Mapped[int] = mapped_column(IdType, primary_key=True, autoincrement=True)
+    # indexed by uq_process_log_seq (registration_id, seq): no index of its own (migration 0003)
     registration_id: Mapped[int] = mapped_column(
-        ForeignKey("registration_requests.id", ondelete="CASCADE"), index=True
+        ForeignKey("registration_requests.id", ondelete="CASCADE")
     )
     seq: Mapped[int] = mapped_column(Integer)
     run: Mapped[int] = mapped_column(Integer)

@@ -54,6 +54,7 @@ __all__ = [
     "ReadTimeout",
     "SentRequest",
     "UnreadableBody",
+    "valid_target",
 ]
 
 
@@ -132,7 +133,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.received = False  # any byte of the current answer
-        self.sent_at = 0.0  # event-loop time the current request was written
+        self.sent_at = 0.0  # time.monotonic() when the current request was written
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[Answer] | None = None
         self._headers: dict[str, str] = {}
@@ -142,9 +143,9 @@ class _Connection(asyncio.Protocol):
 
     # --- driven by ``HttpClient`` ---
 
-    def send(self, request: bytes, waiter: asyncio.Future[Answer], now: float) -> None:
+    def send(self, request: bytes, waiter: asyncio.Future[Answer]) -> None:
         self.received = False
-        self.sent_at = now
+        self.sent_at = time.monotonic()
         if self.closed or self.transport is None or self.transport.is_closing():
             raise Disconnected("connection closed before the request was sent")
         self._waiter = waiter
@@ -319,7 +320,7 @@ class HttpClient:
         fixed.update(headers)
         for name, value in fixed.items():
             _check_header(name, value)
-        self._fixed_headers = dict(fixed)
+        self._fixed_headers = fixed
         self._fixed = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in fixed.items())
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: deque[_Connection] = deque()  # oldest first
@@ -336,7 +337,7 @@ class HttpClient:
         added to the fixed ones. Raises ``HttpError`` or ``TimeoutError``."""
         if self._closed:
             raise RuntimeError("HttpClient is closed")
-        if not _TARGET.fullmatch(target):
+        if not valid_target(target):
             raise ValueError("target must be a percent-encoded absolute path (and query)")
         for name, value in headers.items():
             _check_header(name, value)
@@ -364,8 +365,8 @@ class HttpClient:
                 except Disconnected:
                     # Stale: the server had closed the kept-alive connection as we sent (nothing
                     # came back, at once). Anything else is an answer to report, not to retry.
-                    now = asyncio.get_running_loop().time()
-                    if connection.received or now - connection.sent_at > _STALE_WINDOW:
+                    sent_ago = time.monotonic() - connection.sent_at
+                    if connection.received or sent_ago > _STALE_WINDOW:
                         raise
                 self._record(target, headers)  # once more, on a new connection
             return await self._exchange(await self._connect(), request)
@@ -428,7 +429,7 @@ class HttpClient:
         timer = loop.call_later(self._read_timeout, connection.expire)
         reusable = False
         try:
-            connection.send(request, waiter, loop.time())
+            connection.send(request, waiter)
             answer = await waiter
             reusable = not connection.closed
             return answer
@@ -439,6 +440,12 @@ class HttpClient:
                 self._idle.append(connection)
             else:  # error, timeout, cancellation or "Connection: close": never reused
                 connection.close()
+
+
+def valid_target(target: str) -> bool:
+    """Whether ``target`` is a request target this client sends: an absolute path (and query),
+    percent-encoded, nothing else."""
+    return _TARGET.fullmatch(target) is not None
 
 
 def _check_header(name: str, value: str) -> None:

@@ -58,7 +58,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from regstream.core_banking import _wire
-from regstream.core_banking._http import HttpClient, HttpError, SentRequest
+from regstream.core_banking._http import HttpClient, HttpError, SentRequest, valid_target
 from regstream.core_banking._telemetry import (
     CallContext,
     mask_customer_id,
@@ -84,7 +84,6 @@ LIST_ACCOUNTS = "list_accounts"
 #: Least time worth starting another attempt with (seconds left after the back-off sleep).
 _MIN_ATTEMPT_BUDGET = 0.1
 _CUSTOMER_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-_BASE_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
 #: Exceptions of one attempt that mean "no usable answer" (mapped by ``map_transport_error``).
 #: The transport's timeouts are ``TimeoutError`` subclasses; the call deadline is not caught
 #: here (``asyncio.timeout_at`` cancels the attempt and raises only where it is entered).
@@ -111,8 +110,8 @@ class T24ClientConfig:
     auth is used when both ``username`` and ``password`` are set. ``timeout`` bounds one HTTP
     attempt from sending the request to the complete answer (connect and waiting for a free
     connection: 2 s each; a kept-alive connection found closed as the request was sent is
-    replaced once, see ``_http``); ``deadline`` bounds a whole ``get_customer``/``list_accounts`` call
-    including retries and pages.
+    replaced once, see ``_http``); ``deadline`` bounds a whole
+    ``get_customer``/``list_accounts`` call including retries and pages.
     """
 
     base_url: str
@@ -136,7 +135,8 @@ class T24ClientConfig:
         parts = urlsplit(self.base_url)
         if "@" in parts.netloc:
             raise ValueError("base_url must not carry credentials: use username and password")
-        if parts.query or parts.fragment or not _BASE_PATH.fullmatch(parts.path or "/"):
+        # (the transport's own check of a request target; urlsplit left no "?" in the path)
+        if parts.query or parts.fragment or not valid_target(parts.path or "/"):
             raise ValueError("base_url must be scheme://host[:port]/path, the path URL-encoded")
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password must be set together")

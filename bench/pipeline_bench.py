@@ -262,6 +262,12 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
         cpu1 = procs.cpu(spids)
         main1 = procs.cpu([server_pid]) if server_pid else None
         cores1, own1 = procs.core_times(), time.process_time()
+    # The follower must still be reading: if its stream ended or it failed, the missing final
+    # frames say nothing about the server's speed, and no rate is reported (main exits 1).
+    stream_end = None
+    if ftask.done():
+        exc = None if ftask.cancelled() else ftask.exception()
+        stream_end = "ended by the server" if exc is None else f"{type(exc).__name__}: {exc}"
     ftask.cancel()
     done = sorted(follower.final_at[r] - clicked[r] for r in clicked if r in follower.final_at)
     last = max((follower.final_at[r] for r in clicked if r in follower.final_at), default=t0)
@@ -282,6 +288,7 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
         "create_s": round(create_s, 2),
         "clicked": len(clicked),
         "finished": len(done),
+        "stream_end": stream_end,
         "http_errors": errors,
         "update_frames": follower.frames,
         "outcomes": follower.outcomes,
@@ -426,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
             procs.wait_port(port, srv, 60)
             base, pid = f"http://127.0.0.1:{port}", srv.pid
         rec.update(asyncio.run(bench(args, base, pid)))
+        if rec["finished"] < rec["clicked"]:
+            rec["error"] = (
+                f"only {rec['finished']} of {rec['clicked']} final frames arrived within "
+                f"{args.timeout} s (update stream: {rec['stream_end'] or 'still open'}); "
+                "the rates above are not a measurement"
+            )
     except Exception as e:  # noqa: BLE001 - reported, recorded, non-zero exit
         rec["error"] = f"{type(e).__name__}: {e}"
     finally:
@@ -442,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
             "its clients, so validations/s is a lower bound (CPU per validation still holds)",
             file=sys.stderr,
         )
+    if "error" in rec:
+        print(f"error: {rec['error']}", file=sys.stderr)
     return 1 if "error" in rec else 0
 
 

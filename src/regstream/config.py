@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -160,6 +167,19 @@ class Settings(BaseSettings):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return level
 
+    @model_validator(mode="after")
+    def _check_outbox_fits_the_pipeline(self) -> Settings:
+        # The pipeline holds new runs once the outbox is half full (publisher.wait_for_room);
+        # the runs already in flight (~8 updates each) must fit in the other half, or a burst
+        # could still overflow it while Redis is healthy.
+        if self.outbox_max < 16 * self.pipeline_concurrency:
+            raise ValueError(
+                f"REGSTREAM_OUTBOX_MAX ({self.outbox_max}) must be at least 16 x "
+                f"REGSTREAM_PIPELINE_CONCURRENCY ({self.pipeline_concurrency}) = "
+                f"{16 * self.pipeline_concurrency}"
+            )
+        return self
+
     # --- derived -----------------------------------------------------------------------------
     @property
     def effective_redis_url(self) -> str | None:
@@ -197,7 +217,10 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = err.get("loc") or ("?",)
+            loc = err.get("loc") or ()
+            if not loc:  # a check across settings names them itself
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
             name = str(loc[0])
             field = Settings.model_fields.get(name)
             if field is not None and isinstance(field.validation_alias, AliasChoices):

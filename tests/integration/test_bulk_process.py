@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import httpx
 
+from regstream import metrics
 from regstream.core_banking.simulator.dataset import load_applicant
 from regstream.db import users
+from regstream.realtime.connections import create_client
+from regstream.realtime.embedded import EmbeddedRedis
 from tests.conftest import SettingsFactory
 from tests.support import LiveServer, StreamClient, auth_headers, serve_app, wait_until
 
 BULK = "/api/registrations/process"
+
+
+async def _register_load_people(http: httpx.AsyncClient, first: int, count: int) -> list[int]:
+    """Registrations of load customers ``first`` … ``first + count - 1``; their ids."""
+    ids = []
+    for n in range(first, first + count):
+        created = await http.post("/api/registrations", json=load_applicant(n))
+        assert created.status_code == 201, created.text
+        ids.append(created.json()["id"])
+    return ids
 
 
 async def test_bulk_starts_every_demo_registration_once(
@@ -81,11 +94,7 @@ async def test_bulk_of_many_people_approves_each_one(
             StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
             httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
         ):
-            ids = []
-            for n in range(40):
-                created = await http.post("/api/registrations", json=load_applicant(9000 + n))
-                assert created.status_code == 201, created.text
-                ids.append(created.json()["id"])
+            ids = await _register_load_people(http, 9000, 40)
             response = await http.post(BULK, json={"registrationIds": ids})
             assert response.json()["accepted"] == sorted(ids)
             for rid in ids:
@@ -137,3 +146,32 @@ async def test_bulk_counts_each_id_against_the_rate_limit(make_settings: Setting
             assert refused.status_code == 429  # 1 token left, 2 asked
             assert int(refused.headers["Retry-After"]) >= 1
             assert (await http.post(f"/api/registrations/{ids[4]}/process")).status_code == 202
+
+
+async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
+    make_settings: SettingsFactory, redis_server: EmbeddedRedis
+) -> None:
+    """Redis healthy but its writes paused for a second while 40 runs go: the runner holds new
+    runs while the publisher's outbox is half full, so every update is delivered live, in
+    order, and none is dropped (no resync); without the hold, 280 updates overflow 64."""
+    with serve_app(make_settings(outbox_max=64, pipeline_concurrency=4)) as live:
+        operator = auth_headers(live, "operator")
+        redis = create_client(redis_server.url, name="test-admin")
+        overflows = metrics.OUTBOX_OVERFLOWS._value.get()
+        try:
+            async with (
+                StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
+                httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
+            ):
+                ids = await _register_load_people(http, 9200, 40)
+                response = await http.post(BULK, json={"registrationIds": ids})
+                await redis.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+                assert response.json()["accepted"] == sorted(ids)
+                for rid in ids:
+                    final = await sse.wait_final(rid, timeout=60)
+                    assert final["status"] == "APPROVED"
+                    assert [u["seq"] for u in sse.updates(rid)] == list(range(1, 8))
+                assert not any(f.type == "snapshot" for f in sse.frames)
+        finally:
+            await redis.aclose()
+        assert metrics.OUTBOX_OVERFLOWS._value.get() == overflows

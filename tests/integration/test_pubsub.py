@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from regstream import metrics
 from regstream.realtime.connections import create_client, create_subscriber_client
 from regstream.realtime.embedded import EmbeddedRedis, free_port
 from regstream.realtime.history import History
@@ -64,3 +65,66 @@ async def test_embedded_valkey_binary_works_as_fallback(tmp_path: Path) -> None:
     finally:
         server.stop()
     await asyncio.sleep(0)
+
+
+def _overflows() -> float:
+    return metrics.OUTBOX_OVERFLOWS._value.get()
+
+
+async def test_a_burst_past_the_outbox_waits_for_a_slow_redis_and_loses_nothing(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """Redis healthy but slower than the producer (its writes paused for 300 ms): producers that
+    ``wait_for_room`` before each run of 7 updates are held, and every update is published, in
+    order, none dropped; the outbox never holds more than its cap."""
+    redis = create_client(redis_server.url, name="test-pub")
+    admin = create_client(redis_server.url, name="test-admin")
+    pubsub = RegistrationPubSub(
+        redis, outbox_max=40, batch_max=8,
+        subscriber=lambda: create_subscriber_client(redis_server.url, name="test-sub"),
+    )  # fmt: skip
+    received: list[dict[str, Any]] = []
+    subscription = await pubsub.subscribe(received.append)
+    overflows = _overflows()
+    peak = 0
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+        for rid in range(1, 101):
+            await pubsub.wait_for_room()
+            for seq in range(1, 8):
+                await pubsub.publish_stage_update(rid, "t24_lookup", "started", "x", seq=seq)
+            peak = max(peak, pubsub.pending)
+        await wait_until(lambda: len(received) >= 700, timeout=20, what="700 updates")
+    finally:
+        await subscription.aclose()
+        await pubsub.aclose()
+        await redis.aclose()
+        await admin.aclose()
+    assert _overflows() == overflows
+    assert len(received) == 700
+    assert not any(m.get("type") == "resync" for m in received)  # nothing was dropped
+    assert [(m["registrationId"], m["seq"]) for m in received] == [
+        (rid, seq) for rid in range(1, 101) for seq in range(1, 8)
+    ]
+    assert 20 <= peak <= 40  # the producer did reach the high-water mark and was held there
+
+
+async def test_wait_for_room_does_not_hold_producers_while_redis_is_down() -> None:
+    """With Redis unreachable the pipeline goes on (the database is the source of truth): the
+    producer is released, and the outbox keeps its cap by dropping the oldest (then a resync)."""
+    redis = create_client(f"redis://127.0.0.1:{free_port()}/0", name="test-pub", retries=0)
+    pubsub = RegistrationPubSub(redis, outbox_max=40)
+    overflows = _overflows()
+    try:
+        for seq in range(1, 31):  # past the high-water mark (20): the room closes
+            await pubsub.publish_stage_update(1, "t24_lookup", "started", "x", seq=seq)
+        # released once the flusher has failed to reach Redis
+        await asyncio.wait_for(pubsub.wait_for_room(), 10)
+        for seq in range(31, 131):
+            await pubsub.publish_stage_update(1, "t24_lookup", "started", "x", seq=seq)
+        await asyncio.wait_for(pubsub.wait_for_room(), 1)
+        assert pubsub.pending == 40
+        assert _overflows() - overflows == 90
+    finally:
+        await pubsub.aclose()
+        await redis.aclose()

@@ -51,3 +51,17 @@ def test_bad_configuration_is_one_clear_line(
     assert "\n" not in text
     assert text.startswith("invalid configuration: ") and expected in text
     assert "secret-host" not in text
+
+
+def test_an_outbox_too_small_for_the_pipeline_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runs in flight after the pipeline is held (half the outbox) must fit in the rest."""
+    monkeypatch.setenv("REGSTREAM_PIPELINE_CONCURRENCY", "100")
+    monkeypatch.setenv("REGSTREAM_OUTBOX_MAX", "1599")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value) == (
+        "invalid configuration: REGSTREAM_OUTBOX_MAX (1599) must be at least 16 x "
+        "REGSTREAM_PIPELINE_CONCURRENCY (100) = 1600"
+    )
+    monkeypatch.setenv("REGSTREAM_OUTBOX_MAX", "1600")
+    assert load_settings().outbox_max == 1600

@@ -59,6 +59,8 @@ Claims = list[tuple[str, Row[Any]]]  # (run id, claimed row)
 class Publisher(Protocol):
     def enqueue_update(self, update: dict[str, Any]) -> None: ...
 
+    async def wait_for_room(self) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Submission:
@@ -322,6 +324,9 @@ class Runner:
 
     async def _guarded(self, run: _Run, resume: bool) -> None:
         async with self._semaphore:
+            # A run publishes ~7 updates: start it only when the outbox can take them (Redis
+            # slower than the pipeline must slow the pipeline, not drop live updates).
+            await self._publisher.wait_for_room()
             metrics.RUNS_IN_PROGRESS.inc()
             try:
                 await self._run(run, resume)

@@ -14,6 +14,12 @@ When Redis is unreachable the queue is the outbox: updates wait, bounded, and ar
 order once Redis is back (new updates queue behind them, so order is kept). If it overflows, the
 oldest updates are dropped and their registrations are announced afterwards in one ``resync``
 message, which streams turn into a snapshot frame.
+
+While Redis takes updates, nothing is dropped: past half the outbox, ``wait_for_room`` holds the
+producers (the pipeline, before each run) until the flusher has brought it down to a quarter.
+Without that, a burst of validations faster than one event-loop turn per batch (bulk validation
+on a saturated core: ~9,000 updates/s against batches of 256 every ~50 ms) overflowed the
+outbox with Redis healthy and turned live updates into resyncs (bench/RESULTS.md, run 13).
 """
 
 from __future__ import annotations
@@ -100,6 +106,13 @@ class RegistrationPubSub:
         self._outbox: deque[bytes] = deque()
         self._outbox_max = outbox_max
         self._batch_max = batch_max
+        # backpressure (see the module docstring): cleared at the high-water mark while Redis
+        # takes updates, set again at the low-water mark, while failing, and when the flusher ends
+        self._high_water = max(1, outbox_max // 2)
+        self._low_water = self._high_water // 2
+        self._room = asyncio.Event()
+        self._room.set()
+        self._failing = False
         self._overflowed: set[int] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._last_trim_ms = 0
@@ -183,9 +196,18 @@ class RegistrationPubSub:
         )
         return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
 
+    async def wait_for_room(self) -> None:
+        """Return when the outbox has room: at once below its high-water mark or while Redis is
+        failing (validations go on then; the overflow rule applies), else when the flusher has
+        published it down to the low-water mark."""
+        if not self._room.is_set():
+            await self._room.wait()
+
     def _enqueue(self, payload: bytes) -> None:
         self._outbox.append(payload)
         self._trim_outbox()
+        if len(self._outbox) >= self._high_water and not self._failing:
+            self._room.clear()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="publish-flusher")
 
@@ -199,8 +221,13 @@ class RegistrationPubSub:
         metrics.OUTBOX_SIZE.set(len(self._outbox))
 
     async def _flush(self) -> None:
+        try:
+            await self._flush_all()
+        finally:
+            self._room.set()  # never leave producers waiting on a flusher that has stopped
+
+    async def _flush_all(self) -> None:
         delay = 0.1
-        failing = False
         while self._outbox or self._overflowed:
             batch: list[bytes] = []
             try:
@@ -217,8 +244,10 @@ class RegistrationPubSub:
                 if batch:
                     await self._send(batch)
                     metrics.OUTBOX_SIZE.set(len(self._outbox))
-                if failing:
-                    failing = False
+                if len(self._outbox) <= self._low_water:
+                    self._room.set()
+                if self._failing:
+                    self._failing = False
                     delay = 0.1
                     log.info("publishing again; outbox flushed in order")
             except asyncio.CancelledError:
@@ -229,8 +258,9 @@ class RegistrationPubSub:
                 self._outbox.extendleft(reversed(batch))
                 self._trim_outbox()
                 metrics.PUBLISH_FAILURES.inc()
-                if not failing:
-                    failing = True
+                self._room.set()
+                if not self._failing:
+                    self._failing = True
                     log.warning("publish failed, keeping updates for later: %s", type(exc).__name__)
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)

@@ -38,6 +38,7 @@ from regstream.core_banking.simulator.dataset import load_applicant  # noqa: E40
 
 STREAM = "/api/registrations/updates/stream"
 DATA = re.compile(rb"^data: ?(.*)$", re.M)
+EVENT_ID = re.compile(rb"^id: ?(.*)$", re.M)
 
 
 def applicant(outcome: str, run: str, i: int) -> dict:
@@ -136,27 +137,48 @@ async def raw_clicks(
 
 
 class StreamFollower:
-    """Unfiltered SSE stream; remembers when each registration's final frame arrived."""
+    """Unfiltered SSE stream; remembers when each registration's final frame arrived.
+
+    Like a browser's EventSource it reconnects with ``Last-Event-ID`` when the server ends the
+    stream (a burst of validations can outrun this reader on the shared load core, and the server
+    cuts a stream that falls ``SSE_MAX_BUFFER_BYTES`` behind); the server replays what it missed
+    from its history. Reconnects and snapshot frames (history could not cover the gap) are
+    counted and reported.
+    """
+
+    MAX_RECONNECTS = 10
 
     def __init__(self, finals: set[str]) -> None:
         self.finals = finals
         self.final_at: dict[int, float] = {}
         self.outcomes: dict[str, int] = {}  # final status (and error code) -> count
         self.frames = 0
+        self.reconnects = 0
+        self.snapshots = 0
+        self.last_id: bytes | None = None
         self.connected = asyncio.Event()
 
     async def run(self, host: str, port: int, auth: str | None) -> None:
+        while True:
+            await self._follow(host, port, auth)
+            if self.reconnects == self.MAX_RECONNECTS:
+                return
+            self.reconnects += 1
+
+    async def _follow(self, host: str, port: int, auth: str | None) -> None:
         r, w = await asyncio.open_connection(host, port)
         extra = f"Authorization: {auth}\r\n" if auth else ""
+        if self.last_id is not None:
+            extra += f"Last-Event-ID: {self.last_id.decode()}\r\n"
         w.write(
             f"GET {STREAM} HTTP/1.1\r\nHost: {host}\r\n{extra}"
             "Accept: text/event-stream\r\n\r\n".encode()
         )
-        head = await r.readuntil(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"stream: {head[:80]!r}")
-        buf = b""
         try:
+            head = await r.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"stream: {head[:80]!r}")
+            buf = b""
             while True:
                 chunk = await r.read(65536)
                 if not chunk:
@@ -168,10 +190,17 @@ class StreamFollower:
                 for block in blocks:
                     for m in DATA.finditer(block):
                         self.on_data(m.group(1), now)
+                for block in reversed(blocks):  # the last event id read, for a resume
+                    if (m := EVENT_ID.search(block)) is not None:
+                        self.last_id = m.group(1).strip()
+                        break
         finally:
             w.close()
 
     def on_data(self, raw: bytes, now: float) -> None:
+        if raw.startswith(b'{"type":"snapshot"'):
+            self.snapshots += 1
+            return
         if b'"final"' not in raw and b'"connected"' not in raw:  # only these are read
             self.frames += raw.startswith(b'{"type":"update"')  # the hub's frames are compact
             return
@@ -289,6 +318,8 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
         "clicked": len(clicked),
         "finished": len(done),
         "stream_end": stream_end,
+        "stream_reconnects": follower.reconnects,
+        "stream_snapshots": follower.snapshots,
         "http_errors": errors,
         "update_frames": follower.frames,
         "outcomes": follower.outcomes,

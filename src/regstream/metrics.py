@@ -49,6 +49,11 @@ OUTBOX_SIZE = Gauge(
 OUTBOX_OVERFLOWS = Counter(
     "regstream_publish_outbox_overflows_total", "Updates dropped from a full outbox"
 )
+PUBLISH_HOLDS = Counter(
+    "regstream_publish_holds_total",
+    "Validation runs that waited to start because the outbox was half full (Redis slower than "
+    "the pipeline)",
+)
 
 # --- pipeline side -----------------------------------------------------------------------------
 STAGE_DURATION = Histogram(

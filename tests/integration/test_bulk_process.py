@@ -153,19 +153,21 @@ async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
 ) -> None:
     """Redis healthy but its writes paused for a second while 40 runs go: the runner holds new
     runs while the publisher's outbox is half full, so every update is delivered live, in
-    order, and none is dropped (no resync); without the hold, 280 updates overflow 64."""
+    order, and none is dropped (no resync); without the hold, 280 updates overflow 64.
+    (Claiming the runs does not touch Redis: the pause goes first.)"""
     with serve_app(make_settings(outbox_max=64, pipeline_concurrency=4)) as live:
         operator = auth_headers(live, "operator")
         redis = create_client(redis_server.url, name="test-admin")
         overflows = metrics.OUTBOX_OVERFLOWS._value.get()
+        holds = metrics.PUBLISH_HOLDS._value.get()
         try:
             async with (
                 StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
                 httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
             ):
                 ids = await _register_load_people(http, 9200, 40)
-                response = await http.post(BULK, json={"registrationIds": ids})
                 await redis.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+                response = await http.post(BULK, json={"registrationIds": ids})
                 assert response.json()["accepted"] == sorted(ids)
                 for rid in ids:
                     final = await sse.wait_final(rid, timeout=60)
@@ -175,3 +177,4 @@ async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
         finally:
             await redis.aclose()
         assert metrics.OUTBOX_OVERFLOWS._value.get() == overflows
+        assert metrics.PUBLISH_HOLDS._value.get() > holds  # the hold did engage

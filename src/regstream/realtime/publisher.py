@@ -16,7 +16,9 @@ oldest updates are dropped and their registrations are announced afterwards in o
 message, which streams turn into a snapshot frame.
 
 While Redis takes updates, nothing is dropped: past half the outbox, ``wait_for_room`` holds the
-producers (the pipeline, before each run) until the flusher has brought it down to a quarter.
+producers (the pipeline, before each run) until the flusher has brought it down to a quarter. A
+hold longer than ``hold_max`` (Redis stalled without an error yet, e.g. a blackholed connection)
+counts as Redis being down: producers go on and the overflow rule applies until a batch succeeds.
 Without that, a burst of validations faster than one event-loop turn per batch (bulk validation
 on a saturated core: ~9,000 updates/s against batches of 256 every ~50 ms) overflowed the
 outbox with Redis healthy and turned live updates into resyncs (bench/RESULTS.md, run 13).
@@ -93,6 +95,7 @@ class RegistrationPubSub:
         history_max_age: float = 3600.0,
         outbox_max: int = 10_000,
         batch_max: int = 256,
+        hold_max: float = 5.0,
         subscriber: Callable[[], Redis] | None = None,
     ) -> None:
         self._redis = redis
@@ -112,6 +115,7 @@ class RegistrationPubSub:
         self._low_water = self._high_water // 2
         self._room = asyncio.Event()
         self._room.set()
+        self._hold_max = hold_max
         self._failing = False
         self._overflowed: set[int] = set()
         self._flusher: asyncio.Task[None] | None = None
@@ -200,8 +204,19 @@ class RegistrationPubSub:
         """Return when the outbox has room: at once below its high-water mark or while Redis is
         failing (validations go on then; the overflow rule applies), else when the flusher has
         published it down to the low-water mark."""
-        if not self._room.is_set():
-            await self._room.wait()
+        if self._room.is_set():
+            return
+        metrics.PUBLISH_HOLDS.inc()
+        try:
+            await asyncio.wait_for(self._room.wait(), self._hold_max)
+        except TimeoutError:
+            if not self._failing:
+                self._failing = True
+                log.warning(
+                    "publishing stalled for %.0f s; validations go on, updates wait in the outbox",
+                    self._hold_max,
+                )
+            self._room.set()
 
     def _enqueue(self, payload: bytes) -> None:
         self._outbox.append(payload)
@@ -230,15 +245,17 @@ class RegistrationPubSub:
         delay = 0.1
         while self._outbox or self._overflowed:
             batch: list[bytes] = []
+            # taken before the await: registrations that overflow meanwhile go to the next one
+            announced, self._overflowed = self._overflowed, set()
             try:
-                if self._overflowed:
+                if announced:
                     resync = {
                         "type": "resync",
-                        "registrationIds": sorted(self._overflowed),
+                        "registrationIds": sorted(announced),
                         "timestamp": messages.now_ms(),
                     }
                     await self._send([orjson.dumps(resync)])
-                    self._overflowed.clear()
+                    announced = set()
                 n = min(len(self._outbox), self._batch_max)
                 batch = [self._outbox.popleft() for _ in range(n)]
                 if batch:
@@ -252,9 +269,11 @@ class RegistrationPubSub:
                     log.info("publishing again; outbox flushed in order")
             except asyncio.CancelledError:
                 self._outbox.extendleft(reversed(batch))  # shutdown: aclose() reports them
+                self._overflowed |= announced
                 raise
             except (RedisError, OSError) as exc:
                 # Put the batch back in front, in order; what no longer fits is announced later.
+                self._overflowed |= announced
                 self._outbox.extendleft(reversed(batch))
                 self._trim_outbox()
                 metrics.PUBLISH_FAILURES.inc()

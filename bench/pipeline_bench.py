@@ -296,7 +296,11 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
     stream_end = None
     if ftask.done():
         exc = None if ftask.cancelled() else ftask.exception()
-        stream_end = "ended by the server" if exc is None else f"{type(exc).__name__}: {exc}"
+        stream_end = (
+            f"ended by the server {follower.reconnects + 1} times"
+            if exc is None
+            else f"{type(exc).__name__}: {exc}"
+        )
     ftask.cancel()
     done = sorted(follower.final_at[r] - clicked[r] for r in clicked if r in follower.final_at)
     last = max((follower.final_at[r] for r in clicked if r in follower.final_at), default=t0)

@@ -130,7 +130,8 @@ async def test_a_burst_past_the_outbox_waits_for_a_slow_redis_and_loses_nothing(
 
 async def test_wait_for_room_does_not_hold_producers_while_redis_is_down() -> None:
     """With Redis unreachable the pipeline goes on (the database is the source of truth): the
-    producer is released, and the outbox keeps its cap by dropping the oldest (then a resync)."""
+    producer is released, and the outbox keeps its cap by dropping the oldest (their
+    registrations are announced once Redis is back: the last test below)."""
     redis = create_client(f"redis://127.0.0.1:{free_port()}/0", name="test-pub", retries=0)
     pubsub = RegistrationPubSub(redis, outbox_max=40)
     overflows = _overflows()

@@ -107,6 +107,17 @@ async def keep_alive(peer: Peer) -> None:
         await peer.answer()
 
 
+def answering_after(release: asyncio.Event) -> Handler:
+    """A keep-alive server that answers each request only once ``release`` is set."""
+
+    async def handler(peer: Peer) -> None:
+        while await peer.request() is not None:
+            await release.wait()
+            await peer.answer()
+
+    return handler
+
+
 async def test_keep_alive_reuses_one_connection_and_sends_the_headers() -> None:
     sent: list[SentRequest] = []
     async with listening(keep_alive) as (server, port):
@@ -335,12 +346,7 @@ async def test_malformed_and_oversized_answers() -> None:
 
 async def test_pool_limits_connections_and_times_out_waiting() -> None:
     release = asyncio.Event()
-
-    async def slow(peer: Peer) -> None:
-        while await peer.request() is not None:
-            await release.wait()
-            await peer.answer()
-
+    slow = answering_after(release)
     async with serving(slow, max_connections=2, pool_timeout=1.0) as (server, http):
         waiting = [asyncio.create_task(http.get("/", {})) for _ in range(2)]
         await asyncio.sleep(0.05)
@@ -487,12 +493,7 @@ async def test_https_verifies_the_server_certificate(tmp_path: Path) -> None:
 
 async def test_a_request_waiting_for_a_slot_is_not_sent_after_aclose() -> None:
     release = asyncio.Event()
-
-    async def slow(peer: Peer) -> None:
-        while await peer.request() is not None:
-            await release.wait()
-            await peer.answer()
-
+    slow = answering_after(release)
     async with serving(slow, max_connections=1) as (server, http):
         first = asyncio.create_task(http.get("/1", {}))
         await asyncio.sleep(0.05)

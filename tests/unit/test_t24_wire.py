@@ -276,3 +276,14 @@ def test_non_objects_and_non_json_are_not_envelopes(content: bytes) -> None:
 def test_impossible_dates_are_protocol_errors(value: str) -> None:
     with pytest.raises(CoreProtocolError):
         _wire.parse_customer({"customerId": "7", "dateOfBirth": value, "customerStatus": 1}, "7")
+
+
+def test_an_answer_nested_past_the_parser_limit_is_a_bad_response() -> None:
+    """100,000 nested arrays (a hostile or broken gateway): CORE_BAD_RESPONSE in the lookup, not
+    an unexpected RecursionError that the pipeline reports as INTERNAL_ERROR at a later stage."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(CoreProtocolError):
+        _wire.interpret(_response(200, deep))
+    nested_body = b'{"header":{"status":"success"},"body":' + deep + b"}"
+    with pytest.raises(CoreProtocolError):
+        _wire.interpret(_response(200, nested_body))

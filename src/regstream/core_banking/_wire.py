@@ -107,7 +107,9 @@ def decode(response: Response) -> Envelope | None:
     # customer number sent unquoted would come back rounded); json keeps it exact.
     try:
         document = json.loads(response.content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: nested deeper than the parser's recursion limit (a hostile or broken
+        # answer); it is a bad response like any other, never an internal error
         return None
     if not isinstance(document, dict):
         return None

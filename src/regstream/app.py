@@ -47,7 +47,7 @@ from regstream.db.engine import create_engine, create_session_factory, migrate
 from regstream.pipeline.runner import Runner
 from regstream.realtime import messages
 from regstream.realtime.broker import Broker
-from regstream.realtime.connections import create_client, create_subscriber_client
+from regstream.realtime.connections import RedisTarget, create_client, create_subscriber_client
 from regstream.realtime.history import History
 from regstream.realtime.hub import Hub
 from regstream.realtime.publisher import RegistrationPubSub
@@ -90,12 +90,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Services]:
-    redis_url = settings.effective_redis_url
-    assert redis_url is not None and settings.t24_base_url is not None
+    assert settings.t24_base_url is not None
+    target = RedisTarget.from_settings(settings)  # URL, REDIS_HOST or Sentinel; TLS
     engine = create_engine(settings.effective_database_url)
     await migrate(engine)
     sessions = create_session_factory(engine)
-    redis = create_client(redis_url, name=f"regstream-pub-{os.getpid()}")
+    redis = create_client(target, name=f"regstream-pub-{os.getpid()}")
     publisher = RegistrationPubSub(
         redis, history_maxlen=settings.history_maxlen,
         history_max_age=settings.history_max_age, outbox_max=settings.outbox_max,
@@ -104,8 +104,9 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         ping_interval=settings.sse_ping_interval, send_timeout=30.0, on_tick=auth.guard.on_tick
     )
     broker = Broker(
-        subscriber=lambda: create_subscriber_client(redis_url, name=f"regstream-sub-{os.getpid()}"),
+        subscriber=lambda: create_subscriber_client(target, name=f"regstream-sub-{os.getpid()}"),
         commands=redis, on_update=hub.publish, on_resync=hub.resync,
+        on_connect=publisher.check_primary,  # after a failover: a new epoch before catch-up
         probe_interval=settings.probe_interval, history_max=settings.history_maxlen,
         health_metric=True,
     )  # fmt: skip

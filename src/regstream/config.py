@@ -10,9 +10,13 @@ Build a ``Settings`` in ``app``/``cli`` and pass it down; nothing imports a glob
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
 
 from pydantic import (
     AliasChoices,
@@ -37,6 +41,85 @@ class ConfigError(Exception):
     """Bad configuration; ``str(exc)`` is one line fit for a terminal."""
 
 
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+
+
+@dataclass(frozen=True)
+class SentinelAddress:
+    """A parsed ``redis+sentinel://[user:password@]host:port[,host:port…]/service[/db]``.
+
+    Credentials in the URL are the Redis servers' (as in a ``redis://`` URL); the sentinels'
+    own are ``REDIS_SENTINEL_USERNAME``/``REDIS_SENTINEL_PASSWORD``. ``rediss+sentinel://``
+    means TLS to both. redis-py has no URL form for Sentinel, hence this parser.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = dataclass_field(default=None, repr=False)
+    tls: bool = False
+
+
+def parse_sentinel_url(url: str) -> SentinelAddress:
+    """Parse a Sentinel URL; ``ValueError`` says what is wrong without echoing the URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis+sentinel", "rediss+sentinel"):
+        raise ValueError("a Sentinel URL starts with redis+sentinel:// or rediss+sentinel://")
+    rest, _, _fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    if query:
+        raise ValueError("a Sentinel URL takes no query; use the REDIS_* settings")
+    netloc, slash, path = rest.partition("/")
+    username = password = None
+    if "@" in netloc:
+        userinfo, _, netloc = netloc.rpartition("@")
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels = parse_host_list(netloc, default_port=26379)
+    parts = [unquote(p) for p in path.split("/")] if slash else []
+    if not parts or not parts[0]:
+        raise ValueError("a Sentinel URL names its service: redis+sentinel://hosts/mymaster")
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError("a Sentinel URL's path is /service or /service/db (a number)")
+    db = int(parts[1]) if len(parts) == 2 else 0
+    return SentinelAddress(
+        sentinels=sentinels, service=parts[0], db=db, username=username, password=password,
+        tls=scheme == "rediss+sentinel",
+    )  # fmt: skip
+
+
+def parse_host_list(text: str, *, default_port: int = 26379) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` (``[v6]:port`` too; the port defaults to Sentinel's 26379)."""
+    hosts = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item.startswith("["):
+            host, bracket, tail = item[1:].partition("]")
+            if not bracket or (tail and not tail.startswith(":")):
+                raise ValueError("an IPv6 sentinel is written [address]:port")
+            port_text = tail[1:]
+        else:
+            host, _, port_text = item.partition(":")
+        if not host or any(c in host for c in "/@?# "):
+            raise ValueError("a sentinel is host:port, separated by commas")
+        if port_text and not port_text.isdigit():
+            raise ValueError("a sentinel's port is a number")
+        port = int(port_text) if port_text else default_port
+        if not 0 < port < 65536:
+            raise ValueError("a sentinel's port is between 1 and 65535")
+        hosts.append((host, port))
+    if not hosts:
+        raise ValueError("needs at least one sentinel as host:port")
+    return tuple(hosts)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
@@ -48,6 +131,29 @@ class Settings(BaseSettings):
     redis_port: int = Field(6379, ge=1, le=65535, validation_alias=_env("REDIS_PORT"))
     redis_password: SecretStr | None = Field(None, validation_alias=_env("REDIS_PASSWORD"))
     redis_username: str | None = Field(None, validation_alias=_env("REDIS_USERNAME"))
+    # Sentinel (docs/operations.md): REDIS_SENTINELS + REDIS_SENTINEL_SERVICE, or a
+    # redis+sentinel:// REDIS_URL; REDIS_SENTINEL_PASSWORD authenticates to the sentinels only.
+    redis_sentinels: Annotated[tuple[tuple[str, int], ...], NoDecode] = Field(
+        (), validation_alias=_env("REDIS_SENTINELS")
+    )
+    redis_sentinel_service: str | None = Field(
+        None, validation_alias=_env("REDIS_SENTINEL_SERVICE")
+    )
+    redis_sentinel_username: str | None = Field(
+        None, validation_alias=_env("REDIS_SENTINEL_USERNAME")
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None, validation_alias=_env("REDIS_SENTINEL_PASSWORD")
+    )
+    # TLS to Redis (and to the sentinels): on with rediss://, REDIS_TLS=true or any file below
+    redis_tls: bool | None = Field(None, validation_alias=_env("REDIS_TLS"))
+    redis_tls_ca: Path | None = Field(None, validation_alias=_env("REDIS_TLS_CA"))
+    redis_tls_cert: Path | None = Field(None, validation_alias=_env("REDIS_TLS_CERT"))
+    redis_tls_key: Path | None = Field(None, validation_alias=_env("REDIS_TLS_KEY"))
+    redis_tls_check_hostname: bool = Field(
+        True, validation_alias=_env("REDIS_TLS_CHECK_HOSTNAME")
+    )
+
 
     # --- T24 core banking --------------------------------------------------------------------
     t24_base_url: str | None = Field(None, validation_alias=_env("T24_BASE_URL"))
@@ -135,9 +241,60 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             return None
-        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        url = value.get_secret_value()
+        if url.startswith(SENTINEL_SCHEMES):
+            parse_sentinel_url(url)  # a ValueError names the part that is wrong, never a secret
+            return value
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "must start with redis://, rediss://, unix://, redis+sentinel:// or "
+                "rediss+sentinel://"
+            )
+        query = urlsplit(url).query
+        if any(name.startswith("ssl") for name, _ in parse_qsl(query)):
+            raise ValueError(
+                "TLS options go in REDIS_TLS, REDIS_TLS_CA, REDIS_TLS_CERT and REDIS_TLS_KEY, "
+                "not in the URL's query"
+            )
         return value
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _check_redis_sentinels(cls, value: object) -> tuple[tuple[str, int], ...]:
+        if value is None or value == "":
+            return ()
+        if not isinstance(value, str):
+            return tuple(value)  # type: ignore[arg-type]  # already parsed (model_copy, tests)
+        return parse_host_list(value)
+
+    @field_validator("redis_tls_ca", "redis_tls_cert", "redis_tls_key")
+    @classmethod
+    def _check_readable_file(cls, value: Path | None) -> Path | None:
+        if value is None or str(value) == "":
+            return None
+        if not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        if not os.access(value, os.R_OK):
+            raise ValueError(f"not readable by this process: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_redis_target(self) -> Settings:
+        url = self.redis_url.get_secret_value() if self.redis_url is not None else ""
+        if self.redis_sentinels and url:
+            raise ValueError("REDIS_SENTINELS: set either REDIS_URL or REDIS_SENTINELS, not both")
+        if self.redis_sentinels and not self.redis_sentinel_service:
+            raise ValueError("REDIS_SENTINEL_SERVICE: required with REDIS_SENTINELS")
+        if (self.redis_tls_cert is None) != (self.redis_tls_key is None):
+            raise ValueError("REDIS_TLS_CERT and REDIS_TLS_KEY: a client certificate needs both")
+        files = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
+        if url.startswith("unix://") and (self.redis_tls or any(f is not None for f in files)):
+            raise ValueError("REDIS_TLS: a unix:// socket does not use TLS")
+        if self.redis_tls is False and (
+            url.startswith(("rediss://", "rediss+sentinel://")) or any(f is not None for f in files)
+        ):
+            raise ValueError("REDIS_TLS: false contradicts rediss:// or REDIS_TLS_* files")
+        return self
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -182,19 +339,45 @@ class Settings(BaseSettings):
 
     # --- derived -----------------------------------------------------------------------------
     @property
+    def redis_tls_enabled(self) -> bool:
+        """TLS to Redis: ``REDIS_TLS``, a ``rediss`` scheme or any ``REDIS_TLS_*`` file."""
+        url = self.redis_url.get_secret_value() if self.redis_url is not None else ""
+        if self.redis_tls is not None:
+            return self.redis_tls
+        files = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
+        return url.startswith(("rediss://", "rediss+sentinel://")) or any(
+            f is not None for f in files
+        )
+
+    @property
     def effective_redis_url(self) -> str | None:
-        """The configured Redis URL, or ``None`` when the embedded server should be started."""
+        """The configured Redis URL, or ``None`` when the embedded server should be started.
+
+        ``REDIS_SENTINELS`` + ``REDIS_SENTINEL_SERVICE`` come back as a ``redis+sentinel://``
+        URL, ``REDIS_HOST`` as a ``redis://`` one: ``realtime.connections.RedisTarget`` reads
+        every form from this one string (plus the TLS and sentinel-auth settings).
+        """
         if self.redis_url is not None:
             url = self.redis_url.get_secret_value()
             # REDIS_PASSWORD / REDIS_USERNAME also apply to a REDIS_URL without credentials
             # (so the secret can live in its own variable, e.g. a mounted secret file).
-            if self.redis_password is not None and url.startswith(("redis://", "rediss://")):
+            if self.redis_password is not None and url.startswith(
+                ("redis://", "rediss://", *SENTINEL_SCHEMES)
+            ):
                 scheme, rest = url.split("://", 1)
                 if "@" not in rest.split("/", 1)[0]:
                     user = quote(self.redis_username or "", safe="")
                     secret = quote(self.redis_password.get_secret_value(), safe="")
                     url = f"{scheme}://{user}:{secret}@{rest}"
             return url
+        if self.redis_sentinels:
+            auth = ""
+            if self.redis_password is not None:
+                user = quote(self.redis_username or "", safe="")
+                auth = f"{user}:{quote(self.redis_password.get_secret_value(), safe='')}@"
+            hosts = ",".join(_host_port(host, port) for host, port in self.redis_sentinels)
+            service = quote(self.redis_sentinel_service or "", safe="")
+            return f"redis+sentinel://{auth}{hosts}/{service}/0"
         if self.redis_host:
             auth = ""
             if self.redis_password is not None:

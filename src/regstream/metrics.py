@@ -49,6 +49,10 @@ OUTBOX_SIZE = Gauge(
 OUTBOX_OVERFLOWS = Counter(
     "regstream_publish_outbox_overflows_total", "Updates dropped from a full outbox"
 )
+REDIS_EPOCHS_BEGUN = Counter(
+    "regstream_redis_epochs_begun_total",
+    "New history epochs this process began because Redis was another primary (a failover)",
+)
 PUBLISH_HOLDS = Counter(
     "regstream_publish_holds_total",
     "Validation runs that waited to start because the outbox was half full (Redis slower than "

@@ -29,6 +29,8 @@ def test_seed_redis_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_postgres_url_is_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://u@db/regstream")
+    monkeypatch.setenv("REGSTREAM_SECRET_KEY", "k" * 32)  # a shared database needs one
+    monkeypatch.setenv("REGSTREAM_SECRET_KEY", "k" * 32)  # required with DATABASE_URL
     assert load_settings().effective_database_url == "postgresql+asyncpg://u@db/regstream"
 
 

@@ -2,11 +2,14 @@
 
 Only this module calls redis-py's subscribe API. The loop:
 
-1. connect and ``SUBSCRIBE`` the updates channel and this process's probe channel;
+1. connect and ``SUBSCRIBE`` the updates channel and this process's probe channel; then
+   ``on_connect`` (the publisher's ``check_primary``: after a failover, a new epoch begins
+   before we catch up, so step 2 sees it);
 2. catch up from the history stream: every update after the last one we dispatched (Pub/Sub
    messages published while we were disconnected are gone; the stream still has them);
 3. read messages; each carries an ``eventId``, and anything at or before the last dispatched id
-   is a duplicate of the catch-up and skipped;
+   is a duplicate of the catch-up and skipped; an update of another epoch than the last one
+   means the history was replaced under a live subscription: streams re-sync first;
 4. on any connection error: back off (exponential, full jitter) and go to 1.
 
 A subscription can also die silently (a proxy dropping the flow, a wedged server): every
@@ -30,7 +33,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import hiredis
 from redis.asyncio import Redis
@@ -55,6 +58,7 @@ class Broker:
         commands: Redis,
         on_update: Callable[[Parsed], None],
         on_resync: Callable[[tuple[int, ...]], None] | None = None,
+        on_connect: Callable[[], Awaitable[object]] | None = None,
         channel: str = ServiceChannel.REGISTRATION_UPDATES,
         probe_interval: float = 5.0,
         history_max: int = 10_000,
@@ -64,6 +68,7 @@ class Broker:
         self._commands = commands
         self._on_update = on_update
         self._on_resync = on_resync
+        self._on_connect = on_connect
         self.channel = channel.encode()
         self.probe_channel = (messages.PROBE_PREFIX + uuid.uuid4().hex).encode()
         self._probe_interval = probe_interval
@@ -99,6 +104,8 @@ class Broker:
                     metrics.REDIS_RECONNECTS.labels("subscriber").inc()
                     log.info("re-subscribed to %s", self.channel.decode())
                 first = False
+                if self._on_connect is not None:
+                    await self._on_connect()
                 await self._catch_up()
                 self.connected.set()
                 self._last_probe_seen = time.monotonic()
@@ -112,7 +119,7 @@ class Broker:
                 log.exception("subscription loop failed; rebuilding")
             finally:
                 self.connected.clear()
-                await _quietly(pubsub.aclose())  # type: ignore[no-untyped-call]
+                await _quietly(pubsub.aclose())
                 await _quietly(client.aclose())
             await asyncio.sleep(delay * random.random() + 0.05)
             delay = min(delay * 2, 5.0)
@@ -145,6 +152,10 @@ class Broker:
         latest = await self._history.latest()
         if latest is not None:
             self.last_key = latest
+        elif replay.epoch is not None:
+            # an empty new epoch: remember it, so its first live update is not taken for
+            # another change of epoch (a second re-sync)
+            self.last_key = EventKey(replay.epoch, 0, 0)
 
     async def _read(self, pubsub: PubSub) -> None:
         if pubsub.connection is None:
@@ -199,12 +210,15 @@ class Broker:
         key = parsed.key
         if key is not None:
             last = self.last_key
-            if (
-                last is not None
-                and last.epoch == key.epoch
-                and (key.ms, key.n) <= (last.ms, last.n)
-            ):
-                return  # already dispatched (catch-up overlap)
+            if last is not None and last.epoch == key.epoch:
+                if (key.ms, key.n) <= (last.ms, last.n):
+                    return  # already dispatched (catch-up overlap)
+            elif last is not None:
+                # The history was replaced while we stayed subscribed (a new epoch began):
+                # what the old one lost is unknown, so every stream re-syncs before going on.
+                log.warning("updates of a new epoch arrived live; asking streams to re-sync")
+                if self._on_resync is not None:
+                    self._on_resync(())
             self.last_key = key
         self.received += 1
         metrics.REDIS_MESSAGES_RECEIVED.inc()

@@ -1,4 +1,17 @@
-"""Redis connections: one factory, separate publisher and subscriber clients.
+"""Redis connections: the one place that knows how to reach Redis.
+
+``RedisTarget.from_settings`` resolves the settings once (a ``redis://``/``rediss://``/``unix://``
+URL, ``REDIS_HOST``, or Sentinel, plus TLS) and ``create_client`` / ``create_subscriber_client``
+build redis-py clients from it, each with its own name and pool:
+
+    target = RedisTarget.from_settings(settings)
+    commands = create_client(target, name="regstream-pub-42", max_connections=8)
+    subscriber = create_subscriber_client(target, name="regstream-sub-42")
+
+Sentinel: redis-py's ``Sentinel(...).master_for(...)``. Every new connection asks the sentinels
+for the current primary, and a connection to a demoted primary is dropped on its first
+``READONLY`` answer, so the clients follow a promotion without a restart. What a promotion may
+have lost is the publisher's business (``publisher.RegistrationPubSub.check_primary``).
 
 redis-py's own ``Retry`` with exponential backoff and jitter reconnects single commands; the
 subscriber's reconnect loop lives in ``broker`` (it must also re-subscribe and catch up).
@@ -7,44 +20,207 @@ subscriber's reconnect loop lives in ``broker`` (it must also re-subscribe and c
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from regstream.config import SENTINEL_SCHEMES, SentinelAddress, Settings, parse_sentinel_url
+
+CONNECT_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """Client-side TLS: the CA bundle to trust (system CAs when None) and a client certificate."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    check_hostname: bool = True
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """redis-py's ``ssl_*`` connection keywords (the server's certificate is required)."""
+        kwargs: dict[str, Any] = {
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": self.check_hostname,
+        }
+        if self.ca is not None:
+            kwargs["ssl_ca_certs"] = str(self.ca)
+        if self.cert is not None and self.key is not None:
+            kwargs["ssl_certfile"] = str(self.cert)
+            kwargs["ssl_keyfile"] = str(self.key)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where Redis is and how to talk to it: a URL, or a Sentinel service; TLS or not.
+
+    Build it with ``from_settings`` (the service) or ``from_url`` (tests, tools). ``describe()``
+    is safe to log (no credentials).
+    """
+
+    url: str | None = field(default=None, repr=False)  # redis://, rediss:// or unix://
+    sentinel: SentinelAddress | None = None
+    tls: TlsOptions | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.url is None) == (self.sentinel is None):
+            raise ValueError("a RedisTarget has either a url or a sentinel address")
+
+    @classmethod
+    def from_url(cls, url: str, *, tls: TlsOptions | None = None) -> RedisTarget:
+        """A target from a ``redis://``, ``rediss://``, ``unix://`` or Sentinel URL."""
+        if url.startswith(SENTINEL_SCHEMES):
+            address = parse_sentinel_url(url)
+            if tls is None and address.tls:
+                tls = TlsOptions()
+            return cls(sentinel=address, tls=tls)
+        if tls is None and url.startswith("rediss://"):
+            tls = TlsOptions()
+        return cls(url=url, tls=tls)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisTarget:
+        """The service's target (``effective_redis_url`` + the TLS and sentinel settings)."""
+        url = settings.effective_redis_url
+        if url is None:
+            raise ValueError("no Redis configured (the embedded server starts in stack.py)")
+        tls = None
+        if settings.redis_tls_enabled:
+            tls = TlsOptions(
+                ca=settings.redis_tls_ca, cert=settings.redis_tls_cert,
+                key=settings.redis_tls_key, check_hostname=settings.redis_tls_check_hostname,
+            )  # fmt: skip
+        target = cls.from_url(url, tls=tls)
+        if target.sentinel is None:
+            return target
+        secret = settings.redis_sentinel_password
+        return cls(
+            sentinel=target.sentinel, tls=tls,
+            sentinel_username=settings.redis_sentinel_username,
+            sentinel_password=secret.get_secret_value() if secret is not None else None,
+        )  # fmt: skip
+
+    @property
+    def is_unix(self) -> bool:
+        return self.url is not None and self.url.startswith("unix://")
+
+    def describe(self) -> str:
+        """``redis://host:port/db`` / ``unix:///path`` / ``sentinel mymaster (3 sentinels)``."""
+        tls = " (TLS)" if self.tls is not None else ""
+        if self.sentinel is not None:
+            count = len(self.sentinel.sentinels)
+            return f"Sentinel service {self.sentinel.service!r} ({count} sentinels){tls}"
+        parts = urlsplit(self.url or "")
+        where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+        return f"{parts.scheme}://{where}{tls}"
+
+
+class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
+    """redis-py's Sentinel pool with ``BlockingConnectionPool``'s wait for a free connection:
+    a burst of history reads queues for the pool's connections (up to ``timeout``) instead of
+    failing with "Too many connections", the same as without Sentinel."""
+
+
+class SentinelMasterClient(Redis):
+    """The client ``master_for`` returns; ``aclose()`` also closes the sentinels' connections
+    (redis-py leaves them to whoever made the ``Sentinel``, and each client makes its own)."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        manager = getattr(self.connection_pool, "sentinel_manager", None)
+        if isinstance(manager, Sentinel):
+            await manager.aclose()
+
 
 def create_client(
-    url: str, *, name: str, retries: int = 2, socket_timeout: float = 5.0, max_connections: int = 8
-) -> Redis:
+    target: RedisTarget | str, *, name: str, retries: int = 2, socket_timeout: float = 5.0,
+    max_connections: int = 8,
+) -> Redis:  # fmt: skip
     """A client for commands (publisher, history, readiness). Bytes in, bytes out.
 
     A blocking pool with a small cap: a reconnect storm (thousands of streams resuming at once,
     each reading the history) waits for a connection instead of opening one per request.
     """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=socket_timeout,
-        client_name=name,
-        decode_responses=False,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=2.0,
-        health_check_interval=15,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-    )
+    target = RedisTarget.from_url(target) if isinstance(target, str) else target
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "timeout": socket_timeout,  # the wait for a free connection of the pool
+        "client_name": name,
+        "decode_responses": False,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "health_check_interval": 15,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+    if target.sentinel is not None:
+        return _master_for(target, options, pool_class=BlockingSentinelConnectionPool)
+    assert target.url is not None
+    pool = BlockingConnectionPool.from_url(target.url, **options, **_tls_kwargs(target))
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
-def create_subscriber_client(url: str, *, name: str) -> Redis:
+def create_subscriber_client(target: RedisTarget | str, *, name: str) -> Redis:
     """A client for the subscription: no socket timeout (it waits for messages)."""
-    extra = {} if url.startswith("unix://") else {"socket_keepalive": True}
-    return Redis.from_url(
-        url,
-        client_name=name,
-        decode_responses=False,
-        socket_timeout=None,
-        socket_connect_timeout=2.0,
-        **extra,
-    )
+    target = RedisTarget.from_url(target) if isinstance(target, str) else target
+    options: dict[str, Any] = {
+        "client_name": name,
+        "decode_responses": False,
+        "socket_timeout": None,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+    }
+    if not target.is_unix:
+        options["socket_keepalive"] = True
+    if target.sentinel is not None:
+        return _master_for(target, options, pool_class=SentinelConnectionPool)
+    assert target.url is not None
+    return Redis.from_url(target.url, **options, **_tls_kwargs(target))
+
+
+def _tls_kwargs(target: RedisTarget) -> dict[str, Any]:
+    if target.tls is None:
+        return {}
+    kwargs = target.tls.connection_kwargs()
+    if target.url is not None and target.url.startswith("redis://"):
+        kwargs["connection_class"] = SSLConnection  # REDIS_TLS=true with a redis:// URL
+    return kwargs
+
+
+def _master_for(
+    target: RedisTarget, options: dict[str, Any], *, pool_class: type[SentinelConnectionPool]
+) -> Redis:
+    address = target.sentinel
+    assert address is not None
+    tls = target.tls.connection_kwargs() if target.tls is not None else {}
+    # The sentinels: same TLS, their own credentials, short timeouts (discovery moves on to the
+    # next sentinel when one does not answer).
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": CONNECT_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "username": target.sentinel_username,
+        "password": target.sentinel_password,
+        "decode_responses": False,
+    }
+    if target.tls is not None:
+        sentinel_kwargs.update(ssl=True, **tls)
+    sentinel = Sentinel(address.sentinels, sentinel_kwargs=sentinel_kwargs)
+    extra: dict[str, Any] = {"ssl": True, **tls} if target.tls is not None else {}
+    client: Redis = sentinel.master_for(
+        address.service, redis_class=SentinelMasterClient, connection_pool_class=pool_class,
+        db=address.db, username=address.username, password=address.password,
+        **options, **extra,
+    )  # fmt: skip
+    return client

@@ -27,6 +27,8 @@ class ServiceChannel(StrEnum):
 
 HISTORY_SUFFIX = ":history"
 EPOCH_SUFFIX = ":epoch"
+# the replication id of the primary the epoch belongs to (publisher.check_primary)
+PRIMARY_SUFFIX = ":primary"
 PROBE_PREFIX = "regstream:probe:"
 
 

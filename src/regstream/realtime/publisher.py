@@ -22,6 +22,17 @@ counts as Redis being down: producers go on and the overflow rule applies until 
 Without that, a burst of validations faster than one event-loop turn per batch (bulk validation
 on a saturated core: ~9,000 updates/s against batches of 256 every ~50 ms) overflowed the
 outbox with Redis healthy and turned live updates into resyncs (bench/RESULTS.md, run 13).
+
+Failover (``check_primary``): Redis replicates asynchronously, so a primary that dies may have
+acknowledged updates its replica never got; after the promotion they are in no history and no
+subscriber may have seen them. Each epoch therefore belongs to one primary's history: the
+primary's replication id (``INFO replication``, ``master_replid``; a promoted replica takes a
+new one) is kept next to the epoch, and whoever reconnects first (the broker before its
+catch-up, the flusher before publishing again) and finds another id begins a new epoch with an
+empty history, atomically, once for the whole fleet. Every broker's catch-up then sees another
+epoch and tells its streams to re-sync, and every Last-Event-ID from before gets a snapshot, so
+what the old primary lost is re-read from the database, never silently missing
+(docs/architecture.md, failure map).
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from regstream import metrics
 from regstream.realtime import messages
@@ -63,6 +74,23 @@ if ARGV[3] ~= '' then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
 end
 return ids
+"""
+
+# KEYS: history, epoch, primary; ARGV[1]: the replication id of the server we are talking to.
+# Returns 1 when it began a new epoch (the history belonged to another primary), else 0.
+_PRIMARY_SCRIPT = """
+local known = redis.call('GET', KEYS[3])
+if known == ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[3], ARGV[1])
+if not redis.call('GET', KEYS[2]) then
+  return 0
+end
+local t = redis.call('TIME')
+redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])))
+redis.call('DEL', KEYS[1])
+return 1
 """
 
 
@@ -106,6 +134,9 @@ class RegistrationPubSub:
         self._maxlen = str(history_maxlen)
         self._max_age_ms = int(history_max_age * 1000)
         self._script = redis.register_script(_PUBLISH_SCRIPT)
+        self.primary_key = channel + messages.PRIMARY_SUFFIX
+        self._primary_script = redis.register_script(_PRIMARY_SCRIPT)
+        self._primary_check_refused = False
         self._outbox: deque[bytes] = deque()
         self._outbox_max = outbox_max
         self._batch_max = batch_max
@@ -176,6 +207,7 @@ class RegistrationPubSub:
         broker = Broker(
             subscriber=self._subscriber, commands=self._redis, channel=self.channel,
             on_update=lambda parsed: callback(orjson.loads(parsed.raw)),
+            on_connect=self.check_primary,
         )  # fmt: skip
         task = asyncio.create_task(broker.run(), name="registration-subscription")
         with contextlib.suppress(TimeoutError):
@@ -199,6 +231,34 @@ class RegistrationPubSub:
             args=[self._maxlen, self.channel, minid, *payloads],
         )
         return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
+
+    async def check_primary(self) -> bool:
+        """After a reconnect: begin a new epoch if Redis is now another primary's history.
+
+        Returns True when this call began it. Raises ``RedisError``/``OSError`` like any command
+        (callers retry after reconnecting). Without ``INFO`` (a managed Redis that renamed it)
+        failovers are not detected: logged once.
+        """
+        try:
+            info = await self._redis.info("replication")
+        except ResponseError:
+            if not self._primary_check_refused:
+                self._primary_check_refused = True
+                log.warning("Redis refuses INFO; a failover's lost updates cannot be detected")
+            return False
+        replid = info.get("master_replid")
+        if not isinstance(replid, str | bytes) or not replid:
+            return False
+        began = await self._primary_script(
+            keys=[self.history_key, self.epoch_key, self.primary_key], args=[replid]
+        )
+        if began:
+            metrics.REDIS_EPOCHS_BEGUN.inc()
+            log.warning(
+                "Redis is another primary's history now (failover or restart): began a new "
+                "epoch; streams re-sync from the database"
+            )
+        return bool(began)
 
     async def wait_for_room(self) -> None:
         """Return when the outbox has room: at once below its high-water mark or while Redis is
@@ -248,6 +308,8 @@ class RegistrationPubSub:
             # taken before the await: registrations that overflow meanwhile go to the next one
             announced, self._overflowed = self._overflowed, set()
             try:
+                if self._failing:  # reconnected: maybe to another primary (check_primary)
+                    await self.check_primary()
                 if announced:
                     resync = {
                         "type": "resync",

@@ -4,6 +4,11 @@ Code logs ids, stages, codes and durations only (DOMAIN.md section 6). In case s
 through (a library's message, an exception text), ``RedactingFilter`` masks, in every record:
 E.164 phone numbers, ISO dates (dates of birth), e-mail addresses, runs of 7+ digits (national
 ids, account numbers) and ``Authorization``/password values.
+
+Access-log lines are not left to those masks: a query string is percent-encoded (``%2B2547…``,
+``name%40example…``, ``02%2F04%2F1988``) and a search term can be a name, which no pattern
+recognises. The request target of a ``uvicorn.access`` record keeps its path and the names of its
+query parameters; only the values of a few known-harmless parameters are kept (``mask_query``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import re
 import sys
 import time
+from urllib.parse import parse_qsl
 
 # The five masks, applied one after another, in this order: a later mask sees the earlier ones'
 # output (e.g. ``x@a.secret:abc`` -> ``x@a.secret:***`` -> ``***@***:***``), so they are not
@@ -77,8 +83,42 @@ def redact(text: str) -> str:
     return _DIGITS.sub("*******", text)
 
 
+# Query parameters whose values are logged: enumerations and small numbers, never personal data
+# or credentials. Any other value (q, token, ticket, api_key, anything unknown) is logged as ***.
+_KEPT_QUERY_VALUES = {
+    "status": re.compile(r"[A-Z_]{1,16}"),
+    "outcome": re.compile(r"[a-z]{1,16}"),
+    "page": re.compile(r"[0-9]{1,6}"),
+    "pageSize": re.compile(r"[0-9]{1,6}"),
+    "registrationId": re.compile(r"[0-9]{1,16}"),
+}
+_QUERY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+
+
+def mask_query(target: str) -> str:
+    """``/path?q=%2B2547…&page=2`` → ``/path?q=***&page=2``: the path as it is, each query
+    parameter's name (``***`` when it is not a plain identifier) and its value only when it is a
+    known-harmless parameter with a value of the expected shape."""
+    path, sep, query = target.partition("?")
+    if not sep:
+        return target
+    parts = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        shape = _KEPT_QUERY_VALUES.get(name)
+        shown_name = name if _QUERY_NAME.fullmatch(name) else "***"
+        shown_value = value if shape is not None and shape.fullmatch(value) else "***"
+        parts.append(f"{shown_name}={shown_value}")
+    return f"{path}?{'&'.join(parts)}"
+
+
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
+            # uvicorn's access line: (client, method, target, http version, status)
+            record.args = tuple(
+                mask_query(arg) if i == 2 and isinstance(arg, str) else arg
+                for i, arg in enumerate(record.args)
+            )
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message or record.args:

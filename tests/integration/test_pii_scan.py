@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterator
 from datetime import date
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
@@ -181,13 +182,13 @@ def _has_final(frames: list[Any]) -> bool:
 
 def _load_demo(live: LiveServer) -> list[Any]:
     """``serve --demo``'s data (with the enrolled users some outcomes need) in ``live``'s DB."""
-    from regstream.app import secret_key
     from regstream.db.engine import create_engine, create_session_factory
+    from regstream.stack import national_id_keys
 
     async def make() -> list[Any]:
         engine = create_engine(live.settings.effective_database_url)
         try:
-            return await load_demo(create_session_factory(engine), secret_key(live.settings))
+            return await load_demo(create_session_factory(engine), national_id_keys(live.settings).current)
         finally:
             await engine.dispose()
 
@@ -206,3 +207,56 @@ async def test_stream_snapshot_carries_no_raw_personal_data(live: LiveServer) ->
         ) as sse:  # fmt: skip
             await sse.wait_for(lambda fs: any(f.type == "snapshot" for f in fs), 10, "snapshot")
             assert _leaks("snapshot frame", bytes(sse.raw).decode()) == []
+
+
+def _encoded_forms(value: str) -> set[str]:
+    """How a value may appear in a request target: as is, percent-encoded (upper and lower case
+    hex), form-encoded."""
+    encoded = quote(value, safe="")
+    return {value, encoded, encoded.lower(), quote_plus(value)}
+
+
+async def test_access_log_lines_carry_no_personal_data_in_any_encoding(
+    pii_live: LiveServer, captured_logs: _Capture
+) -> None:
+    """Searches by phone, e-mail, date of birth and name, and credentials in query parameters,
+    sent percent-encoded as browsers do: uvicorn's access lines keep the path and parameter
+    names, never those values (issue 16)."""
+    live = pii_live
+    # as in production: logs.configure() makes uvicorn's access logger propagate to the root
+    # handler, after uvicorn's own set-up turned it off (so access lines ARE written there)
+    access_logger = logging.getLogger("uvicorn.access")
+    propagate = access_logger.propagate
+    access_logger.propagate = True
+    try:
+        await _search_with_personal_data(live, captured_logs)
+    finally:
+        access_logger.propagate = propagate
+
+
+async def _search_with_personal_data(live: LiveServer, captured_logs: _Capture) -> None:
+    applicant = DEMO_APPLICANTS[0]
+    dob = date.fromisoformat(applicant.date_of_birth)
+    canaries = {
+        applicant.phone, applicant.email, applicant.first_name, applicant.last_name,
+        dob.strftime("%d/%m/%Y"), applicant.national_id, "rst_secrettoken123", "tk_ticket456",
+    }  # fmt: skip
+    headers = auth_headers(live, "viewer")
+    async with httpx.AsyncClient(base_url=live.url, headers=headers) as client:
+        for value in sorted(canaries):
+            response = await client.get("/api/registrations", params={"q": value, "page": 1})
+            assert response.status_code == 200
+        for name in ("api_key", "ticket", "token", "access_token"):
+            await client.get("/api/registrations", params={name: "rst_secrettoken123"})
+        await client.get("/api/registrations", params={applicant.phone: "1"})
+    access = [line for line in captured_logs.lines if "uvicorn.access" in line]
+    assert len(access) >= len(canaries) + 5, "the access log is on in production (see logs.py)"
+    assert any("page=1" in line and "q=***" in line for line in access)
+    problems = [
+        f"{form!r} in {line!r}"
+        for line in access
+        for value in canaries
+        for form in _encoded_forms(value)
+        if form in line
+    ]
+    assert problems == []

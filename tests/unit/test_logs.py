@@ -260,3 +260,20 @@ def test_text_formatter_matches_the_stock_one_across_seconds() -> None:
         record.created = start + offset
         record.msecs = (record.created - int(record.created)) * 1000
         assert ours.format(record) == stock.format(record)
+
+
+def test_access_line_targets_keep_paths_and_names_not_values() -> None:
+    from regstream.logs import mask_query
+
+    assert mask_query("/api/registrations/12") == "/api/registrations/12"
+    assert (
+        mask_query("/api/registrations?q=%2B254712345678&status=FAILED&page=2&pageSize=50")
+        == "/api/registrations?q=***&status=FAILED&page=2&pageSize=50"
+    )
+    # a value of the wrong shape for a kept parameter is masked too
+    assert mask_query("/x?page=02%2F04%2F1988&status=mary%40example.com") == (
+        "/x?page=***&status=***"
+    )
+    # credentials under any name; a parameter name that is itself data
+    assert mask_query("/s?api_key=rst_abc&ticket=t1&token=x") == "/s?api_key=***&ticket=***&token=***"
+    assert mask_query("/s?%2B254712345678=1&registrationId=7") == "/s?***=***&registrationId=7"

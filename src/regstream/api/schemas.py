@@ -13,18 +13,55 @@ import unicodedata
 from datetime import date
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from regstream.domain import kyc
 from regstream.domain.enums import IdType, RegistrationStatus
 
-_DIGITS = re.compile(r"^\d+$")
-_IBAN = re.compile(r"^[A-Z]{2}\d{2}[A-Z0-9]{11,30}$")
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
+# ASCII only: ``\d`` also matches other scripts' digits, and ``$`` matches before a final "\n"
+_DIGITS = re.compile(r"[0-9]+")
+_IBAN = re.compile(r"[A-Z]{2}[0-9]{2}[A-Z0-9]{11,30}")
+# An address a mail system and a T24 record accept: ASCII, no spaces, quotes, angle brackets or
+# control/bidi characters (U+202E would show the address reversed to the operator).
+_EMAIL = re.compile(
+    r"[a-z0-9!#$%&*+/=?^_`{|}~.-]{1,64}@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}"
+)
 
 
-class CamelModel(BaseModel):
+def storable(value: str) -> str:
+    """Text every supported database stores as given: PostgreSQL refuses NUL and unpaired
+    surrogates (SQLite would store them), so they are invalid input (422), never a 500."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must not contain unpaired surrogates") from None
+    return value
+
+
+#: A query parameter that reaches the database: ``Annotated[str | None, Query(...), Storable]``.
+Storable = AfterValidator(lambda value: value if value is None else storable(value))
+
+
+class StorableModel(BaseModel):
+    """A request body whose every text field (also in lists) is checked by ``storable`` before
+    the field's own rules."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return storable(value)
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, str):
+                    storable(item)
+        return value
+
+
+class CamelModel(StorableModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
@@ -57,7 +94,7 @@ class RegistrationCreate(CamelModel):
     @field_validator("customer_number")
     @classmethod
     def _cif(cls, value: str) -> str:
-        if not _DIGITS.match(value):
+        if not _DIGITS.fullmatch(value):
             raise ValueError("must be 1-10 digits")
         return value
 
@@ -67,9 +104,9 @@ class RegistrationCreate(CamelModel):
         if value is None or value == "":
             return None
         compact = value.replace(" ", "").upper()
-        if _DIGITS.match(compact) and 5 <= len(compact) <= 16:
+        if _DIGITS.fullmatch(compact) and 5 <= len(compact) <= 16:
             return compact
-        if _IBAN.match(compact):
+        if _IBAN.fullmatch(compact):
             return compact
         raise ValueError("must be 5-16 digits or an IBAN")
 
@@ -107,7 +144,7 @@ class RegistrationCreate(CamelModel):
         if value is None or value == "":
             return None
         value = value.strip().lower()
-        if not _EMAIL.match(value):
+        if not _EMAIL.fullmatch(value):
             raise ValueError("must be an e-mail address")
         return value
 

@@ -2,9 +2,12 @@
 
 Start-up order: data dir → embedded Redis / T24 simulator if not configured → database engine and
 migrations → Redis clients, publisher, hub, broker → T24 client → runner → background tasks
-(subscription, hub timer, lease recovery). Shutdown runs it backwards, after draining: new runs
-are refused, streams get a ``retry:`` hint and are closed (so browsers reconnect to the next
-instance), running validations get ``REGSTREAM_SHUTDOWN_GRACE`` seconds to finish.
+(subscription, hub timer, lease recovery). Shutdown runs it backwards, after draining
+(``drain.py``): readiness fails first while the instance serves on for ``REGSTREAM_DRAIN_DELAY``
+seconds, then new runs are refused and streams are closed in batches over
+``REGSTREAM_DRAIN_SPREAD`` seconds, each with a jittered ``retry:`` hint (so browsers reconnect to
+the other instances, not all at once), running validations get ``REGSTREAM_SHUTDOWN_GRACE``
+seconds to finish.
 
 The SSE path is served by ``StreamEndpoint`` directly, outside FastAPI's middleware stack (see
 ``api/stream.py``); every other path goes through FastAPI. Auth (``docs/security.md``): FastAPI
@@ -21,8 +24,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,8 @@ from regstream.auth.runtime import AuthRuntime
 from regstream.config import Settings, load_settings
 from regstream.core_banking.client import T24Client, T24ClientConfig
 from regstream.db.engine import create_engine, create_session_factory, migrate
+from regstream.drain import Drain
 from regstream.pipeline.runner import Runner
-from regstream.realtime import messages
 from regstream.realtime.broker import Broker
 from regstream.realtime.connections import RedisTarget, create_client, create_subscriber_client
 from regstream.realtime.history import History
@@ -80,12 +81,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with _services(settings, auth) as services:
             app.state.services = services
             app.state.loop = asyncio.get_running_loop()
-            restore = _install_drain_signal(services)
+            drain = Drain(services)
+            restore = drain.install_signals()
             try:
                 yield
             finally:
                 restore()
-                await _drain(services)
+                await drain.finish()
 
 
 @contextlib.asynccontextmanager
@@ -157,48 +159,6 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         await core.aclose()
         await redis.aclose()
         await engine.dispose()
-
-
-def _begin_drain(services: Services) -> None:
-    if services.draining:
-        return
-    services.draining = True
-    services.runner.accepting = False
-    closed = services.hub.close_all(messages.retry_frame(1000))
-    log.info("shutting down: refused new runs, closed %d streams with a retry hint", closed)
-
-
-async def _drain(services: Services) -> None:
-    _begin_drain(services)
-    left = await services.runner.drain(services.settings.shutdown_grace)
-    if left:
-        log.warning("%d validations still running at shutdown; the next start resumes them", left)
-    await services.publisher.wait_flushed(2.0)
-
-
-def _install_drain_signal(services: Services) -> Any:
-    """Close streams as soon as SIGTERM/SIGINT arrives (the server then waits for open
-    connections before running our shutdown, and SSE connections never end on their own)."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    loop = asyncio.get_running_loop()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def handler(sig: int, frame: Any) -> None:
-        loop.call_soon_threadsafe(_begin_drain, services)
-        prev = previous.get(signal.Signals(sig))
-        if callable(prev):
-            prev(sig, frame)
-
-    for sig in previous:
-        signal.signal(sig, handler)
-
-    def restore() -> None:
-        for sig, prev in previous.items():
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(sig, prev)
-
-    return restore
 
 
 class Application:

@@ -191,6 +191,13 @@ class Settings(BaseSettings):
     shutdown_grace: Annotated[float, Field(ge=0)] = Field(
         10.0, validation_alias=_env("REGSTREAM_SHUTDOWN_GRACE")
     )
+    # a rolling restart (drain.py): readiness off first, then streams closed over a spread
+    drain_delay: Annotated[float, Field(ge=0, le=600)] = Field(
+        5.0, validation_alias=_env("REGSTREAM_DRAIN_DELAY")
+    )
+    drain_spread: Annotated[float, Field(ge=0, le=600)] = Field(
+        5.0, validation_alias=_env("REGSTREAM_DRAIN_SPREAD")
+    )
     secret_key: SecretStr | None = Field(None, validation_alias=_env("REGSTREAM_SECRET_KEY"))
 
     # --- security (docs/security.md) ---------------------------------------------------------

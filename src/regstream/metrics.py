@@ -59,6 +59,17 @@ PUBLISH_HOLDS = Counter(
     "the pipeline)",
 )
 
+# --- shutdown (drain.py) ------------------------------------------------------------------------
+SHUTDOWN_PHASE = Gauge(
+    "regstream_shutdown_phase",
+    "0 serving, 1 draining (readiness off, still serving), 2 closing streams, "
+    "3 finishing validations",
+)
+SHUTDOWN_STREAMS_CLOSED = Counter(
+    "regstream_shutdown_streams_closed_total",
+    "Streams closed by a graceful shutdown, each with a jittered retry hint",
+)
+
 # --- pipeline side -----------------------------------------------------------------------------
 STAGE_DURATION = Histogram(
     "regstream_stage_duration_seconds", "Pipeline stage duration", ["stage", "result"]

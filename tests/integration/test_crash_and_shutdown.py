@@ -195,7 +195,10 @@ async def test_sigterm_drains(
     tmp_path: Path, redis_server: EmbeddedRedis, t24_private: RunningSimulator
 ) -> None:
     await _sim(t24_private, "config", {"latency_ms": 800})
-    env = _env(tmp_path, redis_server, t24_private, REGSTREAM_SHUTDOWN_GRACE="10")
+    env = _env(
+        tmp_path, redis_server, t24_private, REGSTREAM_SHUTDOWN_GRACE="10",
+        REGSTREAM_DRAIN_DELAY="0.5", SSE_RETRY_MS="1000",
+    )  # fmt: skip
     port, log = free_port(), tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
     with _serve(env, port, log, "--demo") as server:
@@ -210,7 +213,10 @@ async def test_sigterm_drains(
                 server.send_signal(signal.SIGTERM)
                 # the stream gets a retry hint and is closed so the browser moves on
                 await wait_until(lambda: sse.closed, timeout=10, what="stream closed by the server")
-                assert sse.raw.endswith(b"retry: 1000\n\n")
+                # (tests/integration/test_rolling_restart.py: the hint's jitter, the spread)
+                last = sse.frames[-1]
+                assert last.data is None and last.retry is not None and 500 <= last.retry <= 1500
+                assert sse.raw.endswith(b"retry: %d\n\n" % last.retry)
         exit_code = await asyncio.to_thread(server.wait, 30)
     assert exit_code == 0, log.read_text()[-2000:]
     # the running validation finished within the grace period: nothing left in progress

@@ -48,6 +48,10 @@ class Services:
     hub: Hub
     broker: Broker
     runner: Runner
+    # A graceful shutdown (drain.py): ``leaving`` from SIGTERM on (readiness fails, everything
+    # else still served), ``draining`` once the drain delay is over (new streams and runs
+    # refused, streams being closed).
+    leaving: bool = False
     draining: bool = False
     stream_auth: StreamAuth | None = None
 

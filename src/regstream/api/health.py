@@ -27,7 +27,15 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "a dependency is down"}})
 async def readyz(services: ServicesDep) -> JSONResponse:
-    """Database and Redis reachable, subscription healthy, not shutting down."""
+    """Database and Redis reachable, subscription healthy, not shutting down.
+
+    From SIGTERM on the answer is 503 at once, before any check, while the instance still
+    serves everything else for ``REGSTREAM_DRAIN_DELAY`` seconds: the load balancer stops
+    sending new clients before the instance stops listening (drain.py).
+    """
+    if services.leaving or services.draining:
+        body = {"ready": False, "checks": {"server": "draining"}}
+        return JSONResponse(body, status_code=503)
     checks: dict[str, str] = {}
     try:
         await asyncio.wait_for(ping(services.engine), 2)
@@ -40,8 +48,6 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     except Exception as exc:  # noqa: BLE001
         checks["redis"] = f"down ({type(exc).__name__})"
     checks["subscription"] = "ok" if services.broker.healthy else "down"
-    if services.draining:
-        checks["server"] = "draining"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 

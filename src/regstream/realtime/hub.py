@@ -16,6 +16,11 @@ each stream's transport costs about what nchan does. So:
   stream's start-up burst (a replay of up to the whole history) is exempt: the limit is lifted
   while starting and lowered back once the client has read the backlog;
 * one shared timer sends pings and checks stalls for all streams;
+* a graceful shutdown closes streams in batches (``close_in_batches``), in random order, each
+  with its own final frame (a jittered ``retry:`` hint), so an instance's clients do not all come
+  back to the fleet in the same second. Random rather than oldest-first: it needs no per-stream
+  state, and the order is unrelated to anything about the clients (browsers of one office that
+  connected together do not all leave together);
 * an unfiltered stream that is settled (live, past the position its start-up covered, its buffer
   empty, its connection ours) is *direct*: the hub writes each frame to its transport with no
   per-stream checks but "still open", and the buffer limit becomes the transport's high-water
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -287,7 +293,8 @@ def _cut(stream: Stream, reason: str) -> None:
 
 
 class Hub:
-    """Routes updates to streams. All methods run on the event loop; none of them await."""
+    """Routes updates to streams. All methods run on the event loop; only the shared timer
+    (``run``) and the shutdown's ``close_in_batches`` await."""
 
     def __init__(
         self,
@@ -427,6 +434,37 @@ class Hub:
         for stream in streams:
             stream.close(final)
         return len(streams)
+
+    async def close_in_batches(
+        self, *, over: float, final: Callable[[], bytes], tick: float = 0.1
+    ) -> int:
+        """Graceful shutdown without a herd: end every stream, in random order, in batches
+        ``tick`` seconds apart spread over ``over`` seconds; each stream gets its own ``final()``.
+
+        With fewer streams than ticks, one stream per tick (a handful of clients is no herd:
+        they need not wait for the whole window). Streams attached meanwhile (a start-up under
+        way) are closed with the last batch. Returns how many streams were closed.
+        """
+        streams = [stream for stream in self.streams() if not stream.closed]
+        random.shuffle(streams)
+        count = len(streams)
+        ticks = max(1, round(over / tick))
+        batches, interval = min(count, ticks), over / ticks
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        closed = 0
+        for batch in range(batches):
+            if batch:
+                await asyncio.sleep(max(0.0, started + batch * interval - loop.time()))
+            for stream in streams[batch * count // batches : (batch + 1) * count // batches]:
+                if not stream.closed:
+                    stream.close(final())
+                    closed += 1
+        for stream in list(self.streams()):
+            if not stream.closed:
+                stream.close(final())
+                closed += 1
+        return closed
 
     async def run(self) -> None:
         """Shared timer: pings every ``ping_interval``, stall checks every tick."""

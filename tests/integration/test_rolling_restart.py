@@ -1,0 +1,127 @@
+"""Issue 15 item 6: a rolling restart without a herd (``drain.py``).
+
+Real ``regstream serve`` subprocesses on a private Redis, a T24 simulator and SQLite or the real
+PostgreSQL; signals sent to the process as an orchestrator would. The three phases: readiness off
+while everything is still served (the drain delay), streams closed in batches over the spread
+with jittered ``retry:`` hints, then the validations' grace; and a client moved by a restart to
+the next instance resumes there with exactly what it missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from regstream.core_banking.simulator.server import RunningSimulator
+from regstream.drain import FLUSH
+from regstream.realtime.embedded import EmbeddedRedis
+from tests.integration.test_crash_and_shutdown import _env, _serve, _token
+from tests.support import SseReader, StreamClient, free_port, wait_until
+
+RETRY_MS = 1000  # SSE_RETRY_MS of these tests: hints drawn from 500-1500 ms
+EXIT_MARGIN = 15.0  # the process's own start of shutdown and exit, on a busy 2-core machine
+
+
+async def _ready_state(http: httpx.AsyncClient) -> tuple[int, dict[str, Any]]:
+    response = await http.get("/readyz")
+    return response.status_code, response.json()
+
+
+def _close_times(readers: list[SseReader]) -> dict[int, float]:
+    """When each reader saw its stream end (monotonic), filled in as they end."""
+    ended: dict[int, float] = {}
+
+    def note(task: asyncio.Task[None]) -> None:
+        ended.setdefault(id(task), time.monotonic())
+
+    for reader in readers:
+        assert reader.task is not None
+        reader.task.add_done_callback(note)
+    return ended
+
+
+def _closing_hint(reader: SseReader) -> int:
+    """The ``retry:`` hint a stream got as its last frame before the server ended it."""
+    last = reader.frames[-1]
+    assert last.data is None and last.retry is not None, reader.raw[-200:]
+    assert reader.raw.endswith(b"retry: %d\n\n" % last.retry)
+    return last.retry
+
+
+async def test_sigterm_serves_through_the_delay_then_closes_streams_over_the_spread(
+    tmp_path: Path, redis_server: EmbeddedRedis, t24: RunningSimulator
+) -> None:
+    delay, spread, grace = 3.0, 2.0, 5.0
+    env = _env(
+        tmp_path, redis_server, t24, REGSTREAM_DRAIN_DELAY=str(delay),
+        REGSTREAM_DRAIN_SPREAD=str(spread), REGSTREAM_SHUTDOWN_GRACE=str(grace),
+        SSE_RETRY_MS=str(RETRY_MS), REGSTREAM_STREAMS_PER_USER="100",
+        REGSTREAM_METRICS_PUBLIC="true",
+    )  # fmt: skip
+    port, log = free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    with _serve(env, port, log, "--demo") as server:
+        headers = {"Authorization": f"Bearer {_token(log)}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as http:
+            rid = (await http.get("/api/registrations", params={"q": "Otieno"})).json()["items"][0][
+                "id"
+            ]
+            clients = [StreamClient(url, headers=headers) for _ in range(40)]
+            readers = [await client.__aenter__() for client in clients]
+            late = StreamClient(url, registration_id=rid, headers=headers)
+            try:
+                assert (await _ready_state(http))[0] == 200
+                server.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+
+                async def unready() -> bool:
+                    return (await _ready_state(http))[0] == 503
+
+                await wait_until(unready, timeout=1.5, interval=0.02, what="/readyz to turn 503")
+                status, body = await _ready_state(http)
+                assert (status, body) == (503, {"ready": False, "checks": {"server": "draining"}})
+                # the drain delay: everything else is still served, on new connections too
+                late_reader = await late.__aenter__()
+                assert late_reader.response.status_code == 200
+                async with httpx.AsyncClient(base_url=url, headers=headers, timeout=5) as fresh:
+                    assert (await fresh.get("/healthz")).status_code == 200
+                    metrics = (await fresh.get("/metrics")).text
+                    assert "regstream_shutdown_phase 1.0" in metrics
+                    started = await fresh.post(f"/api/registrations/{rid}/process")
+                    assert started.status_code == 202
+                await late_reader.wait_final(rid, timeout=5)
+                served_until = time.monotonic()
+                everyone = [*readers, late_reader]
+                # all of that happened before the first stream was closed: within the delay
+                assert not any(reader.closed for reader in everyone)
+                ended = _close_times(everyone)
+                await wait_until(
+                    lambda: len(ended) == len(everyone), timeout=delay + spread + 10,
+                    what="every stream closed by the server",
+                )  # fmt: skip
+            finally:
+                for client in [*clients, late]:
+                    await client.__aexit__(None, None, None)
+        # within delay + spread + grace + flush (+ the process's own start and exit)
+        exit_code = await asyncio.to_thread(
+            server.wait, delay + spread + grace + FLUSH + EXIT_MARGIN
+        )
+    text = log.read_text()
+    assert exit_code == 0, text[-3000:]
+    # closed after the delay, in batches over most of the spread (41 streams in 20 batches)
+    first, last = min(ended.values()), max(ended.values())
+    assert first >= served_until and first - signalled >= delay * 0.9, (first - signalled, delay)
+    assert last - first >= spread * 0.6, f"streams closed within {last - first:.2f} s"
+    # each stream got a retry hint of its own before the end, drawn from 500-1500 ms
+    hints = [_closing_hint(reader) for reader in everyone]
+    assert all(RETRY_MS // 2 <= hint <= RETRY_MS * 3 // 2 for hint in hints), hints
+    assert len(set(hints)) >= 30 and max(hints) - min(hints) >= RETRY_MS // 2, sorted(hints)
+    # one log line per phase
+    assert "draining: readiness off; serving on for 3.0 s" in text
+    assert "closed 41 streams over " in text
+    assert "no validation left running" in text

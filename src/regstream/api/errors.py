@@ -2,6 +2,8 @@
 
 * invalid input → 422 ``VALIDATION_ERROR`` naming each bad field (never echoing its value);
 * ``HTTPException`` → its status with ``{error, message}``;
+* the database unreachable, timing out or cut off → 503 ``UNAVAILABLE`` with ``Retry-After``,
+  logged once per outage (``DatabaseOutage``), not a traceback per request;
 * anything else → 500 ``INTERNAL_ERROR`` with a request id; the traceback goes to the log only
   (like Starlette's ``ServerErrorMiddleware``), never to the client.
 """
@@ -10,12 +12,16 @@ from __future__ import annotations
 
 import html
 import logging
+import random
+import time
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -88,7 +94,85 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, 500, "internal error; quote the request id to support")
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "the database cannot answer now" (down, refusing, cut off, a
+    statement or lock wait past ``REGSTREAM_DB_STATEMENT_TIMEOUT``, no pooled connection in
+    time), as opposed to a bug or a constraint."""
+    if isinstance(exc, OperationalError | PoolTimeout | OSError):  # OSError: refused, timeouts
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = getattr(exc.orig, "sqlstate", None) or ""  # PostgreSQL's SQLSTATE (asyncpg)
+    return state in _UNAVAILABLE_STATES or state[:2] in _UNAVAILABLE_CLASSES
+
+
+# SQLSTATEs of a database that cannot answer now: a statement or lock wait cut by the timeouts,
+# and the classes "connection exception", "insufficient resources", "operator intervention"
+# (shutting down, starting up, too many connections)
+_UNAVAILABLE_STATES = {"57014", "55P03"}  # query_canceled, lock_not_available
+_UNAVAILABLE_CLASSES = {"08", "53", "57"}
+
+
+class DatabaseOutage:
+    """One log line when requests start failing on the database, one when it answers again.
+
+    ``recovered`` is called by readiness when its ping succeeds; without a prober, a failure
+    30 s after the last one counts as a new outage (logged again)."""
+
+    NEW_OUTAGE_AFTER = 30.0
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.last = 0.0
+        self.refused = 0
+
+    def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self.since is not None and now - self.last > self.NEW_OUTAGE_AFTER:
+            self.since = None
+        self.refused = self.refused + 1 if self.since is not None else 1
+        self.last = now
+        if self.since is None:
+            self.since = now
+            log.warning(
+                "database unavailable (%s); answering 503 until it is back", type(exc).__name__
+            )
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            log.warning(
+                "database reachable again after %.1f s; %d requests were answered 503",
+                time.monotonic() - self.since, self.refused,
+            )  # fmt: skip
+            self.since = None
+
+
+#: this process's outage state (readiness calls ``recovered`` when its ping succeeds)
+DATABASE_OUTAGE = DatabaseOutage()
+
+
+def database_retry_after() -> str:
+    """Seconds to wait, jittered so refused clients do not all come back in the same second."""
+    return str(random.randint(2, 6))
+
+
+async def _database(request: Request, exc: Exception) -> Response:
+    if not database_unavailable(exc):
+        return await _unexpected(request, exc)
+    DATABASE_OUTAGE.failed(exc)
+    return error_response(
+        request, 503, "the database is unavailable; retry later",
+        headers={"Retry-After": database_retry_after()},
+    )  # fmt: skip
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
+    # Specific classes are answered by Starlette's ExceptionMiddleware; the ``Exception`` handler
+    # runs in ServerErrorMiddleware, which logs a traceback and re-raises after answering.
+    app.add_exception_handler(SQLAlchemyError, _database)
+    app.add_exception_handler(OSError, _database)
     app.add_exception_handler(Exception, _unexpected)

@@ -22,7 +22,7 @@ import pytest
 
 from regstream.core_banking.simulator.dataset import DEMO_APPLICANTS
 from tests.conftest import SettingsFactory
-from tests.support import LiveServer, auth_headers, demo_payload, free_port, serve_app
+from tests.support import auth_headers, demo_payload, free_port, serve_app
 
 
 class TcpForwarder:
@@ -165,9 +165,7 @@ async def test_a_table_lock_held_long_answers_within_the_statement_timeout(
     with serve_app(settings) as live:
         headers = auth_headers(live, "operator")
         async with httpx.AsyncClient(base_url=live.url, headers=headers, timeout=30) as client:
-            created = await client.post(
-                "/api/registrations", json=demo_payload(DEMO_APPLICANTS[0])
-            )
+            created = await client.post("/api/registrations", json=demo_payload(DEMO_APPLICANTS[0]))
             rid = created.json()["id"]
             locker = await asyncpg.connect(postgres_url.replace("+asyncpg", ""))
             try:

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from tests.integration.viewer import Viewer
 
@@ -166,26 +165,22 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: floa
     raise AssertionError(f"{what}: nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
-def stop_tree(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-    """Stop a process we started, by PID: ``sig``, a bounded wait, then SIGKILL for it and any
-    child of it still alive (nginx's workers, should its master not take them down)."""
-    if proc.poll() is not None:
-        return
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
+def stop_tree(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0
+) -> None:
+    """Stop a process we started in a session of its own (``start_new_session``), by PID:
+    ``sig``, a bounded wait, then SIGKILL for its process group (nginx's workers, should its
+    master not have taken them down)."""
+    if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(10)
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
 
 
 @contextlib.contextmanager
@@ -193,7 +188,8 @@ def running_nginx(conf: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """A private nginx in the foreground (``daemon off``), listening once this yields."""
     with open(conf.parent / "nginx.out", "ab") as out:
         proc = subprocess.Popen(nginx_argv(conf, "-g", "daemon off;"), stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
     try:
         try:
             wait_port(port, proc, "nginx")
@@ -326,9 +322,12 @@ class EventSourceClient:
         try:
             async with http.stream("GET", STREAM_PATH, params=params, headers=headers) as response:
                 if response.status_code != 200:
-                    self.refused[response.status_code] = self.refused.get(response.status_code, 0) + 1
+                    status = response.status_code
+                    self.refused[status] = self.refused.get(status, 0) + 1
                     after = response.headers.get("retry-after", "")
-                    return float(after) if after.replace(".", "", 1).isdigit() else self.retry_ms / 1000
+                    if after.replace(".", "", 1).isdigit():
+                        return float(after)
+                    return self.retry_ms / 1000
                 self.viewer.connections += 1
                 buffer = ""
                 async for text in response.aiter_text():

@@ -94,3 +94,19 @@ def test_bad_configuration_fails_with_one_line(tmp_path: Path) -> None:
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "SSE_PING_INTERVAL" in lines[0]
     assert "Traceback" not in done.stderr
+
+
+def test_clients_against_a_url_where_nothing_listens_say_so_in_one_line(tmp_path: Path) -> None:
+    """`watch` printed an 88-line traceback there (issue 16); both clients print one line that
+    names the URL and how to point them elsewhere, and exit 1."""
+    url = f"http://127.0.0.1:{free_port()}"
+    for command in (["watch"], ["process", "1"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "regstream", *command, "--url", url],
+            env=_env(tmp_path / "var"), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 1, done
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert "Traceback" not in done.stderr, done.stderr
+        assert any(url in line and "REGSTREAM_URL" in line for line in lines), done.stderr
+        assert len(lines) <= 2, done.stderr

@@ -69,7 +69,13 @@ def watch(
 ) -> None:
     """Tail the live update stream (all registrations, or one)."""
     signal.signal(signal.SIGINT, _quit_now)
-    _follow(_stream_url(url, registration_id), token, until_final=None)
+    try:
+        _follow(_stream_url(url, registration_id), token, until_final=None)
+    except httpx.TransportError as exc:
+        # one line, like `process`: nothing listens there, a TLS or DNS failure, a dropped stream
+        err.print(f"[red]error:[/red] cannot reach {url}: {type(exc).__name__} "
+                  "(is the service running? set --url or REGSTREAM_URL)", soft_wrap=True)  # fmt: skip
+        raise typer.Exit(1) from None
 
 
 def _quit_now(_signum: int, _frame: object) -> None:
@@ -152,7 +158,8 @@ def process(
                 url.rstrip("/") + f"/api/registrations/{registration_id}/process"
             )
     except httpx.HTTPError as exc:
-        err.print(f"[red]error:[/red] cannot reach {url}: {type(exc).__name__}")
+        err.print(f"[red]error:[/red] cannot reach {url}: {type(exc).__name__} "
+                  "(is the service running? set --url or REGSTREAM_URL)", soft_wrap=True)  # fmt: skip
         raise typer.Exit(1) from None
     if response.status_code != 202:
         body = (

@@ -132,6 +132,8 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         concurrency=settings.pipeline_concurrency, lease_seconds=settings.lease_seconds,
         # SQLite writers take turns anyway; PostgreSQL's statements are round trips to overlap
         open_transactions=1 if engine.dialect.name == "sqlite" else 4,
+        engine=engine, heartbeat_interval=settings.heartbeat_interval,
+        heartbeat_timeout=settings.heartbeat_timeout, poll_interval=settings.queue_poll_interval,
     )  # fmt: skip
     services = Services(
         settings=settings, engine=engine, sessions=sessions, redis=redis, publisher=publisher,
@@ -142,7 +144,7 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
     tasks = [
         asyncio.create_task(broker.run(), name="redis-subscription"),
         asyncio.create_task(hub.run(), name="hub-timer"),
-        asyncio.create_task(runner.run_recovery_loop(), name="lease-recovery"),
+        asyncio.create_task(runner.run(), name="work-queue"),  # heartbeat, queue, leases
         asyncio.create_task(auth.guard.watch(hub, sessions), name="stream-credentials"),
     ]
     try:

@@ -188,6 +188,15 @@ class Settings(BaseSettings):
         64, validation_alias=_env("REGSTREAM_PIPELINE_CONCURRENCY")
     )
     lease_seconds: PositiveFloat = Field(60.0, validation_alias=_env("REGSTREAM_LEASE_SECONDS"))
+    heartbeat_interval: PositiveFloat = Field(
+        2.0, validation_alias=_env("REGSTREAM_HEARTBEAT_INTERVAL")
+    )
+    heartbeat_timeout: PositiveFloat = Field(
+        10.0, validation_alias=_env("REGSTREAM_HEARTBEAT_TIMEOUT")
+    )
+    queue_poll_interval: Annotated[float, Field(gt=0, le=60)] = Field(
+        1.0, validation_alias=_env("REGSTREAM_QUEUE_POLL_INTERVAL")
+    )
     shutdown_grace: Annotated[float, Field(ge=0)] = Field(
         10.0, validation_alias=_env("REGSTREAM_SHUTDOWN_GRACE")
     )
@@ -330,6 +339,16 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return level
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> Settings:
+        # one late beat (a busy event loop, a slow database) must not make an instance dead
+        if self.heartbeat_timeout < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"REGSTREAM_HEARTBEAT_TIMEOUT ({self.heartbeat_timeout:g}) must be at least "
+                f"twice REGSTREAM_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_outbox_fits_the_pipeline(self) -> Settings:

@@ -76,6 +76,16 @@ STAGE_DURATION = Histogram(
 )
 OUTCOMES = Counter("regstream_validation_outcomes_total", "Validation outcomes", ["status", "code"])
 RUNS_IN_PROGRESS = Gauge("regstream_validations_in_progress", "Validation runs in progress")
+RUNS_TAKEN = Counter(
+    "regstream_runs_taken_total",
+    "Runs this instance took: direct (a click with a free slot), queued (from the shared work "
+    "queue), taken_over (held by an instance that stopped beating or whose lease expired)",
+    ["how"],
+)
+RUNS_RELEASED = Counter(
+    "regstream_runs_released_total",
+    "Runs this instance gave back to the shared work queue at shutdown",
+)
 
 # --- core banking (T24) ------------------------------------------------------------------------
 T24_CALL_LATENCY = Histogram(

@@ -13,7 +13,7 @@ from sqlalchemy import UniqueConstraint, inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from regstream.db import registrations, users
+from regstream.db import registrations, users, work_queue
 from regstream.db.driver import Bound
 from regstream.db.engine import SessionFactory, create_engine, create_session_factory, migrate
 from regstream.db.registrations import RunLost
@@ -70,13 +70,12 @@ async def test_data_layer(database_url: str) -> None:
                         ("duplicate_check", "completed", "PENDING", "No duplicate found", None)],
             )  # fmt: skip
             assert [e.seq for e in logged] == [1, 2]
-        async with sessions.begin() as session:
-            expired = await registrations.list_expired_runs(session, now_ms=10_000)
-            assert [r.id for r in expired] == [ids[0]]
-            new_run = await registrations.take_over_expired(
-                session, registration_id=ids[0], old_run_id=run_id, now_ms=10_000, lease_ms=100
-            )
-            assert new_run is not None
+        async with sessions.begin() as session:  # its lease expired: the queue takes it over
+            taken = await work_queue.take(
+                session, instance_id="b" * 32, limit=10, now_ms=10_000, lease_ms=100,
+                dead_before_ms=0,
+            )  # fmt: skip
+            assert [r.id for r in taken.rows] == [ids[0]] and taken.run_id != run_id
         # the old runner lost the run: it can write nothing more
         try:
             async with sessions.begin() as session:

@@ -1,8 +1,9 @@
 """Data functions for registration requests and their process log.
 
-A run is guarded by ``run_id`` and a lease (``lease_expires_ms``): every write a runner makes is
-conditional on still owning the run, so a runner that lost its lease (a crash, a pause longer than
-the lease) can never write a second final status.
+A run is guarded by ``run_id``: every write a runner makes is conditional on still owning the run
+(``registrations.run_id``), and whoever takes a run over gives it a new run id
+(``work_queue.take``), so a runner that lost its run (its instance was taken for dead, its lease
+expired) can never write a second final status.
 """
 
 from __future__ import annotations
@@ -139,15 +140,18 @@ async def claim_for_processing(
     now_ms: int,
     lease_ms: int,
     started_by: str | None,
+    instance_id: str | None = None,
 ) -> tuple[str, Row[Any]] | None:
     """Take the run if the registration may be validated now; return ``(run_id, row)`` or None.
 
-    Allowed: a PENDING registration nobody runs, a FAILED one (re-validation), or one whose
-    runner's lease expired. The single conditional UPDATE is the guard against double clicks.
+    Allowed: a PENDING registration nobody runs, or a FAILED one (re-validation); a run in
+    progress never (an abandoned one is resumed by ``work_queue.take``). The single conditional
+    UPDATE is the guard against double clicks. ``instance_id``: the instance that runs it at
+    once; None queues it (``work_queue``).
     """
     claimed = await claim_many(
         session, registration_ids=[registration_id], now_ms=now_ms, lease_ms=lease_ms,
-        started_by=started_by,
+        started_by=started_by, instance_id=instance_id,
     )  # fmt: skip
     return claimed[0] if claimed else None
 
@@ -159,6 +163,7 @@ async def claim_many(
     now_ms: int,
     lease_ms: int,
     started_by: str | None,
+    instance_id: str | None = None,
 ) -> list[tuple[str, Row[Any]]]:
     """``claim_for_processing`` for many registrations in one statement (bulk validation).
 
@@ -168,8 +173,9 @@ async def claim_many(
     result = await session.execute(
         _CLAIM,
         {
-            "ids": list(registration_ids), "now": now_ms, "claim_run_id": run_id,
+            "ids": list(registration_ids), "claim_run_id": run_id,
             "claim_lease": now_ms + lease_ms, "claim_started_by": started_by,
+            "claim_instance": instance_id,
         },
     )  # fmt: skip
     return [(run_id, row) for row in result.all()]
@@ -189,7 +195,9 @@ async def get_many(
 async def renew_leases(
     session: AsyncSession, *, runs: Sequence[tuple[int, str]], lease_until_ms: int
 ) -> int:
-    """Extend the leases of runs ``(registration id, run id)`` still held; returns how many."""
+    """Extend the leases of runs ``(registration id, run id)`` still held; returns how many.
+    (A backstop since the heartbeat: ``work_queue.take`` takes a run whose lease expired even
+    from a live instance, which then lost track of it.)"""
     if not runs:
         return 0
     reg = _REGISTRATIONS.c
@@ -212,39 +220,6 @@ async def renew_leases(
         .values(lease_expires_ms=lease_until_ms)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
-
-
-async def take_over_expired(
-    session: AsyncSession, *, registration_id: int, old_run_id: str, now_ms: int, lease_ms: int
-) -> str | None:
-    """Recovery: move an expired run to a new run id (same run number). None if someone won."""
-    new_run_id = str(uuid.uuid4())
-    result = await session.execute(
-        update(RegistrationRequest)
-        .where(
-            RegistrationRequest.id == registration_id,
-            RegistrationRequest.run_id == old_run_id,
-            RegistrationRequest.in_progress.is_(True),
-            RegistrationRequest.lease_expires_ms < now_ms,
-        )
-        .values(run_id=new_run_id, lease_expires_ms=now_ms + lease_ms)
-    )
-    return new_run_id if result.rowcount == 1 else None  # type: ignore[attr-defined]
-
-
-async def list_expired_runs(
-    session: AsyncSession, *, now_ms: int, limit: int = 500
-) -> Sequence[RegistrationRequest]:
-    rows = await session.scalars(
-        select(RegistrationRequest)
-        .where(
-            RegistrationRequest.in_progress.is_(True),
-            RegistrationRequest.lease_expires_ms < now_ms,
-        )
-        .order_by(RegistrationRequest.id)
-        .limit(limit)
-    )
-    return list(rows)
 
 
 async def append_events(
@@ -449,7 +424,7 @@ _CLAIM = (
     .where(
         _reg.id.in_(bindparam("ids", expanding=True)),
         _reg.status.in_(("PENDING", "FAILED")),
-        or_(_reg.in_progress.is_(False), _reg.lease_expires_ms < bindparam("now", BigInteger())),
+        _reg.in_progress.is_(False),
     )
     .values(
         in_progress=True,
@@ -458,6 +433,7 @@ _CLAIM = (
         run_count=_reg.run_count + 1,
         lease_expires_ms=bindparam("claim_lease", BigInteger()),
         started_by=bindparam("claim_started_by", String()),
+        instance_id=bindparam("claim_instance", String()),
         current_stage=None,
         result=None,
         completed_at=None,

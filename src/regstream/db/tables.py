@@ -58,6 +58,9 @@ class RegistrationRequest(Base):
     in_progress: Mapped[bool] = mapped_column(Boolean, default=False)
     run_id: Mapped[str | None] = mapped_column(String(36))
     lease_expires_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # the instance (``instances.id``) that holds the run; NULL while it waits in the shared
+    # queue; after the run, the instance that ended it (db/work_queue.py)
+    instance_id: Mapped[str | None] = mapped_column(String(32))
     started_by: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
@@ -109,6 +112,23 @@ class MobileUser(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+
+
+class Instance(Base):
+    """A running (or stopped) ``regstream serve`` process: its heartbeat tells the fleet it is
+    alive. Runs held by an instance whose heartbeat is older than ``REGSTREAM_HEARTBEAT_TIMEOUT``
+    are taken over by the others (db/work_queue.py). ``host``/``pid``/``version`` are for
+    operators."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    heartbeat_ms: Mapped[int] = mapped_column(BigInteger)
+    stopped_ms: Mapped[int | None] = mapped_column(BigInteger)  # a clean shutdown
 
 
 # --- back-office accounts (issue 4; docs/security.md) -------------------------------------------

@@ -13,12 +13,22 @@ Data changes that decide the outcome (enrolling a user, updating an enrolled use
 same transaction as the final status: a crash can never leave a person enrolled without the
 APPROVED status, nor apply an update twice.
 
-Crash recovery: a run holds a lease renewed at every step, and every half lease the process
-renews the leases of all the runs it holds, including those still queued for a pipeline slot
-(``renew_leases``), so only a dead or stalled process's runs ever expire. ``recover()`` (at
-start, then every half lease) takes over runs whose lease expired and resumes them; a T24 lookup
-that completed before the crash is not repeated (its result is in the process log), one that was
-cut off is retried. A runner that lost its lease cannot write anything more (``RunLost``).
+Shared work (``db/work_queue.py``): a claimed run is held by this instance when it has a free
+pipeline slot (a click starts at once), and is otherwise *queued* in the database, as every
+bulk validation's runs are. ``run()`` takes queued runs for its free slots, a small batch at a
+time so that a bulk spreads over the fleet; it looks when told (this instance queued runs, or
+another one did: LISTEN/NOTIFY on PostgreSQL), when a slot frees while the queue may hold more,
+and at least every poll interval.
+
+Crash recovery: each instance beats (``pipeline/fleet.py``); the runs of an instance whose
+heartbeat is older than ``REGSTREAM_HEARTBEAT_TIMEOUT`` (or that stopped) are taken by the
+others under a new run id and resumed: a T24 lookup that completed before the crash is not
+repeated (its result is in the process log), one that was cut off is retried. A runner whose
+run was taken cannot write anything more (``RunLost``). The lease stays as a backstop: renewed
+at every step and every half lease for every run the instance holds (``renew_leases``), it
+only expires for a run a live instance lost track of, which ``take`` then resumes too.
+At shutdown (``drain``) runs not started go back to the queue at once, and those still running
+after the grace period too, so the others resume them without waiting for the timeout.
 """
 
 from __future__ import annotations
@@ -33,12 +43,12 @@ from typing import Any, Protocol
 
 from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from regstream import metrics
 from regstream.core_banking.client import CoreBanking
 from regstream.core_banking.errors import CoreBankingError
-from regstream.db import registrations, users
+from regstream.db import registrations, users, work_queue
 from regstream.db.driver import Bound
 from regstream.db.group_commit import GroupCommit
 from regstream.db.registrations import Event, LogEvent, RunLost
@@ -48,6 +58,7 @@ from regstream.domain.errors import ERROR_MESSAGES, ErrorCode, ValidationFailure
 from regstream.domain.models import Applicant
 from regstream.domain.pii import hash_national_id
 from regstream.pipeline import stages
+from regstream.pipeline.fleet import FleetMember
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +97,7 @@ class _Run:
     run: int
     applicant: Applicant | None = None  # known from the claim; read again when resuming
     logged: list[LogEvent] = field(default_factory=list)  # this run's log, in order
+    started: bool = False  # has a pipeline slot (until then, a shutdown gives it back)
 
 
 class Outcome(Exception):
@@ -165,6 +177,11 @@ class Runner:
         concurrency: int = 64,
         lease_seconds: float = 60.0,
         open_transactions: int = 1,
+        engine: AsyncEngine | None = None,
+        heartbeat_interval: float = 2.0,
+        heartbeat_timeout: float = 10.0,
+        poll_interval: float = 1.0,
+        take_batch: int = 16,
     ) -> None:
         self._sessions = sessions
         # the run's steps commit in groups; a validation failure is decided by reading only
@@ -175,7 +192,16 @@ class Runner:
         self._publisher = publisher
         self._key = secret_key
         self._semaphore = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
         self._lease_ms = int(lease_seconds * 1000)
+        # this instance's heartbeat and wake-ups; ``engine`` for LISTEN (PostgreSQL)
+        self.fleet = FleetMember(
+            sessions=sessions, engine=engine, heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout, poll_interval=poll_interval,
+        )  # fmt: skip
+        # at most this many runs per take: a bulk spreads over the instances with room
+        self._take_batch = take_batch
+        self._more = True  # the queue may hold runs for us (not looked since told or polled)
         # the runs this process holds, queued or running, by the task that runs each
         self._tasks: dict[asyncio.Task[None], _Run] = {}
         self.accepting = True
@@ -193,16 +219,23 @@ class Runner:
         started_by: str | None = None,
         on_claimed: Callable[[AsyncSession], Awaitable[object]] | None = None,
     ) -> Submission:
-        """Claim the run and start it. ``on_claimed`` writes in the claim's transaction (the
-        audit entry of who started it)."""
+        """Claim the run and start it here if a pipeline slot is free, else queue it for the
+        fleet. ``on_claimed`` writes in the claim's transaction (the audit entry of who
+        started it)."""
 
         async def step(session: AsyncSession) -> tuple[str, Row[Any]] | RegistrationRequest | None:
+            # Room here: hold it at once (no round trip through the queue). Under a burst the
+            # clicks of one batch all see the same room, so a few may wait for a slot here.
+            mine = self._has_room()
             claim = await registrations.claim_for_processing(
                 session, registration_id=registration_id, now_ms=_now_ms(),
                 lease_ms=self._lease_ms, started_by=started_by,
+                instance_id=self.fleet.instance_id if mine else None,
             )  # fmt: skip
             if claim is None:
                 return await registrations.get(session, registration_id=registration_id)
+            if not mine:
+                await work_queue.announce(session)
             if on_claimed is not None:
                 await on_claimed(session)
             return claim
@@ -210,7 +243,11 @@ class Runner:
         def start(claim: tuple[str, Row[Any]] | RegistrationRequest | None) -> None:
             if isinstance(claim, tuple):
                 run_id, claimed = claim
+                if claimed.instance_id is None:
+                    self._queued()
+                    return
                 run = _Run(registration_id, run_id, claimed.run_count, applicant_of(claimed))
+                metrics.RUNS_TAKEN.labels("direct").inc()
                 self._spawn(run, resume=False)
 
         claim = await self._commits.run(step, then=start)
@@ -226,13 +263,16 @@ class Runner:
         on_claimed: Callable[[AsyncSession, list[int]], Awaitable[object]] | None = None,
     ) -> BulkSubmission:
         """Bulk validation: claim every registration that may run now in one transaction (one
-        statement), and start them. ``on_claimed`` gets the claimed ids, in that transaction."""
+        statement) and queue them for the fleet (this instance included: it is woken at once).
+        ``on_claimed`` gets the claimed ids, in that transaction."""
 
         async def step(session: AsyncSession) -> tuple[Claims, BulkSubmission]:
             claims = await registrations.claim_many(
                 session, registration_ids=registration_ids, now_ms=_now_ms(),
                 lease_ms=self._lease_ms, started_by=started_by,
             )  # fmt: skip
+            if claims:
+                await work_queue.announce(session)
             accepted = sorted(row.id for _, row in claims)
             rest = sorted(set(registration_ids) - set(accepted))
             existing = await registrations.get_many(session, registration_ids=rest) if rest else []
@@ -244,36 +284,23 @@ class Runner:
             )
 
         def start(result: tuple[Claims, BulkSubmission]) -> None:
-            for run_id, claimed in sorted(result[0], key=lambda c: c[1].id):
-                self._spawn(
-                    _Run(claimed.id, run_id, claimed.run_count, applicant_of(claimed)),
-                    resume=False,
-                )
+            if result[0]:
+                self._queued()
 
         _, submission = await self._commits.run(step, then=start)
         return submission
 
-    async def recover(self) -> int:
-        """Take over and resume every run whose lease expired. Returns how many."""
-        now = _now_ms()
-        async with self._sessions() as session:
-            expired = await registrations.list_expired_runs(session, now_ms=now)
-        resumed = 0
-        for row in expired:
-            async with self._sessions.begin() as session:
-                new_run_id = await registrations.take_over_expired(
-                    session, registration_id=row.id, old_run_id=row.run_id or "",
-                    now_ms=_now_ms(), lease_ms=self._lease_ms,
-                )  # fmt: skip
-            if new_run_id is not None:
-                log.info("resuming registration %d after an interrupted run", row.id)
-                self._spawn(_Run(row.id, new_run_id, row.run_count), resume=True)
-                resumed += 1
-        return resumed
+    async def run(self) -> None:
+        """This instance's part in the fleet, until cancelled: its heartbeat and wake-ups
+        (``fleet``), taking queued runs, renewing the leases of the runs it holds."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.fleet.run(), name="fleet")
+            group.create_task(self._take_loop(), name="work-queue")
+            group.create_task(self._renew_loop(), name="lease-renewal")
 
     async def renew_leases(self) -> int:
-        """Heartbeat: renew the lease of every run this process holds, including runs still
-        waiting for a pipeline slot, so a live process's queue is never taken for abandoned."""
+        """Renew the lease of every run this process holds, including runs still waiting for a
+        pipeline slot, so a live process's runs are never taken for lost (the backstop)."""
         runs = list(self._tasks.values())
         renewed = 0
         for start in range(0, len(runs), 500):
@@ -285,30 +312,111 @@ class Runner:
                 )  # fmt: skip
         return renewed
 
-    async def run_recovery_loop(self) -> None:
+    async def drain(self, grace: float) -> int:
+        """Stop accepting and taking runs. Runs waiting for a pipeline slot go back to the
+        shared queue at once; running validations get up to ``grace`` s, and those still running
+        then go back too, so other instances resume them at once (from the process log) instead
+        of after the heartbeat timeout. Returns how many were still running."""
+        self.accepting = False
+        waiting = {task: run for task, run in self._tasks.items() if not run.started}
+        for task in waiting:
+            task.cancel()
+        if waiting:
+            await asyncio.wait(set(waiting), timeout=1)
+        await self._release(list(waiting.values()))
+        running = dict(self._tasks)
+        if running:
+            await asyncio.wait(set(running), timeout=grace)
+        left = {task: run for task, run in running.items() if not task.done()}
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(set(left), timeout=1)
+        await self._commits.idle(timeout=1)
+        await self._release(list(left.values()))
+        await self.fleet.stop()
+        return len(left)
+
+    # --- the shared queue ----------------------------------------------------------------------
+
+    def _has_room(self) -> bool:
+        return (
+            self.accepting
+            and self.fleet.registered.is_set()
+            and len(self._tasks) < self._concurrency
+        )
+
+    def _queued(self) -> None:
+        """Runs were queued here: look for them now (the other instances were NOTIFYed)."""
+        self._more = True
+        self.fleet.work_queued()
+
+    async def _take_loop(self) -> None:
+        await self.fleet.registered.wait()
         while True:
+            # woken or not (the poll): look, there may be runs we were not told of and runs of
+            # dead instances to take over
+            self._more = True
             try:
-                await self.renew_leases()
-                await self.recover()
+                while await self._take():
+                    await asyncio.sleep(0)  # our runs, and the other instances, between batches
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the loop must survive a database blip
-                log.warning("lease recovery failed: %s", type(exc).__name__)
-            await asyncio.sleep(self._lease_ms / 2000)
+                log.warning("taking queued runs failed: %s", type(exc).__name__)
+            await self.fleet.wait_for_work()
 
-    async def drain(self, grace: float) -> int:
-        """Stop accepting; wait up to ``grace`` s for running validations. Returns how many were
-        still running (they keep their lease and are resumed by the next instance)."""
-        self.accepting = False
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=grace)
-        left = len(self._tasks)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=1)
-        await self._commits.idle(timeout=1)
-        return left
+    async def _take(self) -> bool:
+        """Take queued runs for the free pipeline slots, a batch at most, and start them.
+        True: a full batch came, so the queue may hold more."""
+        free = self._concurrency - len(self._tasks)
+        if not (self._more and free > 0 and self.accepting and self.fleet.registered.is_set()):
+            return False
+        limit = min(free, self._take_batch)
+        now = _now_ms()
+        async with self._sessions.begin() as session:
+            taken = await work_queue.take(
+                session, instance_id=self.fleet.instance_id, limit=limit, now_ms=now,
+                lease_ms=self._lease_ms, dead_before_ms=now - self.fleet.timeout_ms,
+            )  # fmt: skip
+        for row in taken.rows:
+            fresh = row.current_stage is None  # nothing logged in this run yet
+            applicant = applicant_of(row) if fresh else None  # resumed: read with its log
+            self._spawn(_Run(row.id, taken.run_id, row.run_count, applicant), resume=not fresh)
+        if taken.taken_over:
+            log.warning("took over %d runs of an instance that stopped", taken.taken_over)
+            metrics.RUNS_TAKEN.labels("taken_over").inc(taken.taken_over)
+        metrics.RUNS_TAKEN.labels("queued").inc(len(taken.rows) - taken.taken_over)
+        self._more = len(taken.rows) == limit
+        return self._more
+
+    async def _release(self, runs: list[_Run]) -> None:
+        if not runs:
+            return
+        try:
+            async with self._sessions.begin() as session:
+                released = await work_queue.release(
+                    session, instance_id=self.fleet.instance_id,
+                    runs=[(r.registration_id, r.run_id) for r in runs],
+                )  # fmt: skip
+                await work_queue.announce(session)
+        except Exception as exc:  # noqa: BLE001 - they are taken over after the timeout
+            log.warning(
+                "could not give %d runs back to the queue: %s", len(runs), type(exc).__name__
+            )
+            return
+        metrics.RUNS_RELEASED.inc(released)
+        log.info("gave %d runs back to the shared queue", released)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ms / 2000)
+            try:
+                await self.renew_leases()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the loop must survive a database blip
+                log.warning("lease renewal failed: %s", type(exc).__name__)
 
     def _spawn(self, run: _Run, *, resume: bool) -> None:
         task = asyncio.create_task(
@@ -319,6 +427,8 @@ class Runner:
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
+        if self._more:  # a slot is free and the queue may hold more
+            self.fleet.work_queued()
 
     # --- the run -------------------------------------------------------------------------------
 
@@ -327,6 +437,7 @@ class Runner:
             # A run publishes ~7 updates: start it only when the outbox can take them (Redis
             # slower than the pipeline must slow the pipeline, not drop live updates).
             await self._publisher.wait_for_room()
+            run.started = True
             metrics.RUNS_IN_PROGRESS.inc()
             try:
                 await self._run(run, resume)

@@ -34,15 +34,17 @@ async def create(
 
 
 async def create_many(
-    session: AsyncSession, *, action: str, outcome: str, actor: str | None, targets: list[str]
-) -> None:
+    session: AsyncSession, *, action: str, outcome: str, actor: str | None, targets: list[str],
+    client_ip: str | None = None,
+) -> None:  # fmt: skip
     """One entry per target (a bulk action), in one statement."""
     if targets:
         await session.execute(
             _INSERT,
             [
                 {"action": action[:40], "outcome": outcome[:16],
-                 "actor": actor[:64] if actor else None, "target": t[:200]}
+                 "actor": actor[:64] if actor else None, "target": t[:200],
+                 "client_ip": client_ip[:45] if client_ip else None}
                 for t in targets
             ],
         )  # fmt: skip

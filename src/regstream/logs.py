@@ -13,12 +13,15 @@ query parameters; only the values of a few known-harmless parameters are kept (`
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
 import time
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import parse_qsl
+
+from pythonjsonlogger.json import JsonFormatter as _LibraryJsonFormatter
 
 # The five masks, applied one after another, in this order: a later mask sees the earlier ones'
 # output (e.g. ``x@a.secret:abc`` -> ``x@a.secret:***`` -> ``***@***:***``), so they are not
@@ -111,6 +114,10 @@ def mask_query(target: str) -> str:
     return f"{path}?{'&'.join(parts)}"
 
 
+#: a LogRecord's own attributes; any other attribute came from ``extra=``
+_RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "uvicorn.access" and isinstance(record.args, tuple):
@@ -119,6 +126,10 @@ class RedactingFilter(logging.Filter):
                 mask_query(arg) if i == 2 and isinstance(arg, str) else arg
                 for i, arg in enumerate(record.args)
             )
+        for name, value in record.__dict__.items():
+            # fields given with ``extra=`` reach JSON lines as they are: masked like the message
+            if name not in _RECORD_FIELDS and isinstance(value, str):
+                setattr(record, name, redact(value))
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message or record.args:
@@ -157,17 +168,24 @@ class TextFormatter(logging.Formatter):
         return f"{self._second_text},{int(record.msecs):03d}"  # the stock "%s,%03d"
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        body = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_text:
-            body["exc"] = record.exc_text
-        return json.dumps(body)
+class JsonFormatter(_LibraryJsonFormatter):
+    """One JSON object per line (python-json-logger): ``ts`` (UTC, milliseconds), ``level``,
+    ``logger``, ``message``, every field given with ``extra=`` (a T24 call's operation, HTTP
+    status, correlation id …) and ``exc_info`` (the redacted traceback)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "{levelname}{name}{message}", style="{",
+            rename_fields={"levelname": "level", "name": "logger"},
+        )  # fmt: skip
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        log_data["ts"] = (
+            datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        ).replace("+00:00", "Z")
+        super().add_fields(log_data, record, message_dict)
 
 
 def configure(level: str = "INFO", *, json_format: bool = False) -> None:

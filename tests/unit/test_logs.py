@@ -277,3 +277,39 @@ def test_access_line_targets_keep_paths_and_names_not_values() -> None:
     # credentials under any name; a parameter name that is itself data
     assert mask_query("/s?api_key=rst_abc&ticket=t1&token=x") == "/s?api_key=***&ticket=***&token=***"
     assert mask_query("/s?%2B254712345678=1&registrationId=7") == "/s?***=***&registrationId=7"
+
+
+def _json_line(record: logging.LogRecord) -> dict[str, object]:
+    import json
+
+    from regstream.logs import JsonFormatter
+
+    RedactingFilter().filter(record)
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    parsed: dict[str, object] = json.loads(line)
+    return parsed
+
+
+def test_json_lines_carry_every_extra_field_and_a_utc_millisecond_timestamp() -> None:
+    record = logging.makeLogRecord({
+        "name": "regstream.core_banking", "levelno": logging.INFO, "levelname": "INFO",
+        "msg": "t24 %s status=%s", "args": ("get_customer", 200), "created": 1_765_000_000.25,
+        "t24_operation": "get_customer", "http_status": 200, "correlation_id": "c0ffee",
+        "duration_ms": 51.2,
+    })  # fmt: skip
+    body = _json_line(record)
+    assert body["ts"] == "2025-12-06T05:46:40.250Z"
+    assert body["level"] == "INFO" and body["logger"] == "regstream.core_banking"
+    assert body["message"] == "t24 get_customer status=200"
+    assert body["t24_operation"] == "get_customer" and body["http_status"] == 200
+    assert body["correlation_id"] == "c0ffee" and body["duration_ms"] == 51.2
+
+
+def test_json_lines_mask_personal_data_in_extra_fields_too() -> None:
+    record = logging.makeLogRecord({
+        "msg": "lookup", "phone": "+254712345678", "note": "born 1988-04-02, id 12345678",
+    })  # fmt: skip
+    body = _json_line(record)
+    assert "712345678" not in repr(body) and "1988-04-02" not in repr(body)
+    assert "12345678" not in repr(body)

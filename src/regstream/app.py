@@ -37,6 +37,7 @@ from regstream.api import dashboard as dashboard_routes
 from regstream.api import errors
 from regstream.api import health as health_routes
 from regstream.api import registrations as registration_routes
+from regstream.api.admission import StartGate
 from regstream.api.auth import require_page_role
 from regstream.api.deps import Services
 from regstream.api.stream import STREAM_PATH, StreamEndpoint
@@ -98,6 +99,16 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
     await migrate(engine)
     sessions = create_session_factory(engine)
     redis = create_client(target, name=f"regstream-pub-{os.getpid()}")
+    # The publisher, the control work (readiness, the subscription's probe and catch-up) and
+    # stream resumes each have their own client and pool: a resume herd never makes a publish
+    # or a readiness check wait for a connection (api/admission.py bounds the herd itself).
+    control = create_client(
+        target, name=f"regstream-ctl-{os.getpid()}", socket_timeout=2.0, max_connections=4
+    )
+    resumes = create_client(
+        target, name=f"regstream-resume-{os.getpid()}",
+        max_connections=settings.resume_concurrency,  # one per admitted start-up: none waits
+    )  # fmt: skip
     publisher = RegistrationPubSub(
         redis, history_maxlen=settings.history_maxlen,
         history_max_age=settings.history_max_age, outbox_max=settings.outbox_max,
@@ -107,7 +118,7 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
     )
     broker = Broker(
         subscriber=lambda: create_subscriber_client(target, name=f"regstream-sub-{os.getpid()}"),
-        commands=redis, on_update=hub.publish, on_resync=hub.resync,
+        commands=control, on_update=hub.publish, on_resync=hub.resync,
         on_connect=publisher.check_primary,  # after a failover: a new epoch before catch-up
         probe_interval=settings.probe_interval, history_max=settings.history_maxlen,
         health_metric=True,
@@ -136,9 +147,13 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         heartbeat_timeout=settings.heartbeat_timeout, poll_interval=settings.queue_poll_interval,
     )  # fmt: skip
     services = Services(
-        settings=settings, engine=engine, sessions=sessions, redis=redis, publisher=publisher,
-        history=History(redis, channel=publisher.channel, max_entries=settings.history_maxlen),
+        settings=settings, engine=engine, sessions=sessions, redis=control, publisher=publisher,
+        history=History(resumes, channel=publisher.channel, max_entries=settings.history_maxlen),
         hub=hub, broker=broker, runner=runner,
+        start_gate=StartGate(
+            concurrency=settings.resume_concurrency, queue_max=settings.resume_queue,
+            max_wait=settings.resume_wait,
+        ),
     )  # fmt: skip
     services.stream_auth = auth_routes.stream_authenticator(services, auth)
     tasks = [
@@ -160,6 +175,8 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         await publisher.aclose()
         await core.aclose()
         await redis.aclose()
+        await control.aclose()
+        await resumes.aclose()
         await engine.dispose()
 
 

@@ -176,6 +176,16 @@ class Settings(BaseSettings):
         256 * 1024, validation_alias=_env("SSE_MAX_BUFFER_BYTES")
     )
     sse_max_streams: PositiveInt = Field(20_000, validation_alias=_env("SSE_MAX_STREAMS"))
+    # stream start-ups (history read or snapshot) at once, waiting, and how long (api/admission.py)
+    resume_concurrency: Annotated[int, Field(ge=1, le=256)] = Field(
+        16, validation_alias=_env("REGSTREAM_RESUME_CONCURRENCY")
+    )
+    resume_queue: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        1000, validation_alias=_env("REGSTREAM_RESUME_QUEUE")
+    )
+    resume_wait: Annotated[float, Field(ge=0, le=60)] = Field(
+        5.0, validation_alias=_env("REGSTREAM_RESUME_WAIT")
+    )
     history_maxlen: PositiveInt = Field(10_000, validation_alias=_env("REGSTREAM_HISTORY_MAXLEN"))
     history_max_age: PositiveFloat = Field(
         3600.0, validation_alias=_env("REGSTREAM_HISTORY_MAX_AGE")

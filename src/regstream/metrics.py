@@ -22,6 +22,16 @@ FRAMES_DROPPED = Counter(
 SLOW_CLIENTS_CUT = Counter(
     "regstream_sse_slow_clients_cut_total", "Streams closed because the client stopped reading"
 )
+STREAM_STARTS = Counter(
+    "regstream_sse_stream_starts_total",
+    "Stream start-ups by how they began: live (fresh), replay (a complete resume), snapshot",
+    ["start"],
+)
+STREAM_STARTS_DEFERRED = Counter(
+    "regstream_sse_stream_starts_deferred_total",
+    "Stream start-ups answered with a retry hint instead (resume herd admission)",
+    ["reason"],
+)
 DELIVERY_LATENCY = Histogram(
     "regstream_delivery_latency_seconds",
     "Publish timestamp to frame written, per message",

@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from regstream.api.admission import StartGate
 from regstream.config import Settings
 from regstream.pipeline.runner import Runner
 from regstream.realtime.broker import Broker
@@ -42,6 +43,9 @@ class Services:
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
+    # Three Redis clients, so none waits behind another's load: ``redis`` is the control client
+    # (readiness, the subscription's probe and catch-up), the publisher has its own, and
+    # ``history`` (stream resumes) reads through a third (app.py ``_services``).
     redis: Redis
     publisher: RegistrationPubSub
     history: History
@@ -54,6 +58,8 @@ class Services:
     leaving: bool = False
     draining: bool = False
     stream_auth: StreamAuth | None = None
+    # bounded admission of stream start-ups (api/admission.py); None: every start-up at once
+    start_gate: StartGate | None = None
 
 
 async def get_services(request: Request) -> Services:

@@ -43,6 +43,8 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         checks["database"] = f"down ({type(exc).__name__})"
     try:
+        # the control client (app.py): its own small pool, so a herd of resumes reading the
+        # history, or a publish backlog, cannot make this wait for a connection
         await asyncio.wait_for(services.redis.ping(), 2)
         checks["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001

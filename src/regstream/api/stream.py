@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import random
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,10 +33,12 @@ from urllib.parse import parse_qs
 import orjson
 from redis.exceptions import RedisError
 
+from regstream import metrics
 from regstream.api import views
 from regstream.api.deps import Services
 from regstream.db import registrations
 from regstream.realtime import messages
+from regstream.realtime.history import Replay
 from regstream.realtime.hub import (
     Hub,
     QueuedStream,
@@ -100,16 +104,25 @@ class StreamEndpoint:
             await _json(send, 503, "UNAVAILABLE", "too many streams", [(b"retry-after", b"5")])
             return
 
-        await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
         if scope["method"] == "HEAD":
+            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
 
-        stream = _make_stream(send, registration_id, services.settings.sse_max_buffer_bytes, info)
-        hub.attach(stream)
+        settings = services.settings
+        gate = services.start_gate
+        stream: Stream | None = None
         handed_over = False
         try:
-            await _start(stream, services, registration_id, last_id, services.settings.sse_retry_ms)
+            # the start-up (history read or snapshot) runs admitted; the stream's life does not
+            async with gate.admit() if gate is not None else _ALWAYS as admitted:
+                if not admitted:
+                    await _defer(send, scope, settings.sse_retry_ms)
+                    return
+                await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+                stream = _make_stream(send, registration_id, settings.sse_max_buffer_bytes, info)
+                hub.attach(stream)
+                await _start(stream, services, registration_id, last_id, settings.sse_retry_ms)
             if isinstance(stream, TransportStream):
                 handed_over = _hand_over(stream, hub)
                 if not handed_over:
@@ -117,11 +130,41 @@ class StreamEndpoint:
             elif isinstance(stream, QueuedStream):
                 await _pump_until_disconnect(stream, send, receive)
         finally:
-            if not handed_over:
+            if stream is not None and not handed_over:
                 hub.detach(stream)
 
 
 _INVALID = "invalid"
+_ALWAYS = contextlib.nullcontext(True)  # no admission gate (a Services built without one)
+
+
+async def _defer(send: Send, scope: Scope, retry_ms: int) -> None:
+    """Answer a start-up the admission gate deferred: come back later, jittered, same id.
+
+    An ``EventSource`` (it asks for ``text/event-stream``) gets ``200`` with a ``retry:`` hint
+    and the end of the stream: it reconnects by itself after that delay, sending the same
+    ``Last-Event-ID`` (no ``id:`` line was sent). A ``503`` would make it give up for good
+    (readyState CLOSED). Any other client gets ``503`` JSON with ``Retry-After``.
+    """
+    delay = int(retry_ms * random.uniform(0.5, 1.5))
+    seconds = str(max(1, math.ceil(delay / 1000))).encode()
+    accept = _header(scope, b"accept") or ""
+    if "text/event-stream" in accept:
+        body = b"retry: %d\n: busy: reconnect with the same Last-Event-ID\n\n" % delay
+        headers = [*_HEADERS, (b"retry-after", seconds), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
+    body = orjson.dumps({
+        "error": "UNAVAILABLE", "message": "too many streams starting; retry later",
+        "retryMs": delay,
+    })  # fmt: skip
+    await send({
+        "type": "http.response.start", "status": 503,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()), (b"retry-after", seconds)],
+    })  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
 
 
 def _filter(values: list[str]) -> RegistrationFilter | str:
@@ -212,32 +255,57 @@ async def _start(
     stream.write(hello, messages.chunk(hello))
     if last_id:
         if key is not None:
+            wanted = None if rid is None else (rid if isinstance(rid, tuple) else (rid,))
             try:
-                replay = await services.history.since(key)
+                if wanted is None:
+                    replay = await services.history.since(key)
+                else:  # only these registrations' entries are read (history.py: the index)
+                    replay = await services.history.since_for(key, wanted)
             except (RedisError, OSError):
                 replay = None
-            if replay is not None and replay.complete:
+            if replay is not None and replay.complete and not _resynced(replay, wanted):
                 stream.floor_seq = seq_floor if isinstance(rid, int) else 0
-                wanted = None if rid is None else set(rid if isinstance(rid, tuple) else (rid,))
                 after: EventKey = key
                 for parsed in replay.entries:
                     if parsed.key is not None:
                         after = parsed.key
-                    if wanted is None or (
+                    if parsed.resync is not None:  # unfiltered: as the hub writes it live
+                        ids = sorted(parsed.resync)
+                        frame = messages.snapshot_frame(
+                            {"registrationIds": ids} if ids else None, resync=True,
+                            event_id=str(parsed.key) if parsed.key else None,
+                        )  # fmt: skip
+                    elif wanted is None or (
                         parsed.registration_id in wanted and not stream.covers(parsed)
                     ):
                         frame = messages.update_frame(parsed)
-                        stream.write(frame, messages.chunk(frame))
+                    else:
+                        continue
+                    stream.write(frame, messages.chunk(frame))
+                metrics.STREAM_STARTS.labels("replay").inc()
                 stream.go_live(after=after, snapshot_seq=stream.floor_seq)
                 return
         # several registrations: like the dashboard, a resync marker (re-read from the API)
+        metrics.STREAM_STARTS.labels("snapshot").inc()
         await _snapshot(stream, services, rid if isinstance(rid, int) else None,
                         start=await _latest(services))  # fmt: skip
         return
+    metrics.STREAM_STARTS.labels("fresh").inc()
     if isinstance(rid, int):
         await _snapshot(stream, services, rid, only_if_started=True, start=start)
         return
     stream.go_live(after=start)
+
+
+def _resynced(replay: Replay, wanted: tuple[int, ...] | None) -> bool:
+    """Whether the replay holds a resync naming a followed registration: some of its updates
+    were dropped before reaching Redis (a publisher's outbox overflowed), so no replay of the
+    history can be complete for it; the stream starts with a snapshot instead."""
+    if wanted is None:
+        return False
+    return any(
+        p.resync is not None and not set(p.resync).isdisjoint(wanted) for p in replay.entries
+    )
 
 
 async def _latest(services: Services) -> EventKey | None:

@@ -1,4 +1,22 @@
-"""Reading the update history kept in the Redis Stream (for resume and for broker catch-up)."""
+"""Reading the update history kept in Redis (for resume and for the broker's catch-up).
+
+The history is one capped Redis Stream of every update (``<channel>:history``). A filtered
+resume (``?registrationId=N``) used to read and parse all of it, whatever the filter: 5-9 ms of
+instance CPU per 1,000 entries, per resume. So the publish script (``publisher.py``) also keeps a
+small index: one capped stream per registration and epoch (``<channel>:history:r:<epoch>:<id>``)
+holding that registration's updates under the *same* entry ids (and the resync messages that
+name it), expiring about when its entries leave the history. ``since_for`` reads it with one
+read-only script, atomically, so a filtered resume costs what its own registration's entries cost.
+
+The index is an optimisation, never a source of truth: where it cannot prove it holds every
+entry of a registration (the registration's index stream expired or was trimmed; entries added by
+a publisher that does not index, such as an older version during a rolling upgrade: the index's
+state hash names the newest of them, ``upto``, and the last entry it indexed, ``last``), the
+script reads that part of the history itself, matching entries with the same Lua function that
+built the index (``REGISTRATIONS_OF_LUA``). The rule stays the history's: a replay is complete
+or the caller sends a snapshot (another epoch; history trimmed past the client's id; more entries
+than ``max_entries``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +30,122 @@ from redis.exceptions import ResponseError
 from regstream.realtime import messages
 from regstream.realtime.messages import EventKey, Parsed
 
+#: Lua: the registrations a stored message is about, as decimal strings: its ``registrationId``
+#: (read without decoding when it is the first key, as ``messages.encode`` writes it), or every
+#: id a ``resync`` message names. The publish script indexes by it and the read script matches
+#: with it, so what the index holds and what a scan finds cannot disagree.
+REGISTRATIONS_OF_LUA = """
+local function registrations_of(msg)
+  local rid = string.match(msg, '^{"registrationId":(%d+)[,}]')
+  if rid then return {rid} end
+  local ok, obj = pcall(cjson.decode, msg)
+  local out = {}
+  if not ok or type(obj) ~= 'table' then return out end
+  if type(obj.registrationId) == 'number' then
+    out[1] = string.format('%d', obj.registrationId)
+  elseif obj.type == 'resync' and type(obj.registrationIds) == 'table' then
+    for _, r in ipairs(obj.registrationIds) do
+      if type(r) == 'number' then out[#out + 1] = string.format('%d', r) end
+    end
+  end
+  return out
+end
+"""
+
+# KEYS: history, epoch, index state prefix, index key prefix.
+# ARGV: the epoch of the client's id, the stream id after which to read, at most this many
+# entries, then the registration ids. Returns {epoch or false, 1 if complete else 0, id, message,
+# id, message, ...} (entries unordered, possibly twice: a resync naming two of the ids).
+_READ_SCRIPT = (
+    REGISTRATIONS_OF_LUA
+    + """
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then return {false, 0} end
+if epoch ~= ARGV[1] then return {epoch, 0} end
+local after, max = ARGV[2], tonumber(ARGV[3])
+local function parse(id)
+  local ms, n = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(n)
+end
+local function before(a, b)
+  if a == '+' then return false end
+  if b == '+' then return true end
+  local am, an = parse(a)
+  local bm, bn = parse(b)
+  return am < bm or (am == bm and an < bn)
+end
+-- the history holds every entry after `from` (History._trimmed_after, the same rule)
+local function covers(from)
+  local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
+  if type(info) == 'table' and info.err then return true end
+  local f = {}
+  for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
+  local added, length, first = f['entries-added'], f['length'], f['first-entry']
+  if added and length and added <= length then return true end
+  if not first then return false end
+  return not before(from, first[1])
+end
+local out, n, wanted = {epoch, 1}, 0, {}
+for i = 4, #ARGV do wanted[ARGV[i]] = true end
+local function take(id, msg)
+  n = n + 1
+  out[#out + 1] = id
+  out[#out + 1] = msg
+end
+-- the history's entries in (from, to] about a wanted registration; false if it cannot prove it
+-- still holds them all
+local function scan(from, to)
+  if not covers(from) then return false end
+  local rows = redis.call('XRANGE', KEYS[1], '(' .. from, to, 'COUNT', max + 1)
+  if #rows > max then return false end
+  for _, row in ipairs(rows) do
+    for _, rid in ipairs(registrations_of(row[2][2])) do
+      if wanted[rid] then
+        take(row[1], row[2][2])
+        break
+      end
+    end
+  end
+  return true
+end
+local state = redis.call('HMGET', KEYS[3] .. epoch, 'last', 'upto')
+local last, upto = state[1], state[2]
+local prefix = KEYS[4] .. epoch .. ':'
+-- Up to `edge` the index may miss entries of a registration: its stream's first entry (expired,
+-- trimmed or begun again before it), entries not indexed (up to `upto`), everything when its
+-- stream is gone (up to `last`) or nothing was indexed in this epoch.
+local edge = after
+for i = 4, #ARGV do
+  local e = '+'
+  if last then
+    local first = redis.call('XRANGE', prefix .. ARGV[i], '-', '+', 'COUNT', 1)
+    if #first == 0 then
+      e = last
+    else
+      e = first[1][1]
+      if upto and before(e, upto) then e = upto end
+    end
+  end
+  if before(edge, e) then edge = e end
+end
+if before(after, edge) and not scan(after, edge) then return {epoch, 0} end
+if edge ~= '+' then
+  -- entries added after the last indexed one by a publisher that does not index
+  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  local from = last
+  if before(from, after) then from = after end
+  if #top > 0 and before(from, top[1][1]) and not scan(from, '+') then return {epoch, 0} end
+  for i = 4, #ARGV do
+    for _, row in ipairs(redis.call('XRANGE', prefix .. ARGV[i], '(' .. edge, '+', 'COUNT', max + 1)) do
+      take(row[1], row[2][2])
+    end
+  end
+end
+if n > max then return {epoch, 0} end
+return out
+"""
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Replay:
@@ -24,13 +158,18 @@ class Replay:
 
 class History:
     def __init__(self, redis: Redis, *, channel: str, max_entries: int = 10_000) -> None:
-        self._redis = redis
+        self.redis = redis
         self.key = channel + messages.HISTORY_SUFFIX
         self.epoch_key = channel + messages.EPOCH_SUFFIX
         self._max_entries = max_entries
+        self._index_keys = [
+            channel + messages.INDEX_SUFFIX + ":",
+            channel + messages.INDEX_KEY_SUFFIX,
+        ]
+        self._read = redis.register_script(_READ_SCRIPT)
 
     async def epoch(self) -> str | None:
-        value = await self._redis.get(self.epoch_key)
+        value = await self.redis.get(self.epoch_key)
         if not value:
             return None
         return value.decode() if isinstance(value, bytes) else str(value)
@@ -50,7 +189,7 @@ class History:
         else:
             start = "-"
         rows = await self._rows(
-            self._redis.xrange(self.key, start, "+", count=self._max_entries + 1)
+            self.redis.xrange(self.key, start, "+", count=self._max_entries + 1)
         )
         if len(rows) > self._max_entries:
             return Replay(complete=False, entries=[], epoch=epoch)
@@ -62,16 +201,40 @@ class History:
                 entries.append(parsed)
         return Replay(complete=True, entries=entries, epoch=epoch)
 
+    async def since_for(self, after: EventKey, registration_ids: tuple[int, ...]) -> Replay:
+        """The updates of these registrations strictly after ``after`` (module docstring).
+
+        Same answer as ``since`` filtered by registration, from the index: the entries are read
+        and parsed only for these registrations (and the resync messages naming them).
+        """
+        result = await self._read(
+            keys=[self.key, self.epoch_key, *self._index_keys],
+            args=[after.epoch, after.stream_id, self._max_entries, *registration_ids],
+        )
+        epoch = result[0].decode() if isinstance(result[0], bytes) else None
+        if not result[1]:
+            return Replay(complete=False, entries=[], epoch=epoch)
+        assert epoch is not None
+        found: dict[EventKey, bytes] = {}
+        for i in range(2, len(result), 2):
+            found[_key(epoch, result[i])] = result[i + 1]
+        entries = []
+        for key in sorted(found):
+            parsed = messages.parse_message(messages.with_event_id(bytes(found[key]), key))
+            if parsed is not None:
+                entries.append(parsed)
+        return Replay(complete=True, entries=entries, epoch=epoch)
+
     async def position(self) -> EventKey:
         """Where a new stream starts: the newest update, or ``<epoch>_0-0`` for an empty history
         (creating the epoch if nothing was ever published, as the publish script would)."""
         epoch = await self.epoch()
         if epoch is None:
-            seconds, micros = await self._redis.time()
-            await self._redis.set(self.epoch_key, f"{seconds}{micros:06d}", nx=True)
+            seconds, micros = await self.redis.time()
+            await self.redis.set(self.epoch_key, f"{seconds}{micros:06d}", nx=True)
             epoch = await self.epoch()
             assert epoch is not None
-        rows = await self._rows(self._redis.xrevrange(self.key, "+", "-", count=1))
+        rows = await self._rows(self.redis.xrevrange(self.key, "+", "-", count=1))
         return _key(epoch, rows[0][0]) if rows else EventKey(epoch, 0, 0)
 
     async def _trimmed_after(self, epoch: str, after: EventKey) -> bool:
@@ -81,7 +244,7 @@ class History:
         (``entries-added`` > ``length``) and ``after`` is older than the first entry kept.
         """
         try:
-            info = await self._redis.xinfo_stream(self.key)
+            info = await self.redis.xinfo_stream(self.key)
         except ResponseError:  # no stream yet: nothing was ever trimmed
             return False
         info = {(k.decode() if isinstance(k, bytes) else k): v for k, v in info.items()}
@@ -98,7 +261,7 @@ class History:
         epoch = await self.epoch()
         if epoch is None:
             return None
-        rows = await self._rows(self._redis.xrevrange(self.key, "+", "-", count=1))
+        rows = await self._rows(self.redis.xrevrange(self.key, "+", "-", count=1))
         return _key(epoch, rows[0][0]) if rows else None
 
     @staticmethod

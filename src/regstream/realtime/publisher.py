@@ -52,20 +52,46 @@ from redis.exceptions import RedisError, ResponseError
 from regstream import metrics
 from regstream.realtime import messages
 from regstream.realtime.broker import Broker
+from regstream.realtime.history import REGISTRATIONS_OF_LUA
 from regstream.realtime.messages import ServiceChannel
 
 log = logging.getLogger(__name__)
 
-_PUBLISH_SCRIPT = """
+# KEYS: history, epoch, index state prefix, index key prefix (``history.py``: the index).
+# ARGV: history MAXLEN, channel, MINID to trim to (or ''), max age in ms, then the messages.
+_PUBLISH_SCRIPT = (
+    REGISTRATIONS_OF_LUA
+    + """
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
   local t = redis.call('TIME')
   epoch = t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('SET', KEYS[2], epoch)
 end
-local ids = {}
-for i = 4, #ARGV do
-  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i])
+local state = KEYS[3] .. epoch
+local prefix = KEYS[4] .. epoch .. ':'
+-- Entries someone else added since our last batch (a publisher of an older version during a
+-- rolling upgrade; all of them the first time) are in no index: it covers what follows them.
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local top_id = '0-0'
+if #top > 0 then top_id = top[1][1] end
+if redis.call('HGET', state, 'last') ~= top_id then
+  redis.call('HSET', state, 'upto', top_id)
+end
+local ids, touched, id = {}, {}, nil
+for i = 5, #ARGV do
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i])
+  for _, rid in ipairs(registrations_of(ARGV[i])) do
+    local key = prefix .. rid
+    local added = redis.pcall('XADD', key, 'MAXLEN', '~', '1000', id, 'm', ARGV[i])
+    if type(added) == 'table' and added.err then
+      -- its newest entry is not older than this one (the history was begun again under the
+      -- same epoch): the index of this registration begins again here
+      redis.call('DEL', key)
+      redis.call('XADD', key, id, 'm', ARGV[i])
+    end
+    touched[key] = true
+  end
   local msg = string.sub(ARGV[i], 1, -2) .. ',"eventId":"' .. epoch .. '_' .. id .. '"}'
   redis.call('PUBLISH', ARGV[2], msg)
   ids[#ids + 1] = epoch .. '_' .. id
@@ -73,8 +99,28 @@ end
 if ARGV[3] ~= '' then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
 end
+local max_age = tonumber(ARGV[4])
+if id then
+  redis.call('HSET', state, 'last', id)
+  redis.call('PEXPIRE', state, max_age)
+end
+-- An index stream lives about as long as its entries stay in the history (twice the history's
+-- span plus 10 s, at most the age cap): the index holds about what the history holds, not an
+-- hour of every registration at a high rate. One that expired is only slower to read.
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local span = 0
+if #first > 0 then
+  local t = redis.call('TIME')
+  span = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    - tonumber(string.match(first[1][1], '^(%d+)'))
+end
+local ttl = math.floor(math.min(max_age, 2 * math.max(span, 0) + 10000))
+for key in pairs(touched) do
+  redis.call('PEXPIRE', key, ttl)
+end
 return ids
 """
+)
 
 # KEYS: history, epoch, primary; ARGV[1]: the replication id of the server we are talking to.
 # Returns 1 when it began a new epoch (the history belonged to another primary), else 0.
@@ -134,6 +180,10 @@ class RegistrationPubSub:
         self._maxlen = str(history_maxlen)
         self._max_age_ms = int(history_max_age * 1000)
         self._script = redis.register_script(_PUBLISH_SCRIPT)
+        self._index_keys = [
+            channel + messages.INDEX_SUFFIX + ":",
+            channel + messages.INDEX_KEY_SUFFIX,
+        ]
         self.primary_key = channel + messages.PRIMARY_SUFFIX
         self._primary_script = redis.register_script(_PRIMARY_SCRIPT)
         self._primary_check_refused = False
@@ -227,8 +277,8 @@ class RegistrationPubSub:
             self._last_trim_ms = now
             minid = str(now - self._max_age_ms)
         result = await self._script(
-            keys=[self.history_key, self.epoch_key],
-            args=[self._maxlen, self.channel, minid, *payloads],
+            keys=[self.history_key, self.epoch_key, *self._index_keys],
+            args=[self._maxlen, self.channel, minid, self._max_age_ms, *payloads],
         )
         return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
 

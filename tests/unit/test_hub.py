@@ -150,3 +150,54 @@ async def _closed_and_stalled() -> None:
             assert len(hub) == 0  # aborted, so the connection is gone and the stream detached
     finally:
         timer.cancel()
+
+
+class _Recorded(QueuedStream):
+    """Remembers when it was closed and with which final frame."""
+
+    __slots__ = ("closed_at", "final")
+
+    def close(self, final: bytes = b"") -> None:
+        if not self.closed:
+            self.closed_at, self.final = asyncio.get_running_loop().time(), final
+        super().close(final)
+
+
+async def test_close_in_batches_spreads_random_closes_each_with_its_own_final_frame() -> None:
+    hub = Hub()
+    streams = [_Recorded(None if i % 3 else i, max_buffer=1 << 20) for i in range(60)]
+    for stream in streams:
+        hub.attach(stream)
+        stream.go_live()
+    hub_order = [id(stream) for stream in hub.streams()]
+    hints = iter(range(1000, 2000))
+    closing = asyncio.create_task(
+        hub.close_in_batches(over=0.5, final=lambda: messages.retry_frame(next(hints)), tick=0.1)
+    )
+    await asyncio.sleep(0)  # the first batch
+    late = _Recorded(5, max_buffer=1 << 20)  # a stream whose start-up was under way
+    hub.attach(late)
+    assert await asyncio.wait_for(closing, 10) == 61
+    assert all(stream.closed for stream in [*streams, late])
+    # 5 batches of 12, 0.1 s apart: never more than 12 at once, over most of the window
+    times = sorted(stream.closed_at for stream in streams)
+    batches = [[times[0]]]
+    for before, after in zip(times, times[1:], strict=False):
+        if after - before > 0.02:  # a batch closes in microseconds; the next comes a tick later
+            batches.append([])
+        batches[-1].append(after)
+    assert len(batches) >= 3 and max(len(batch) for batch in batches) <= 12, times
+    assert times[-1] - times[0] >= 0.3, times
+    # random order (not the hub's own), and a final frame of its own each (the latecomer too)
+    by_time = sorted(streams, key=lambda stream: stream.closed_at)
+    assert [id(stream) for stream in by_time] != hub_order
+    assert len({stream.final for stream in [*streams, late]}) == 61
+
+
+async def test_close_in_batches_closes_a_few_streams_without_waiting_for_the_window() -> None:
+    hub = Hub()
+    streams = [_Recorded(None, max_buffer=1024) for _ in range(3)]
+    for stream in streams:
+        hub.attach(stream)
+    closing = hub.close_in_batches(over=60, final=lambda: b"retry: 1\n\n", tick=0.05)
+    assert await asyncio.wait_for(closing, 5) == 3  # one per tick, not spread over 60 s

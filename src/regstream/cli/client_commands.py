@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from regstream.cli.sse_client import read_events
+from regstream.cli.sse_client import StreamRefused, follow
 
 console = Console()
 err = Console(stderr=True)
@@ -91,15 +91,10 @@ def _follow(
     stream_url: str, token: str | None, until_final: int | None, on_connected: Any = None
 ) -> dict[str, Any] | None:
     timeout = httpx.Timeout(10.0, read=None)
+    running = False  # this run of ``until_final`` was seen in progress (so an ended state is new)
     with httpx.Client(timeout=timeout, headers=_headers(token)) as client:
-        with client.stream("GET", stream_url) as response:
-            if response.status_code != 200:
-                response.read()
-                err.print(
-                    f"[red]error:[/red] stream answered {response.status_code}: {response.text[:200]}"
-                )
-                raise typer.Exit(1)
-            for _event_id, event in read_events(response):
+        try:
+            for event in follow(client, stream_url):
                 kind = event.get("type")
                 if kind == "connected":
                     err.print(f"[dim]connected to {stream_url}[/dim]")
@@ -108,21 +103,39 @@ def _follow(
                 elif kind == "update":
                     update = event.get("data") or {}
                     _print_update(update)
-                    if (
-                        until_final is not None
-                        and update.get("final")
-                        and update.get("registrationId") == until_final
-                    ):
-                        return dict(update)
+                    if until_final is not None and update.get("registrationId") == until_final:
+                        if update.get("final"):
+                            return dict(update)
+                        running = True
                 elif kind == "snapshot":
                     data = event.get("data") or {}
+                    if until_final is not None and data.get("id") == until_final:
+                        final = _final_of_snapshot(data)
+                        if final is not None and running:  # ended while we were reconnecting
+                            return final
+                        running = running or bool(data.get("inProgress"))
                     for item in data.get("processLog") or []:
                         _print_update({"registrationId": data.get("id"), "status": "PENDING",
                                        "stageStatus": item.get("status"), **item})  # fmt: skip
                 elif kind == "auth":
                     err.print("[red]credentials expired; sign in again[/red]")
                     raise typer.Exit(1)
+        except StreamRefused as refused:
+            err.print(f"[red]error:[/red] {refused}", soft_wrap=True)
+            raise typer.Exit(1) from None
     return None
+
+
+def _final_of_snapshot(data: dict[str, Any]) -> dict[str, Any] | None:
+    """A snapshot of a registration that already ended, as its final update."""
+    if data.get("inProgress") or data.get("status") in (None, "PENDING"):
+        return None
+    result = data.get("result") or {}
+    return {
+        "registrationId": data.get("id"), "status": data.get("status"), "final": True,
+        "message": result.get("message", ""), "details": result.get("details") or {},
+        "processLog": data.get("processLog") or [],
+    }  # fmt: skip
 
 
 def process(

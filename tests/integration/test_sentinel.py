@@ -15,6 +15,7 @@ the updates the old primary lost, silently (its Last-Event-ID still looks valid)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -37,7 +38,10 @@ from regstream.core_banking.simulator.dataset import load_applicant
 from regstream.core_banking.simulator.server import serve_in_thread
 from regstream.db.tables import ProcessLogEntry
 from regstream.realtime import messages
+from regstream.realtime.broker import Broker
+from regstream.realtime.connections import create_client, create_subscriber_client
 from regstream.realtime.embedded import EmbeddedRedis, find_server_binary
+from regstream.realtime.publisher import RegistrationPubSub
 from tests.conftest import unavailable
 from tests.support import (
     Frame,
@@ -390,3 +394,100 @@ async def _fail_over_mid_bulk(live: Any, topology: SentinelSet) -> None:
         finally:
             for client in [*clients, *reopened]:
                 await client.__aexit__(None, None, None)
+
+
+# --- the failover check on its own (no sentinels: a replica promoted by hand) ----------------
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, EmbeddedRedis]]:
+    """A primary and its replica (in sync)."""
+    fast_sync = ["--repl-diskless-sync-delay", "0"]
+    primary_port, replica_port = _low_free_port(), _low_free_port()
+    primary = EmbeddedRedis(tmp_path / "p", port=primary_port, extra_args=fast_sync)
+    replica = EmbeddedRedis(tmp_path / "r", port=replica_port, extra_args=fast_sync)
+    try:
+        primary.start()
+        replica.start()
+        with redis_sync.Redis(port=replica_port) as client:
+            client.replicaof("127.0.0.1", str(primary_port))
+        yield primary, replica
+    finally:
+        replica.stop()
+        primary.stop()
+
+
+async def test_check_primary_begins_one_new_epoch_per_promotion(
+    replicated: tuple[EmbeddedRedis, EmbeddedRedis],
+) -> None:
+    primary, replica = replicated
+    replica_port = replica.port
+    assert replica_port is not None
+    old = create_client(primary.url, name="test-old")
+    new_a = create_client(replica.url, name="test-new-a")
+    new_b = create_client(replica.url, name="test-new-b")
+    try:
+        first = RegistrationPubSub(old)
+        assert await first.check_primary() is False  # no epoch yet: nothing to compare
+        await first.publish_raw(b'{"registrationId":1,"seq":1}')
+        assert await first.wait_flushed(5)
+        assert await first.check_primary() is False  # the same primary: nothing to do
+        epoch = await old.get(first.epoch_key)
+
+        async def replicated_all() -> bool:
+            with redis_sync.Redis(port=replica_port) as client:
+                return bool(client.xlen(first.history_key) == 1 and client.get(first.primary_key))
+
+        await wait_until(replicated_all, timeout=10, what="the replica to catch up")
+        with redis_sync.Redis(port=replica_port) as client:
+            client.replicaof("NO", "ONE")  # what a sentinel does to the replica it promotes
+        # two instances reconnect to the new primary: one new epoch, begun once
+        a, b = RegistrationPubSub(new_a), RegistrationPubSub(new_b)
+        assert [await a.check_primary(), await b.check_primary()] == [True, False]
+        assert await a.check_primary() is False
+        new_epoch = await new_a.get(a.epoch_key)
+        assert new_epoch is not None and new_epoch != epoch
+        assert await new_a.xlen(a.history_key) == 0  # the old primary's history is not this one
+    finally:
+        for client in (old, new_a, new_b):
+            await client.aclose()
+
+
+async def test_broker_resyncs_streams_when_a_live_update_is_of_a_new_epoch(
+    replicated: tuple[EmbeddedRedis, EmbeddedRedis],
+) -> None:
+    """Another instance began a new epoch while this subscription stayed connected: what the old
+    epoch lost is unknown here, so every stream is told to re-sync before the update."""
+    primary, _ = replicated
+    commands = create_client(primary.url, name="test-broker-cmd")
+    publisher = RegistrationPubSub(commands)
+    events: list[object] = []
+    broker = Broker(
+        subscriber=lambda: create_subscriber_client(primary.url, name="test-broker-sub"),
+        commands=commands,
+        on_update=lambda parsed: events.append(parsed.key),
+        on_resync=lambda ids: events.append(("resync", ids)),
+        channel=publisher.channel,
+        probe_interval=1.0,
+    )
+    task = asyncio.create_task(broker.run())
+    try:
+        await asyncio.wait_for(broker.connected.wait(), 5)
+        await publisher.publish_raw(b'{"registrationId":1,"seq":1}')
+        await wait_until(lambda: len(events) == 1, timeout=5, what="the first update")
+        first = events[0]
+        assert isinstance(first, messages.EventKey)
+        # as check_primary does on another instance after a failover
+        await commands.set(publisher.epoch_key, str(int(first.epoch) + 1))
+        await commands.delete(publisher.history_key)
+        await publisher.publish_raw(b'{"registrationId":1,"seq":2}')
+        await wait_until(lambda: len(events) == 3, timeout=5, what="the re-sync and the update")
+        assert events[1] == ("resync", ())
+        second = events[2]
+        assert isinstance(second, messages.EventKey) and second.epoch == str(int(first.epoch) + 1)
+        assert broker.healthy
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await commands.aclose()

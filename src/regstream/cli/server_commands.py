@@ -55,7 +55,9 @@ def serve(
     try:
         resolved = stack.settings
         # Workers (and the app factory) read the resolved addresses from the environment.
-        if resolved.effective_redis_url:
+        if stack.redis is not None and resolved.effective_redis_url:
+            # only the embedded server's: a configured Redis (URL, REDIS_HOST or Sentinel) is
+            # in the environment already, and REDIS_URL next to REDIS_SENTINELS is refused
             os.environ["REDIS_URL"] = resolved.effective_redis_url
         if resolved.t24_base_url:
             os.environ["T24_BASE_URL"] = resolved.t24_base_url

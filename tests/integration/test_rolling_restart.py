@@ -253,3 +253,53 @@ async def test_a_client_moved_by_a_restart_resumes_on_the_next_instance_exactly(
         replayed += sum(u["timestamp"] < follower.moved_at_ms for u in resumed.updates())
     # updates were published while the clients moved: the resume had something to replay
     assert replayed > 0
+
+
+async def test_serve_with_workers_drains_every_worker(
+    tmp_path: Path, redis_server: EmbeddedRedis, t24: RunningSimulator
+) -> None:
+    """``serve --workers 2`` sent SIGTERM as an orchestrator does (the supervisor only): the
+    supervisor passes it on, and each worker drains as a single process does."""
+    delay, spread, grace = 2.0, 1.0, 3.0
+    env = _env(
+        tmp_path, redis_server, t24, REGSTREAM_DRAIN_DELAY=str(delay),
+        REGSTREAM_DRAIN_SPREAD=str(spread), REGSTREAM_SHUTDOWN_GRACE=str(grace),
+        SSE_RETRY_MS=str(RETRY_MS), REGSTREAM_STREAMS_PER_USER="100",
+    )  # fmt: skip
+    port, log = free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    with _serve(env, port, log, "--demo", "--workers", "2") as server:
+        headers = {"Authorization": f"Bearer {_token(log)}"}
+        clients = [StreamClient(url, headers=headers) for _ in range(8)]
+        late = StreamClient(url, headers=headers)
+        try:
+            readers = [await client.__aenter__() for client in clients]
+            async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+                server.send_signal(signal.SIGTERM)
+
+                async def unready() -> bool:
+                    return (await _ready_state(http))[0] == 503
+
+                await wait_until(unready, timeout=2, interval=0.02, what="/readyz to turn 503")
+                late_reader = await late.__aenter__()  # a new connection, still accepted
+                assert late_reader.response.status_code == 200
+                assert (await http.get("/healthz")).status_code == 200
+            everyone = [*readers, late_reader]
+            assert not any(reader.closed for reader in everyone)
+            await wait_until(
+                lambda: all(reader.closed for reader in everyone), timeout=delay + spread + 10,
+                what="every stream closed by its worker",
+            )  # fmt: skip
+        finally:
+            for client in [*clients, late]:
+                await client.__aexit__(None, None, None)
+        exit_code = await asyncio.to_thread(
+            server.wait, delay + spread + grace + FLUSH + EXIT_MARGIN
+        )
+    text = log.read_text()
+    assert exit_code == 0, text[-3000:]
+    hints = [_closing_hint(reader) for reader in everyone]
+    assert all(RETRY_MS // 2 <= hint <= RETRY_MS * 3 // 2 for hint in hints), hints
+    closed = [int(line.split("closed ", 1)[1].split()[0]) for line in text.splitlines()
+              if "regstream.drain: closed " in line]  # fmt: skip
+    assert len(closed) == 2 and sum(closed) == 9, closed  # each worker closed its own streams

@@ -128,7 +128,7 @@ async def append_events_sqlalchemy(
 
 # The duplicate check's step: its query (no enrolled user matches, the common case), then the
 # append, as two statements (before the query rode in the append's statement), or as one.
-_NOBODY = {"customer_number": "0", "phone": "+0", "national_id_hash": "0" * 64}
+_NOBODY = {"customer_number": "0", "phone": "+0", "national_id_hashes": ["0" * 64]}
 
 
 async def query_then_append(session: AsyncSession, **append: Any) -> list[LogEvent]:

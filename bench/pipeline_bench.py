@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shlex
 import signal
 import sys
@@ -442,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             if args.database_url:
                 env["DATABASE_URL"] = args.database_url
+                # required with DATABASE_URL (one key for every instance of a fleet)
+                env["REGSTREAM_SECRET_KEY"] = secrets.token_hex(32)
             exe = os.path.join(os.path.dirname(sys.executable), "regstream")
             if args.sim == "separate":
                 # the simulator on the load core: otherwise `serve` forks it onto the server's

@@ -20,7 +20,7 @@ from regstream.config import Settings
 from regstream.core_banking.simulator import SimulatorConfig
 from regstream.core_banking.simulator.server import RunningSimulator, serve_in_thread
 from regstream.realtime.embedded import EmbeddedRedis, find_server_binary
-from tests.support import LiveServer, free_port, serve_app
+from tests.support import TEST_SECRET_KEY, LiveServer, free_port, serve_app
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 PG_ADMIN_URL = os.environ.get(
@@ -121,7 +121,7 @@ def make_settings(
             "data_dir": tmp_path / "var",
             "redis_url": SecretStr(redis_server.url),
             "t24_base_url": t24.base_url,
-            "secret_key": SecretStr("test-secret-key"),
+            "secret_key": SecretStr(TEST_SECRET_KEY),
             "t24_timeout": 2.0,
             "t24_deadline": 4.0,
             "probe_interval": 1.0,

@@ -23,6 +23,9 @@ import uvicorn
 from regstream.app import Application, create_app
 from regstream.config import Settings
 
+#: ``make_settings``' REGSTREAM_SECRET_KEY (at least 32 characters, as the settings require)
+TEST_SECRET_KEY = "test-secret-key-0123456789abcdef"
+
 
 @dataclass
 class LiveServer:
@@ -49,7 +52,7 @@ class LiveServer:
     async def load_demo(self) -> dict[str, int]:
         from regstream.demo import load_demo
 
-        rows = await self.call(load_demo(self.services.sessions, b"test-secret-key"))
+        rows = await self.call(load_demo(self.services.sessions, TEST_SECRET_KEY.encode()))
         return {row.scenario: row.registration_id for row in rows}
 
 

@@ -23,9 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -45,7 +43,7 @@ from regstream.auth.middleware import BodySizeLimit, CrossSiteGuard, SecurityHea
 from regstream.auth.runtime import AuthRuntime
 from regstream.config import Settings, load_settings
 from regstream.core_banking.client import T24Client, T24ClientConfig
-from regstream.db.engine import create_engine, create_session_factory, migrate
+from regstream.db.engine import create_engine, create_session_factory, prepare_schema
 from regstream.drain import Drain
 from regstream.pipeline.runner import Runner
 from regstream.realtime.broker import Broker
@@ -53,23 +51,10 @@ from regstream.realtime.connections import RedisTarget, create_client, create_su
 from regstream.realtime.history import History
 from regstream.realtime.hub import Hub
 from regstream.realtime.publisher import RegistrationPubSub
-from regstream.stack import EmbeddedStack
+from regstream.stack import EmbeddedStack, national_id_keys
 from regstream.web import pages
 
 log = logging.getLogger(__name__)
-
-
-def secret_key(settings: Settings) -> bytes:
-    """The HMAC key for national ids: configured, or generated once into the data dir (0600)."""
-    if settings.secret_key is not None:
-        return settings.secret_key.get_secret_value().encode()
-    path = Path(settings.data_dir) / "secret.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-    return path.read_text().strip().encode()
 
 
 @contextlib.asynccontextmanager
@@ -96,7 +81,9 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
     assert settings.t24_base_url is not None
     target = RedisTarget.from_settings(settings)  # URL, REDIS_HOST or Sentinel; TLS
     engine = create_engine(settings.effective_database_url)
-    await migrate(engine)
+    # migrations under an advisory lock (instances starting together take turns), or only a
+    # check that `regstream migrate` did them (REGSTREAM_MIGRATE_ON_START=false)
+    await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)
     sessions = create_session_factory(engine)
     redis = create_client(target, name=f"regstream-pub-{os.getpid()}")
     # The publisher, the control work (readiness, the subscription's probe and catch-up) and
@@ -139,7 +126,7 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         )
     )
     runner = Runner(
-        sessions=sessions, core=core, publisher=publisher, secret_key=secret_key(settings),
+        sessions=sessions, core=core, publisher=publisher, keys=national_id_keys(settings),
         concurrency=settings.pipeline_concurrency, lease_seconds=settings.lease_seconds,
         # SQLite writers take turns anyway; PostgreSQL's statements are round trips to overlap
         open_transactions=1 if engine.dialect.name == "sqlite" else 4,

@@ -37,6 +37,10 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
+#: shortest REGSTREAM_SECRET_KEY accepted (see ``Settings._check_secret_key``)
+MIN_SECRET_KEY_LENGTH = 32
+
+
 class ConfigError(Exception):
     """Bad configuration; ``str(exc)`` is one line fit for a terminal."""
 
@@ -126,6 +130,7 @@ class Settings(BaseSettings):
     # --- where things live -------------------------------------------------------------------
     data_dir: Path = Field(Path("var"), validation_alias=_env("REGSTREAM_DATA_DIR"))
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
+    migrate_on_start: bool = Field(True, validation_alias=_env("REGSTREAM_MIGRATE_ON_START"))
     redis_url: SecretStr | None = Field(None, validation_alias=_env("REDIS_URL"))
     redis_host: str | None = Field(None, validation_alias=_env("REDIS_HOST"))
     redis_port: int = Field(6379, ge=1, le=65535, validation_alias=_env("REDIS_PORT"))
@@ -217,7 +222,11 @@ class Settings(BaseSettings):
     drain_spread: Annotated[float, Field(ge=0, le=600)] = Field(
         5.0, validation_alias=_env("REGSTREAM_DRAIN_SPREAD")
     )
+    # national-id HMAC keys (docs/operations.md "Secret key"): required with DATABASE_URL
     secret_key: SecretStr | None = Field(None, validation_alias=_env("REGSTREAM_SECRET_KEY"))
+    previous_secret_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), validation_alias=_env("REGSTREAM_PREVIOUS_SECRET_KEYS")
+    )
 
     # --- security (docs/security.md) ---------------------------------------------------------
     session_lifetime: PositiveFloat = Field(
@@ -322,6 +331,37 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_TLS: false contradicts rediss:// or REDIS_TLS_* files")
         return self
 
+    @field_validator("secret_key")
+    @classmethod
+    def _check_secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        key = value.get_secret_value()
+        # 32 characters: 128 bits or more from any random source (`openssl rand -hex 32` gives
+        # 64). A shorter key already in use can still match as a previous key while rotating.
+        if len(key) < MIN_SECRET_KEY_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_SECRET_KEY_LENGTH} characters (e.g. openssl rand -hex 32);"
+                " a shorter key in use goes to REGSTREAM_PREVIOUS_SECRET_KEYS (docs/operations.md)"
+            )
+        if key != key.strip() or "," in key:
+            raise ValueError(
+                "must not contain commas or surrounding whitespace (a key rotated out is listed"
+                " in the comma-separated REGSTREAM_PREVIOUS_SECRET_KEYS)"
+            )
+        return value
+
+    @field_validator("previous_secret_keys", mode="before")
+    @classmethod
+    def _split_previous_secret_keys(cls, value: object) -> tuple[SecretStr, ...]:
+        if value is None or value == "":
+            return ()
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+        keys = (i.get_secret_value() if isinstance(i, SecretStr) else str(i) for i in items)
+        return tuple(SecretStr(key.strip()) for key in keys if key.strip())
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _check_cors_origins(cls, value: object) -> tuple[str, ...]:
@@ -370,6 +410,25 @@ class Settings(BaseSettings):
                 f"REGSTREAM_OUTBOX_MAX ({self.outbox_max}) must be at least 16 x "
                 f"REGSTREAM_PIPELINE_CONCURRENCY ({self.pipeline_concurrency}) = "
                 f"{16 * self.pipeline_concurrency}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_fleet_secret(self) -> Settings:
+        if self.database_url is not None and self.secret_key is None:
+            # issue 15: instances that each generate a key hash the same national id differently
+            raise ValueError(
+                "REGSTREAM_SECRET_KEY is required with DATABASE_URL: without it each instance "
+                "generates its own key and hashes national ids differently, so the duplicate "
+                "check and the unique index on the hash silently stop working; set the same key "
+                f"of at least {MIN_SECRET_KEY_LENGTH} characters on every instance "
+                "(e.g. openssl rand -hex 32)"
+            )
+        previous = [key.get_secret_value() for key in self.previous_secret_keys]
+        if self.secret_key is not None and self.secret_key.get_secret_value() in previous:
+            raise ValueError(
+                "REGSTREAM_PREVIOUS_SECRET_KEYS repeats REGSTREAM_SECRET_KEY: the current key "
+                "must be the new one (docs/operations.md)"
             )
         return self
 
@@ -444,5 +503,5 @@ def load_settings(**overrides: object) -> Settings:
             field = Settings.model_fields.get(name)
             if field is not None and isinstance(field.validation_alias, AliasChoices):
                 name = str(field.validation_alias.choices[0])
-            problems.append(f"{name}: {err['msg']}")
+            problems.append(f"{name}: {str(err['msg']).removeprefix('Value error, ')}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,13 +1,17 @@
-"""The embedded defaults: a private Redis server and the T24 simulator, when none is configured.
+"""The embedded defaults: a private Redis server, the T24 simulator and the national-id key,
+when none is configured.
 
 ``serve`` starts them once in the parent process (so ``--workers N`` share them) and passes their
 addresses to the app through the settings; ``create_app`` starts them itself when used alone.
+The key is generated once into the data dir, only for the embedded SQLite database: with
+``DATABASE_URL`` the settings require ``REGSTREAM_SECRET_KEY`` (one key for the whole fleet).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -18,9 +22,39 @@ from types import TracebackType
 import httpx
 
 from regstream.config import Settings
+from regstream.domain.pii import NationalIdKeys
 from regstream.realtime.embedded import EmbeddedRedis, die_with_parent, free_port
 
 log = logging.getLogger(__name__)
+
+
+def national_id_keys(settings: Settings) -> NationalIdKeys:
+    """The HMAC keys for national ids: ``REGSTREAM_SECRET_KEY`` (else the key generated once into
+    the data dir, mode 0600), then ``REGSTREAM_PREVIOUS_SECRET_KEYS``."""
+    if settings.secret_key is not None:
+        current = settings.secret_key.get_secret_value()
+    else:
+        current = _generated_key(Path(settings.data_dir) / "secret.key")
+    previous = (key.get_secret_value().encode() for key in settings.previous_secret_keys)
+    return NationalIdKeys(current.encode(), tuple(previous))
+
+
+def _generated_key(path: Path) -> str:
+    if not path.exists():
+        # written whole under a private name, then linked into place: a process of the same
+        # data dir starting at the same moment reads either no file or the whole key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        try:
+            os.link(draft, path)
+        except FileExistsError:  # the other process's key won
+            pass
+        finally:
+            draft.unlink()
+    return path.read_text().strip()
 
 
 class EmbeddedStack(AbstractContextManager["EmbeddedStack"]):

@@ -21,7 +21,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, Route, sync_playw
 
 from regstream.demo import load_demo
 from tests.conftest import SettingsFactory
-from tests.support import AuthUser, LiveServer, create_user, serve_app
+from tests.support import TEST_SECRET_KEY, AuthUser, LiveServer, create_user, serve_app
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -36,7 +36,7 @@ CHROMIUM_ARGS = [
 ]
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
-SECRET = b"test-secret-key"  # make_settings' secret_key
+SECRET = TEST_SECRET_KEY.encode()  # make_settings' secret_key
 PASSWORD = "correct horse battery staple"
 WAIT_MS = 15_000
 

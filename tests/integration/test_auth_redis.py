@@ -111,7 +111,7 @@ def test_serve_start_up_output_hides_secrets(
         "T24_BASE_URL": t24_base_url,
         "T24_USERNAME": "t24user",
         "T24_PASSWORD": "t24-secret-canary",
-        "REGSTREAM_SECRET_KEY": "hmac-secret-canary",
+        "REGSTREAM_SECRET_KEY": "hmac-secret-canary-0123456789abc",
         "REGSTREAM_DATA_DIR": str(tmp_path / "var"),
         "REGSTREAM_LOG_LEVEL": "INFO",
     }

@@ -214,7 +214,7 @@ async def test_a_step_s_query_or_insert_runs_with_its_append(database_url: str) 
 
         async with sessions.begin() as session:  # another CIF holds the phone: rows, no append
             same_phone = users.matching(
-                customer_number="410001", phone="+254700000009", national_id_hash="f" * 64
+                customer_number="410001", phone="+254700000009", national_id_hashes=["f" * 64]
             )
             logged, rows = await registrations.append_events_unless(
                 session, unless=same_phone, events=checked, now_ms=1_010, **run
@@ -228,7 +228,7 @@ async def test_a_step_s_query_or_insert_runs_with_its_append(database_url: str) 
 
         async with sessions.begin() as session:  # no match: appended, nothing returned
             nobody = users.matching(
-                customer_number="410001", phone="+254700000001", national_id_hash="a" * 64
+                customer_number="410001", phone="+254700000001", national_id_hashes=["a" * 64]
             )
             logged, rows = await registrations.append_events_unless(
                 session, unless=nobody, events=checked, now_ms=1_020, **run

@@ -286,7 +286,7 @@ async def test_a_connection_lost_mid_batch_fails_no_step(postgres_url: str) -> N
                         )
                 query = users.matching(  # a statement on the driver
                     customer_number=str(800000 + i), phone="+254700000000",
-                    national_id_hash="0" * 64,
+                    national_id_hashes=["0" * 64],
                 )  # fmt: skip
                 await (await driver.of(session)).fetch_all(query.statement, query.args)
                 return (await registrations.create(session, **_registration(i))).id

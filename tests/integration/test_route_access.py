@@ -68,7 +68,7 @@ IDENTITIES = ["anonymous", "disabled-admin", "viewer", "operator", "admin"]
 
 
 def _routes() -> list[tuple[str, str]]:
-    app = create_app(Settings(secret_key=SecretStr("x")))
+    app = create_app(Settings(secret_key=SecretStr("x" * 32)))
     found: list[tuple[str, str]] = []
     for context in iter_route_contexts(app.api.routes):
         route = context.original_route
@@ -112,7 +112,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         with serve_in_thread(SimulatorConfig(latency_ms=0)) as sim:
             settings = Settings(
                 data_dir=tmp / "var", redis_url=SecretStr(redis.url), t24_base_url=sim.base_url,
-                secret_key=SecretStr("k"), process_rate_per_minute=1000,
+                secret_key=SecretStr("k" * 32), process_rate_per_minute=1000,
             )  # fmt: skip
             with serve_app(settings) as live:
                 users = {role: create_user(live, role) for role in ("viewer", "operator", "admin")}

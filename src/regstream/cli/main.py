@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from regstream.cli import client_commands, server_commands, users_commands
+from regstream.cli import client_commands, db_commands, server_commands, users_commands
 
 app = typer.Typer(
     name="regstream",
@@ -14,5 +14,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 server_commands.register(app)
+db_commands.register(app)
 client_commands.register(app)
 users_commands.register(app)

@@ -40,8 +40,8 @@ def serve(
     ] = False,
 ) -> None:
     """Run the service (embedded Redis and T24 simulator unless configured)."""
-    from regstream.app import secret_key
-    from regstream.stack import EmbeddedStack
+    from regstream.db.engine import SchemaNotAtHead
+    from regstream.stack import EmbeddedStack, national_id_keys
 
     settings = settings_or_exit()
     logs.configure(settings.log_level, json_format=settings.log_json)
@@ -62,10 +62,14 @@ def serve(
         if resolved.t24_base_url:
             os.environ["T24_BASE_URL"] = resolved.t24_base_url
         os.environ["REGSTREAM_DATA_DIR"] = str(resolved.data_dir)
-        key = secret_key(resolved)
-        if resolved.secret_key is None:
+        key = national_id_keys(resolved).current
+        if resolved.secret_key is None:  # the embedded default: generated into the data dir
             os.environ["REGSTREAM_SECRET_KEY"] = key.decode()
-        asyncio.run(_prepare(resolved, key, demo))
+        try:
+            asyncio.run(_prepare(resolved, key, demo))
+        except SchemaNotAtHead as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
         where = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         console.print(f"[bold green]regstream[/bold green] listening on [bold]{where}[/bold]"
                       f"  (API docs: {where}/docs, stream: {where}/api/registrations/updates/stream)",
@@ -90,12 +94,13 @@ def _exit_cleanly(_sig: int, _frame: object) -> None:
 
 
 async def _prepare(settings: Settings, key: bytes, demo: bool) -> None:
-    """Migrate once in the parent (workers then find the schema at head) and load demo data."""
-    from regstream.db.engine import create_engine, create_session_factory, migrate
+    """Migrate once in the parent (workers then find the schema at head; or check it is at head
+    with REGSTREAM_MIGRATE_ON_START=false) and load demo data."""
+    from regstream.db.engine import create_engine, create_session_factory, prepare_schema
 
     engine = create_engine(settings.effective_database_url)
     try:
-        await migrate(engine)
+        await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)
         if demo:
             from regstream.demo import load_demo
 

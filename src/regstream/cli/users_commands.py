@@ -1,7 +1,8 @@
 """``users add|list|disable|passwd``: manage back-office accounts in the database ``serve`` uses.
 
 They read the same settings (``DATABASE_URL``, ``REGSTREAM_DATA_DIR``) as ``serve``, migrate the
-schema if needed, and print no secret except the one new API token asked for with ``--token``
+schema if needed (unless ``REGSTREAM_MIGRATE_ON_START=false``: then they refuse a schema not at
+head), and print no secret except the one new API token asked for with ``--token``
 (alone on its own line, on stdout, so ``TOKEN=$(regstream users add ci --role operator --token
 --password-stdin < pw)`` works). Disabling a user revokes its sessions and tokens; a running
 server closes the user's open streams within one ping interval.
@@ -24,7 +25,12 @@ from regstream.auth import credentials, passwords
 from regstream.auth.principal import Role
 from regstream.config import Settings
 from regstream.db import accounts, audit
-from regstream.db.engine import create_engine, create_session_factory, migrate
+from regstream.db.engine import (
+    SchemaNotAtHead,
+    create_engine,
+    create_session_factory,
+    prepare_schema,
+)
 
 err = Console(stderr=True)
 out = Console()
@@ -50,13 +56,16 @@ def _run(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
     async def main() -> T:
         engine = create_engine(settings.effective_database_url)
         try:
-            await migrate(engine)
+            await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)
             async with create_session_factory(engine).begin() as session:
                 return await work(session)
         finally:
             await engine.dispose()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except SchemaNotAtHead as exc:  # REGSTREAM_MIGRATE_ON_START=false and not migrated yet
+        raise _fail(str(exc)) from None
 
 
 def _fail(message: str) -> typer.Exit:

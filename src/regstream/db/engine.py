@@ -1,4 +1,5 @@
-"""Engine and session factory, and migrations applied at start.
+"""Engine and session factory, and migrations (at start, or by ``regstream migrate``; see
+"migrations" below for the lock that lets instances start together).
 
 SQLite notes: we run WAL mode and start every transaction with ``BEGIN IMMEDIATE``. A deferred
 SQLite transaction that reads and then writes gets ``SQLITE_BUSY`` at once (no busy wait) when
@@ -9,13 +10,17 @@ lock is waited for with ``asyncio.sleep`` (``sqlite_inline``), up to ``SQLITE_BU
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
@@ -26,6 +31,8 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from regstream.db import sqlite_inline
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 30.0
@@ -96,22 +103,100 @@ def create_session_factory(engine: AsyncEngine) -> SessionFactory:
     return SessionFactory(engine, class_=Session, expire_on_commit=False)
 
 
+# --- migrations --------------------------------------------------------------------------------
+# Every instance migrates at start (unless REGSTREAM_MIGRATE_ON_START=false) and a release
+# pipeline may run ``regstream migrate`` at the same time. On PostgreSQL the whole upgrade runs in
+# one transaction that first takes a transaction-level advisory lock on MIGRATION_LOCK_KEY, so
+# instances started together take turns: the first migrates, the others wait for its commit and
+# then find the schema at head (issue 15: without it, one of two instances died on
+# ``UniqueViolationError ... pg_type_typname_nsp_index``, two CREATE TABLEs of one name racing).
+# The lock is released with the transaction, also when the process dies. SQLite needs no lock:
+# its database belongs to one host's data dir, and its first write takes the database's lock.
+
+#: ``pg_advisory_xact_lock`` key held while migrating ("regstrm" in ASCII; any other user of the
+#: same database would have to pick this exact 64-bit number to wait on us).
+MIGRATION_LOCK_KEY = int.from_bytes(b"regstrm", "big")
+
+
+class SchemaNotAtHead(Exception):
+    """The database's schema is not this release's; ``str(exc)`` is one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """What ``migrate`` did: the revision before (None: an empty database) and after (head)."""
+
+    before: str | None
+    after: str
+    waited: bool  # another process held the migration lock when we asked for it
+
+    def describe(self) -> str:
+        if self.before == self.after:
+            return f"database schema already at head ({self.after}); nothing to do"
+        start = "an empty database" if self.before is None else self.before
+        return f"database schema migrated from {start} to {self.after} (head)"
+
+
 def _alembic_config() -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     return cfg
 
 
-async def migrate(engine: AsyncEngine) -> None:
-    """Apply every Alembic migration up to head (idempotent)."""
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None  # the package ships its migrations
+    return head
 
-    def _upgrade(connection: Connection) -> None:
+
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def migrate(engine: AsyncEngine) -> Migration:
+    """Apply every Alembic migration up to head (idempotent); on PostgreSQL under the
+    migration lock, so any number of processes may call it at once."""
+
+    def _upgrade(connection: Connection) -> tuple[str | None, str | None]:
+        before = _current_revision(connection)
         cfg = _alembic_config()
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+        return before, _current_revision(connection)
 
     async with engine.begin() as conn:
-        await conn.run_sync(_upgrade)
+        waited = False
+        if conn.dialect.name == "postgresql":
+            key = {"key": MIGRATION_LOCK_KEY}
+            if not await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), key):
+                waited = True
+                log.info("waiting for another process's database migration to finish")
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), key)
+        before, after = await conn.run_sync(_upgrade)
+    assert after is not None
+    return Migration(before, after, waited)
+
+
+async def prepare_schema(engine: AsyncEngine, *, migrate_on_start: bool) -> None:
+    """At start: migrate (``REGSTREAM_MIGRATE_ON_START``, the default), else ``require_head``."""
+    if migrate_on_start:
+        await migrate(engine)
+    else:
+        await require_head(engine)
+
+
+async def require_head(engine: AsyncEngine) -> None:
+    """Raise ``SchemaNotAtHead`` unless the schema is this release's (start-up with
+    ``REGSTREAM_MIGRATE_ON_START=false``: the release pipeline runs ``regstream migrate``)."""
+    async with engine.connect() as conn:
+        current = await conn.run_sync(_current_revision)
+    head = head_revision()
+    if current != head:
+        found = "empty" if current is None else f"at {current}"
+        raise SchemaNotAtHead(
+            f"database schema is {found}, this release needs {head}: run `regstream migrate` "
+            "first (REGSTREAM_MIGRATE_ON_START=false)"
+        )
 
 
 async def ping(engine: AsyncEngine) -> None:

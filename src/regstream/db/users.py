@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from datetime import date
 from typing import Any, NamedTuple
 
@@ -34,16 +36,28 @@ class Match(NamedTuple):
 # most of a validation's database CPU (profiled). The runner has each run inside the statement
 # that appends the step's log entries (``registrations.append_events``), so each step is one
 # round trip to PostgreSQL.
-_MATCHING = driver.sql(
-    "SELECT id, customer_number, phone, national_id_hash FROM mobile_users "
-    "WHERE customer_number = $1 OR phone = $2 OR national_id_hash = $3"
-)
+@functools.cache
+def _matching(hashes: int) -> driver.Sql:
+    # One placeholder per key (current and previous, key rotation): the same statement text for
+    # every run of a process, so PostgreSQL's prepared-statement cache and ``_statement``'s keep
+    # working; with one key it is the plain ``= $3`` it always was.
+    ids = " OR ".join(f"national_id_hash = ${3 + n}" for n in range(hashes))
+    return driver.sql(
+        "SELECT id, customer_number, phone, national_id_hash FROM mobile_users "
+        f"WHERE customer_number = $1 OR phone = $2 OR {ids}"
+    )
 
 
-def matching(*, customer_number: str, phone: str, national_id_hash: str) -> driver.Bound:
-    """The query for every enrolled user with this CIF, this phone or this national id; its rows
-    make ``Match``es."""
-    return driver.Bound(_MATCHING, (customer_number, phone, national_id_hash))
+def matching(
+    *, customer_number: str, phone: str, national_id_hashes: Sequence[str]
+) -> driver.Bound:
+    """The query for every enrolled user with this CIF, this phone or this national id (its hash
+    under any of the keys, ``NationalIdKeys.hashes``); its rows make ``Match``es."""
+    if not national_id_hashes:
+        raise ValueError("at least one national-id hash is needed")
+    return driver.Bound(
+        _matching(len(national_id_hashes)), (customer_number, phone, *national_id_hashes)
+    )
 
 
 # The date of birth goes as ISO text to both drivers: how SQLAlchemy's Date type keeps it in

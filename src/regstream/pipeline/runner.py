@@ -56,7 +56,7 @@ from regstream.db.tables import RegistrationRequest
 from regstream.domain.enums import RegistrationStatus, Stage, StageStatus
 from regstream.domain.errors import ERROR_MESSAGES, ErrorCode, ValidationFailure
 from regstream.domain.models import Applicant
-from regstream.domain.pii import hash_national_id
+from regstream.domain.pii import NationalIdKeys
 from regstream.pipeline import stages
 from regstream.pipeline.fleet import FleetMember
 
@@ -173,7 +173,7 @@ class Runner:
         sessions: async_sessionmaker[AsyncSession],
         core: CoreBanking,
         publisher: Publisher,
-        secret_key: bytes,
+        keys: NationalIdKeys,
         concurrency: int = 64,
         lease_seconds: float = 60.0,
         open_transactions: int = 1,
@@ -190,7 +190,7 @@ class Runner:
         )
         self._core = core
         self._publisher = publisher
-        self._key = secret_key
+        self._keys = keys  # national-id HMAC keys: the current one, then any being rotated out
         self._semaphore = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._lease_ms = int(lease_seconds * 1000)
@@ -464,7 +464,8 @@ class Runner:
                 entries = await registrations.get_log(session, registration_id=row.id, run=run.run)
             run.logged = [registrations.to_log_event(e) for e in entries]
             cached_accounts = _completed_lookup(entries)
-        nid_hash = hash_national_id(self._key, applicant.id_type, applicant.national_id)
+        nid_hashes = self._keys.hashes(applicant.id_type, applicant.national_id)
+        nid_hash = nid_hashes[0]  # what a new enrolment stores
         stage = Stage.DUPLICATE_CHECK
         started = time.perf_counter()
         try:
@@ -472,12 +473,12 @@ class Runner:
                 stage = Stage.STATUS_UPDATE
                 await self._approve(run, applicant, nid_hash, cached_accounts, announce=True)
                 return
-            existing_found = await self._duplicate_check(run, applicant, nid_hash)
+            existing_found = await self._duplicate_check(run, applicant, nid_hashes)
             _observe(Stage.DUPLICATE_CHECK, "ok", started)
             if existing_found:
                 stage = Stage.UPDATE_USER_INFO
                 started = time.perf_counter()
-                await self._update_existing(run, applicant, nid_hash)
+                await self._update_existing(run, applicant, nid_hashes)
                 _observe(Stage.UPDATE_USER_INFO, "ok", started)
                 return
             stage = Stage.T24_LOOKUP
@@ -500,7 +501,9 @@ class Runner:
             details = {"error": error.code.value, "retryable": error.retryable}
             await self._fail(run, stage, error.code, details)
 
-    async def _duplicate_check(self, run: _Run, applicant: Applicant, nid_hash: str) -> bool:
+    async def _duplicate_check(
+        self, run: _Run, applicant: Applicant, nid_hashes: tuple[str, ...]
+    ) -> bool:
         """One transaction: the check, "started" logged with its result. True: the applicant
         is enrolled already (same CIF)."""
 
@@ -509,7 +512,7 @@ class Runner:
             # statement (one round trip to PostgreSQL); the rows, if any, are decided here.
             query = users.matching(
                 customer_number=applicant.customer_number, phone=applicant.phone,
-                national_id_hash=nid_hash,
+                national_id_hashes=nid_hashes,
             )  # fmt: skip
             logged, rows = await registrations.append_events_unless(
                 session, unless=query, registration_id=run.registration_id, run_id=run.run_id,
@@ -518,7 +521,7 @@ class Runner:
             if logged is not None:
                 return logged, False
             matches = [users.Match(*row) for row in rows]
-            existing = stages.duplicate_check(matches, applicant, nid_hash).existing
+            existing = stages.duplicate_check(matches, applicant, nid_hashes).existing
             assert existing is not None  # a match on the phone or id alone raised above
             events = [
                 _started(Stage.DUPLICATE_CHECK),
@@ -536,14 +539,16 @@ class Runner:
         _, existing_found = await self._commits.run(step, then=publish)
         return existing_found
 
-    async def _update_existing(self, run: _Run, applicant: Applicant, nid_hash: str) -> None:
+    async def _update_existing(
+        self, run: _Run, applicant: Applicant, nid_hashes: tuple[str, ...]
+    ) -> None:
         async def work(session: AsyncSession) -> tuple[list[Event], Outcome]:
             user = await users.get_by_customer_number(
                 session, customer_number=applicant.customer_number
             )
             if user is None:  # removed meanwhile: treat as a plain failure, re-validation works
                 raise ValidationFailure(ErrorCode.INTERNAL_ERROR)
-            updated = await stages.update_user_info(session, user, applicant, nid_hash)
+            updated = await stages.update_user_info(session, user, applicant, nid_hashes)
             if updated:
                 outcome = Outcome(
                     RegistrationStatus.COMPLETED, "User already exists - information updated",

@@ -7,6 +7,7 @@ writes in the session it is given (the runner's transaction); ``t24_lookup`` tal
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,17 +27,18 @@ class DuplicateCheck:
 
 
 def duplicate_check(
-    matches: list[users.Match], applicant: Applicant, national_id_hash: str
+    matches: list[users.Match], applicant: Applicant, national_id_hashes: Sequence[str]
 ) -> DuplicateCheck:
     """Decide on the enrolled users that share the applicant's CIF, phone or national id
     (``users.matching``; the runner queries them in the statement that logs the common result,
-    no match). Same CIF: an existing user. Phone or id held by another CIF: refuse (SIM-swap
+    no match). ``national_id_hashes``: the applicant's id under every key (current first; key
+    rotation). Same CIF: an existing user. Phone or id held by another CIF: refuse (SIM-swap
     risk)."""
     by_cif = next((u for u in matches if u.customer_number == applicant.customer_number), None)
     others = [u for u in matches if u.customer_number != applicant.customer_number]
     if any(u.phone == applicant.phone for u in others):
         raise ValidationFailure(ErrorCode.PHONE_ALREADY_ENROLLED)
-    if any(u.national_id_hash == national_id_hash for u in others):
+    if any(u.national_id_hash in national_id_hashes for u in others):
         raise ValidationFailure(ErrorCode.ID_ALREADY_ENROLLED)
     return DuplicateCheck(existing=by_cif)
 
@@ -52,17 +54,23 @@ MUTABLE_FIELDS: dict[str, str] = {
 
 
 async def update_user_info(
-    session: AsyncSession, user: MobileUser, applicant: Applicant, national_id_hash: str
+    session: AsyncSession, user: MobileUser, applicant: Applicant, national_id_hashes: Sequence[str]
 ) -> list[str]:
-    """Update the mutable fields that differ; return their API names (never their values)."""
+    """Update the mutable fields that differ; return their API names (never their values).
+
+    ``national_id_hashes``: the applicant's id under every key, the current key's first. A user
+    whose hash was made with a previous key gets the current key's hash (key rotation); that is
+    not an updated field (the person's data did not change)."""
     mismatched = []
     if user.date_of_birth != applicant.date_of_birth:
         mismatched.append("dateOfBirth")
-    if user.national_id_hash != national_id_hash:
+    if user.national_id_hash not in national_id_hashes:
         mismatched.append("nationalId")
     if mismatched:
         raise ValidationFailure(ErrorCode.IDENTITY_MISMATCH, fields=mismatched)
     changes: dict[str, Any] = {}
+    if user.national_id_hash != national_id_hashes[0]:
+        changes["national_id_hash"] = national_id_hashes[0]
     updated: list[str] = []
     for api_name, column in MUTABLE_FIELDS.items():
         new = getattr(applicant, column)

@@ -1,0 +1,171 @@
+"""Migrations that cannot race (issue 15): ``regstream migrate`` processes started together on an
+empty PostgreSQL database all succeed (they take turns on an advisory lock); ``serve`` with
+``REGSTREAM_MIGRATE_ON_START=false`` refuses a schema not at head with one line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+
+from regstream.db.engine import MIGRATION_LOCK_KEY, create_engine, head_revision, migrate
+from regstream.realtime.embedded import EmbeddedRedis
+from tests.support import TEST_SECRET_KEY, free_port
+
+ENV_DROP = ("REDIS_URL", "REDIS_HOST", "DATABASE_URL", "T24_BASE_URL", "REGSTREAM_SECRET_KEY")
+
+
+def _env(tmp_path: Path, database_url: str, **extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ENV_DROP and not k.startswith("REGSTREAM_")
+    }
+    env.update(
+        DATABASE_URL=database_url, REGSTREAM_SECRET_KEY=TEST_SECRET_KEY,
+        REGSTREAM_DATA_DIR=str(tmp_path / "var"), REGSTREAM_LOG_LEVEL="WARNING", **extra,
+    )  # fmt: skip
+    return env
+
+
+def _plain(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def _fetch(url: str, sql: str) -> list[tuple[object, ...]]:
+    conn = await asyncpg.connect(_plain(url), timeout=5)
+    try:
+        return [tuple(row) for row in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+def _regstream(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "regstream", *args], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def test_four_migrate_processes_started_together_on_an_empty_database_all_succeed(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """What a fleet does when every instance migrates at start (`serve` runs the same
+    ``db.engine.migrate``). The test holds the migration lock until all four wait for it, so
+    they are released together. Without the lock in ``migrate`` they do not wait and this test
+    fails at once; unsynchronised, four such processes on an empty database lost 1, 0, 3, 3 and 3
+    of 4 (five runs) to ``UniqueViolationError`` on ``pg_type_typname_nsp_index``."""
+    env = _env(tmp_path, postgres_url)
+    head = head_revision()
+
+    async def hold_the_lock_until_four_wait() -> list[subprocess.Popen[str]]:
+        conn = await asyncpg.connect(_plain(postgres_url), timeout=5)
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+            procs = [_regstream("migrate", env=env) for _ in range(4)]
+            deadline = time.monotonic() + 60
+            waiting = 0
+            while waiting < 4:
+                assert time.monotonic() < deadline, f"only {waiting} of 4 waited for the lock"
+                assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+                waiting = await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                )
+                await asyncio.sleep(0.05)
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+            return procs
+        finally:
+            await conn.close()
+
+    procs = asyncio.run(hold_the_lock_until_four_wait())
+    results = [(p.wait(60), *p.communicate()) for p in procs]
+    assert [(code, err) for code, _, err in results] == [(0, "")] * 4, results
+    lines = sorted(out.strip() for _, out, _ in results)
+    waited = " (after waiting for another process's migration)"
+    assert lines == sorted(
+        [f"database schema migrated from an empty database to {head} (head){waited}"]
+        + [f"database schema already at head ({head}); nothing to do{waited}"] * 3
+    )
+    assert asyncio.run(_fetch(postgres_url, "SELECT version_num FROM alembic_version")) == [(head,)]
+
+
+async def test_migrate_on_sqlite_and_again_is_a_no_op(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}")
+    try:
+        first = await migrate(engine)
+        again = await migrate(engine)
+    finally:
+        await engine.dispose()
+    head = head_revision()
+    assert (first.before, first.after, first.waited) == (None, head, False)
+    assert (again.before, again.after, again.waited) == (head, head, False)
+
+
+def test_migrate_command_failure_is_one_line(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    env = _env(tmp_path, f"postgresql+asyncpg://regstream:pw-canary@127.0.0.1:{port}/none")
+    done = subprocess.run(
+        [sys.executable, "-m", "regstream", "migrate"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: migration failed: ")
+    assert "pw-canary" not in done.stderr
+
+
+def test_serve_without_migrate_on_start_refuses_a_schema_not_at_head(
+    tmp_path: Path, postgres_url: str, redis_server: EmbeddedRedis
+) -> None:
+    """REGSTREAM_MIGRATE_ON_START=false: one line and exit 1 on an empty database; after
+    `regstream migrate`, the same command starts."""
+    env = _env(
+        tmp_path, postgres_url, REGSTREAM_MIGRATE_ON_START="false", REDIS_URL=redis_server.url,
+        T24_BASE_URL="http://127.0.0.1:9/api/v1.0.0",  # never called: no validation runs
+    )  # fmt: skip
+    port = free_port()
+    serve = ("serve", "--port", str(port))
+    refused = _regstream(*serve, env=env)
+    code, (out, err) = refused.wait(60), refused.communicate()
+    assert code == 1, (out, err)
+    assert err == (
+        f"error: database schema is empty, this release needs {head_revision()}: run "
+        "`regstream migrate` first (REGSTREAM_MIGRATE_ON_START=false)\n"
+    )
+    assert (
+        asyncio.run(
+            _fetch(postgres_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        )
+        == []
+    )
+
+    migrated = subprocess.run(
+        [sys.executable, "-m", "regstream", "migrate"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert migrated.returncode == 0, migrated.stderr
+    server = _regstream(*serve, env=env)
+    try:
+        deadline = time.monotonic() + 40
+        while True:
+            assert server.poll() is None, server.communicate()
+            assert time.monotonic() < deadline, "serve did not become ready"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    finally:
+        server.terminate()
+        try:
+            server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # its shutdown is not what this test is about
+            server.kill()
+            server.communicate(timeout=10)

@@ -39,7 +39,7 @@ from regstream.core_banking.simulator.server import serve_in_thread
 from regstream.db.tables import ProcessLogEntry
 from regstream.realtime import messages
 from regstream.realtime.broker import Broker
-from regstream.realtime.connections import create_client, create_subscriber_client
+from regstream.realtime.connections import RedisTarget, create_client, create_subscriber_client
 from regstream.realtime.embedded import EmbeddedRedis, find_server_binary
 from regstream.realtime.publisher import RegistrationPubSub
 from tests.conftest import unavailable
@@ -491,3 +491,15 @@ async def test_broker_resyncs_streams_when_a_live_update_is_of_a_new_epoch(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await commands.aclose()
+
+
+async def test_sentinel_pool_waits_for_a_free_connection(sentinel_set: SentinelSet) -> None:
+    """Through Sentinel the command pool still blocks when full (as ``BlockingConnectionPool``
+    does without Sentinel) instead of failing with "Too many connections"."""
+    client = create_client(RedisTarget.from_url(sentinel_set.url()), name="test-pool",
+                           max_connections=1)  # fmt: skip
+    try:
+        waits = [client.blpop([f"test:empty:{i}"], timeout=0.2) for i in range(3)]
+        assert await asyncio.gather(*waits) == [None, None, None]  # one after the other
+    finally:
+        await client.aclose()

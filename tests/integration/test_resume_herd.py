@@ -302,7 +302,7 @@ async def test_resume_herd_during_a_bulk_ends_exactly(make_settings: SettingsFac
             # the static registrations' updates: 5 each, interleaved, read back with their ids
             async def publish_static() -> EventKey:
                 publisher = live.services.publisher
-                start = await live.services.history.position()
+                start: EventKey = await live.services.history.position()
                 for seq in range(1, 6):
                     for rid in static:
                         await _publish(publisher, rid, seq)
@@ -356,7 +356,7 @@ async def test_resume_herd_during_a_bulk_ends_exactly(make_settings: SettingsFac
             await poller
 
             async def published() -> int:
-                return live.services.publisher.pending
+                return int(live.services.publisher.pending)
 
             assert await live.call(published()) == 0
             final_ids = {

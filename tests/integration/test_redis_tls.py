@@ -210,3 +210,58 @@ async def test_tls_refusals_are_clear(tls_redis: TlsRedis, case: str, expected: 
         assert await good.ping() is True
     finally:
         await good.aclose()
+
+
+@pytest.fixture
+def tls_sentinel(tls_redis: TlsRedis, tmp_path: Path) -> Iterator[int]:
+    """One sentinel, TLS only too (``tls-replication yes``: it talks TLS to the primary), watching
+    ``tls_redis`` as ``mymaster``; yields its port."""
+    import redis as redis_sync
+
+    pki, port = tls_redis.pki, free_port()
+    conf = tmp_path / "sentinel.conf"  # a sentinel rewrites its file: a private one
+    conf.write_text(
+        f"port 0\ntls-port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"tls-cert-file {pki.server_cert}\ntls-key-file {pki.server_key}\n"
+        f"tls-ca-cert-file {pki.ca}\ntls-auth-clients yes\ntls-replication yes\n"
+        f"sentinel monitor mymaster 127.0.0.1 {tls_redis.port} 1\n"
+    )
+    process = subprocess.Popen(
+        [find_server_binary(), str(conf), "--sentinel"], stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            client = redis_sync.Redis(
+                port=port, ssl=True, ssl_ca_certs=str(pki.ca), ssl_certfile=str(pki.client_cert),
+                ssl_keyfile=str(pki.client_key), socket_connect_timeout=0.5, decode_responses=True,
+            )  # fmt: skip
+            try:
+                state = client.sentinel_master("mymaster")
+                if isinstance(state, dict) and state.get("is_master") and not state.get("is_sdown"):
+                    break
+            except redis_sync.RedisError:
+                pass
+            finally:
+                client.close()
+            assert process.poll() is None, "the TLS sentinel exited"
+            assert time.monotonic() < deadline, "the TLS sentinel did not see its primary"
+            time.sleep(0.1)
+        yield port
+    finally:
+        process.kill()  # by PID
+        process.wait(5)
+
+
+async def test_service_through_sentinel_over_tls(
+    tls_redis: TlsRedis, tls_sentinel: int, t24: RunningSimulator, tmp_path: Path
+) -> None:
+    """``rediss+sentinel://``: TLS to the sentinel (discovery) and to the primary it names."""
+    settings = _settings(
+        tmp_path, t24, redis_url=SecretStr(f"rediss+sentinel://127.0.0.1:{tls_sentinel}/mymaster"),
+        redis_tls_ca=tls_redis.pki.ca, redis_tls_cert=tls_redis.pki.client_cert,
+        redis_tls_key=tls_redis.pki.client_key,
+    )  # fmt: skip
+    with serve_app(settings) as live:
+        await _validates_and_streams(live.url, auth_headers(live, "operator"))

@@ -80,6 +80,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Services]:
     assert settings.t24_base_url is not None
     target = RedisTarget.from_settings(settings)  # URL, REDIS_HOST or Sentinel; TLS
+    log.info("Redis: %s", target.describe())  # where, never credentials
     engine = create_engine(settings.effective_database_url)
     # migrations under an advisory lock (instances starting together take turns), or only a
     # check that `regstream migrate` did them (REGSTREAM_MIGRATE_ON_START=false)

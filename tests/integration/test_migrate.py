@@ -14,6 +14,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
+from regstream.core_banking.simulator.server import RunningSimulator
 from regstream.db.engine import MIGRATION_LOCK_KEY, create_engine, head_revision, migrate
 from regstream.realtime.embedded import EmbeddedRedis
 from tests.support import TEST_SECRET_KEY, free_port
@@ -121,13 +122,13 @@ def test_migrate_command_failure_is_one_line(tmp_path: Path) -> None:
 
 
 def test_serve_without_migrate_on_start_refuses_a_schema_not_at_head(
-    tmp_path: Path, postgres_url: str, redis_server: EmbeddedRedis
+    tmp_path: Path, postgres_url: str, redis_server: EmbeddedRedis, t24: RunningSimulator
 ) -> None:
     """REGSTREAM_MIGRATE_ON_START=false: one line and exit 1 on an empty database; after
     `regstream migrate`, the same command starts."""
     env = _env(
         tmp_path, postgres_url, REGSTREAM_MIGRATE_ON_START="false", REDIS_URL=redis_server.url,
-        T24_BASE_URL="http://127.0.0.1:9/api/v1.0.0",  # never called: no validation runs
+        T24_BASE_URL=t24.base_url, REGSTREAM_DRAIN_DELAY="0", REGSTREAM_DRAIN_SPREAD="0",
     )  # fmt: skip
     port = free_port()
     serve = ("serve", "--port", str(port))

@@ -124,6 +124,16 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
             # validations running at once, none waits for a connection (a wait would count
             # against the request's connect timeout, and so against the circuit breaker)
             max_connections=settings.pipeline_concurrency,
+            # TLS and proxy (docs/operations.md "T24 core"); Settings checked the files at start
+            ca_bundle=str(settings.t24_ca_bundle) if settings.t24_ca_bundle else None,
+            client_cert=str(settings.t24_client_cert) if settings.t24_client_cert else None,
+            client_key=str(settings.t24_client_key) if settings.t24_client_key else None,
+            client_key_password=(
+                settings.t24_client_key_password.get_secret_value()
+                if settings.t24_client_key_password else None
+            ),
+            proxy_url=settings.t24_proxy_url.get_secret_value() if settings.t24_proxy_url else None,
+            trust_env=settings.t24_trust_env,
         )
     )
     runner = Runner(

@@ -11,6 +11,7 @@ Build a ``Settings`` in ``app``/``cli`` and pass it down; nothing imports a glob
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -170,6 +171,16 @@ class Settings(BaseSettings):
     t24_max_attempts: Annotated[int, Field(ge=1, le=10)] = Field(
         3, validation_alias=_env("T24_MAX_ATTEMPTS")
     )
+    # TLS to T24 (docs/operations.md "T24 core"): CAs to trust, our client certificate (mutual
+    # TLS); an explicit proxy; the standard proxy variables only with T24_TRUST_ENV=true
+    t24_ca_bundle: Path | None = Field(None, validation_alias=_env("T24_CA_BUNDLE"))
+    t24_client_cert: Path | None = Field(None, validation_alias=_env("T24_CLIENT_CERT"))
+    t24_client_key: Path | None = Field(None, validation_alias=_env("T24_CLIENT_KEY"))
+    t24_client_key_password: SecretStr | None = Field(
+        None, validation_alias=_env("T24_CLIENT_KEY_PASSWORD")
+    )
+    t24_proxy_url: SecretStr | None = Field(None, validation_alias=_env("T24_PROXY_URL"))
+    t24_trust_env: bool = Field(False, validation_alias=_env("T24_TRUST_ENV"))
     t24_sim_latency_ms: Annotated[float, Field(ge=0)] = Field(
         50.0, validation_alias=_env("T24_SIM_LATENCY_MS")
     )
@@ -302,7 +313,10 @@ class Settings(BaseSettings):
             return tuple(value)  # type: ignore[arg-type]  # already parsed (model_copy, tests)
         return parse_host_list(value)
 
-    @field_validator("redis_tls_ca", "redis_tls_cert", "redis_tls_key")
+    @field_validator(
+        "redis_tls_ca", "redis_tls_cert", "redis_tls_key",
+        "t24_ca_bundle", "t24_client_cert", "t24_client_key",
+    )  # fmt: skip
     @classmethod
     def _check_readable_file(cls, value: Path | None) -> Path | None:
         if value is None or str(value) == "":
@@ -329,6 +343,47 @@ class Settings(BaseSettings):
             url.startswith(("rediss://", "rediss+sentinel://")) or any(f is not None for f in files)
         ):
             raise ValueError("REDIS_TLS: false contradicts rediss:// or REDIS_TLS_* files")
+        return self
+
+    @field_validator("t24_proxy_url")
+    @classmethod
+    def _check_t24_proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be http://[user:password@]host:port or https://...")
+        return value
+
+    @model_validator(mode="after")
+    def _check_t24_tls(self) -> Settings:
+        cert, key = self.t24_client_cert, self.t24_client_key
+        if (cert is None) != (key is None):
+            raise ValueError("T24_CLIENT_CERT and T24_CLIENT_KEY: a client certificate needs both")
+        if self.t24_client_key_password is not None and key is None:
+            raise ValueError("T24_CLIENT_KEY_PASSWORD: set without T24_CLIENT_KEY")
+        if self.t24_proxy_url is not None and self.t24_trust_env:
+            raise ValueError("T24_TRUST_ENV: set either T24_PROXY_URL or T24_TRUST_ENV=true")
+        # Load them as the client will (core_banking.client.tls_context): a wrong password, a
+        # key of another certificate or a file that is not PEM stops the start, not each call.
+        context = ssl.create_default_context()
+        if self.t24_ca_bundle is not None:
+            try:
+                context.load_verify_locations(cafile=self.t24_ca_bundle)
+            except (ssl.SSLError, ValueError):
+                raise ValueError("T24_CA_BUNDLE: not a PEM file of CA certificates") from None
+        if cert is not None and key is not None:
+            password = self.t24_client_key_password
+            try:
+                context.load_cert_chain(  # (never OpenSSL's terminal prompt: b"" if unset)
+                    cert, key, password=password.get_secret_value() if password else b""
+                )
+            except (ssl.SSLError, ValueError):
+                raise ValueError(
+                    "T24_CLIENT_KEY: cannot load it with T24_CLIENT_CERT (not PEM, another "
+                    "certificate's key, or an encrypted key without the right "
+                    "T24_CLIENT_KEY_PASSWORD)"
+                ) from None
         return self
 
     @field_validator("secret_key")

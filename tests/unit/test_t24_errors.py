@@ -13,6 +13,7 @@ from regstream.core_banking.errors import (
     CoreProtocolError,
     CoreRequestError,
     CoreTimeout,
+    CoreTlsError,
     CoreUnavailable,
     CustomerNotFound,
 )
@@ -29,6 +30,7 @@ from regstream.domain.errors import ERROR_MESSAGES, RETRYABLE, ErrorCode
         pytest.param(CoreAuthError, ErrorCode.CORE_AUTH_ERROR, False, id="auth"),
         pytest.param(CoreRequestError, ErrorCode.CORE_REQUEST_ERROR, False, id="request"),
         pytest.param(CoreProtocolError, ErrorCode.CORE_BAD_RESPONSE, False, id="protocol"),
+        pytest.param(CoreTlsError, ErrorCode.CORE_TLS_ERROR, False, id="tls"),
         pytest.param(CircuitOpen, ErrorCode.CORE_UNAVAILABLE, True, id="circuit-open"),
     ],
 )
@@ -63,7 +65,7 @@ def test_wire_details_are_kept() -> None:
 def test_every_exported_name_is_in_the_tree() -> None:
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), CoreBankingError)
-    assert len(errors.__all__) == 9
+    assert len(errors.__all__) == 10
 
 
 def test_catching_the_base_catches_all() -> None:

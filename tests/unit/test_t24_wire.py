@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import ssl
 from datetime import date
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
+import httpx
+import jsonschema
 import pytest
 
-from regstream.core_banking import _http, _wire
+from regstream.core_banking import _wire
 from regstream.core_banking.errors import (
     CircuitOpen,
     CoreAuthError,
@@ -18,6 +22,7 @@ from regstream.core_banking.errors import (
     CoreProtocolError,
     CoreRequestError,
     CoreTimeout,
+    CoreTlsError,
     CoreUnavailable,
     CustomerNotFound,
 )
@@ -31,10 +36,10 @@ def _error(code: str, message: str, type_: str = "BUSINESS") -> dict[str, Any]:
     }
 
 
-def _response(status: int, document: Any = None, **headers: str) -> _http.Answer:
+def _response(status: int, document: Any = None, **headers: str) -> _wire.Answer:
     """An answer as the client builds it (header names lower-cased, as the transport has them)."""
     content = document if isinstance(document, bytes) else json.dumps(document).encode()
-    return _http.Answer(status, {k.lower(): v for k, v in headers.items()}, content)
+    return _wire.Answer(status, {k.lower(): v for k, v in headers.items()}, content)
 
 
 OK = {"header": {"status": "success"}, "body": {"customerId": "1"}}
@@ -79,7 +84,7 @@ OK = {"header": {"status": "success"}, "body": {"customerId": "1"}}
         pytest.param(_response(302, b"", Location="/login"), CoreProtocolError, id="redirect"),
     ],
 )  # fmt: skip
-def test_interpret_errors(response: _http.Answer, expected: type[CoreBankingError]) -> None:
+def test_interpret_errors(response: _wire.Answer, expected: type[CoreBankingError]) -> None:
     with pytest.raises(expected) as info:
         _wire.interpret(response)
     assert type(info.value) is expected
@@ -97,7 +102,7 @@ def test_interpret_errors(response: _http.Answer, expected: type[CoreBankingErro
         pytest.param(_response(200, _error("", "NO RECORDS WERE FOUND")), id="200-failed"),
     ],
 )
-def test_interpret_no_records(response: _http.Answer) -> None:
+def test_interpret_no_records(response: _wire.Answer) -> None:
     assert _wire.interpret(response) is None
 
 
@@ -139,22 +144,68 @@ def test_should_retry(exc: CoreBankingError, transient: bool) -> None:
     assert _wire.should_retry(exc) is transient
 
 
+def _caused_by(exc: Exception, cause: BaseException) -> Exception:
+    exc.__cause__ = cause
+    return exc
+
+
+_REQUEST = httpx.Request("GET", "https://t24.example/api")
+
+
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        pytest.param(_http.ReadTimeout("t"), CoreTimeout, id="read-timeout"),
-        pytest.param(_http.ConnectTimeout("t"), CoreTimeout, id="connect-timeout"),
-        pytest.param(_http.PoolTimeout("t"), CoreTimeout, id="pool-timeout"),
+        pytest.param(httpx.ReadTimeout("t"), CoreTimeout, id="read-timeout"),
+        pytest.param(httpx.ConnectTimeout("t"), CoreTimeout, id="connect-timeout"),
+        pytest.param(httpx.PoolTimeout("t"), CoreTimeout, id="pool-timeout"),
+        pytest.param(httpx.WriteTimeout("t"), CoreTimeout, id="write-timeout"),
         pytest.param(TimeoutError(), CoreTimeout, id="other-timeout"),
-        pytest.param(_http.ConnectionFailed("refused"), CoreUnavailable, id="refused"),
-        pytest.param(_http.Disconnected("reset"), CoreUnavailable, id="server-hung-up"),
-        pytest.param(_http.MalformedAnswer("bad chunk"), CoreUnavailable, id="bad-framing"),
-        pytest.param(_http.UnreadableBody("gzip"), CoreProtocolError, id="undecodable-body"),
+        pytest.param(_caused_by(httpx.ConnectError("refused"), ConnectionRefusedError()),
+                     CoreUnavailable, id="refused"),
+        pytest.param(httpx.ReadError("reset"), CoreUnavailable, id="reset"),
+        pytest.param(httpx.RemoteProtocolError("Server disconnected"), CoreUnavailable,
+                     id="server-hung-up"),
+        pytest.param(httpx.ProxyError("407"), CoreUnavailable, id="proxy-refused-tunnel"),
+        pytest.param(ssl.SSLEOFError(8, "EOF"), CoreUnavailable, id="tls-eof-after-handshake"),
+        pytest.param(httpx.DecodingError("gzip"), CoreProtocolError, id="undecodable-body"),
+        pytest.param(_wire.BodyTooLarge("big"), CoreProtocolError, id="body-too-large"),
+        pytest.param(
+            _caused_by(httpx.ConnectError("verify"), ssl.SSLCertVerificationError(1, "verify")),
+            CoreTlsError, id="server-certificate-not-trusted",
+        ),
+        pytest.param(
+            _caused_by(httpx.ConnectError("eof"), ssl.SSLEOFError(8, "EOF")),
+            CoreTlsError, id="handshake-broken-off",
+        ),
+        pytest.param(ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]"), CoreTlsError,
+                     id="alert-certificate-required"),
+        pytest.param(httpx.UnsupportedProtocol("ftp"), CoreUnavailable, id="unsupported-scheme"),
         pytest.param(ValueError("bad target"), CoreRequestError, id="our-bug"),
     ],
-)
+)  # fmt: skip
 def test_map_transport_error(error: BaseException, expected: type[CoreBankingError]) -> None:
     assert type(_wire.map_transport_error(error)) is expected
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        pytest.param(httpx.RemoteProtocolError("Server disconnected"), CoreTlsError,
+                     id="closed-after-handshake"),
+        pytest.param(httpx.ReadError("reset"), CoreTlsError, id="reset-after-handshake"),
+        pytest.param(httpx.ReadTimeout("t"), CoreTimeout, id="slow-is-not-tls"),
+        pytest.param(httpx.DecodingError("gzip"), CoreProtocolError, id="an-answer-is-not-tls"),
+    ],
+)  # fmt: skip
+def test_a_new_tls_connection_ending_without_answer_is_a_tls_failure(
+    error: BaseException, expected: type[CoreBankingError]
+) -> None:
+    """What a server that refuses our client certificate without an alert looks like (uvicorn
+    closes right after the TLS 1.3 handshake); on a kept-alive connection it is a stale close."""
+    assert type(_wire.map_transport_error(error, fresh_tls=True)) is expected
+    assert _wire.should_retry(_wire.map_transport_error(error, fresh_tls=True)) is (
+        expected is CoreTimeout
+    )
 
 
 CUSTOMER_BODY = {
@@ -235,6 +286,68 @@ def test_parse_accounts() -> None:
     assert _wire.parse_accounts(None) == []
 
 
+HOLDINGS_V4_BODY = [  # holdings v4 (../shared/t24-spec): holdings, each with its products
+    {
+        "productLineId": "ACCOUNTS",
+        "totalAccountBalances": 1520.5,
+        "products": [
+            {
+                "arrangementId": "AA23145XK9QZ",
+                "accountId": "105929",
+                "productId": "NEGOTIABLE.ACCOUNT",
+                "currencyId": "KES",
+                "accountIBAN": "KE00X",
+                "arrangementStatus": "AUTH",
+                "dormancyStatus": "",
+                "customerIds": [{"customerId": "100231", "customerRole": "OWNER"}],
+            },
+            {"accountId": "104417", "arrangementStatus": "AUTH", "dormancyStatus": "DORMANT"},
+        ],
+    },
+    {"productLineId": "DEPOSITS", "totalDepositBalances": 0, "products": []},
+    {"productLineId": "LENDING", "products": [{"accountId": "3", "arrangementStatus": "CLOSE"}]},
+]
+
+
+SPEC_PATH = Path(__file__).resolve().parents[1] / "data" / "holdings-v4.openapi.json"
+
+
+def test_parse_accounts_holdings_v4() -> None:
+    accounts = _wire.parse_accounts(HOLDINGS_V4_BODY)
+    assert [(a.account_id, a.arrangement_id, a.is_active, a.iban) for a in accounts] == [
+        ("105929", "AA23145XK9QZ", True, "KE00X"),
+        ("104417", "", False, ""),
+        ("3", "", False, ""),
+    ]
+    assert accounts[0].product_id == "NEGOTIABLE.ACCOUNT"
+    assert _wire.page_rows(HOLDINGS_V4_BODY) == 3  # total_size counts holdings
+
+
+def test_the_holdings_v4_example_is_the_published_shape() -> None:
+    """The body above validates against Temenos' holdings v4 document (tests/data holds a copy
+    of ../shared/t24-spec/holdings-v4.openapi.json), so the parser reads the published shape."""
+    spec = json.loads(SPEC_PATH.read_text())
+    schema = {
+        "$ref": "#/components/schemas/CustomerHoldingsResponse",
+        "components": spec["components"],
+    }
+    document = {"header": {"status": "success", "total_size": 3}, "body": HOLDINGS_V4_BODY}
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(document)) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param([{"products": "105929"}], id="products-not-list"),
+        pytest.param([{"products": [{"arrangementId": "AA1"}]}], id="product-without-account"),
+        pytest.param([{"products": [{"accountId": True}]}], id="boolean-account-id"),
+    ],
+)
+def test_parse_accounts_holdings_v4_rejects(body: Any) -> None:
+    with pytest.raises(CoreProtocolError):
+        _wire.parse_accounts(body)
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -261,7 +374,7 @@ def test_parse_accounts_rejects(body: Any) -> None:
     ],
 )
 def test_what_json_reads_is_read_exactly(content: bytes, expected: object) -> None:
-    envelope = _wire.decode(_http.Answer(200, {}, content))
+    envelope = _wire.decode(_wire.Answer(200, {}, content))
     assert envelope is not None
     value = envelope.document["body"]["n"]
     assert (str(value) if expected == "nan" else value) == expected
@@ -269,7 +382,7 @@ def test_what_json_reads_is_read_exactly(content: bytes, expected: object) -> No
 
 @pytest.mark.parametrize("content", [b"[1]", b"not json", b"\xff\xfe"])
 def test_non_objects_and_non_json_are_not_envelopes(content: bytes) -> None:
-    assert _wire.decode(_http.Answer(200, {}, content)) is None
+    assert _wire.decode(_wire.Answer(200, {}, content)) is None
 
 
 @pytest.mark.parametrize("value", ["1988-02-30", "1988-13-01", "19880230", "1988/02/01"])

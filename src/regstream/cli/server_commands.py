@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -145,14 +146,41 @@ def t24_sim(
         bool, typer.Option(help="start in close-of-business (maintenance) mode")
     ] = False,
     seed: Annotated[int, typer.Option(help="random seed for fault injection")] = 24,
+    holdings_v4: Annotated[
+        bool, typer.Option(help="answer account lists in the holdings v4 shape")
+    ] = False,
+    tls_cert: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="serve HTTPS: PEM certificate")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="its PEM private key")
+    ] = None,
+    client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="require client certificates signed by this CA"
+        ),
+    ] = None,
 ) -> None:
     """Run the T24 (Temenos Transact) REST simulator standalone."""
-    from regstream.core_banking.simulator import SimulatorConfig, run_simulator
+    from regstream.core_banking.simulator import SimulatorConfig, SimulatorTls, run_simulator
 
+    if (tls_cert is None) != (tls_key is None) or (client_ca is not None and tls_cert is None):
+        console.print("[red]error:[/red] --tls-cert and --tls-key go together; --client-ca "
+                      "needs them", highlight=False)  # fmt: skip
+        raise typer.Exit(2)
+    tls = None
+    if tls_cert is not None and tls_key is not None:
+        tls = SimulatorTls(cert=tls_cert, key=tls_key, client_ca=client_ca)
     logs.configure(os.environ.get("REGSTREAM_LOG_LEVEL", "INFO"))
-    console.print(f"T24 simulator on http://{host}:{port}/api/v1.0.0", highlight=False)
+    scheme = "https" if tls is not None else "http"
+    console.print(f"T24 simulator on {scheme}://{host}:{port}/api/v1.0.0", highlight=False)
     run_simulator(
         host,
         port,
-        SimulatorConfig(latency_ms=latency_ms, fault_rate=fault_rate, cob=cob, seed=seed),
-    )
+        SimulatorConfig(
+            latency_ms=latency_ms, fault_rate=fault_rate, cob=cob, seed=seed,
+            holdings_v4=holdings_v4,
+        ),
+        tls=tls,
+    )  # fmt: skip

@@ -14,6 +14,7 @@ from regstream.core_banking.errors import (
     CoreProtocolError,
     CoreRequestError,
     CoreTimeout,
+    CoreTlsError,
     CoreUnavailable,
     CustomerNotFound,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "CoreProtocolError",
     "CoreRequestError",
     "CoreTimeout",
+    "CoreTlsError",
     "CoreUnavailable",
     "CustomerNotFound",
     "T24Client",

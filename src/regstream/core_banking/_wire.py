@@ -18,8 +18,25 @@ Decisions:
   call (``is_transient``); other 5xx fail fast but stay ``retryable`` for a later re-run.
 - A customer body whose ``customerId`` differs from the one asked for is a protocol error:
   validating the wrong person is worse than failing.
-- The functions read an answer through ``Response`` (status, headers with lower-cased names,
-  body bytes): the client hands over its transport's ``_http.Answer``.
+- The functions read an answer through ``Response`` (status, headers looked up by lower-cased
+  name, body bytes): the client hands over an ``Answer`` built from the httpx response.
+- Transport failures (httpx exceptions, and ``ssl.SSLError``, which httpx lets through when a
+  TLS alert arrives after the handshake) are translated in one place, ``map_transport_error``:
+  timeouts are ``CoreTimeout``; refused, reset or dropped connections and proxy failures
+  ``CoreUnavailable``; a body past the size cap or that does not decompress
+  ``CoreProtocolError``; a request httpx cannot send ``CoreRequestError``.
+- TLS failures are ``CoreTlsError`` (``CORE_TLS_ERROR``): the server's certificate not trusted
+  (or not for that host), a TLS alert from the core (it refused our client certificate, or
+  none was sent), or a handshake the core broke off. Some servers refuse a client certificate
+  without an alert, by closing the connection right after the TLS 1.3 handshake (Python's
+  asyncio servers, our simulator included): a *new* TLS connection that ends with no answer is
+  counted as a TLS failure too (``fresh_tls``). A server that crashes at that very moment is
+  reported as a TLS failure for that one call: the price of a clear code for the common case.
+- Holdings v4 (``../shared/t24-spec/holdings-v4.openapi.json``): ``body`` is a list of
+  holdings, each with a ``products`` list of accounts carrying the same field names as an
+  arrangement. ``parse_accounts`` reads both shapes, item by item: an item with ``products``
+  and no ``accountId`` is a holding, its products are the accounts. Paging counts ``body``
+  items (``total_size`` counts holdings in v4, arrangements otherwise).
 """
 
 from __future__ import annotations
@@ -27,18 +44,15 @@ from __future__ import annotations
 import email.utils
 import json
 import re
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Protocol
 
-from regstream.core_banking._http import (
-    ConnectionFailed,
-    Disconnected,
-    MalformedAnswer,
-    UnreadableBody,
-)
+import httpx
+
 from regstream.core_banking.errors import (
     CircuitOpen,
     CoreAuthError,
@@ -47,6 +61,7 @@ from regstream.core_banking.errors import (
     CoreProtocolError,
     CoreRequestError,
     CoreTimeout,
+    CoreTlsError,
     CoreUnavailable,
     CustomerNotFound,
 )
@@ -68,6 +83,19 @@ class Response(Protocol):
 
     @property
     def content(self) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A complete answer as the client read it (``headers`` looked up by lower-cased name)."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+
+
+class BodyTooLarge(Exception):
+    """The answer's body passed the client's size cap (reading stopped there)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,17 +201,44 @@ def is_transient(exc: CoreBankingError) -> bool:
     return status in _TRANSIENT_STATUSES or (status == 500 and exc.t24_code == "TGVCP-001")
 
 
-def map_transport_error(exc: BaseException) -> CoreBankingError:
-    """Translate a transport exception (no usable answer received) into ours."""
-    if isinstance(exc, TimeoutError):  # connect, pool or read timeout
+def map_transport_error(exc: BaseException, *, fresh_tls: bool = False) -> CoreBankingError:
+    """Translate a transport exception (no usable answer received) into ours.
+
+    ``fresh_tls``: this attempt opened a new TLS connection (so a connection that ends with no
+    answer is the core refusing the TLS session, not a kept-alive connection gone stale).
+    """
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):  # connect, pool, read, write
         return CoreTimeout()
-    if isinstance(exc, UnreadableBody):  # too big, or does not decompress: not a T24 answer
+    if isinstance(exc, BodyTooLarge | httpx.DecodingError):  # too big, or does not decompress
         return CoreProtocolError()
-    if isinstance(exc, ConnectionFailed | Disconnected | MalformedAnswer):
-        # refused / unreachable / TLS, the server hung up or reset, or a malformed status line,
-        # headers or framing (a broken gateway: may work on the next attempt)
+    if _tls_failure(exc):
+        return CoreTlsError()
+    if fresh_tls and isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return CoreTlsError()
+    if isinstance(exc, httpx.TransportError | ssl.SSLError | OSError):
+        # refused / unreachable, the proxy refused the tunnel, the server hung up or reset, or
+        # a malformed status line, headers or framing (a broken gateway: may work next time)
         return CoreUnavailable()
-    return CoreRequestError()  # anything else: our configuration or code
+    return CoreRequestError()  # anything else (an URL httpx cannot send): our configuration
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a TLS failure other than a plain hang-up."""
+    if isinstance(exc, ssl.SSLError):
+        # An alert from the core or a verification failure; a bare EOF or close_notify after
+        # the handshake is the connection ending, not TLS refusing.
+        return not isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+    if not isinstance(exc, httpx.ConnectError):
+        return False
+    # During connect: any TLS error, an EOF in the handshake included (the core broke it off).
+    cause = exc.__cause__ or exc.__context__
+    for _ in range(8):  # a cause chain is short; bounded all the same
+        if cause is None:
+            return False
+        if isinstance(cause, ssl.SSLError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def interpret(response: Response) -> Envelope | None:
@@ -251,23 +306,36 @@ def parse_customer(body: Any, customer_id: str) -> CoreCustomer:
 
 
 def parse_accounts(body: Any) -> list[CoreAccount]:
-    accounts = []
+    """The accounts of an arrangements list or of a holdings v4 list (see the module notes)."""
+    accounts: list[CoreAccount] = []
     for item in _list_of_dicts(body, "body"):
-        account_id = item.get("accountId")
-        if not isinstance(account_id, str | int) or not str(account_id):
-            raise CoreProtocolError("Core banking account without accountId")
-        accounts.append(
-            CoreAccount(
-                account_id=str(account_id),
-                arrangement_id=_text(item.get("arrangementId")),
-                arrangement_status=_text(item.get("arrangementStatus")).upper(),
-                dormancy_status=_text(item.get("dormancyStatus")),
-                iban=_text(item.get("accountIBAN")),
-                product_id=_text(item.get("productId")),
-                currency_id=_text(item.get("currencyId")),
+        if "products" in item and "accountId" not in item:  # a holdings v4 holding
+            accounts.extend(
+                _account(product) for product in _list_of_dicts(item["products"], "products")
             )
-        )
+        else:
+            accounts.append(_account(item))
     return accounts
+
+
+def page_rows(body: Any) -> int:
+    """How many rows of ``total_size`` a page's ``body`` holds (holdings or arrangements)."""
+    return len(body) if isinstance(body, list) else 0
+
+
+def _account(item: dict[str, Any]) -> CoreAccount:
+    account_id = item.get("accountId")
+    if not isinstance(account_id, str | int) or isinstance(account_id, bool) or not str(account_id):
+        raise CoreProtocolError("Core banking account without accountId")
+    return CoreAccount(
+        account_id=str(account_id),
+        arrangement_id=_text(item.get("arrangementId")),
+        arrangement_status=_text(item.get("arrangementStatus")).upper(),
+        dormancy_status=_text(item.get("dormancyStatus")),
+        iban=_text(item.get("accountIBAN")),
+        product_id=_text(item.get("productId")),
+        currency_id=_text(item.get("currencyId")),
+    )
 
 
 def _list_of_dicts(value: Any, name: str) -> list[dict[str, Any]]:

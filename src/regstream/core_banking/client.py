@@ -1,6 +1,7 @@
 """The core-banking seam (``CoreBanking``) and its Temenos Transact REST implementation.
 
-``T24Client`` speaks IRIS REST over one pool of keep-alive connections::
+``T24Client`` speaks IRIS REST through one ``httpx.AsyncClient`` (a pool of keep-alive
+connections, optionally mutual TLS and an explicit proxy)::
 
     client = T24Client(T24ClientConfig(base_url="http://127.0.0.1:8700/api/v1.0.0"))
     customer = await client.get_customer("100100")
@@ -9,30 +10,39 @@
 
 Decisions:
 
-- The transport is ``_http.HttpClient``, a small hand-written HTTP/1.1 client (keep-alive
-  GETs to one origin, answers parsed by httptools/llhttp), not a general-purpose library: the
-  T24 calls were a third of the validation pipeline's CPU, and a GET cost ~350 µs of
-  event-loop CPU through ``aiohttp.ClientSession`` (~2,900 µs through httpx) against ~180 µs
-  through ``HttpClient`` (``bench/t24_http_bench.py``). Its module docstring says what it does
-  and does not do. ``on_request`` lets tests see each request as it is sent.
+- The transport is httpx (issue 17): proxies, CA bundles and client certificates come with it,
+  and a bank's team does not inherit an HTTP client of its own. It costs more CPU per call
+  than the hand-written client it replaced (``bench/t24_http_bench.py``), which a T24 call of
+  50-500 ms makes irrelevant. ``max_connections`` bounds the requests in flight (the service
+  sets it to the pipeline concurrency); waiting for a connection is bounded by the pool
+  timeout (2 s), connecting by the connect timeout (2 s), each read and write by ``timeout``.
+- TLS: one ``ssl.SSLContext`` per client (``tls_context``): the system's CAs, or only
+  ``ca_bundle``'s; ``client_cert`` + ``client_key`` (optionally encrypted, ``client_key_password``)
+  for mutual TLS. Proxy: ``proxy_url`` only; the standard ``HTTP(S)_PROXY``/``NO_PROXY``
+  variables (and ``.netrc``) are read only with ``trust_env=True``, so an environment set up
+  for other tools does not silently route customer lookups through a proxy.
+- Answers are streamed and reading stops past ``max_body`` bytes (decoded: httpx undoes gzip
+  and deflate): a runaway gateway cannot fill the memory. Redirects are not followed (a 3xx is
+  an answer like any other, ``CORE_BAD_RESPONSE``); no cookies are kept between calls.
 - Every public call has a *deadline* (``T24ClientConfig.deadline``) covering all attempts,
   back-off sleeps and pages; when it expires mid-request the call raises ``CoreTimeout``. A
   retry is only started when its back-off sleep (or ``Retry-After``) ends at least
   ``_MIN_ATTEMPT_BUDGET`` seconds before the deadline; otherwise the last error is raised,
   which is how a long ``Retry-After`` becomes ``CoreMaintenance`` straight away.
-- Retries use ``tenacity`` with exponential back-off and full jitter (AWS builders' library);
-  which answers are retried is decided by ``_wire.is_transient``. The first attempt runs
-  without tenacity (its per-request machinery, ~46 µs of CPU, was a few % of the service's CPU,
-  and nearly every request ends on the first attempt); a retryable failure hands that outcome
-  to tenacity as its attempt 1, so ``max_attempts``, back-off and ``Retry-After`` are unchanged.
+- Retries: ``tenacity`` drives every attempt, the first included, with exponential back-off
+  and full jitter (AWS builders' library); which answers are retried is decided by
+  ``_wire.is_transient`` (timeouts, dropped connections, 502/503/504, 500 ``TGVCP-001``). A
+  kept-alive connection the core closed as we sent on it is such a dropped connection: the
+  next attempt (after the back-off) opens a new one.
 - The circuit breaker counts *HTTP attempts*, not calls: ``breaker_threshold`` failed
   attempts in a row (timeouts, connection errors, 5xx; an expired deadline counts too) open
   it. When it rejects a retry (not the first attempt) the error that caused the retry is
-  raised rather than ``CircuitOpen``, so a COB stays ``CORE_MAINTENANCE``.
+  raised rather than ``CircuitOpen``, so a COB stays ``CORE_MAINTENANCE``. TLS and auth
+  failures are configuration problems: not retried, and they do not open the breaker.
 - One log line and one latency observation per HTTP attempt: operation, attempt, HTTP
   status, T24 error code, outcome, duration and the correlation id. The customer id is masked
-  (``****31``); bodies and headers are never logged. (The transport logs nothing, so no URL,
-  and so no customer id, reaches the logs from it.)
+  (``****31``); bodies and headers are never logged. httpx's own INFO line carries the URL,
+  and so the customer id: ``logs.configure`` keeps the ``httpx`` logger at WARNING.
 - A customer id outside ``[A-Za-z0-9_-]{1,32}`` raises ``CoreRequestError`` without a request.
 - The correlation id is a fresh random 128-bit hex id per public call, sent as
   ``X-Correlation-ID`` on every attempt and page of that call, so the core's logs and ours can be
@@ -40,25 +50,28 @@ Decisions:
 - Paging: ``page_start`` is the 1-based page number (IRIS semantics); ``page_token`` from the
   first answer is sent back on the following pages until ``total_size`` rows were read. An
   answer without ``total_size`` is a single page. More than ``max_pages`` pages, or an empty
-  page before ``total_size`` rows, is ``CoreProtocolError``.
+  page before ``total_size`` rows, is ``CoreProtocolError``. Arrangement lists and holdings v4
+  lists are both read (``_wire.parse_accounts``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import http.cookiejar
 import os
 import re
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
-from urllib.parse import quote, urlencode, urlsplit
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import quote, urlsplit
 
+import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from regstream.core_banking import _wire
-from regstream.core_banking._http import HttpClient, HttpError, SentRequest, valid_target
 from regstream.core_banking._telemetry import (
     CallContext,
     mask_customer_id,
@@ -77,18 +90,30 @@ from regstream.core_banking.errors import (
 )
 from regstream.domain.core_records import CoreAccount, CoreCustomer
 
-__all__ = ["CoreBanking", "T24Client", "T24ClientConfig", "mask_customer_id"]
+__all__ = [
+    "CoreBanking",
+    "SentRequest",
+    "T24Client",
+    "T24ClientConfig",
+    "mask_customer_id",
+    "tls_context",
+]
 
 GET_CUSTOMER = "get_customer"
 LIST_ACCOUNTS = "list_accounts"
 #: Least time worth starting another attempt with (seconds left after the back-off sleep).
 _MIN_ATTEMPT_BUDGET = 0.1
+#: Connect (TCP, TLS, proxy tunnel) and wait-for-a-free-connection timeouts (seconds).
+_CONNECT_TIMEOUT = 2.0
+_POOL_TIMEOUT = 2.0
 _CUSTOMER_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-#: Exceptions of one attempt that mean "no usable answer" (mapped by ``map_transport_error``).
-#: The transport's timeouts are ``TimeoutError`` subclasses; the call deadline is not caught
-#: here (``asyncio.timeout_at`` cancels the attempt and raises only where it is entered).
-#: A ``ValueError`` from the transport is a request we could not send (our bug).
-_TRANSPORT_ERRORS = (HttpError, TimeoutError, ValueError)
+#: RFC 3986 path characters, percent-encoded (no spaces, no non-ASCII, no "?" or "#").
+_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
+#: What one attempt may raise without an answer (mapped by ``_wire.map_transport_error``).
+#: httpx raises its ``TransportError`` tree; a TLS alert arriving after the handshake comes as
+#: a bare ``ssl.SSLError``. The call deadline is not caught here (``asyncio.timeout_at``
+#: cancels the attempt and raises only where it is entered).
+_TRANSPORT_ERRORS = (httpx.TransportError, httpx.DecodingError, ssl.SSLError, _wire.BodyTooLarge)
 
 
 @runtime_checkable
@@ -104,14 +129,14 @@ class CoreBanking(Protocol):
 
 @dataclass(frozen=True)
 class T24ClientConfig:
-    """Connection, resilience and paging settings of ``T24Client``.
+    """Connection, TLS, resilience and paging settings of ``T24Client``.
 
     ``base_url`` includes the API prefix, e.g. ``http://127.0.0.1:8700/api/v1.0.0``. Basic
-    auth is used when both ``username`` and ``password`` are set. ``timeout`` bounds one HTTP
-    attempt from sending the request to the complete answer (connect and waiting for a free
-    connection: 2 s each; a kept-alive connection found closed as the request was sent is
-    replaced once, see ``_http``); ``deadline`` bounds a whole
-    ``get_customer``/``list_accounts`` call including retries and pages.
+    auth is used when both ``username`` and ``password`` are set. ``timeout`` bounds each wait
+    for the core (the next bytes of the answer, or sending the request); connecting and waiting
+    for a free connection have 2 s each; ``deadline`` bounds a whole
+    ``get_customer``/``list_accounts`` call including retries and pages. TLS and proxy fields
+    are described in the module docstring (file paths as strings).
     """
 
     base_url: str
@@ -128,6 +153,13 @@ class T24ClientConfig:
     page_size: int = 25
     max_pages: int = 50
     max_connections: int = 100  # requests in flight at most; more wait for a free connection
+    max_body: int = 8 * 1024 * 1024  # bytes of one answer (decoded); more is CORE_BAD_RESPONSE
+    ca_bundle: str | None = None  # PEM CAs trusted for the core (default: the system's)
+    client_cert: str | None = None  # PEM client certificate (chain) for mutual TLS
+    client_key: str | None = None  # its PEM private key
+    client_key_password: str | None = field(default=None, repr=False)
+    proxy_url: str | None = field(default=None, repr=False)  # may carry proxy credentials
+    trust_env: bool = False  # read HTTP(S)_PROXY, NO_PROXY, .netrc
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -135,17 +167,59 @@ class T24ClientConfig:
         parts = urlsplit(self.base_url)
         if "@" in parts.netloc:
             raise ValueError("base_url must not carry credentials: use username and password")
-        # (the transport's own check of a request target; urlsplit left no "?" in the path)
-        if parts.query or parts.fragment or not valid_target(parts.path or "/"):
+        if parts.query or parts.fragment or not _PATH.fullmatch(parts.path or "/"):
             raise ValueError("base_url must be scheme://host[:port]/path, the path URL-encoded")
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password must be set together")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key must be set together")
+        if self.proxy_url is not None and not self.proxy_url.startswith(("http://", "https://")):
+            raise ValueError("proxy_url must start with http:// or https://")
         for name in ("timeout", "deadline", "backoff_initial", "backoff_max", "breaker_reset"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("max_attempts", "breaker_threshold", "page_size", "max_pages"):
+        for name in ("max_attempts", "breaker_threshold", "page_size", "max_pages", "max_body"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+
+
+def tls_context(config: T24ClientConfig) -> ssl.SSLContext:
+    """The client's TLS settings: CAs to trust and, for mutual TLS, our certificate.
+
+    Raises ``OSError``/``ssl.SSLError`` for unreadable files or a key that does not match the
+    certificate (or a wrong password); the settings check this at start.
+    """
+    context = ssl.create_default_context(cafile=config.ca_bundle)
+    if config.client_cert is not None:
+        # An encrypted key without a password fails here: never OpenSSL's terminal prompt.
+        password = config.client_key_password
+        context.load_cert_chain(
+            config.client_cert, config.client_key, password=password if password else b""
+        )
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class SentRequest:
+    """A request as it is sent, for tests (``on_request``): the URL holds the customer id, so
+    it is not for logs; an ``Authorization`` header is shown as ``***``."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+
+
+class _AttemptTrace:
+    """httpx's ``trace`` request extension: whether this attempt opened a new TLS connection."""
+
+    __slots__ = ("fresh_tls",)
+
+    def __init__(self) -> None:
+        self.fresh_tls = False
+
+    async def __call__(self, event: str, info: Mapping[str, Any]) -> None:
+        if event == "connection.start_tls.complete":
+            self.fresh_tls = True
 
 
 class T24Client:
@@ -159,21 +233,38 @@ class T24Client:
         breaker: CircuitBreaker | None = None,
     ) -> None:
         self.config = config
-        self._base_path = urlsplit(config.base_url).path.rstrip("/")
-        headers = {"Accept": "application/json", "companyId": config.company_id}
+        self._base_url = config.base_url.rstrip("/")
+        self._tls = config.base_url.startswith("https://")
+        headers = {
+            "Accept": "application/json",
+            "User-Agent": "regstream",
+            "companyId": config.company_id,
+        }
         if config.username is not None and config.password is not None:
-            # Sent on every request, UTF-8 (RFC 7617's charset), as httpx's BasicAuth did.
+            # Sent on every request, UTF-8 (RFC 7617's charset), as httpx's BasicAuth does,
+            # without its per-request auth flow.
             userpass = f"{config.username}:{config.password}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(userpass).decode("ascii")
-        self._http = HttpClient(
-            config.base_url,
+        hooks: dict[str, list[Callable[..., Any]]] = {}
+        if on_request is not None:
+            hooks["request"] = [_recorder(on_request)]
+        self._http = httpx.AsyncClient(
             headers=headers,
-            max_connections=config.max_connections,
-            connect_timeout=2.0,
-            pool_timeout=2.0,
-            read_timeout=config.timeout,
-            keepalive=5.0,  # idle connections kept for 5 s, as httpx's default
-            on_request=on_request,
+            verify=tls_context(config),
+            proxy=config.proxy_url,
+            trust_env=config.trust_env,
+            timeout=httpx.Timeout(config.timeout, connect=_CONNECT_TIMEOUT, pool=_POOL_TIMEOUT),
+            limits=httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_connections,
+                keepalive_expiry=5.0,  # below uvicorn's and most gateways' idle close
+            ),
+            follow_redirects=False,
+            # a jar that accepts no cookie: calls stay independent, as they were
+            cookies=http.cookiejar.CookieJar(
+                http.cookiejar.DefaultCookiePolicy(allowed_domains=())
+            ),
+            event_hooks=hooks,
         )
         self.breaker = breaker or CircuitBreaker(
             threshold=config.breaker_threshold, reset_after=config.breaker_reset
@@ -196,7 +287,7 @@ class T24Client:
     async def get_customer(self, customer_id: str) -> CoreCustomer:
         """The customer record; ``CustomerNotFound`` when the core has none."""
         call = self._start(GET_CUSTOMER, customer_id)
-        path = f"{self._base_path}/party/customers/{quote(customer_id, safe='')}"
+        path = f"/party/customers/{quote(customer_id, safe='')}"
         try:
             async with asyncio.timeout_at(call.deadline_at):
                 envelope = await self._fetch(call, path, {})
@@ -209,7 +300,7 @@ class T24Client:
     async def list_accounts(self, customer_id: str) -> list[CoreAccount]:
         """Every account (arrangement) of the customer, across all pages."""
         call = self._start(LIST_ACCOUNTS, customer_id)
-        path = f"{self._base_path}/party/customers/{quote(customer_id, safe='')}/arrangements"
+        path = f"/party/customers/{quote(customer_id, safe='')}/arrangements"
         try:
             async with asyncio.timeout_at(call.deadline_at):
                 return await self._read_pages(call, path)
@@ -227,13 +318,14 @@ class T24Client:
             envelope = await self._fetch(call, path, params)
             if envelope is None:  # "No records were found": nothing (more) to read
                 return accounts
-            page_accounts = _wire.parse_accounts(envelope.document["body"])
-            accounts.extend(page_accounts)
-            rows_read += len(page_accounts)
+            body = envelope.document["body"]
+            accounts.extend(_wire.parse_accounts(body))
+            rows = _wire.page_rows(body)
+            rows_read += rows
             total = envelope.header.get("total_size")
             if not isinstance(total, int) or isinstance(total, bool) or rows_read >= total:
                 return accounts
-            if not page_accounts:
+            if not rows:
                 raise CoreProtocolError("Core banking sent an empty page before the last row")
             token = envelope.header.get("page_token")
             if isinstance(token, str) and token:
@@ -246,54 +338,20 @@ class T24Client:
         """One request with retries; ``None`` means "No records were found"."""
         call.attempt = 0
         call.last_error = None
-        target = f"{path}?{urlencode(params, quote_via=quote)}" if params else path
-        try:
-            # Fast path: nearly every request ends on its first attempt (an answer, or a final
-            # error such as "not found"). Building and driving an ``AsyncRetrying`` per request
-            # cost ~46 µs of CPU (0.5 µs without it), a few % of the service's CPU, so
-            # tenacity only takes over after a retryable failure.
-            try:
-                return await self._attempt(call, target)
-            except CoreBankingError as exc:
-                if not _wire.should_retry(exc):
-                    raise
-                first_error = exc
-            return await self._retry(call, target, first_error)
-        except CircuitOpen:
-            # The breaker opened during our retries: report what made us retry.
-            last = call.last_error
-            if last is not None:
-                raise last from last.__cause__
-            raise
-
-    async def _retry(
-        self,
-        call: CallContext,
-        target: str,
-        first_error: CoreBankingError,
-    ) -> _wire.Envelope | None:
-        """Attempts 2.. of a request whose first attempt failed with ``first_error``.
-
-        tenacity's attempt 1 re-raises ``first_error`` instead of sending a request, so its
-        stop condition, back-off and ``Retry-After`` see the same attempt numbers and errors as
-        when tenacity made the first attempt itself.
-        """
-        pending: CoreBankingError | None = first_error
-
-        async def attempt() -> _wire.Envelope | None:
-            nonlocal pending
-            if pending is not None:
-                exc, pending = pending, None
-                raise exc
-            return await self._attempt(call, target)
-
         retrying = AsyncRetrying(
             retry=retry_if_exception(_wire.should_retry),
             wait=self._wait,
             stop=lambda state: self._should_stop(call, state),
             reraise=True,
         )
-        return await retrying(attempt)
+        try:
+            return await retrying(self._attempt, call, path, dict(params))
+        except CircuitOpen:
+            # The breaker opened during our retries: report what made us retry.
+            last = call.last_error
+            if last is not None:
+                raise last from last.__cause__
+            raise
 
     def _wait(self, state: RetryCallState) -> float:
         backoff = float(self._backoff(state))
@@ -307,7 +365,9 @@ class T24Client:
         remaining = call.deadline_at - asyncio.get_running_loop().time()
         return state.upcoming_sleep + _MIN_ATTEMPT_BUDGET > remaining
 
-    async def _attempt(self, call: CallContext, target: str) -> _wire.Envelope | None:
+    async def _attempt(
+        self, call: CallContext, path: str, params: dict[str, str | int]
+    ) -> _wire.Envelope | None:
         call.attempt += 1
         try:
             is_probe = self.breaker.before_call()
@@ -317,10 +377,7 @@ class T24Client:
         call.attempt_started = time.perf_counter()
         status: int | None = None
         try:
-            try:
-                answer = await self._http.get(target, {"X-Correlation-ID": call.correlation_id})
-            except _TRANSPORT_ERRORS as exc:
-                raise _wire.map_transport_error(exc) from exc
+            answer = await self._send(call, path, params)
             status = answer.status_code
             result = _wire.interpret(answer)
         except CoreBankingError as exc:
@@ -339,6 +396,30 @@ class T24Client:
         observe(call, status, None)
         return result
 
+    async def _send(
+        self, call: CallContext, path: str, params: dict[str, str | int]
+    ) -> _wire.Answer:
+        """One HTTP exchange: the answer read up to ``max_body``, or a ``CoreBankingError``."""
+        trace = _AttemptTrace()
+        request = self._http.build_request(
+            "GET",
+            self._base_url + path,
+            params=params or None,
+            headers={"X-Correlation-ID": call.correlation_id},
+            extensions={"trace": trace} if self._tls else None,
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+            try:
+                content = await _read_capped(response, self.config.max_body)
+            finally:
+                await response.aclose()
+        except _TRANSPORT_ERRORS as exc:
+            raise _wire.map_transport_error(exc, fresh_tls=trace.fresh_tls) from exc
+        except httpx.HTTPError as exc:  # (InvalidURL and the like: a request we cannot send)
+            raise CoreRequestError() from exc
+        return _wire.Answer(response.status_code, response.headers, content)
+
     # --- bookkeeping -----------------------------------------------------------------------
 
     def _start(self, operation: str, customer_id: str) -> CallContext:
@@ -356,3 +437,28 @@ class T24Client:
         self.breaker.record_failure()
         observe(call, None, exc)
         return exc
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The decoded body; reading stops as soon as it passes ``limit`` bytes."""
+    announced = response.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > limit:
+        raise _wire.BodyTooLarge(f"answer body of {announced} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise _wire.BodyTooLarge(f"answer body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _recorder(on_request: Callable[[SentRequest], None]) -> Callable[[httpx.Request], Any]:
+    async def record(request: httpx.Request) -> None:
+        headers = dict(request.headers)
+        if "authorization" in headers:
+            headers["authorization"] = "***"
+        on_request(SentRequest(request.method, str(request.url), httpx.Headers(headers)))
+
+    return record

@@ -14,7 +14,8 @@ Our exception hierarchy::
     ├── CoreMaintenance         CORE_MAINTENANCE     yes   (COB / maintenance window)
     ├── CoreAuthError           CORE_AUTH_ERROR      no    (alert an operator)
     ├── CoreRequestError        CORE_REQUEST_ERROR   no    (our bug: bad query, bad id)
-    └── CoreProtocolError       CORE_BAD_RESPONSE    no    (non-JSON, missing ``body``)
+    ├── CoreProtocolError       CORE_BAD_RESPONSE    no    (non-JSON, missing ``body``)
+    └── CoreTlsError            CORE_TLS_ERROR       no    (certificates: alert an operator)
 
 ``retryable`` tells whether the *outcome* may be re-validated later (it becomes
 ``details.retryable`` of a FAILED run). Whether the client retries *within* one call is a
@@ -40,6 +41,7 @@ __all__ = [
     "CoreProtocolError",
     "CoreRequestError",
     "CoreTimeout",
+    "CoreTlsError",
     "CoreUnavailable",
     "CustomerNotFound",
 ]
@@ -127,4 +129,13 @@ class CoreProtocolError(CoreBankingError):
     """The answer could not be understood (non-JSON, missing ``body``, schema drift)."""
 
     code = ErrorCode.CORE_BAD_RESPONSE
+    retryable = False
+
+
+class CoreTlsError(CoreBankingError):
+    """The TLS connection to the core failed: its certificate is not trusted (``T24_CA_BUNDLE``),
+    or it refused ours (``T24_CLIENT_CERT``/``T24_CLIENT_KEY`` missing or not signed by a CA it
+    trusts). A configuration problem: not retried, does not open the breaker."""
+
+    code = ErrorCode.CORE_TLS_ERROR
     retryable = False

@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     CORE_AUTH_ERROR = "CORE_AUTH_ERROR"
     CORE_REQUEST_ERROR = "CORE_REQUEST_ERROR"
     CORE_BAD_RESPONSE = "CORE_BAD_RESPONSE"
+    CORE_TLS_ERROR = "CORE_TLS_ERROR"
     INTERRUPTED = "INTERRUPTED"
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
@@ -50,6 +51,7 @@ ERROR_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.CORE_AUTH_ERROR: "Core banking refused our credentials",
     ErrorCode.CORE_REQUEST_ERROR: "Core banking rejected the request",
     ErrorCode.CORE_BAD_RESPONSE: "Core banking sent an unreadable response",
+    ErrorCode.CORE_TLS_ERROR: "TLS connection to core banking failed (certificates)",
     ErrorCode.INTERRUPTED: "Validation was interrupted by a server restart; please validate again",
     ErrorCode.INTERNAL_ERROR: "Internal error during validation",
 }

@@ -2,7 +2,12 @@
 
 from regstream.core_banking.simulator.app import API_PREFIX, SimulatorConfig, create_simulator_app
 from regstream.core_banking.simulator.dataset import DEMO_APPLICANTS, DemoApplicant
-from regstream.core_banking.simulator.server import RunningSimulator, run_simulator, serve_in_thread
+from regstream.core_banking.simulator.server import (
+    RunningSimulator,
+    SimulatorTls,
+    run_simulator,
+    serve_in_thread,
+)
 
 __all__ = [
     "API_PREFIX",
@@ -10,6 +15,7 @@ __all__ = [
     "DemoApplicant",
     "RunningSimulator",
     "SimulatorConfig",
+    "SimulatorTls",
     "create_simulator_app",
     "run_simulator",
     "serve_in_thread",

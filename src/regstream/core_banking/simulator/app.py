@@ -9,7 +9,10 @@ Serves, under ``/api/v1.0.0``::
 
 and control endpoints under ``/_sim``: ``GET stats`` (``calls`` per endpoint,
 ``callsByCustomer``, ``inFlight``), ``GET|POST config`` (``latency_ms``,
-``fault_rate``, ``cob``), ``POST reset`` and ``GET healthz``.
+``fault_rate``, ``cob``, ``holdings_v4``), ``POST reset`` and ``GET healthz``.
+
+``holdings_v4`` makes ``/arrangements`` answer in the holdings v4 shape (a core whose accounts
+enquiry is the holdings API): the client must read both.
 
 Each T24 call goes through the same steps, in order: count it, wait ``latency_ms``, answer
 503 + ``Retry-After: 1`` if ``cob`` is on, check Basic auth if ``require_auth`` is set,
@@ -72,6 +75,7 @@ class SimulatorConfig:
     cob: bool = False
     seed: int = 24
     require_auth: tuple[str, str] | None = None
+    holdings_v4: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.latency_ms, bool) or not 0 <= self.latency_ms <= MAX_SLEEP * 1000:
@@ -80,6 +84,8 @@ class SimulatorConfig:
             raise ValueError("fault_rate must be between 0 and 1")
         if not isinstance(self.cob, bool):
             raise ValueError("cob must be true or false")
+        if not isinstance(self.holdings_v4, bool):
+            raise ValueError("holdings_v4 must be true or false")
 
 
 class _State:
@@ -230,7 +236,7 @@ def _answer(request: Request, state: _State, endpoint: str, cif: str, started: f
     if endpoint == "customer":
         return r.record(customer.to_wire(), started)
     products = [account.to_wire(cif) for account in customer.accounts]
-    if endpoint == "arrangements":
+    if endpoint == "arrangements" and not state.config.holdings_v4:
         return _page(request, state, cif, products, started)
     holdings: list[object] = []
     if products:
@@ -326,7 +332,7 @@ async def _config(request: Request) -> Response:
             changes = await request.json()
         except ValueError:
             return JSONResponse({"detail": "body must be JSON"}, status_code=400)
-        allowed = {"latency_ms", "fault_rate", "cob"}
+        allowed = {"latency_ms", "fault_rate", "cob", "holdings_v4"}
         if not isinstance(changes, dict) or not set(changes) <= allowed:
             return JSONResponse(
                 {"detail": f"body must be an object with any of {sorted(allowed)}"},

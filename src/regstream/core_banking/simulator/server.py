@@ -8,26 +8,51 @@ lines carry customer ids in their paths. uvicorn still writes access lines whene
 ``uvicorn.access`` logger has a handler (pytest's ``caplog`` adds one; an application may make
 it propagate), so while a simulator runs a filter on that logger drops the lines for the T24
 paths (``/api/v1.0.0/...``); other servers' access lines are untouched.
+
+TLS (``SimulatorTls``) is uvicorn's own (its ``ssl_*`` options): a certificate and key, and
+with ``client_ca`` a client certificate signed by that CA is required. uvicorn (asyncio)
+closes a connection whose client sent no acceptable certificate right after the TLS 1.3
+handshake, without a TLS alert; the client reads that as ``CORE_TLS_ERROR`` (``_wire``).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from regstream.core_banking.simulator.app import API_PREFIX, SimulatorConfig, create_simulator_app
 
-__all__ = ["RunningSimulator", "run_simulator", "serve_in_thread"]
+__all__ = ["RunningSimulator", "SimulatorTls", "run_simulator", "serve_in_thread"]
 
 #: uvicorn waits this long for in-flight requests on shutdown before cancelling them.
 GRACEFUL_SHUTDOWN = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorTls:
+    """Serve HTTPS with ``cert``/``key`` (PEM); with ``client_ca``, require a client certificate
+    signed by it (mutual TLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key)}
+        if self.client_ca is not None:
+            options["ssl_ca_certs"] = str(self.client_ca)
+            options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        return options
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +61,11 @@ class RunningSimulator:
 
     host: str
     port: int
+    scheme: str = "http"
 
     @property
     def root_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -58,6 +84,7 @@ def run_simulator(
     *,
     log_level: str = "info",
     access_log: bool = False,
+    tls: SimulatorTls | None = None,
 ) -> None:
     """Serve the simulator until interrupted (Ctrl+C / SIGTERM). Blocks.
 
@@ -78,6 +105,7 @@ def run_simulator(
             lifespan="off",
             ws="none",
             timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN),
+            **(tls.uvicorn_options() if tls is not None else {}),
         )
 
 
@@ -88,10 +116,11 @@ def serve_in_thread(
     host: str = "127.0.0.1",
     port: int = 0,
     startup_timeout: float = 10.0,
+    tls: SimulatorTls | None = None,
 ) -> Iterator[RunningSimulator]:
     """Run the simulator on a background thread for the duration of the ``with`` block.
 
-    ``port=0`` picks a free port::
+    ``port=0`` picks a free port; ``tls`` serves HTTPS (``base_url`` is then ``https://``)::
 
         with serve_in_thread(SimulatorConfig(latency_ms=0)) as sim:
             client = T24Client(T24ClientConfig(base_url=sim.base_url))
@@ -107,6 +136,7 @@ def serve_in_thread(
             lifespan="off",
             ws="none",
             timeout_graceful_shutdown=int(GRACEFUL_SHUTDOWN),
+            **(tls.uvicorn_options() if tls is not None else {}),
         )
     )
     thread = threading.Thread(
@@ -121,7 +151,8 @@ def serve_in_thread(
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("T24 simulator did not start")
             time.sleep(0.01)
-        yield RunningSimulator(host=host, port=sock.getsockname()[1])
+        scheme = "https" if tls is not None else "http"
+        yield RunningSimulator(host=host, port=sock.getsockname()[1], scheme=scheme)
     finally:
         server.should_exit = True
         thread.join(timeout=GRACEFUL_SHUTDOWN + 5)

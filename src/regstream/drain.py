@@ -68,6 +68,7 @@ class Drain:
         self._closing: asyncio.Task[None] | None = None
         self._handed_over = False  # the delay is over: signals go to the server's handler
         self._previous: dict[int, Handler] = {}
+        metrics.SHUTDOWN_PHASE.set(0)  # (one process may run several apps: tests)
 
     def install_signals(self) -> Callable[[], None]:
         """Take SIGTERM/SIGINT (from the main thread only; elsewhere nothing to do). Returns the
@@ -145,7 +146,10 @@ class Drain:
         """Whatever phases are left (no delay: the server has stopped listening), then the
         validations' grace and the publisher's flush."""
         self._hurry.set()
-        await self.begin()
+        try:
+            await self.begin()
+        except Exception:  # the validations' grace and the flush must still come
+            log.exception("closing the streams failed")
         services = self._services
         metrics.SHUTDOWN_PHASE.set(3)
         left = await services.runner.drain(self._grace)

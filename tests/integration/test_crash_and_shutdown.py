@@ -35,6 +35,8 @@ def _env(tmp: Path, redis: EmbeddedRedis, sim: RunningSimulator, **extra: str) -
         REGSTREAM_DATA_DIR=str(tmp / "var"), REDIS_URL=redis.url, T24_BASE_URL=sim.base_url,
         DATABASE_URL=f"sqlite+aiosqlite:///{tmp / 'db.sqlite3'}", REGSTREAM_SECRET_KEY="k" * 32,
         REGSTREAM_PROCESS_RATE_PER_MINUTE="100000", REGSTREAM_LEASE_SECONDS="2",
+        # each test's SIGTERM at teardown: 0.5 s of readiness off, not the default 5 s
+        REGSTREAM_DRAIN_DELAY="0.5",
     )  # fmt: skip
     env.update(extra)
     return env

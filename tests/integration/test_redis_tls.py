@@ -265,3 +265,19 @@ async def test_service_through_sentinel_over_tls(
     )  # fmt: skip
     with serve_app(settings) as live:
         await _validates_and_streams(live.url, auth_headers(live, "operator"))
+
+
+async def test_service_with_a_wrong_ca_says_why(
+    tls_redis: TlsRedis, t24: RunningSimulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not ready, and the log names the TLS failure (not only "ConnectionError")."""
+    settings = _settings(
+        tmp_path, t24, redis_url=SecretStr(tls_redis.url), redis_tls_ca=tls_redis.pki.other_ca,
+        redis_tls_cert=tls_redis.pki.client_cert, redis_tls_key=tls_redis.pki.client_key,
+    )  # fmt: skip
+    with serve_app(settings) as live:
+        async with httpx.AsyncClient(base_url=live.url) as client:
+            ready = await client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("down")
+    lost = [r.getMessage() for r in caplog.records if "subscription lost" in r.getMessage()]
+    assert lost and "CERTIFICATE_VERIFY_FAILED" in lost[0], lost[:1]

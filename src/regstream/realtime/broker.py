@@ -114,7 +114,7 @@ class Broker:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                log.warning("subscription lost (%s); reconnecting", type(exc).__name__)
+                log.warning("subscription lost (%s); reconnecting", _reason(exc))
             except Exception:  # a bug must not end the only subscription: log it, rebuild
                 log.exception("subscription loop failed; rebuilding")
             finally:
@@ -223,6 +223,14 @@ class Broker:
         self.received += 1
         metrics.REDIS_MESSAGES_RECEIVED.inc()
         self._on_update(parsed)
+
+
+def _reason(exc: BaseException) -> str:
+    """The error's class and redis-py's message: "Error 1 connecting to host:port. [SSL:
+    CERTIFICATE_VERIFY_FAILED] …", "Connection refused", "invalid username-password pair": what
+    an operator needs, never credentials (redis-py's messages name the address only)."""
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 async def _quietly(awaitable: object) -> None:

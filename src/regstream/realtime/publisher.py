@@ -124,13 +124,15 @@ return ids
 
 # KEYS: history, epoch, primary; ARGV[1]: the replication id of the server we are talking to.
 # Returns 1 when it began a new epoch (the history belonged to another primary), else 0.
+# No id kept yet: a Redis that lost its data (its epoch is new already, maybe just made by a
+# publish that won the race) or the first check ever; either way this history is this primary's.
 _PRIMARY_SCRIPT = """
 local known = redis.call('GET', KEYS[3])
 if known == ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[3], ARGV[1])
-if not redis.call('GET', KEYS[2]) then
+if not known or not redis.call('GET', KEYS[2]) then
   return 0
 end
 local t = redis.call('TIME')

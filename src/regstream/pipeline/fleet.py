@@ -60,7 +60,11 @@ class FleetMember:
     async def wait_for_work(self) -> bool:
         """Wait for a wake-up, at most the poll interval. True: woken (not just the poll)."""
         try:
-            await asyncio.wait_for(self._work.wait(), self._poll)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that arrives in the same turn as the wake-up (a shutdown's own NOTIFY), and the
+            # take loop then never ended (serve hung on SIGTERM; tests/unit/test_fleet_member.py)
+            async with asyncio.timeout(self._poll):
+                await self._work.wait()
             woken = True
         except TimeoutError:
             woken = False

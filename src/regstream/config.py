@@ -343,6 +343,12 @@ class Settings(BaseSettings):
             url.startswith(("rediss://", "rediss+sentinel://")) or any(f is not None for f in files)
         ):
             raise ValueError("REDIS_TLS: false contradicts rediss:// or REDIS_TLS_* files")
+        tls = self.redis_tls or any(f is not None for f in files)
+        if tls and not (url or self.redis_host or self.redis_sentinels):
+            raise ValueError(
+                "REDIS_TLS: TLS needs a Redis to talk to (REDIS_URL, REDIS_HOST or "
+                "REDIS_SENTINELS); the embedded one is a local socket"
+            )
         return self
 
     @field_validator("t24_proxy_url")

@@ -168,6 +168,8 @@ def test_sentinels_from_their_own_variables(monkeypatch: pytest.MonkeyPatch) -> 
                      "REDIS_TLS: false contradicts", id="tls-false-rediss"),
         pytest.param({"REDIS_URL": "rediss://h:6380/0?ssl_cert_reqs=none"},
                      "REDIS_URL: TLS options go in REDIS_TLS", id="ssl-query"),
+        pytest.param({"REDIS_TLS": "true"}, "REDIS_TLS: TLS needs a Redis to talk to",
+                     id="tls-without-redis"),
     ],
 )  # fmt: skip
 def test_bad_sentinel_and_tls_settings_are_one_line(

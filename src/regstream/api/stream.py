@@ -34,7 +34,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from regstream import metrics
-from regstream.api import views
+from regstream.api import errors, views
 from regstream.api.deps import Services
 from regstream.db import registrations
 from regstream.realtime import messages
@@ -86,52 +86,66 @@ class StreamEndpoint:
         assert not isinstance(registration_id, str)
         last_id = _header(scope, b"last-event-id") or (query.get("lastEventId") or [None])[0]
 
-        auth = services.stream_auth
-        info: Any = None
-        if auth is not None:
-            decision = await auth(scope, registration_id)
-            if decision.status != 200:
-                await _json(
-                    send, decision.status, decision.code, decision.message, decision.headers
-                )
-                return
-            info = decision.principal
-        if services.draining:
-            await _json(send, 503, "UNAVAILABLE", "server is restarting", [(b"retry-after", b"1")])
-            return
-        hub = services.hub
-        if len(hub) >= services.settings.sse_max_streams:
-            await _json(send, 503, "UNAVAILABLE", "too many streams", [(b"retry-after", b"5")])
-            return
-
-        if scope["method"] == "HEAD":
-            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-
-        settings = services.settings
         gate = services.start_gate
+        retry_ms = services.settings.sse_retry_ms
         stream: Stream | None = None
         handed_over = False
         try:
-            # the start-up (history read or snapshot) runs admitted; the stream's life does not
+            # Credentials (a database read) and the start-up (a history read or a snapshot) run
+            # admitted, a bounded number at once; the stream's life does not (api/admission.py).
             async with gate.admit() if gate is not None else _ALWAYS as admitted:
                 if not admitted:
-                    await _defer(send, scope, settings.sse_retry_ms)
+                    await _defer(send, scope, retry_ms)
                     return
-                await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-                stream = _make_stream(send, registration_id, settings.sse_max_buffer_bytes, info)
-                hub.attach(stream)
-                await _start(stream, services, registration_id, last_id, settings.sse_retry_ms)
+                try:
+                    stream = await _open(scope, send, services, registration_id)
+                except Exception as exc:
+                    if not errors.database_unavailable(exc):
+                        raise
+                    errors.DATABASE_OUTAGE.failed(exc)  # as the API's routes answer it
+                    await _defer(send, scope, retry_ms)
+                    return
+                if stream is None:
+                    return  # answered (refused, HEAD)
+                await _start(stream, services, registration_id, last_id, retry_ms)
             if isinstance(stream, TransportStream):
-                handed_over = _hand_over(stream, hub)
+                handed_over = _hand_over(stream, services.hub)
                 if not handed_over:
                     await _wait_disconnect(stream, receive)
             elif isinstance(stream, QueuedStream):
                 await _pump_until_disconnect(stream, send, receive)
         finally:
             if stream is not None and not handed_over:
-                hub.detach(stream)
+                services.hub.detach(stream)
+
+
+async def _open(
+    scope: Scope, send: Send, services: Services, rid: RegistrationFilter
+) -> Stream | None:
+    """Credentials and limits, then the response head: the stream, attached to the hub; None
+    when the request was answered instead (refused, or a HEAD)."""
+    info: Any = None
+    auth = services.stream_auth
+    if auth is not None:
+        decision = await auth(scope, rid)
+        if decision.status != 200:
+            await _json(send, decision.status, decision.code, decision.message, decision.headers)
+            return None
+        info = decision.principal
+    if services.draining:
+        await _json(send, 503, "UNAVAILABLE", "server is restarting", [(b"retry-after", b"1")])
+        return None
+    hub = services.hub
+    if len(hub) >= services.settings.sse_max_streams:
+        await _json(send, 503, "UNAVAILABLE", "too many streams", [(b"retry-after", b"5")])
+        return None
+    await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+    if scope["method"] == "HEAD":
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return None
+    stream = _make_stream(send, rid, services.settings.sse_max_buffer_bytes, info)
+    hub.attach(stream)
+    return stream
 
 
 _INVALID = "invalid"

@@ -11,7 +11,14 @@ from regstream.db import users
 from regstream.realtime.connections import create_client
 from regstream.realtime.embedded import EmbeddedRedis
 from tests.conftest import SettingsFactory
-from tests.support import LiveServer, StreamClient, auth_headers, serve_app, wait_until
+from tests.support import (
+    TEST_SECRET_KEY,
+    LiveServer,
+    StreamClient,
+    auth_headers,
+    serve_app,
+    wait_until,
+)
 
 BULK = "/api/registrations/process"
 
@@ -32,7 +39,7 @@ async def test_bulk_starts_every_demo_registration_once(
     with serve_app(make_settings(database_url=database_url)) as live:
         from regstream.demo import load_demo
 
-        rows = await live.call(load_demo(live.services.sessions, b"test-secret-key"))
+        rows = await live.call(load_demo(live.services.sessions, TEST_SECRET_KEY.encode()))
         expected = {row.registration_id: row.expected_status for row in rows}
         ids = sorted(expected)
         operator = auth_headers(live, "operator")
@@ -151,10 +158,11 @@ async def test_bulk_counts_each_id_against_the_rate_limit(make_settings: Setting
 async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
     make_settings: SettingsFactory, redis_server: EmbeddedRedis
 ) -> None:
-    """Redis healthy but its writes paused for a second while 40 runs go: the runner holds new
-    runs while the publisher's outbox is half full, so every update is delivered live, in
-    order, and none is dropped (no resync); without the hold, 280 updates overflow 64.
-    (Claiming the runs does not touch Redis: the pause goes first.)"""
+    """Redis healthy but its writes paused while 40 runs go: the runner holds new runs while
+    the publisher's outbox is half full, so every update is delivered live, in order, and none
+    is dropped (no resync); without the hold, 280 updates overflow 64. (Claiming the runs does
+    not touch Redis, but the fleet-wide process rate does: it waits for a paused Redis at most
+    ``LimitStore.timeout``, 2 s, then counts per process; the 3 s pause outlasts it.)"""
     with serve_app(make_settings(outbox_max=64, pipeline_concurrency=4)) as live:
         operator = auth_headers(live, "operator")
         redis = create_client(redis_server.url, name="test-admin")
@@ -166,7 +174,7 @@ async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
                 httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
             ):
                 ids = await _register_load_people(http, 9200, 40)
-                await redis.execute_command("CLIENT", "PAUSE", 1000, "WRITE")
+                await redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
                 response = await http.post(BULK, json={"registrationIds": ids})
                 assert response.json()["accepted"] == sorted(ids)
                 for rid in ids:

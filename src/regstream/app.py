@@ -62,18 +62,36 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     with EmbeddedStack(settings) as stack:
         settings = stack.settings
-        auth = AuthRuntime(settings)
+        auth = _auth_runtime(settings)
         app.state.auth = auth
-        async with _services(settings, auth) as services:
-            app.state.services = services
-            app.state.loop = asyncio.get_running_loop()
-            drain = Drain(services)
-            restore = drain.install_signals()
-            try:
-                yield
-            finally:
-                restore()
-                await drain.finish()
+        try:
+            async with _services(settings, auth) as services:
+                app.state.services = services
+                app.state.loop = asyncio.get_running_loop()
+                drain = Drain(services)
+                restore = drain.install_signals()
+                try:
+                    yield
+                finally:
+                    restore()
+                    await drain.finish()
+                    await auth.guard.release_all()
+        finally:
+            if auth.redis is not None:
+                await auth.redis.aclose()
+
+
+def _auth_runtime(settings: Settings) -> AuthRuntime:
+    """Limits count in Redis through a client of their own (same URL and options as the others,
+    a small pool: a herd of resumes reading the history never delays a sign-in), with short
+    timeouts: while Redis is out they count per process (``auth/limits.py``)."""
+    redis = None
+    if settings.effective_redis_url is not None:
+        redis = create_client(
+            RedisTarget.from_settings(settings), name=f"regstream-limits-{os.getpid()}",
+            retries=0, socket_timeout=2.0, max_connections=16,
+        )  # fmt: skip
+    return AuthRuntime(settings, redis=redis, secret=national_id_keys(settings).current)
 
 
 @contextlib.asynccontextmanager
@@ -102,8 +120,9 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         history_max_age=settings.history_max_age, outbox_max=settings.outbox_max,
     )  # fmt: skip
     hub = Hub(
-        ping_interval=settings.sse_ping_interval, send_timeout=30.0, on_tick=auth.guard.on_tick
-    )
+        ping_interval=settings.sse_ping_interval, send_timeout=30.0, on_tick=auth.guard.on_tick,
+        on_detach=auth.guard.on_detach,
+    )  # fmt: skip
     broker = Broker(
         subscriber=lambda: create_subscriber_client(target, name=f"regstream-sub-{os.getpid()}"),
         commands=control, on_update=hub.publish, on_resync=hub.resync,

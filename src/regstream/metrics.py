@@ -103,3 +103,15 @@ T24_CALL_LATENCY = Histogram(
 )
 T24_ERRORS = Counter("regstream_t24_errors_total", "T24 call errors", ["operation", "code"])
 T24_BREAKER_OPEN = Gauge("regstream_t24_breaker_open", "1 while the T24 circuit breaker is open")
+
+# --- limits (auth/limits.py) -------------------------------------------------------------------
+LIMITS_SHARED = Gauge(
+    "regstream_limits_shared", "1 while rate limits and stream slots count fleet-wide in Redis"
+)
+LIMIT_FALLBACKS = Counter(
+    "regstream_limit_fallbacks_total",
+    "Limit decisions taken per process because Redis did not answer",
+)
+LOGIN_THROTTLED = Counter(
+    "regstream_login_throttled_total", "Sign-ins refused with 429, by limit", ["limit"]
+)

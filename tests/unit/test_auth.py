@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from regstream.auth import http, passwords, tokens
 from regstream.auth.credentials import check_username, parse_role
-from regstream.auth.limits import RateLimiter, retry_after
+from regstream.auth.limits import LimitStore, RateLimit, retry_after
 from regstream.auth.principal import Role
 from regstream.auth.runtime import guard_interval
 from regstream.config import ConfigError, Settings, load_settings
@@ -72,24 +73,44 @@ def test_usernames(name: str, ok: bool) -> None:
             check_username(name)
 
 
-def test_rate_limiter_refills_and_reports_the_wait() -> None:
-    now = [0.0]
-    limiter = RateLimiter(2, 60.0, clock=lambda: now[0])
-    assert limiter.hit("a") == 0.0 and limiter.hit("a") == 0.0
-    wait = limiter.hit("a")
-    assert wait == pytest.approx(30.0)
-    assert limiter.hit("b") == 0.0  # keys are independent
-    now[0] = 30.0
-    assert limiter.hit("a") == 0.0
+async def test_rate_limit_without_redis_counts_in_memory_and_reports_the_wait() -> None:
+    limit = RateLimit(LimitStore(None, secret=b"k"), "t", 2)
+    assert await limit.hit("a") == 0.0 and await limit.hit("a") == 0.0
+    wait = await limit.hit("a")
+    assert 59.0 < wait <= 60.0
+    assert await limit.hit("b") == 0.0  # keys are independent
+    assert await limit.hit("b", cost=2) > 0.0  # a bulk cost past what is left does not fit
     assert retry_after(0.2) == "1" and retry_after(29.1) == "30"
 
 
-def test_rate_limiter_memory_is_bounded() -> None:
-    now = [0.0]
-    limiter = RateLimiter(1, 1.0, max_keys=10, clock=lambda: now[0])
-    for i in range(100):
-        limiter.hit(f"k{i}")
-    assert len(limiter._buckets) <= 10
+def test_limit_keys_are_keyed_digests() -> None:
+    one, other = LimitStore(None, secret=b"k1"), LimitStore(None, secret=b"k2")
+    assert one.digest("10.0.0.9", "kim") == LimitStore(None, secret=b"k1").digest("10.0.0.9", "kim")
+    assert one.digest("10.0.0.9", "kim") != other.digest("10.0.0.9", "kim")
+    assert "10.0.0.9" not in one.digest("10.0.0.9") and len(one.digest("x")) == 24
+
+
+async def test_hashing_turns_serialise_one_address_not_others() -> None:
+    turns = passwords.HashingTurns()
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def hold(key: str, tag: str) -> None:
+        async with turns.take(key):
+            order.append(f"{tag}+")
+            if tag == "a1":
+                await release.wait()
+            order.append(f"{tag}-")
+
+    first = asyncio.create_task(hold("1.1.1.1", "a1"))
+    second = asyncio.create_task(hold("1.1.1.1", "a2"))
+    other = asyncio.create_task(hold("2.2.2.2", "b"))
+    await asyncio.wait_for(other, 5)  # another address is not held up
+    assert order == ["a1+", "b+", "b-"]
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert order[3:] == ["a1-", "a2+", "a2-"]
+    assert len(turns) == 0  # nothing kept for addresses that are done
 
 
 def _scope(headers: dict[str, str], scheme: str = "http", method: str = "POST") -> dict[str, Any]:

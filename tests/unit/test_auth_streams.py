@@ -55,12 +55,12 @@ async def test_per_user_cap_counts_live_streams_only() -> None:
     first, second = _principal(), _principal()
     streams = [QueuedStream(i, max_buffer=1024, info=p) for i, p in ((1, first), (2, second))]
     for principal, stream in zip((first, second), streams, strict=True):
-        assert guard.admit(principal, hub) is True
+        assert await guard.admit(principal, hub) is True
         hub.attach(stream)
-    assert guard.admit(_principal(), hub) is False
-    assert guard.admit(_principal(operator_id=2), hub) is True  # another user
+    assert await guard.admit(_principal(), hub) is False
+    assert await guard.admit(_principal(operator_id=2), hub) is True  # another user
     hub.detach(streams[0])
-    assert guard.admit(_principal(), hub) is True
+    assert await guard.admit(_principal(), hub) is True
 
 
 async def test_revoke_closes_matching_streams_now() -> None:

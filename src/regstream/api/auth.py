@@ -29,6 +29,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from regstream import metrics
 from regstream.api.deps import Services, ServicesDep, StreamAuth, StreamDecision
 from regstream.api.stream import STREAM_PATH
 from regstream.auth import credentials, http
@@ -166,7 +167,7 @@ async def _refuse_anonymous(
 ) -> None:
     """Audit bad credentials, throttled per client address."""
     ip = http.client_ip(scope, services.settings)
-    if auth.refusal_log_limiter.hit(ip or "?") == 0.0:
+    if await auth.refusal_audit_limit.hit(auth.store.digest(ip or "?")) == 0.0:
         await record(services, action="access.refused", outcome="refused", target=_target(scope),
                      client_ip=ip, details={"reason": reason})  # fmt: skip
 
@@ -287,7 +288,7 @@ def require_page_role(role: str) -> Callable[..., Awaitable[Principal]]:
 
 async def process_slot(principal: OperatorPrincipal, auth: AuthDep) -> Principal:
     """Operator, within ``REGSTREAM_PROCESS_RATE_PER_MINUTE`` validations a minute."""
-    wait = auth.process_limiter.hit(f"operator:{principal.operator_id}")
+    wait = await auth.process_limit.hit(f"operator:{principal.operator_id}")
     if wait:
         raise HTTPException(
             429, "too many validations started; retry later", {"Retry-After": retry_after(wait)}
@@ -380,13 +381,10 @@ async def login(request: Request, services: ServicesDep, auth: AuthDep) -> Respo
     settings = services.settings
     scope = request.scope
     ip = http.client_ip(scope, settings)
-    wait = auth.login_limiter.hit(f"{ip}|{body.username.strip().lower()[:64]}")
-    if wait:
-        raise HTTPException(
-            429, "too many sign-in attempts; retry later", {"Retry-After": retry_after(wait)}
-        )
+    await _throttle_login(services, auth, ip, body.username)
     at = credentials.now_ms()
-    async with services.sessions.begin() as session:
+    # one password check at a time per address (issue 16): a spray queues behind itself
+    async with auth.hashing.take(ip or "?"), services.sessions.begin() as session:
         result = await credentials.sign_in(
             session, body.username, body.password, lifetime=settings.session_lifetime, at_ms=at,
             previous_session_id=http.session_cookie(scope),
@@ -403,6 +401,7 @@ async def login(request: Request, services: ServicesDep, auth: AuthDep) -> Respo
             if operator is not None:
                 operator.last_login_at = datetime.now(UTC)
     if result is None:
+        await auth.hashing.failed(ip or "?")
         # The attempted name is recorded only if it is a real account: people type passwords
         # into the name field, and those must not land in the audit log.
         await record(services, action="auth.login", outcome="refused",
@@ -421,6 +420,30 @@ async def login(request: Request, services: ServicesDep, auth: AuthDep) -> Respo
         response = JSONResponse(_session_read(principal).model_dump(by_alias=True, mode="json"))
     _set_session_cookie(response, scope, settings, result.session_id)
     return response
+
+
+async def _throttle_login(
+    services: Services, auth: AuthRuntime, ip: str | None, username: str
+) -> None:
+    """429 before any password hashing: per client address (any names), then per address and
+    name. A throttled address writes one audit entry per minute, not one per attempt."""
+    store = auth.store
+    address = store.digest(ip or "?")
+    pair = store.digest(ip or "?", username.strip().lower()[:64])
+    for limit, key, which in (
+        (auth.login_address_limit, address, "address"),
+        (auth.login_limit, pair, "address+name"),
+    ):
+        wait = await limit.hit(key)
+        if wait:
+            metrics.LOGIN_THROTTLED.labels(which).inc()
+            if await auth.throttle_audit_limit.hit(address) == 0.0:
+                await record(services, action="auth.login", outcome="refused",
+                             target="/api/auth/login", client_ip=ip,
+                             details={"reason": "throttled", "limit": which})  # fmt: skip
+            raise HTTPException(
+                429, "too many sign-in attempts; retry later", {"Retry-After": retry_after(wait)}
+            )
 
 
 def _set_session_cookie(
@@ -748,7 +771,7 @@ def stream_authenticator(services: Services, auth: AuthRuntime) -> StreamAuth:
                          client_ip=http.client_ip(scope, services.settings),
                          details={"reason": why})  # fmt: skip
             return StreamDecision(403, "FORBIDDEN", why)
-        if not auth.guard.admit(principal, services.hub):
+        if not await auth.guard.admit(principal, services.hub):
             return StreamDecision(
                 429, "TOO_MANY_REQUESTS",
                 f"at most {auth.guard.per_user} open streams per user; close one",

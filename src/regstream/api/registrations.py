@@ -162,11 +162,11 @@ async def process_many(
     if (refusal := _refuse_while_draining(request, services)) is not None:
         return refusal
     ids = list(dict.fromkeys(body.registration_ids))
-    if len(ids) > auth.process_limiter.rate:
+    if len(ids) > auth.process_limit.rate:
         return error_response(
-            request, 429, f"at most {auth.process_limiter.rate} validations a minute"
+            request, 429, f"at most {auth.process_limit.rate} validations a minute"
         )
-    wait = auth.process_limiter.hit(f"operator:{principal.operator_id}", cost=len(ids))
+    wait = await auth.process_limit.hit(f"operator:{principal.operator_id}", cost=len(ids))
     if wait:
         return error_response(
             request, 429, "too many validations started; retry later",

@@ -1,63 +1,179 @@
-"""In-process rate limiting: a token bucket per key.
+"""Fleet-wide rate limits: moving windows in Redis (``limits``), per process while Redis is out.
 
-Per process, like the stream cap: with ``serve --workers N`` the effective limit is N times the
-setting (documented in ``docs/security.md``). Good enough to stop a runaway script or a password
-guesser; a shared limiter (Redis) would be the next step if it ever is not.
+Every instance of the service counts in the same Redis, so a setting means the same with one
+instance or ten (issue 15). The strategy is ``limits``' moving window (exact: the N+1th event in
+any 60 s is refused), on its redis-py storage built over a connection pool made by
+``realtime.connections.create_client`` — the same URL, credentials, TLS and Sentinel handling as
+the service's other Redis clients, but its own small pool so a herd of stream resumes reading
+the history never delays a sign-in (and a sign-in never delays the publisher).
+
+While Redis does not answer, every limit falls back to ``limits``' in-memory storage at the same
+setting, so N instances allow at most N times the setting, never unlimited. Every event Redis
+allowed is also counted there, so an outage starts from this process's own recent count, not
+from an empty window. The first failure is logged once per outage, ``regstream_limits_shared``
+drops to 0 and each decision taken per process counts in ``regstream_limit_fallbacks_total``.
+Redis is tried again ``retry_interval`` seconds after a failure, so an outage costs a request
+nothing (no timeout per request); counts made during the outage are not carried into Redis.
+``timeout`` bounds one decision, the wait for the pool included. No Redis error reaches a caller.
+
+Keys: ``regstream:limits:<limit>/<identifiers>``; identifiers that could carry personal data or
+a secret (client addresses, typed user names: people type passwords into the name field) are
+stored as BLAKE2b digests keyed with the service's secret key (the same on every instance), never
+in clear.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from limits import RateLimitItem, RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from regstream import metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+KEY_PREFIX = "regstream:limits"
+#: what a Redis that is down, slow or failing over raises through redis-py and ``limits``
+REDIS_FAILURES: tuple[type[BaseException], ...] = (StorageError, RedisError, OSError, TimeoutError)
 
 
-class RateLimiter:
-    """``rate`` events per ``per`` seconds per key, bursting up to ``rate``.
+class Unavailable:
+    """What ``LimitStore.shared`` returns instead of a result while Redis does not answer."""
 
-    ``hit(key)`` takes one token and returns 0.0, or returns the seconds to wait (not taking one);
-    ``hit(key, cost=n)`` takes ``n`` at once (a bulk action). A cost above ``rate`` never fits:
-    callers refuse such a request outright.
-    """
+
+UNAVAILABLE = Unavailable()
+
+
+class LimitStore:
+    """Where every limit counts: Redis (``redis``, may be ``None``) or, while it does not answer,
+    this process's memory. ``shared(op)`` runs a Redis operation or returns ``UNAVAILABLE``."""
 
     def __init__(
-        self, rate: int, per: float, *, max_keys: int = 50_000,
-        clock: Callable[[], float] = time.monotonic,
+        self, redis: Redis | None, *, secret: bytes, timeout: float = 2.0,
+        retry_interval: float = 2.0,
     ) -> None:  # fmt: skip
-        if rate < 1 or per <= 0:
-            raise ValueError("rate must be >= 1 and per > 0")
-        self.rate = rate
-        self.per = per
-        self._fill = rate / per
-        self._max_keys = max_keys
-        self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self.redis = redis
+        self._secret = hashlib.blake2b(secret, digest_size=32).digest()
+        self.timeout = timeout
+        self.retry_interval = retry_interval
+        self.memory = MovingWindowRateLimiter(MemoryStorage())
+        self.shared_limiter: MovingWindowRateLimiter | None = None
+        if redis is not None:
+            # documented (``connection_pool``), though its options are typed as scalars
+            storage = RedisStorage(
+                "async+redis://", implementation="redispy", wrap_exceptions=True,
+                key_prefix=KEY_PREFIX,
+                connection_pool=redis.connection_pool,  # type: ignore[arg-type]
+            )  # fmt: skip
+            self.shared_limiter = MovingWindowRateLimiter(storage)
+        self._retry_at = 0.0
+        self._down = False
+        metrics.LIMITS_SHARED.set(1 if redis is not None else 0)
 
-    def hit(self, key: str, cost: float = 1.0) -> float:
-        now = self._clock()
-        tokens, last = self._buckets.get(key, (float(self.rate), now))
-        tokens = min(float(self.rate), tokens + (now - last) * self._fill)
-        if tokens < cost:
-            self._buckets[key] = (tokens, now)
-            return (cost - tokens) / self._fill
-        if key not in self._buckets and len(self._buckets) >= self._max_keys:
-            self._prune(now)
-        self._buckets[key] = (tokens - cost, now)
-        return 0.0
+    def digest(self, *parts: str) -> str:
+        """A short stand-in, the same on every instance, for identifiers not to store in clear."""
+        joined = "\x1f".join(parts).encode("utf-8", "surrogatepass")
+        return hashlib.blake2b(joined, digest_size=12, key=self._secret).hexdigest()
 
-    def _prune(self, now: float) -> None:
-        """Forget full buckets (they behave exactly like unknown keys)."""
-        full = [
-            k
-            for k, (t, last) in self._buckets.items()
-            if t + (now - last) * self._fill >= self.rate
-        ]
-        for key in full:
-            del self._buckets[key]
-        if len(self._buckets) >= self._max_keys:  # still full: drop the oldest half
-            oldest = sorted(self._buckets, key=lambda k: self._buckets[k][1])
-            for key in oldest[: len(oldest) // 2]:
-                del self._buckets[key]
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    async def shared(self, op: Callable[[], Awaitable[T]]) -> T | Unavailable:
+        """``await op()`` against Redis within ``timeout``; ``UNAVAILABLE`` if Redis is out."""
+        if self.redis is None or time.monotonic() < self._retry_at:
+            metrics.LIMIT_FALLBACKS.inc()
+            return UNAVAILABLE
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await op()
+        except REDIS_FAILURES as exc:
+            self._retry_at = time.monotonic() + self.retry_interval
+            metrics.LIMIT_FALLBACKS.inc()
+            if not self._down:
+                self._down = True
+                metrics.LIMITS_SHARED.set(0)
+                log.warning(
+                    "Redis unreachable for fleet-wide limits (%s): limits count per process, "
+                    "at the same settings, until it answers", type(exc).__name__,
+                )  # fmt: skip
+            return UNAVAILABLE
+        if self._down:
+            self._down = False
+            metrics.LIMITS_SHARED.set(1)
+            log.info("Redis answers again: limits are fleet-wide again")
+        return result
+
+
+class RateLimit:
+    """``per_minute`` events per key in any 60 seconds, counted fleet-wide.
+
+    ``await hit(key)`` takes one and returns 0.0, or returns the seconds until one is free (not
+    taking it); ``hit(key, cost=n)`` takes ``n`` at once (a bulk action). A cost above the limit
+    never fits: callers refuse such a request outright.
+
+    A refusal of a single event is remembered until the window frees a slot: in a moving window
+    nothing frees one sooner (entries only age out), so a flood past the limit (a password spray)
+    is answered from memory without a Redis round trip per request, exactly as Redis would.
+    """
+
+    MAX_REMEMBERED = 10_000
+
+    def __init__(self, store: LimitStore, name: str, per_minute: int) -> None:
+        if per_minute < 1:
+            raise ValueError("per_minute must be >= 1")
+        self.store = store
+        self.name = name
+        self.item: RateLimitItem = RateLimitItemPerMinute(per_minute, namespace=KEY_PREFIX)
+        self.rate = per_minute
+        self._refused_until: dict[str, float] = {}  # key -> time.monotonic() of the free slot
+
+    async def hit(self, key: str, cost: int = 1) -> float:
+        now = time.monotonic()
+        until = self._refused_until.get(key)
+        if until is not None:
+            if now < until:
+                return until - now
+            del self._refused_until[key]
+        shared = self.store.shared_limiter
+        wait: float | Unavailable = UNAVAILABLE
+        if shared is not None:
+            wait = await self.store.shared(lambda: self._hit(shared, key, cost))
+        if isinstance(wait, Unavailable):
+            wait = await self._hit(self.store.memory, key, cost)
+        elif not wait:
+            # mirrored into this process's memory, so an outage starts from this process's own
+            # count instead of an empty window (the memory count is never above Redis's)
+            await self.store.memory.hit(self.item, self.name, key, cost=cost)
+        if wait and cost == 1:  # (a bulk refused may leave room for a single one)
+            self._remember(key, now + wait)
+        return wait
+
+    def _remember(self, key: str, until: float) -> None:
+        if len(self._refused_until) >= self.MAX_REMEMBERED:
+            now = time.monotonic()
+            self._refused_until = {k: t for k, t in self._refused_until.items() if t > now}
+            if len(self._refused_until) >= self.MAX_REMEMBERED:
+                return  # all still refused: ask the store for this one each time
+        self._refused_until[key] = until
+
+    async def _hit(self, limiter: MovingWindowRateLimiter, key: str, cost: int) -> float:
+        if await limiter.hit(self.item, self.name, key, cost=cost):
+            return 0.0
+        stats = await limiter.get_window_stats(self.item, self.name, key)
+        return max(0.001, stats.reset_time - time.time())
 
 
 def retry_after(seconds: float) -> str:

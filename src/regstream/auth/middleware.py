@@ -1,7 +1,9 @@
 """Pure ASGI middleware for the FastAPI part of the app (the stream path bypasses all of it).
 
 * ``BodySizeLimit``: a declared ``Content-Length`` over the limit is answered 413 before the body
-  is read; a chunked body is counted as it arrives and the answer replaced by 413 once it passes.
+  is read; a chunked body is counted as it arrives: past the limit, reading it raises a 413
+  ``HTTPException`` (answered by the app's error handler), and whatever the app answers instead
+  is replaced by 413.
 * ``CrossSiteGuard``: an unsafe request (POST/PUT/PATCH/DELETE) that the browser marks as coming
   from another site (``Sec-Fetch-Site``/``Origin``, see ``http.cross_site``) is refused with 403
   before routing: the first of our two CSRF defences (the second is the per-session token).
@@ -17,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from starlette.exceptions import HTTPException
 
 from regstream.auth import http
 from regstream.config import Settings
@@ -67,7 +70,10 @@ class BodySizeLimit:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
                     too_large = True
-                    return {"type": "http.disconnect"}
+                    # raised into whatever reads the body (FastAPI's parser, ``request.body()``
+                    # in a route): the app's error handler answers it. A disconnect instead was
+                    # a ``ClientDisconnect`` in routes that read the body themselves: a 500.
+                    raise HTTPException(413, f"request body over {self.max_bytes} bytes")
             return message
 
         async def guarded_send(message: Message) -> None:

@@ -4,16 +4,26 @@ Parameters are argon2-cffi's defaults, RFC 9106's "second recommended" profile: 
 p=4, about 50 ms per hash here. Hashing runs in a worker thread behind a small semaphore, so a
 burst of sign-ins neither blocks the event loop nor allocates 64 MiB per request without bound.
 An unknown user name is checked against a dummy hash, so the answer takes the same time.
+
+``HashingTurns`` keeps those few slots fair (issue 16): one client address gets one password
+check at a time per process, so a password spray from one address queues behind itself instead
+of filling every slot while others wait to sign in, and an address that keeps failing waits
+while others check theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
+from collections.abc import AsyncIterator
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
 
 MIN_LENGTH = 10
 MAX_LENGTH = 1024  # argon2 accepts more; a cap stops a 10 MB "password" from costing anything
@@ -75,3 +85,60 @@ async def verify_password_async(stored: str | None, password: str) -> bool:
 
 async def hash_password_async(password: str) -> str:
     return await asyncio.to_thread(_hash_bounded, password)
+
+
+class HashingTurns:
+    """Fair turns at the password check, per key (a client address): ``async with
+    turns.take(ip): …`` then ``await turns.failed(ip)`` when the password did not match.
+
+    * One turn at a time per key: a spray from one address queues behind itself.
+    * An address with ``suspect_after`` failed checks in the last minute (in this process; one by
+      default) waits while any other address is at the check, so its hashing never competes with a colleague's
+      for the CPU (argon2 at 64 MiB, four lanes, on a small machine): at most the one hash it had
+      already started. It is never refused here; the sign-in rate limits do that.
+
+    Per event loop (asyncio locks), so one per app instance; a key's lock is dropped when nobody
+    holds or waits for it, so the map holds only addresses signing in right now.
+    """
+
+    def __init__(self, *, suspect_after: int = 1) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._failures = MovingWindowRateLimiter(MemoryStorage())
+        self._suspect = RateLimitItemPerMinute(suspect_after, namespace="hashing-failures")
+        self._others = 0  # turns of addresses in good standing, being taken or held
+        self._others_done = asyncio.Event()
+        self._others_done.set()
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def take(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = (asyncio.Lock(), [0])
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                if await self._failures.test(self._suspect, key):
+                    self._others += 1
+                    self._others_done.clear()
+                    try:
+                        yield
+                    finally:
+                        self._others -= 1
+                        if self._others == 0:
+                            self._others_done.set()
+                else:
+                    while self._others:  # bounded: each of those turns is one password check
+                        await self._others_done.wait()
+                    yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[key]
+
+    async def failed(self, key: str) -> None:
+        """Count a failed check for ``key`` (an address past ``suspect_after`` waits for others)."""
+        await self._failures.hit(self._suspect, key)

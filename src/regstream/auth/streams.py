@@ -11,13 +11,18 @@ open. Each stream's ``info`` is its ``Principal``; the guard
   ``data: {"type":"auth","reason":…}``: the client must authenticate again. Never a silent
   downgrade to an empty stream.
 
-The per-user cap counts this process's streams (like ``SSE_MAX_STREAMS``).
+The per-user cap is fleet-wide: each admitted stream takes a slot in Redis
+(``auth/stream_slots.py``), renewed by ``watch`` every ``interval`` and freed when the stream
+ends; while Redis does not answer, this process's streams are counted instead, at the same cap.
+The total ``SSE_MAX_STREAMS`` stays per process (it protects this process's memory and files).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable
@@ -25,6 +30,7 @@ from collections.abc import Callable
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from regstream.auth.principal import Principal, Role
+from regstream.auth.stream_slots import StreamSlots
 from regstream.db import accounts
 from regstream.realtime import messages
 from regstream.realtime.hub import Hub, Stream
@@ -33,14 +39,42 @@ log = logging.getLogger(__name__)
 
 
 class StreamGuard:
-    def __init__(self, *, per_user: int, interval: float) -> None:
+    def __init__(self, *, per_user: int, interval: float, slots: StreamSlots | None = None) -> None:
         self.per_user = per_user
         self.interval = interval
+        self.slots = slots
         self._open: dict[int, weakref.WeakSet[Principal]] = {}
+        # the Redis slot of each admitted stream's principal, and every slot this process holds
+        self._slot_of: weakref.WeakKeyDictionary[Principal, str] = weakref.WeakKeyDictionary()
+        # slot -> (operator id, admitted at, whether Redis holds it)
+        self._held: dict[str, tuple[int, float, bool]] = {}
+        self._ended: list[tuple[int, str]] = []  # (operator id, slot) of streams that left
+        self._releaser: asyncio.Task[int] | None = None
+        self._instance = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self._next = itertools.count(1)
 
     # --- admission -----------------------------------------------------------------------------
-    def admit(self, principal: Principal, hub: Hub) -> bool:
+    async def admit(self, principal: Principal, hub: Hub) -> bool:
         """Count one more stream for this user, or refuse (``False``) at the cap."""
+        if self.slots is not None:
+            slot = f"{self._instance}:{next(self._next)}"
+            taken = await self.slots.acquire(principal.operator_id, slot)
+            if taken is False and (self._ended or self._releaser is not None):
+                # streams of this process that just left may still hold slots: free them first
+                if self._releaser is not None:
+                    await asyncio.wait([self._releaser])  # (not cancelled if we are)
+                if await self._release_ended():
+                    taken = await self.slots.acquire(principal.operator_id, slot)
+            if taken is not None:
+                if taken:  # also counted here, in case Redis goes out while it is open
+                    self._open.setdefault(principal.operator_id, weakref.WeakSet()).add(principal)
+                    self._slot_of[principal] = slot
+                    self._held[slot] = (principal.operator_id, time.monotonic(), True)
+                return taken
+        # no Redis (or it does not answer): this process's streams, at the same cap
+        return self._admit_locally(principal, hub)
+
+    def _admit_locally(self, principal: Principal, hub: Hub) -> bool:
         group = self._open.setdefault(principal.operator_id, weakref.WeakSet())
         if len(group) >= self.per_user:
             # The weak set may still hold principals of streams that just ended: recount exactly.
@@ -54,7 +88,89 @@ class StreamGuard:
             if len(group) >= self.per_user:
                 return False
         group.add(principal)
+        if self.slots is not None:  # Redis out: renewed into Redis once it answers again
+            slot = f"{self._instance}:{next(self._next)}"
+            self._slot_of[principal] = slot
+            self._held[slot] = (principal.operator_id, time.monotonic(), False)
         return True
+
+    # --- slots in Redis ------------------------------------------------------------------------
+    def on_detach(self, stream: Stream) -> None:
+        """The hub's hook when a stream leaves: free its slot now (in a task of its own)."""
+        info = stream.info
+        if not isinstance(info, Principal):
+            return
+        slot = self._slot_of.pop(info, None)
+        held = self._held.pop(slot, None) if slot is not None else None
+        if slot is None or held is None:
+            return
+        self._ended.append((held[0], slot))
+        if self._releaser is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a unit test's sync code): ``renew`` frees it
+                return
+            self._releaser = loop.create_task(self._release_ended(), name="stream-slots-free")
+            self._releaser.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[int]) -> None:
+        if self._releaser is task:
+            self._releaser = None
+
+    async def _release_ended(self) -> int:
+        """Free the slots of streams that left (a few passes: more may leave meanwhile)."""
+        released = 0
+        for _ in range(4):
+            if not self._ended or self.slots is None:
+                break
+            batch, self._ended = self._ended, []
+            # if Redis does not answer they stay there until they expire (``ttl``)
+            if not await self.slots.release(batch):
+                break
+            released += len(batch)
+        return released
+
+    def _live_slots(self, hub: Hub) -> dict[str, int]:
+        """slot -> operator id, of this process's streams in the hub."""
+        live: dict[str, int] = {}
+        for stream in hub.streams():
+            info = stream.info
+            if isinstance(info, Principal) and not stream.closed:
+                slot = self._slot_of.get(info)
+                if slot is not None:
+                    live[slot] = info.operator_id
+        return live
+
+    async def renew(self, hub: Hub) -> None:
+        """Push live slots' expiry ``ttl`` ahead (every ``interval``); free what is left over."""
+        if self.slots is None:
+            return
+        await self._release_ended()
+        live = self._live_slots(hub)
+        held: dict[int, list[str]] = {}
+        missing: dict[int, list[str]] = {}
+        expired = time.monotonic() - self.slots.ttl
+        for slot, (owner, at, in_redis) in list(self._held.items()):
+            if slot in live:
+                (held if in_redis else missing).setdefault(owner, []).append(slot)
+            elif at < expired:
+                # its stream never reached the hub (refused after admission, or its client left
+                # first): not renewed, it expired in Redis; forget it here too
+                del self._held[slot]
+        if (held or missing) and await self.slots.renew(held, missing=missing):
+            for slots in missing.values():
+                for slot in slots:
+                    if slot in self._held:
+                        owner, at, _ = self._held[slot]
+                        self._held[slot] = (owner, at, True)
+
+    async def release_all(self) -> None:
+        """At shutdown: free every slot this process holds (its streams are closed)."""
+        if self.slots is not None and (self._held or self._ended):
+            held = [(owner, slot) for slot, (owner, _, _) in self._held.items()]
+            await self.slots.release([*self._ended, *held])
+            self._held.clear()
+            self._ended.clear()
 
     # --- ending streams ------------------------------------------------------------------------
     def on_tick(self, stream: Stream, now: float) -> None:
@@ -114,10 +230,12 @@ class StreamGuard:
         return marked
 
     async def watch(self, hub: Hub, sessions: async_sessionmaker[AsyncSession]) -> None:
-        """Run ``check`` every ``interval`` seconds until cancelled."""
+        """Run ``renew`` and ``check`` every ``interval`` seconds until cancelled."""
         while True:
             await asyncio.sleep(self.interval)
             try:
+                # first: a slow database check must not let live slots expire
+                await self.renew(hub)
                 await self.check(hub, sessions)
             except asyncio.CancelledError:
                 raise

@@ -303,11 +303,13 @@ class Hub:
         send_timeout: float = 30.0,
         tick: float = 1.0,
         on_tick: Callable[[Stream, float], None] | None = None,
+        on_detach: Callable[[Stream], None] | None = None,
     ) -> None:
         self.ping_interval = ping_interval
         self.send_timeout = send_timeout
         self._tick = tick
         self._on_tick = on_tick
+        self._on_detach = on_detach  # once per stream that leaves (the stream guard frees its slot)
         self._all: set[Stream] = set()  # unfiltered streams, written through ``deliver``
         self._direct: set[TransportStream] = set()  # unfiltered and settled (module docstring)
         self._by_rid: dict[int, set[Stream]] = {}
@@ -348,6 +350,8 @@ class Hub:
                 return
         self._count -= 1
         metrics.STREAMS_CONNECTED.dec()
+        if self._on_detach is not None:
+            self._on_detach(stream)
 
     def streams(self) -> Iterable[Stream]:
         """Every stream once (a stream following several registrations is in several groups)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import logging
 import re
 import socket
@@ -36,8 +37,8 @@ from regstream.core_banking import (
     T24Client,
     T24ClientConfig,
 )
-from regstream.core_banking.client import SentRequest
 from regstream.core_banking.breaker import BreakerState
+from regstream.core_banking.client import SentRequest
 from regstream.core_banking.simulator import (
     DEMO_APPLICANTS,
     DemoApplicant,
@@ -610,3 +611,139 @@ async def test_requests_in_flight_are_bounded_by_max_connections(
         await asyncio.sleep(0.02)
     assert [c.customer_id for c in await calls] == ["100100"] * 6
     assert peak == 2
+
+
+# --- the transport: what httpx does for us, checked on the wire ------------------------------------
+#
+# A scripted core on a loopback socket (asyncio, raw HTTP/1.1) plays one behaviour per test and
+# counts connections and request heads, so what crossed the wire is asserted, not assumed.
+
+CUSTOMER_ANSWER = b'{"header":{"status":"success"},"body":{"customerId":"100100"}}'
+PADDED = CUSTOMER_ANSWER + b" " * 5000
+
+
+class ScriptedCore:
+    def __init__(self, answers: list[bytes | None]) -> None:
+        """``answers``: the raw answer to each request in order (``None``: close instead)."""
+        self.answers = answers
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def __aenter__(self) -> ScriptedCore:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v1.0.0"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            while len(self.requests) < len(self.answers):
+                head = await reader.readuntil(b"\r\n\r\n")
+                answer = self.answers[len(self.requests)]
+                self.requests.append(head)
+                if answer is None:
+                    return  # closed without an answer
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+def _http_answer(body: bytes, *headers: str, status: str = "200 OK") -> bytes:
+    lines = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def test_a_kept_alive_connection_closed_under_us_is_retried_on_a_new_one(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The core answers, keeps the connection open, then closes it unanswered on the next
+    request: a dropped connection, retried after the back-off on a new connection."""
+    caplog.set_level(logging.INFO, logger="regstream.core_banking.client")
+    ok = _http_answer(CUSTOMER_ANSWER, "Content-Type: application/json")
+    async with ScriptedCore([ok, None, ok]) as core:
+        client = make_client(base_url=core.base_url)
+        assert (await client.get_customer("100100")).customer_id == "100100"
+        assert (await client.get_customer("100100")).customer_id == "100100"
+    assert core.connections == 2 and len(core.requests) == 3
+    assert [(attempt, outcome) for attempt, outcome, _ in _attempt_lines(caplog)] == [
+        (1, "ok"), (1, "core_unavailable"), (2, "ok"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        # good answers padded past the 4 KiB cap (JSON allows the trailing spaces): only the
+        # cap refuses them
+        pytest.param(_http_answer(PADDED), CoreProtocolError, id="over-the-cap"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (PADDED[:3000], PADDED[3000:]))
+            + b"0\r\n\r\n",
+            CoreProtocolError, id="chunked-over-the-cap",
+        ),
+        pytest.param(_http_answer(gzip.compress(CUSTOMER_ANSWER + b" " * 100_000), "Content-Encoding: gzip"),
+                     CoreProtocolError, id="gzip-expands-over-the-cap"),
+        pytest.param(_http_answer(b"not gzip", "Content-Encoding: gzip"), CoreProtocolError,
+                     id="undecodable-gzip"),
+        pytest.param(_http_answer(b"", "Location: /login", status="302 Found"),
+                     CoreProtocolError, id="redirect-not-followed"),
+        pytest.param(b"SMTP ready\r\n\r\n", CoreUnavailable, id="not-http"),
+    ],
+)  # fmt: skip
+async def test_answers_we_refuse_to_read(
+    make_client: ClientFactory, answer: bytes, expected: type[CoreBankingError]
+) -> None:
+    async with ScriptedCore([answer]) as core:
+        with pytest.raises(expected):
+            await make_client(base_url=core.base_url, max_body=4096, max_attempts=1).get_customer(
+                "100100"
+            )
+        assert len(core.requests) == 1
+
+
+async def test_gzip_is_decoded_and_cookies_are_not_kept(make_client: ClientFactory) -> None:
+    zipped = _http_answer(
+        gzip.compress(CUSTOMER_ANSWER), "Content-Encoding: gzip", "Set-Cookie: JSESSIONID=abc"
+    )
+    async with ScriptedCore([zipped, zipped]) as core:
+        client = make_client(base_url=core.base_url)
+        for _ in range(2):
+            assert (await client.get_customer("100100")).customer_id == "100100"
+    assert all(b"cookie" not in head.lower() for head in core.requests)
+    assert b"accept-encoding: gzip" in core.requests[0].lower()
+
+
+async def test_the_authorization_header_is_sent_but_never_shown(
+    make_client: ClientFactory,
+) -> None:
+    sent: list[SentRequest] = []
+    ok = _http_answer(CUSTOMER_ANSWER)
+    async with ScriptedCore([ok]) as core:
+        client = make_client(
+            base_url=core.base_url, username=USERNAME, password=PASSWORD, on_request=sent.append
+        )
+        await client.get_customer("100100")
+    token = base64.b64encode(f"{USERNAME}:{PASSWORD}".encode()).decode()
+    assert f"Authorization: Basic {token}\r\n".encode() in core.requests[0]
+    assert sent[0].headers["Authorization"] == "***"
+    assert token not in repr(sent)

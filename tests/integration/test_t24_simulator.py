@@ -45,7 +45,10 @@ def simulator() -> Iterator[RunningSimulator]:
 def http(simulator: RunningSimulator) -> Iterator[httpx.Client]:
     """A client on the simulator root, with default knobs and zeroed counters."""
     with httpx.Client(base_url=simulator.root_url, timeout=5) as client:
-        client.post("/_sim/config", json={"latency_ms": 0, "fault_rate": 0, "cob": False})
+        client.post(
+            "/_sim/config",
+            json={"latency_ms": 0, "fault_rate": 0, "cob": False, "holdings_v4": False},
+        )
         client.post("/_sim/reset").raise_for_status()
         yield client
 
@@ -278,6 +281,21 @@ def test_holdings_shape(
     assert by_query.json()["body"] == document["body"]
 
 
+def test_holdings_v4_switch_answers_arrangements_in_the_v4_shape(
+    http: httpx.Client, holdings_validators: dict[str, jsonschema.Draft7Validator]
+) -> None:
+    """A core whose accounts enquiry is the holdings API: ``/arrangements`` answers what
+    ``/holdings`` does, valid against the published document (paging included)."""
+    assert http.post("/_sim/config", json={"holdings_v4": True}).json()["holdings_v4"] is True
+    response = http.get(_api("100200", "/arrangements"), params={"page_size": 1})
+    document = _validate_holdings(holdings_validators, response)
+    (holding,) = document["body"]
+    assert len(holding["products"]) == 60
+    assert (document["header"]["total_size"], document["header"]["page_size"]) == (1, 1)
+    holdings = http.get("/api/v1.0.0/holdings/customers/100200/holdings").json()
+    assert holdings["body"] == document["body"]
+
+
 def test_the_closed_schema_catches_unknown_fields(
     holdings_validators: dict[str, jsonschema.Draft7Validator],
 ) -> None:
@@ -306,7 +324,9 @@ def test_stats_and_reset(http: httpx.Client) -> None:
 
 def test_config_changes_at_run_time(http: httpx.Client) -> None:
     changed = http.post("/_sim/config", json={"latency_ms": 200, "cob": True})
-    assert changed.json() == {"latency_ms": 200, "fault_rate": 0, "cob": True, "seed": 24}
+    assert changed.json() == {
+        "latency_ms": 200, "fault_rate": 0, "cob": True, "seed": 24, "holdings_v4": False,
+    }  # fmt: skip
     started = time.monotonic()
     response = http.get(_api("100100"))
     assert time.monotonic() - started >= 0.2
@@ -322,6 +342,7 @@ def test_config_changes_at_run_time(http: httpx.Client) -> None:
         pytest.param({"latency_ms": -1}, id="negative-latency"),
         pytest.param({"latency_ms": "fast"}, id="latency-text"),
         pytest.param({"cob": "yes"}, id="cob-text"),
+        pytest.param({"holdings_v4": 1}, id="holdings-v4-number"),
         pytest.param({"seed": 1}, id="unknown-knob"),
         pytest.param([1], id="not-an-object"),
     ],

@@ -260,6 +260,9 @@ class Settings(BaseSettings):
     login_attempts_per_minute: PositiveInt = Field(
         10, validation_alias=_env("REGSTREAM_LOGIN_ATTEMPTS_PER_MINUTE")
     )
+    login_attempts_per_address_per_minute: PositiveInt = Field(
+        30, validation_alias=_env("REGSTREAM_LOGIN_ATTEMPTS_PER_ADDRESS_PER_MINUTE")
+    )
     stream_ticket_ttl: Annotated[float, Field(gt=0, le=600)] = Field(
         60.0, validation_alias=_env("REGSTREAM_STREAM_TICKET_TTL")
     )

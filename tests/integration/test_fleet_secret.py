@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ from sqlalchemy import select
 
 from regstream.config import ConfigError, Settings, load_settings
 from regstream.core_banking.simulator.dataset import load_applicant
-from regstream.db import users
+from regstream.db import registrations, users
+from regstream.db.engine import create_engine, create_session_factory, migrate
+from regstream.db.key_rotation import Rotation, rotate
 from regstream.db.tables import MobileUser
 from regstream.domain.pii import NationalIdKeys, hash_national_id
 from regstream.stack import national_id_keys
@@ -276,3 +279,78 @@ async def test_rotate_secret_moves_every_hash_it_can_to_the_current_key(
         "re-hashed 2 enrolled users with the current key (3 were on it already)",
         "every enrolled user is on the current key: the previous keys can be retired",
     ]
+
+
+# --- rotate(), on both databases -----------------------------------------------------------------
+
+
+def _person(n: int, national_id: str) -> dict[str, Any]:
+    return dict(
+        customer_number=f"5000{n:02d}", account_number=None, first_name="Rota", last_name="Tion",
+        date_of_birth=date(1980, 1, 1), national_id=national_id, id_type="NATIONAL.ID",
+        phone=f"+2547100000{n:02d}", email=None, device_id=None,
+    )  # fmt: skip
+
+
+async def _enrol(session: Any, person: dict[str, Any], key: str, *, linked: bool) -> None:
+    reg = await registrations.create(session, **person)
+    await users.create(
+        session,
+        users.enrolment(
+            customer_number=person["customer_number"], first_name="Rota", last_name="Tion",
+            phone=person["phone"], email=None, date_of_birth=person["date_of_birth"],
+            national_id_hash=hash_national_id(key.encode(), "NATIONAL.ID", person["national_id"]),
+            national_id_last4=person["national_id"][-4:], device_id=None,
+            registration_id=reg.id if linked else None,
+        ),
+    )  # fmt: skip
+
+
+async def test_rotate_counts_what_it_cannot_move(database_url: str) -> None:
+    """Batches of one: a user under A moves, one under B stays, one linked only by CIF moves,
+    one whose registration was never stored is unlinked, and one person enrolled under both
+    keys (the roll-out window) is a conflict: the unique index keeps the existing B hash."""
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+        sessions = create_session_factory(engine)
+        async with sessions.begin() as session:
+            await _enrol(session, _person(1, "81000001"), KEY_A, linked=True)
+            await _enrol(session, _person(2, "81000002"), KEY_B, linked=True)
+            await _enrol(session, _person(3, "81000003"), KEY_A, linked=False)  # by CIF
+            await users.create(  # enrolled with no registration anywhere (like a hand import)
+                session,
+                users.enrolment(
+                    customer_number="500004", first_name="Rota", last_name="Tion",
+                    phone="+254710000004", email=None, date_of_birth=date(1980, 1, 1),
+                    national_id_hash="0" * 64, national_id_last4="0000", device_id=None,
+                ),
+            )  # fmt: skip
+            await _enrol(session, _person(5, "81000005"), KEY_A, linked=True)
+            await _enrol(session, _person(6, "81000005"), KEY_B, linked=True)  # same person
+        keys = NationalIdKeys(KEY_B.encode(), (KEY_A.encode(),))
+
+        done = await rotate(sessions, keys, batch=1)
+        assert done == Rotation(rehashed=2, current=2, unlinked=1, unmatched=0, conflicts=1)
+        assert done.left == 2
+        async with sessions() as session:
+            stored = dict(
+                (
+                    await session.execute(
+                        select(MobileUser.customer_number, MobileUser.national_id_hash)
+                    )
+                ).all()
+            )
+        assert stored == {
+            "500001": hash_national_id(KEY_B.encode(), "NATIONAL.ID", "81000001"),
+            "500002": hash_national_id(KEY_B.encode(), "NATIONAL.ID", "81000002"),
+            "500003": hash_national_id(KEY_B.encode(), "NATIONAL.ID", "81000003"),
+            "500004": "0" * 64,
+            "500005": hash_national_id(KEY_A.encode(), "NATIONAL.ID", "81000005"),
+            "500006": hash_national_id(KEY_B.encode(), "NATIONAL.ID", "81000005"),
+        }
+        # without the previous key nothing can be moved: what is not current matches no key
+        again = await rotate(sessions, NationalIdKeys(KEY_B.encode()), batch=1)
+        assert again == Rotation(rehashed=0, current=4, unlinked=1, unmatched=1, conflicts=0)
+    finally:
+        await engine.dispose()

@@ -237,6 +237,7 @@ async def test_without_a_client_certificate_one_attempt_fails_with_core_tls_erro
             await client.get_customer("100100")
         assert (info.value.code.value, info.value.retryable) == ("CORE_TLS_ERROR", False)
     assert _attempts(caplog) == [(1, "core_tls_error")] * 4
+    assert caplog.records[-1].getMessage().endswith(" tls=closed after the handshake, no answer")
     assert client.breaker.state is BreakerState.CLOSED
     assert _calls(mtls_sim, pki) == {"customer": 0, "arrangements": 0, "holdings": 0}
 
@@ -250,6 +251,8 @@ async def test_a_server_certificate_from_another_ca_is_core_tls_error(
         await _client(clients, mtls_sim.base_url, **fields).get_customer("100100")
     assert isinstance(info.value.__cause__, httpx.ConnectError)
     assert _attempts(caplog) == [(1, "core_tls_error")]
+    (line,) = [r.getMessage() for r in caplog.records if r.name.startswith("regstream.core")]
+    assert "tls=CERTIFICATE_VERIFY_FAILED: self-signed certificate in certificate chain" in line
     # the system's CAs (no T24_CA_BUNDLE) do not know the test CA either
     without_bundle = {**_mtls(pki), "ca_bundle": None}
     with pytest.raises(CoreTlsError):

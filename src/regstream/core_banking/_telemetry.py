@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from regstream.core_banking.errors import CircuitOpen, CoreBankingError
+from regstream.core_banking.errors import CircuitOpen, CoreBankingError, CoreTlsError
 from regstream.metrics import T24_CALL_LATENCY, T24_ERRORS
 
 __all__ = ["CallContext", "mask_customer_id", "observe"]
@@ -51,6 +51,8 @@ def observe(call: CallContext, status: int | None, exc: CoreBankingError | None)
     else:
         outcome = exc.code.value.lower()
     t24_code = exc.t24_code if exc is not None else None
+    # a TLS failure says which one (an operator's first question); nothing else adds to the line
+    tls = f" tls={exc.detail}" if isinstance(exc, CoreTlsError) and exc.detail else ""
     if not isinstance(exc, CircuitOpen):
         T24_CALL_LATENCY.labels(call.operation, outcome).observe(duration)
     if exc is not None:
@@ -59,7 +61,7 @@ def observe(call: CallContext, status: int | None, exc: CoreBankingError | None)
     logger.log(
         logging.INFO if exc is None else logging.WARNING,
         "t24 %s page=%s attempt=%d status=%s t24_code=%s outcome=%s duration_ms=%.1f "
-        "correlation_id=%s customer=%s",
+        "correlation_id=%s customer=%s%s",
         call.operation,
         call.page or "-",
         call.attempt,
@@ -69,6 +71,7 @@ def observe(call: CallContext, status: int | None, exc: CoreBankingError | None)
         round(duration * 1000, 1),  # as printed: no long digit runs in the record's arguments
         call.correlation_id,
         call.masked_id,
+        tls,
         extra={
             "t24_operation": call.operation,
             "t24_page": call.page,
@@ -78,5 +81,6 @@ def observe(call: CallContext, status: int | None, exc: CoreBankingError | None)
             "outcome": outcome,
             "duration_ms": round(duration * 1000, 1),
             "correlation_id": call.correlation_id,
+            **({"tls_error": exc.detail} if isinstance(exc, CoreTlsError) else {}),
         },
     )

@@ -211,10 +211,10 @@ def map_transport_error(exc: BaseException, *, fresh_tls: bool = False) -> CoreB
         return CoreTimeout()
     if isinstance(exc, BodyTooLarge | httpx.DecodingError):  # too big, or does not decompress
         return CoreProtocolError()
-    if _tls_failure(exc):
-        return CoreTlsError()
+    if (tls_error := _tls_failure(exc)) is not None:
+        return CoreTlsError(detail=_tls_detail(tls_error))
     if fresh_tls and isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
-        return CoreTlsError()
+        return CoreTlsError(detail="closed after the handshake, no answer")
     if isinstance(exc, httpx.TransportError | ssl.SSLError | OSError):
         # refused / unreachable, the proxy refused the tunnel, the server hung up or reset, or
         # a malformed status line, headers or framing (a broken gateway: may work next time)
@@ -222,23 +222,31 @@ def map_transport_error(exc: BaseException, *, fresh_tls: bool = False) -> CoreB
     return CoreRequestError()  # anything else (an URL httpx cannot send): our configuration
 
 
-def _tls_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what caused it) is a TLS failure other than a plain hang-up."""
+def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc`` when it is a TLS failure other than a plain hang-up."""
     if isinstance(exc, ssl.SSLError):
         # An alert from the core or a verification failure; a bare EOF or close_notify after
         # the handshake is the connection ending, not TLS refusing.
-        return not isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+        return None if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) else exc
     if not isinstance(exc, httpx.ConnectError):
-        return False
+        return None
     # During connect: any TLS error, an EOF in the handshake included (the core broke it off).
     cause = exc.__cause__ or exc.__context__
     for _ in range(8):  # a cause chain is short; bounded all the same
-        if cause is None:
-            return False
-        if isinstance(cause, ssl.SSLError):
-            return True
+        if cause is None or isinstance(cause, ssl.SSLError):
+            return cause
         cause = cause.__cause__ or cause.__context__
-    return False
+    return None
+
+
+def _tls_detail(error: ssl.SSLError) -> str:
+    """OpenSSL's reason (and the verification's message): names and codes, no data of ours."""
+    # (the ssl module sets both attributes on the errors it raises; getattr for any other)
+    reason = getattr(error, "reason", None) or type(error).__name__
+    verify_message = getattr(error, "verify_message", None)
+    if verify_message:
+        reason = f"{reason}: {verify_message}"
+    return str(reason)[:160]
 
 
 def interpret(response: Response) -> Envelope | None:

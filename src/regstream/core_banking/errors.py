@@ -139,3 +139,9 @@ class CoreTlsError(CoreBankingError):
 
     code = ErrorCode.CORE_TLS_ERROR
     retryable = False
+
+    def __init__(self, message: str | None = None, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        #: What TLS said, for the log line (e.g. ``CERTIFICATE_VERIFY_FAILED: certificate has
+        #: expired``, ``TLSV13_ALERT_CERTIFICATE_REQUIRED``): no personal data, never published.
+        self.detail = detail

@@ -68,16 +68,7 @@ def test_four_migrate_processes_started_together_on_an_empty_database_all_succee
         try:
             await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
             procs = [_regstream("migrate", env=env) for _ in range(4)]
-            deadline = time.monotonic() + 60
-            waiting = 0
-            while waiting < 4:
-                assert time.monotonic() < deadline, f"only {waiting} of 4 waited for the lock"
-                assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-                waiting = await conn.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-                )
-                await asyncio.sleep(0.05)
+            await _wait_for_waiters(conn, procs)
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
             return procs
         finally:
@@ -93,6 +84,81 @@ def test_four_migrate_processes_started_together_on_an_empty_database_all_succee
         + [f"database schema already at head ({head}); nothing to do{waited}"] * 3
     )
     assert asyncio.run(_fetch(postgres_url, "SELECT version_num FROM alembic_version")) == [(head,)]
+
+
+def test_three_instances_started_together_on_an_empty_database_all_come_up(
+    tmp_path: Path, postgres_url: str, redis_server: EmbeddedRedis, t24: RunningSimulator
+) -> None:
+    """The issue's target: `regstream serve` x 3 (migrating at start, the default) on a fresh
+    database, released together by the test's hold on the migration lock; all three ready."""
+    ports = [free_port() for _ in range(3)]
+    servers: list[subprocess.Popen[str]] = []
+
+    async def start_while_holding_the_lock() -> None:
+        conn = await asyncpg.connect(_plain(postgres_url), timeout=5)
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+            for n, port in enumerate(ports):
+                env = _env(
+                    tmp_path / str(n), postgres_url, REDIS_URL=redis_server.url,
+                    T24_BASE_URL=t24.base_url, REGSTREAM_DRAIN_DELAY="0",
+                    REGSTREAM_DRAIN_SPREAD="0",
+                )  # fmt: skip
+                servers.append(_regstream("serve", "--port", str(port), env=env))
+            await _wait_for_waiters(conn, servers)
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(start_while_holding_the_lock())
+        for port, server in zip(ports, servers, strict=True):
+            _wait_ready(port, server)
+        assert asyncio.run(_fetch(postgres_url, "SELECT version_num FROM alembic_version")) == [
+            (head_revision(),)
+        ]
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            _reap(server)
+
+
+async def _wait_for_waiters(
+    conn: asyncpg.Connection, procs: list[subprocess.Popen[str]], timeout: float = 60
+) -> None:
+    """Until every process in ``procs`` waits for the migration lock ``conn`` holds."""
+    deadline = time.monotonic() + timeout
+    waiting = 0
+    while waiting < len(procs):
+        assert time.monotonic() < deadline, f"only {waiting} of {len(procs)} waited for the lock"
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        await asyncio.sleep(0.05)
+
+
+def _wait_ready(port: int, server: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.poll() is None, server.communicate()
+        assert time.monotonic() < deadline, f"serve on {port} did not become ready"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
+def _reap(server: subprocess.Popen[str]) -> None:
+    try:
+        server.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # its shutdown is not what these tests are about
+        server.kill()
+        server.communicate(timeout=10)
 
 
 async def test_migrate_on_sqlite_and_again_is_a_no_op(tmp_path: Path) -> None:
@@ -153,20 +219,7 @@ def test_serve_without_migrate_on_start_refuses_a_schema_not_at_head(
     assert migrated.returncode == 0, migrated.stderr
     server = _regstream(*serve, env=env)
     try:
-        deadline = time.monotonic() + 40
-        while True:
-            assert server.poll() is None, server.communicate()
-            assert time.monotonic() < deadline, "serve did not become ready"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        _wait_ready(port, server)
     finally:
         server.terminate()
-        try:
-            server.communicate(timeout=30)
-        except subprocess.TimeoutExpired:  # its shutdown is not what this test is about
-            server.kill()
-            server.communicate(timeout=10)
+        _reap(server)

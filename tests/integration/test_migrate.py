@@ -13,9 +13,18 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
+from sqlalchemy import text
 
 from regstream.core_banking.simulator.server import RunningSimulator
-from regstream.db.engine import MIGRATION_LOCK_KEY, create_engine, head_revision, migrate
+from regstream.db.engine import (
+    MIGRATION_LOCK_KEY,
+    SchemaNotAtHead,
+    create_engine,
+    head_revision,
+    migrate,
+    require_head,
+)
 from regstream.realtime.embedded import EmbeddedRedis
 from tests.support import TEST_SECRET_KEY, free_port
 
@@ -223,3 +232,26 @@ def test_serve_without_migrate_on_start_refuses_a_schema_not_at_head(
     finally:
         server.terminate()
         _reap(server)
+
+
+async def test_a_schema_newer_than_this_release_is_refused_in_one_line(database_url: str) -> None:
+    """A newer release migrated the database (a rollback, or an old instance restarting during
+    a roll-out): migrate and require_head both refuse, naming the revisions, instead of
+    alembic's "Can't locate revision" traceback."""
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+        expected = (
+            f"database schema is at 9999_future, newer than this release (its head is "
+            f"{head_revision()}): a newer release migrated it; run that release"
+        )
+        with pytest.raises(SchemaNotAtHead) as migrating:
+            await migrate(engine)
+        assert str(migrating.value) == expected
+        with pytest.raises(SchemaNotAtHead) as checking:
+            await require_head(engine)
+        assert str(checking.value) == expected
+    finally:
+        await engine.dispose()

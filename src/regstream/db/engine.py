@@ -21,6 +21,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import (
@@ -119,7 +120,8 @@ MIGRATION_LOCK_KEY = int.from_bytes(b"regstrm", "big")
 
 
 class SchemaNotAtHead(Exception):
-    """The database's schema is not this release's; ``str(exc)`` is one line."""
+    """The database's schema is not this release's (older, with migrations off at start, or
+    newer); ``str(exc)`` is one line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +155,28 @@ def _current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+def _check_known(current: str | None) -> None:
+    """A schema a newer release migrated (a revision this one does not ship) is refused in one
+    line: alembic would fail on it with "Can't locate revision", and this release's code was
+    not written for that schema."""
+    if current is None:
+        return
+    try:
+        ScriptDirectory.from_config(_alembic_config()).get_revision(current)
+    except CommandError:
+        raise SchemaNotAtHead(
+            f"database schema is at {current}, newer than this release (its head is "
+            f"{head_revision()}): a newer release migrated it; run that release"
+        ) from None
+
+
 async def migrate(engine: AsyncEngine) -> Migration:
     """Apply every Alembic migration up to head (idempotent); on PostgreSQL under the
     migration lock, so any number of processes may call it at once."""
 
     def _upgrade(connection: Connection) -> tuple[str | None, str | None]:
         before = _current_revision(connection)
+        _check_known(before)
         cfg = _alembic_config()
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
@@ -190,6 +208,7 @@ async def require_head(engine: AsyncEngine) -> None:
     ``REGSTREAM_MIGRATE_ON_START=false``: the release pipeline runs ``regstream migrate``)."""
     async with engine.connect() as conn:
         current = await conn.run_sync(_current_revision)
+    _check_known(current)
     head = head_revision()
     if current != head:
         found = "empty" if current is None else f"at {current}"

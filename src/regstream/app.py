@@ -99,7 +99,9 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
     assert settings.t24_base_url is not None
     target = RedisTarget.from_settings(settings)  # URL, REDIS_HOST or Sentinel; TLS
     log.info("Redis: %s", target.describe())  # where, never credentials
-    engine = create_engine(settings.effective_database_url)
+    engine = create_engine(
+        settings.effective_database_url, statement_timeout=settings.db_statement_timeout
+    )
     # migrations under an advisory lock (instances starting together take turns), or only a
     # check that `regstream migrate` did them (REGSTREAM_MIGRATE_ON_START=false)
     await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-
 from pydantic import (
     AliasChoices,
     Field,
@@ -160,7 +159,6 @@ class Settings(BaseSettings):
         True, validation_alias=_env("REDIS_TLS_CHECK_HOSTNAME")
     )
 
-
     # --- T24 core banking --------------------------------------------------------------------
     t24_base_url: str | None = Field(None, validation_alias=_env("T24_BASE_URL"))
     t24_username: str | None = Field(None, validation_alias=_env("T24_USERNAME"))
@@ -214,6 +212,8 @@ class Settings(BaseSettings):
         64, validation_alias=_env("REGSTREAM_PIPELINE_CONCURRENCY")
     )
     lease_seconds: PositiveFloat = Field(60.0, validation_alias=_env("REGSTREAM_LEASE_SECONDS"))
+    # the shared work queue (pipeline/fleet.py): a dead instance's runs are taken over once its
+    # heartbeat is older than the timeout; queued runs are looked for at least every poll
     heartbeat_interval: PositiveFloat = Field(
         2.0, validation_alias=_env("REGSTREAM_HEARTBEAT_INTERVAL")
     )
@@ -232,6 +232,9 @@ class Settings(BaseSettings):
     )
     drain_spread: Annotated[float, Field(ge=0, le=600)] = Field(
         5.0, validation_alias=_env("REGSTREAM_DRAIN_SPREAD")
+    )
+    db_statement_timeout: PositiveFloat = Field(
+        5.0, validation_alias=_env("REGSTREAM_DB_STATEMENT_TIMEOUT")
     )
     # national-id HMAC keys (docs/operations.md "Secret key"): required with DATABASE_URL
     secret_key: SecretStr | None = Field(None, validation_alias=_env("REGSTREAM_SECRET_KEY"))
@@ -455,16 +458,6 @@ class Settings(BaseSettings):
         return level
 
     @model_validator(mode="after")
-    def _check_heartbeat(self) -> Settings:
-        # one late beat (a busy event loop, a slow database) must not make an instance dead
-        if self.heartbeat_timeout < 2 * self.heartbeat_interval:
-            raise ValueError(
-                f"REGSTREAM_HEARTBEAT_TIMEOUT ({self.heartbeat_timeout:g}) must be at least "
-                f"twice REGSTREAM_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g})"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _check_outbox_fits_the_pipeline(self) -> Settings:
         # The pipeline holds new runs once the outbox is half full (publisher.wait_for_room);
         # the runs already in flight (~8 updates each) must fit in the other half, or a burst
@@ -474,6 +467,16 @@ class Settings(BaseSettings):
                 f"REGSTREAM_OUTBOX_MAX ({self.outbox_max}) must be at least 16 x "
                 f"REGSTREAM_PIPELINE_CONCURRENCY ({self.pipeline_concurrency}) = "
                 f"{16 * self.pipeline_concurrency}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> Settings:
+        # one late beat (a busy event loop, a slow database) must not make an instance dead
+        if self.heartbeat_timeout < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"REGSTREAM_HEARTBEAT_TIMEOUT ({self.heartbeat_timeout:g}) must be at least "
+                f"twice REGSTREAM_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g})"
             )
         return self
 

@@ -50,6 +50,9 @@ def test_serve_demo_then_process_and_watch(tmp_path: Path) -> None:
         assert f"listening on {url}" in output.replace("\n", " ")
         assert "demo registration 1: approved" in output
         env["REGSTREAM_TOKEN"] = output.split("REGSTREAM_TOKEN=", 1)[1].split()[0]  # demo admin
+        # not the CLI's default port: serve prints the URL to export too (issue 16)
+        env["REGSTREAM_URL"] = output.split("REGSTREAM_URL=", 1)[1].split()[0]
+        assert env["REGSTREAM_URL"] == url
         assert (tmp_path / "var" / "redis" / "redis.sock").exists()  # the embedded server
 
         watcher = subprocess.Popen(
@@ -58,7 +61,7 @@ def test_serve_demo_then_process_and_watch(tmp_path: Path) -> None:
         )  # fmt: skip
         time.sleep(1.5)
         done = subprocess.run(
-            [sys.executable, "-m", "regstream", "process", "1", "--url", url],
+            [sys.executable, "-m", "regstream", "process", "1"],  # REGSTREAM_URL
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr

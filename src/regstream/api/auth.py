@@ -31,6 +31,7 @@ from pydantic.alias_generators import to_camel
 
 from regstream import metrics
 from regstream.api.deps import Services, ServicesDep, StreamAuth, StreamDecision
+from regstream.api.schemas import Storable, StorableModel
 from regstream.api.stream import STREAM_PATH
 from regstream.auth import credentials, http
 from regstream.auth.limits import retry_after
@@ -49,7 +50,7 @@ _bearer_scheme = HTTPBearer(auto_error=False, description="API token: rst_…")
 _UNAUTHENTICATED = {"WWW-Authenticate": 'Bearer realm="regstream"'}
 
 
-class _Model(BaseModel):
+class _Model(StorableModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
@@ -688,8 +689,8 @@ async def revoke_token(
 async def list_audit(
     _: AdminPrincipal,
     services: ServicesDep,
-    actor: Annotated[str | None, Query(max_length=64)] = None,
-    action: Annotated[str | None, Query(max_length=40)] = None,
+    actor: Annotated[str | None, Query(max_length=64), Storable] = None,
+    action: Annotated[str | None, Query(max_length=40), Storable] = None,
     outcome: Annotated[Literal["ok", "refused"] | None, Query()] = None,
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
     page_size: Annotated[int, Query(alias="pageSize", ge=1, le=200)] = 50,

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from regstream.api.auth import metrics_access
 from regstream.api.deps import ServicesDep
+from regstream.api.errors import DATABASE_OUTAGE
 from regstream.db.engine import ping
 
 router = APIRouter(tags=["health"])
@@ -40,6 +41,7 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     try:
         await asyncio.wait_for(ping(services.engine), 2)
         checks["database"] = "ok"
+        DATABASE_OUTAGE.recovered()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         checks["database"] = f"down ({type(exc).__name__})"
     try:

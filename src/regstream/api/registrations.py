@@ -25,7 +25,9 @@ from regstream.api.schemas import (
     RegistrationCreate,
     RegistrationDetail,
     RegistrationPage,
+    Storable,
 )
+from regstream.auth.http import client_ip
 from regstream.auth.limits import retry_after
 from regstream.db import audit, registrations
 from regstream.db.tables import RegistrationRequest
@@ -38,7 +40,11 @@ RegistrationId = Annotated[int, Path(ge=1, le=2**53, description="registration i
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RegistrationDetail)
 async def create_registration(
-    body: RegistrationCreate, session: SessionDep, _: OperatorPrincipal
+    body: RegistrationCreate,
+    request: Request,
+    session: SessionDep,
+    services: ServicesDep,
+    principal: OperatorPrincipal,
 ) -> RegistrationDetail:
     async with session.begin():
         row = await registrations.create(
@@ -54,6 +60,11 @@ async def create_registration(
             email=body.email,
             device_id=body.device_id,
         )
+        # who entered personal data, from where: committed with the row (ids only, no data)
+        await audit.create(
+            session, action="registration.create", outcome="ok", actor=principal.username,
+            target=f"registration:{row.id}", client_ip=client_ip(request.scope, services.settings),
+        )  # fmt: skip
     await session.refresh(row)
     return views.detail_of(row, [])
 
@@ -63,7 +74,9 @@ async def list_registrations(
     session: SessionDep,
     _: ViewerPrincipal,
     status_filter: Annotated[RegistrationStatus | None, Query(alias="status")] = None,
-    q: Annotated[str | None, Query(max_length=100, description="name, CIF or id")] = None,
+    q: Annotated[
+        str | None, Query(max_length=100, description="name, CIF or id"), Storable
+    ] = None,
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
     page_size: Annotated[int, Query(alias="pageSize", ge=1, le=200)] = 20,
 ) -> RegistrationPage:
@@ -111,6 +124,7 @@ async def process_registration(
         await audit.create(
             session, action="registration.process", outcome="ok", actor=principal.username,
             target=f"registration:{registration_id}",
+            client_ip=client_ip(request.scope, services.settings),
         )  # fmt: skip
 
     submission = await services.runner.submit(
@@ -177,6 +191,7 @@ async def process_many(
         await audit.create_many(  # one entry per run started, committed with the claims
             session, action="registration.process", outcome="ok", actor=principal.username,
             targets=[f"registration:{rid}" for rid in accepted],
+            client_ip=client_ip(request.scope, services.settings),
         )  # fmt: skip
 
     started_by = getattr(request.state, "principal_name", None)

@@ -75,6 +75,9 @@ def serve(
         console.print(f"[bold green]regstream[/bold green] listening on [bold]{where}[/bold]"
                       f"  (API docs: {where}/docs, stream: {where}/api/registrations/updates/stream)",
                       highlight=False)  # fmt: skip
+        if where != "http://127.0.0.1:8000":  # the CLI clients' default --url
+            console.print(f"  for the CLI: export REGSTREAM_URL={where}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
         # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; turn that into a normal
         # exit so the `finally` below stops the embedded Redis and simulator.
         signal.signal(signal.SIGTERM, _exit_cleanly)

@@ -39,7 +39,13 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 
-def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 20, statement_timeout: float | None = None
+) -> AsyncEngine:
+    """``statement_timeout`` (PostgreSQL; ``REGSTREAM_DB_STATEMENT_TIMEOUT`` in the service):
+    no statement, lock wait, connection attempt or wait for a pooled connection takes longer, so
+    a locked table or an unreachable server gives a quick error (answered 503) instead of
+    requests that hang. Migrations lift it for their own transaction (``migrate``)."""
     if url.startswith("sqlite"):
         creator = sqlite_inline.connector(SQLITE_BUSY_TIMEOUT_S)
         engine = create_async_engine(
@@ -48,7 +54,17 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         )  # fmt: skip
         _configure_sqlite(engine)
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    options: dict[str, Any] = {}
+    if statement_timeout is not None:
+        ms = str(max(1, int(statement_timeout * 1000)))
+        options["connect_args"] = {
+            "timeout": statement_timeout,  # asyncpg: connecting, authentication included
+            "server_settings": {"statement_timeout": ms, "lock_timeout": ms},
+        }
+        options["pool_timeout"] = statement_timeout
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, **options
+    )
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -185,6 +201,11 @@ async def migrate(engine: AsyncEngine) -> Migration:
     async with engine.begin() as conn:
         waited = False
         if conn.dialect.name == "postgresql":
+            # the service's statement and lock timeouts (create_engine) are for requests: a
+            # migration may rewrite a big table, and waiting for another process's migration
+            # is waiting for a lock
+            await conn.execute(text("SET LOCAL statement_timeout = 0"))
+            await conn.execute(text("SET LOCAL lock_timeout = 0"))
             key = {"key": MIGRATION_LOCK_KEY}
             if not await conn.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), key):
                 waited = True

@@ -85,12 +85,14 @@ async def list_page(
         query = query.where(RegistrationRequest.status == status)
     if search:
         term = search.strip()
-        like = f"%{term.lower()}%"
+        # the term is text to find, not a pattern: "%" and "_" match themselves
+        escaped = term.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        like = f"%{escaped}%"
         conditions: list[ColumnElement[bool]] = [
-            func.lower(RegistrationRequest.first_name).like(like),
-            func.lower(RegistrationRequest.last_name).like(like),
+            func.lower(RegistrationRequest.first_name).like(like, escape="\\"),
+            func.lower(RegistrationRequest.last_name).like(like, escape="\\"),
         ]
-        if term.isdigit():
+        if term.isascii() and term.isdigit():
             conditions.append(RegistrationRequest.customer_number == term)
             if len(term) <= 18:
                 conditions.append(RegistrationRequest.id == int(term))

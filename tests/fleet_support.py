@@ -240,9 +240,10 @@ class Instance:
     def tail(self, size: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-size:]
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (the drain), then SIGKILL if it has not exited within ``timeout``."""
         if self.proc is not None:
-            stop_tree(self.proc, signal.SIGTERM, timeout=30)
+            stop_tree(self.proc, signal.SIGTERM, timeout=timeout)
 
 
 def wait_ready(instances: Sequence[Instance], timeout: float = 60.0) -> None:

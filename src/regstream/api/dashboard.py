@@ -26,9 +26,11 @@ from fastapi import APIRouter, Request, Response, status
 from pydantic import Field
 
 from regstream import metrics
-from regstream.api.auth import AdminPrincipal, ViewerPrincipal
+from regstream.api.auth import AdminPrincipal, AuthDep, ViewerPrincipal
 from regstream.api.deps import ServicesDep, SessionDep
+from regstream.api.errors import error_response
 from regstream.api.schemas import CamelModel
+from regstream.auth.limits import retry_after
 from regstream.db import registrations
 
 router = APIRouter(prefix="/api", tags=["dashboard"])
@@ -129,8 +131,22 @@ async def read_stats(
     )
 
 
-@router.post("/metrics/latency", status_code=status.HTTP_204_NO_CONTENT)
-async def report_latency(_: ViewerPrincipal, body: LatencyReport, request: Request) -> Response:
+@router.post(
+    "/metrics/latency", status_code=status.HTTP_204_NO_CONTENT,
+    responses={429: {"description": "more reports than a user's pages send"}},
+)  # fmt: skip
+async def report_latency(
+    principal: ViewerPrincipal, auth: AuthDep, body: LatencyReport, request: Request
+) -> Response:
+    """A browser's measured delivery latencies. Per user at most ``LATENCY_REPORTS_PER_MINUTE``
+    reports of at most 200 samples, each at most ``MAX_SAMPLE_MS``: one viewer cannot skew the
+    dashboard or the Prometheus histogram with made-up samples."""
+    wait = await auth.latency_report_limit.hit(f"operator:{principal.operator_id}")
+    if wait:
+        return error_response(
+            request, 429, "too many latency reports; retry later",
+            headers={"Retry-After": retry_after(wait)},
+        )  # fmt: skip
     values = [max(0.0, float(v)) for v in body.samples if math.isfinite(v)]
     for value in values:
         metrics.BROWSER_LATENCY.observe(value / 1000)

@@ -20,6 +20,9 @@ from regstream.config import Settings
 #: audit table by hammering the API without credentials)
 REFUSALS_AUDITED_PER_MINUTE = 30
 
+#: latency reports a user's browsers may send per minute (a page reports every 5 s; a few tabs)
+LATENCY_REPORTS_PER_MINUTE = 30
+
 
 def guard_interval(ping_interval: float) -> float:
     """How often open streams' credentials are re-checked: well within one ping interval."""
@@ -42,6 +45,7 @@ class AuthRuntime:
     login_address_limit: RateLimit = field(init=False)
     throttle_audit_limit: RateLimit = field(init=False)
     refusal_audit_limit: RateLimit = field(init=False)
+    latency_report_limit: RateLimit = field(init=False)
     hashing: HashingTurns = field(init=False)
     guard: StreamGuard = field(init=False)
 
@@ -57,6 +61,9 @@ class AuthRuntime:
         self.throttle_audit_limit = RateLimit(self.store, "login-throttled-audit", 1)
         self.refusal_audit_limit = RateLimit(
             self.store, "refusal-audit", REFUSALS_AUDITED_PER_MINUTE
+        )
+        self.latency_report_limit = RateLimit(
+            self.store, "latency-report", LATENCY_REPORTS_PER_MINUTE
         )
         self.hashing = HashingTurns()
         interval = guard_interval(s.sse_ping_interval)

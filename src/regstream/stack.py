@@ -9,6 +9,7 @@ The key is generated once into the data dir, only for the embedded SQLite databa
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
@@ -57,6 +58,42 @@ def _generated_key(path: Path) -> str:
     return path.read_text().strip()
 
 
+class DataDirInUse(Exception):
+    """Another process runs the embedded services of this data dir; ``str(exc)`` is one line."""
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``<data dir>/.lock`` (holding the owner's pid), taken by the
+    process that starts the embedded Redis there: a second ``scripts/serve`` on the same
+    ``./var`` would start a second server on the same socket (and remove the first one's at its
+    exit) and share the SQLite file with a Redis of its own. Released when the process ends,
+    however it ends."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise DataDirInUse(
+                f"data dir {self.path.parent} is in use by process {holder} (another regstream "
+                "serve); stop it, or give this one its own REGSTREAM_DATA_DIR"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
 class EmbeddedStack(AbstractContextManager["EmbeddedStack"]):
     """Start what the settings leave unconfigured; ``settings`` is the resolved copy."""
 
@@ -65,14 +102,22 @@ class EmbeddedStack(AbstractContextManager["EmbeddedStack"]):
         self.settings = settings
         self.redis: EmbeddedRedis | None = None
         self.simulator: subprocess.Popen[bytes] | None = None
+        self._lock: DataDirLock | None = None
 
     def __enter__(self) -> EmbeddedStack:
         data_dir = self._given.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         updates: dict[str, object] = {}
         if self._given.effective_redis_url is None:
-            self.redis = EmbeddedRedis(directory=(data_dir / "redis").resolve())
-            self.redis.start()
+            self._lock = DataDirLock(data_dir)
+            self._lock.acquire()  # raises DataDirInUse before anything else starts
+            redis = EmbeddedRedis(directory=(data_dir / "redis").resolve())
+            try:
+                redis.start()
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+            self.redis = redis
             log.info("started embedded Redis on %s", self.redis.socket_path)
             updates["redis_url"] = self.redis.url
         if self._given.t24_base_url is None:
@@ -132,3 +177,6 @@ class EmbeddedStack(AbstractContextManager["EmbeddedStack"]):
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

@@ -113,3 +113,45 @@ def test_clients_against_a_url_where_nothing_listens_say_so_in_one_line(tmp_path
         assert "Traceback" not in done.stderr, done.stderr
         assert any(url in line and "REGSTREAM_URL" in line for line in lines), done.stderr
         assert len(lines) <= 2, done.stderr
+
+
+def test_a_second_serve_on_the_same_data_dir_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Two `scripts/serve` on one ./var: the second would start a second embedded Redis on the
+    first one's socket (and delete it at exit) and share the SQLite file (issue 16). It is
+    refused with one line naming the process that holds the data dir; the first keeps working."""
+    env = _env(tmp_path / "var")
+    port = free_port()
+    log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
+    first = subprocess.Popen(
+        [sys.executable, "-m", "regstream", "serve", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 40
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert first.poll() is None and time.monotonic() < deadline, (
+                (tmp_path / "first.log").read_text()
+            )
+            time.sleep(0.2)
+        second = subprocess.run(
+            [sys.executable, "-m", "regstream", "serve", "--port", str(free_port())],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1, second
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and f"process {first.pid}" in lines[0], second.stderr
+        assert "REGSTREAM_DATA_DIR" in lines[0]
+        # the first one's embedded Redis is untouched
+        assert (tmp_path / "var" / "redis" / "redis.sock").exists()
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+    finally:
+        first.send_signal(signal.SIGTERM)
+        try:
+            first.wait(30)
+        finally:
+            log.close()

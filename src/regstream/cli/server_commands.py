@@ -42,12 +42,15 @@ def serve(
 ) -> None:
     """Run the service (embedded Redis and T24 simulator unless configured)."""
     from regstream.db.engine import SchemaNotAtHead
-    from regstream.stack import EmbeddedStack, national_id_keys
+    from regstream.stack import DataDirInUse, EmbeddedStack, national_id_keys
 
     settings = settings_or_exit()
     logs.configure(settings.log_level, json_format=settings.log_json)
     try:
         stack = EmbeddedStack(settings).__enter__()
+    except DataDirInUse as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
     except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
         console.print(
             f"[red]error:[/red] could not start embedded services: {exc}", highlight=False

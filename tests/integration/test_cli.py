@@ -135,8 +135,8 @@ def test_a_second_serve_on_the_same_data_dir_is_refused_in_one_line(tmp_path: Pa
             except httpx.HTTPError:
                 pass
             assert first.poll() is None and time.monotonic() < deadline, (
-                (tmp_path / "first.log").read_text()
-            )
+                tmp_path / "first.log"
+            ).read_text()
             time.sleep(0.2)
         second = subprocess.run(
             [sys.executable, "-m", "regstream", "serve", "--port", str(free_port())],

@@ -201,3 +201,26 @@ async def test_close_in_batches_closes_a_few_streams_without_waiting_for_the_win
         hub.attach(stream)
     closing = hub.close_in_batches(over=60, final=lambda: b"retry: 1\n\n", tick=0.05)
     assert await asyncio.wait_for(closing, 5) == 3  # one per tick, not spread over 60 s
+
+
+def test_a_resync_during_start_up_is_written_when_the_stream_goes_live() -> None:
+    """A stream still reading its replay when a re-sync comes (a resume racing a failover's new
+    epoch) gets the marker in order when it goes live, not never."""
+    hub = Hub()
+    starting = QueuedStream(None, max_buffer=1 << 20)
+    filtered = QueuedStream(7, max_buffer=1 << 20)
+    for stream in (starting, filtered):
+        hub.attach(stream)
+    hub.publish(_update(7, 1, messages.EventKey("1", 5, 0)))
+    hub.resync(())
+    hub.resync((7,))
+    hub.publish(_update(7, 1, messages.EventKey("2", 6, 0)))
+    assert _frames(starting) == [] and _frames(filtered) == []  # held while starting up
+    starting.go_live(after=messages.EventKey("1", 5, 0))  # the replay ended at the first update
+    filtered.go_live()
+    expected = [("snapshot", None), ("snapshot", {"registrationIds": [7]}), ("update", None)]
+    for stream in (starting, filtered):
+        kinds = [(f["type"], f.get("data") if f["type"] == "snapshot" else None)
+                 for f in _frames(stream)]  # fmt: skip
+        assert kinds[-3:] == expected
+    assert [f["type"] for f in _frames(filtered)] == ["update", "snapshot", "snapshot", "update"]

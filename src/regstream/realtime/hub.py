@@ -140,7 +140,10 @@ class Stream:
         self.floor_seq = snapshot_seq or 0
         held, self.pending = self.pending or [], None
         for parsed in held:
-            if not self.covers(parsed):
+            if parsed.resync is not None:  # a re-sync that came during start-up (Hub.resync)
+                frame = _resync_frame(parsed.resync)
+                self.write(frame, messages.chunk(frame))
+            elif not self.covers(parsed):
                 frame = messages.update_frame(parsed)
                 self.write(frame, messages.chunk(frame))
         self.limit = self.buffered() + self.max_buffer
@@ -283,6 +286,11 @@ def _ids(filter_: int | tuple[int, ...]) -> tuple[int, ...]:
     return filter_ if isinstance(filter_, tuple) else (filter_,)
 
 
+def _resync_frame(registration_ids: tuple[int, ...]) -> bytes:
+    ids = sorted(set(registration_ids))
+    return messages.snapshot_frame({"registrationIds": ids} if ids else None, resync=True)
+
+
 def _cut(stream: Stream, reason: str) -> None:
     metrics.SLOW_CLIENTS_CUT.inc()
     log.warning(
@@ -419,17 +427,25 @@ class Hub:
         """
         if registration_ids:
             ids = set(registration_ids)
-            frame = messages.snapshot_frame({"registrationIds": sorted(ids)}, resync=True)
             targets = [
                 s for s in self.streams()
                 if s.registration_id is None or not ids.isdisjoint(_ids(s.registration_id))
             ]  # fmt: skip
         else:
-            frame = messages.snapshot_frame(None, resync=True)
             targets = list(self.streams())
+        frame = _resync_frame(registration_ids)
         chunk = messages.chunk(frame)
+        # A stream still starting up read its replay or snapshot from a history this re-sync
+        # may be about (a failover's new epoch, trimmed entries): it gets the marker in order,
+        # when it goes live, instead of never (a resume racing a failover missed it).
+        marker = Parsed(raw=b"", registration_id=None, seq=None, timestamp_ms=None, key=None,
+                        resync=tuple(sorted(set(registration_ids))))  # fmt: skip
         for stream in targets:
-            if stream.pending is None and not stream.closed:
+            if stream.closed:
+                continue
+            if stream.pending is not None:
+                stream.pending.append(marker)
+            else:
                 stream.write(frame, chunk)
 
     def close_all(self, final: bytes = b"") -> int:

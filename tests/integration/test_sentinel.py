@@ -56,7 +56,7 @@ from tests.support import (
 SERVICE = "mymaster"
 REPLICATION_USER = ("replicator", "replicator-test-password")
 HISTORY = messages.ServiceChannel.REGISTRATION_UPDATES + messages.HISTORY_SUFFIX
-BULK_SIZE = 60
+BULK_SIZE = 80
 
 
 def _low_free_port() -> int:

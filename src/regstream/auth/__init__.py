@@ -13,7 +13,8 @@ The design (details and reasons in ``docs/security.md``):
   (``X-CSRF-Token`` header or ``csrf_token`` form field); any unsafe request whose ``Origin``
   (or ``Sec-Fetch-Site``) says cross-site is refused before routing. Bearer requests are exempt:
   browsers never attach ``Authorization`` on their own.
-* **Limits.** Body size, per-user streams, ``process`` and sign-in rates (``limits``).
+* **Limits.** Body size; per-user streams, ``process`` and sign-in rates counted fleet-wide in
+  Redis (``limits``, ``stream_slots``), per process while Redis is down; fair argon2 turns.
 
 Layering: this package sits between ``api``/``web`` (which use it) and ``db``/``realtime``/
 ``domain``/``config`` (which it uses); it never imports ``api``.

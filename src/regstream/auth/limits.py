@@ -16,10 +16,11 @@ Redis is tried again ``retry_interval`` seconds after a failure, so an outage co
 nothing (no timeout per request); counts made during the outage are not carried into Redis.
 ``timeout`` bounds one decision, the wait for the pool included. No Redis error reaches a caller.
 
-Keys: ``regstream:limits:<limit>/<identifiers>``; identifiers that could carry personal data or
-a secret (client addresses, typed user names: people type passwords into the name field) are
-stored as BLAKE2b digests keyed with the service's secret key (the same on every instance), never
-in clear.
+Keys: ``regstream:limits:rate/<limit>/<identifier>/<n>/1/minute``. The setting is part of the
+key: every instance must run with the same one, or each counts its own window. Identifiers that
+could carry personal data or a secret (client addresses, typed user names: people type passwords
+into the name field) are BLAKE2b digests keyed with the service's secret key (the same on every
+instance), never in clear.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ class RateLimit:
             raise ValueError("per_minute must be >= 1")
         self.store = store
         self.name = name
-        self.item: RateLimitItem = RateLimitItemPerMinute(per_minute, namespace=KEY_PREFIX)
+        self.item: RateLimitItem = RateLimitItemPerMinute(per_minute, namespace="rate")
         self.rate = per_minute
         self._refused_until: dict[str, float] = {}  # key -> time.monotonic() of the free slot
 

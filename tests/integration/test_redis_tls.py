@@ -1,7 +1,8 @@
 """Redis over TLS with client certificates (issue 15 item 7): a private ``redis-server`` with
 ``--tls-port`` only, requiring client certificates signed by a throwaway CA made at test time with
-``openssl``. The service connects through the URL form and the ``REDIS_HOST`` form; a wrong CA or a
-missing client certificate is refused with a clear error."""
+``openssl``. The service connects through the URL form, the ``REDIS_HOST`` form and a TLS-only
+sentinel (``rediss+sentinel://``); a wrong CA or a missing client certificate is refused with a
+clear error, which the service's log repeats."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from regstream.api import dashboard as dashboard_routes
 from regstream.api import errors
 from regstream.api import health as health_routes
 from regstream.api import registrations as registration_routes
+from regstream.api import stream_schema as stream_schema_routes
 from regstream.api.admission import StartGate
 from regstream.api.auth import require_page_role
 from regstream.api.deps import Services
@@ -239,6 +240,7 @@ def create_api(settings: Settings) -> FastAPI:
     api.include_router(registration_routes.router)
     api.include_router(health_routes.router)
     api.include_router(dashboard_routes.router)
+    api.include_router(stream_schema_routes.router)
     api.include_router(pages.public)
     api.include_router(pages.viewer_pages, dependencies=[Depends(require_page_role("viewer"))])
     api.include_router(pages.admin_pages, dependencies=[Depends(require_page_role("admin"))])

@@ -37,6 +37,7 @@ RULES: dict[tuple[str, str], str] = {
     ("GET", "/api/audit"): "admin",
     ("GET", "/openapi.json"): "viewer",
     ("GET", "/docs"): "viewer",
+    ("GET", "/api/schema/stream.json"): "viewer",
     ("POST", "/api/registrations"): "operator",
     ("GET", "/api/registrations"): "viewer",
     ("GET", "/api/registrations/{registration_id}"): "viewer",

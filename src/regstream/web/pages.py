@@ -2,7 +2,8 @@
 
 Each page is a Jinja2 template with no personal data in it: the page's ES module reads the
 registration(s) from the REST API (which returns masked values) and listens to the stream through
-``static/js/registration-updates.js``. So a page's HTML is the same for every person and every
+the ``@regstream/client`` package (``clients/js``, served as ``/static/client/``; configured for
+the pages by ``static/js/stream.js``). So a page's HTML is the same for every person and every
 registration. Pages come in three routers by who may open them (``public``: sign-in;
 ``viewer_pages``; ``admin_pages``); ``app.py`` includes each with the matching page-role
 dependency from ``api/auth.py`` (a signed-out visitor is sent to ``/login?next=…``), and the
@@ -43,8 +44,14 @@ _HEADERS = {
 
 
 def static_files() -> StaticFiles:
-    """The ``/static`` mount (``app.py`` mounts it)."""
-    return StaticFiles(directory=str(STATIC_DIR))
+    """The ``/static`` mount (``app.py`` mounts it).
+
+    ``static/client`` is a symbolic link to ``clients/js/src``, the ``@regstream/client``
+    package's ES modules, which the pages import as they are (no build step). A wheel holds a copy
+    of those files (setuptools copies what a link points to), an editable install serves the
+    repository's; ``follow_symlink`` lets StaticFiles serve files reached through that link.
+    """
+    return StaticFiles(directory=str(STATIC_DIR), follow_symlink=True)
 
 
 def _page(request: Request, template: str, title: str, **context: object) -> HTMLResponse:

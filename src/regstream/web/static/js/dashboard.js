@@ -3,7 +3,7 @@
 
 import { api, ApiError, SignInRequired, newestOnly } from './session.js';
 import { initShell } from './shell.js';
-import { createRegistrationUpdates, onFinalUpdate } from './registration-updates.js';
+import { createRegistrationUpdates, onFinalUpdate } from './stream.js';
 import { runEnded } from './notify.js';
 import { h, stageLabel, formatTime, statusChip, showConnection, showError } from './ui.js';
 

@@ -9,7 +9,7 @@
 
 import { api, ApiError, SignInRequired } from './session.js';
 import { initShell } from './shell.js';
-import { createRegistrationUpdates, onFinalUpdate } from './registration-updates.js';
+import { createRegistrationUpdates, onFinalUpdate } from './stream.js';
 import { markStarted, bindToggles, runEnded } from './notify.js';
 import { h, stageLabel, formatTime, formatDateTime, announce, showConnection, showError, TERMINAL } from './ui.js';
 

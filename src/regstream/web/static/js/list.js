@@ -7,7 +7,7 @@
 
 import { api, ApiError, SignInRequired, newestOnly } from './session.js';
 import { initShell } from './shell.js';
-import { createRegistrationUpdates, onFinalUpdate } from './registration-updates.js';
+import { createRegistrationUpdates, onFinalUpdate } from './stream.js';
 import { markStarted, bindToggles, runEnded } from './notify.js';
 import { h, stageLabel, formatDateTime, statusChip, announce, showConnection, showError } from './ui.js';
 

@@ -1,7 +1,7 @@
 // Notifications and sound for runs this browser started.
 //
 // Started runs are remembered in localStorage (shared by the tabs). Ends are reported by
-// registration-updates.js's onFinalUpdate, which fires in the leader tab only, so one
+// stream.js's onFinalUpdate (@regstream/client), which fires in the leader tab only, so one
 // notification per run however many tabs are open. Permission is asked only from the
 // "Notify me" toggle (a user action); sound is off by default and is a WebAudio beep (no file).
 

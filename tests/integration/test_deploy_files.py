@@ -184,6 +184,71 @@ async def test_nginx_proxies_as_documented(tmp_path: Path) -> None:
     assert "page=2" not in access_log and "/registrations " in access_log  # no query strings
 
 
+async def test_nginx_sends_streams_to_an_instance_as_soon_as_it_is_back(tmp_path: Path) -> None:
+    """The rolling-restart pattern: instance A is down, comes back, then B stops listening.
+    New streams must go to A at once. With nginx's passive failure marking (max_fails=1) A
+    stayed out until a request to it *completed*, which a stream does not: 502 "no live
+    upstreams" (bench/fleet_bench.py, 794 of 1,051 reconnects)."""
+    _need_nginx()
+    cert = make_cert(tmp_path / "tls")
+    port_a, port_b, https_port = free_port(), free_port(), free_port()
+    release = asyncio.Event()
+    handlers: set[asyncio.Task[Any]] = set()
+    served = {port_a: 0, port_b: 0}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            served[writer.get_extra_info("sockname")[1]] += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n7\r\ndata:\n\n\r\n")  # fmt: skip
+            await writer.drain()
+            await release.wait()  # a stream stays open
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server_b = await asyncio.start_server(handle, "127.0.0.1", port_b)
+    server_a = None
+    conf = render_nginx(tmp_path / "nginx", upstream_ports=[port_a, port_b],
+                        http_port=free_port(), https_port=https_port, cert=cert)  # fmt: skip
+    streams: list[Any] = []
+    try:
+        with running_nginx(conf, https_port):
+            async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{https_port}",
+                                         verify=cert.client_context(), timeout=10) as http:  # fmt: skip
+
+                async def open_stream() -> int:
+                    cm = http.stream("GET", "/api/registrations/updates/stream")
+                    response = await cm.__aenter__()
+                    streams.append(cm)
+                    return response.status_code
+
+                # A is down: the streams land on B (a try of A is refused, then B)
+                assert [await open_stream() for _ in range(2)] == [200, 200]
+                server_a = await asyncio.start_server(handle, "127.0.0.1", port_a)  # A is back
+                server_b.close()  # B stops listening (draining); its streams stay open
+                statuses = [await open_stream() for _ in range(4)]
+                assert statuses == [200] * 4, (statuses, served)
+                assert served[port_a] == 4
+                release.set()
+                for cm in streams:
+                    await cm.__aexit__(None, None, None)
+    finally:
+        release.set()
+        server_b.close()
+        if server_a is not None:
+            server_a.close()
+        if handlers:
+            await asyncio.wait(handlers, timeout=5)
+
+
 # --- the image ---------------------------------------------------------------------------------
 
 

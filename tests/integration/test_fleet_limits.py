@@ -1,6 +1,7 @@
 """Issue 15 item 4: limits are fleet-wide. Two instances on one PostgreSQL database and one Redis
 share the sign-in throttle, the process rate and the streams per user; a killed instance's
-stream slots expire; with Redis down sign-in still works, throttled per process.
+stream slots expire; with Redis down sign-in still works, throttled per process, and stream
+slots count per process, then rejoin Redis.
 
 Each test fails with the old per-process counters: over two instances every limit was twice
 the setting, and a refusal never came.
@@ -23,11 +24,17 @@ from typing import Any
 import httpx
 import pytest
 import redis as redis_sync
+from redis.asyncio import Redis
 
 from regstream import metrics
-from regstream.auth.stream_slots import KEY_PREFIX
+from regstream.auth.limits import LimitStore
+from regstream.auth.principal import Principal, Role
+from regstream.auth.stream_slots import KEY_PREFIX, StreamSlots
+from regstream.auth.streams import StreamGuard
 from regstream.core_banking.simulator.server import RunningSimulator
+from regstream.realtime.connections import create_client
 from regstream.realtime.embedded import EmbeddedRedis
+from regstream.realtime.hub import Hub, QueuedStream
 from tests.conftest import SettingsFactory
 from tests.support import (
     TEST_SECRET_KEY,
@@ -211,3 +218,72 @@ async def test_sign_in_with_redis_down_is_throttled_per_process_never_500(
         assert metrics.LIMITS_SHARED._value.get() == 0
         outage_lines = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
         assert len(outage_lines) == 1  # once per outage, not per request
+
+
+# --- the stream guard's slots on a real Redis, without HTTP ------------------------------------
+
+
+def _guard(redis_server: EmbeddedRedis, cap: int = 2) -> tuple[StreamGuard, Redis]:
+    client = create_client(redis_server.url, name="test-limits", retries=0, socket_timeout=1.0)
+    store = LimitStore(client, secret=b"k", retry_interval=0.1)
+    slots = StreamSlots(store, cap=cap, ttl=30.0)
+    return StreamGuard(per_user=cap, interval=0.5, slots=slots), client
+
+
+def _viewer(operator_id: int = 7) -> Principal:
+    return Principal(
+        operator_id=operator_id, username="v", role=Role.VIEWER, credential_kind="token",
+        credential_id=1,
+    )  # fmt: skip
+
+
+async def _open(guard: StreamGuard, hub: Hub, principal: Principal) -> QueuedStream | None:
+    if not await guard.admit(principal, hub):
+        return None
+    stream = QueuedStream(1, max_buffer=1024, info=principal)
+    hub.attach(stream)
+    return stream
+
+
+async def test_a_stream_leaving_the_hub_frees_its_slot_in_redis(
+    redis_server: EmbeddedRedis,
+) -> None:
+    guard, client = _guard(redis_server)
+    hub = Hub(on_detach=guard.on_detach)
+    try:
+        first = await _open(guard, hub, _viewer())
+        second = await _open(guard, hub, _viewer())
+        assert first is not None and second is not None
+        assert await _open(guard, hub, _viewer()) is None  # the cap, counted in Redis
+        assert _slots(redis_server) == 2
+        hub.detach(first)  # the hub's hook frees the slot in a task of its own
+        await wait_until(lambda: _slots(redis_server) == 1, timeout=5, what="slot freed")
+        assert await _open(guard, hub, _viewer()) is not None
+    finally:
+        await client.aclose()
+
+
+async def test_slots_count_per_process_while_redis_is_out_and_rejoin_it(
+    redis_server: EmbeddedRedis,
+) -> None:
+    guard, client = _guard(redis_server)
+    hub = Hub(on_detach=guard.on_detach)
+    try:
+        first = await _open(guard, hub, _viewer())
+        assert first is not None and await _open(guard, hub, _viewer()) is not None
+        redis_server.stop()
+        # this process's two streams count: the cap holds per process
+        assert await _open(guard, hub, _viewer()) is None
+        hub.detach(first)
+        late = await _open(guard, hub, _viewer())
+        assert late is not None  # admitted per process (its slot is not in Redis)
+        redis_server.start()  # an empty Redis (no persistence): the renewal puts back both
+
+        async def renewed() -> bool:
+            await guard.renew(hub)
+            return _slots(redis_server) == 2
+
+        await wait_until(renewed, timeout=10, interval=0.2, what="slots renewed into Redis")
+        assert await _open(guard, hub, _viewer()) is None  # and count fleet-wide again
+    finally:
+        await client.aclose()

@@ -11,10 +11,8 @@ the user's next stream on any instance.
 
 While Redis does not answer, ``acquire`` returns ``None`` and the guard counts this process's
 streams at the same cap (per process: at most N × the cap over N instances). When Redis is back
-the next renewal adds the slots of streams admitted meanwhile (the count may then exceed the cap
-until some end; nobody is cut). A slot that expired while its instance could not renew it (Redis
-out longer than ``ttl``) is not counted again until its stream ends: the cap errs on the side of
-letting a user in.
+the next renewal adds the slots of streams admitted meanwhile, and those a restarted Redis lost
+(the count may then exceed the cap until some end; nobody is cut).
 """
 
 from __future__ import annotations
@@ -78,24 +76,20 @@ class StreamSlots:
 
         return not isinstance(await self.store.shared(remove), Unavailable)
 
-    async def renew(
-        self, live: Mapping[int, Iterable[str]], *, missing: Mapping[int, Iterable[str]]
-    ) -> bool:
-        """Push the expiry of ``live`` slots ``ttl`` ahead, and add the ``missing`` ones (admitted
-        while Redis was out). Only existing members are updated (``ZADD XX``): a slot freed while
-        this renewal was on its way stays free."""
+    async def renew(self, live: Mapping[int, Iterable[str]]) -> bool:
+        """Push the expiry of every live slot ``ttl`` ahead, adding those Redis lost or never had
+        (a restarted Redis, streams admitted while it was out)."""
         redis = self.store.redis
-        if redis is None or not (live or missing):
+        if redis is None or not live:
             return redis is not None
         expires = int(time.time() * 1000) + int(self.ttl * 1000)
 
         async def renew() -> None:
             async with redis.pipeline(transaction=False) as pipe:
-                for slots, only_existing in ((live, True), (missing, False)):
-                    for operator_id, ids in slots.items():
-                        key = f"{KEY_PREFIX}{operator_id}"
-                        pipe.zadd(key, dict.fromkeys(ids, expires), xx=only_existing)
-                        pipe.pexpireat(key, expires)
+                for operator_id, slots in live.items():
+                    key = f"{KEY_PREFIX}{operator_id}"
+                    pipe.zadd(key, dict.fromkeys(slots, expires))
+                    pipe.pexpireat(key, expires)
                 await pipe.execute()
 
         return not isinstance(await self.store.shared(renew), Unavailable)

@@ -46,8 +46,7 @@ class StreamGuard:
         self._open: dict[int, weakref.WeakSet[Principal]] = {}
         # the Redis slot of each admitted stream's principal, and every slot this process holds
         self._slot_of: weakref.WeakKeyDictionary[Principal, str] = weakref.WeakKeyDictionary()
-        # slot -> (operator id, admitted at, whether Redis holds it)
-        self._held: dict[str, tuple[int, float, bool]] = {}
+        self._held: dict[str, tuple[int, float]] = {}  # slot -> (operator id, admitted at)
         self._ended: list[tuple[int, str]] = []  # (operator id, slot) of streams that left
         self._releaser: asyncio.Task[int] | None = None
         self._instance = f"{os.getpid()}-{os.urandom(4).hex()}"
@@ -69,7 +68,7 @@ class StreamGuard:
                 if taken:  # also counted here, in case Redis goes out while it is open
                     self._open.setdefault(principal.operator_id, weakref.WeakSet()).add(principal)
                     self._slot_of[principal] = slot
-                    self._held[slot] = (principal.operator_id, time.monotonic(), True)
+                    self._held[slot] = (principal.operator_id, time.monotonic())
                 return taken
         # no Redis (or it does not answer): this process's streams, at the same cap
         return self._admit_locally(principal, hub)
@@ -91,7 +90,7 @@ class StreamGuard:
         if self.slots is not None:  # Redis out: renewed into Redis once it answers again
             slot = f"{self._instance}:{next(self._next)}"
             self._slot_of[principal] = slot
-            self._held[slot] = (principal.operator_id, time.monotonic(), False)
+            self._held[slot] = (principal.operator_id, time.monotonic())
         return True
 
     # --- slots in Redis ------------------------------------------------------------------------
@@ -147,27 +146,27 @@ class StreamGuard:
             return
         await self._release_ended()
         live = self._live_slots(hub)
-        held: dict[int, list[str]] = {}
-        missing: dict[int, list[str]] = {}
+        renewing: dict[int, list[str]] = {}
         expired = time.monotonic() - self.slots.ttl
-        for slot, (owner, at, in_redis) in list(self._held.items()):
+        for slot, (owner, at) in list(self._held.items()):
             if slot in live:
-                (held if in_redis else missing).setdefault(owner, []).append(slot)
+                renewing.setdefault(owner, []).append(slot)
             elif at < expired:
                 # its stream never reached the hub (refused after admission, or its client left
                 # first): not renewed, it expired in Redis; forget it here too
                 del self._held[slot]
-        if (held or missing) and await self.slots.renew(held, missing=missing):
-            for slots in missing.values():
-                for slot in slots:
-                    if slot in self._held:
-                        owner, at, _ = self._held[slot]
-                        self._held[slot] = (owner, at, True)
+        if renewing and await self.slots.renew(renewing):
+            # a stream that left while the renewal was on its way may have been freed before
+            # the renewal re-added its slot: free it again
+            again = [(o, slot) for o, slots in renewing.items() for slot in slots
+                     if slot not in self._held]  # fmt: skip
+            if again:
+                await self.slots.release(again)
 
     async def release_all(self) -> None:
         """At shutdown: free every slot this process holds (its streams are closed)."""
         if self.slots is not None and (self._held or self._ended):
-            held = [(owner, slot) for slot, (owner, _, _) in self._held.items()]
+            held = [(owner, slot) for slot, (owner, _) in self._held.items()]
             await self.slots.release([*self._ended, *held])
             self._held.clear()
             self._ended.clear()

@@ -152,8 +152,9 @@ async def test_concurrent_takers_skip_each_others_rows(postgres_url: str) -> Non
 
 @contextmanager
 def _fleet(
-    tmp: Path, database_url: str, redis: EmbeddedRedis, sim: RunningSimulator, n: int = 3
-) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+    tmp: Path, database_url: str, redis: EmbeddedRedis, sim: RunningSimulator, n: int = 3,
+    **extra: str,
+) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:  # fmt: skip
     """``n`` ``regstream serve`` processes on one database and Redis, started together; yields
     (base URL, process) each; stops each by its process group (SIGTERM, then SIGKILL)."""
     drop = ("REDIS_URL", "REDIS_HOST", "DATABASE_URL", "T24_BASE_URL", "REGSTREAM_SECRET_KEY")
@@ -168,6 +169,7 @@ def _fleet(
                 REGSTREAM_PROCESS_RATE_PER_MINUTE="100000", REGSTREAM_DRAIN_DELAY="0",
                 REGSTREAM_DRAIN_SPREAD="0", REGSTREAM_SHUTDOWN_GRACE="2",
             )  # fmt: skip
+            env.update(extra)
             port, log = free_port(), tmp / f"serve{i}.log"
             with open(log, "ab") as out:
                 proc = subprocess.Popen(
@@ -335,4 +337,53 @@ async def test_a_killed_instance_s_runs_are_finished_by_the_others_within_15_s(
         late = max(finished.values()) - killed_ms
         assert late <= 15_000, f"the dead instance's last run ended {late} ms after its death"
         assert victim_id not in set(owners.values())  # all resumed by the other two
+        await _final_checks(sessions, ids)
+
+
+async def test_a_drained_instance_gives_its_runs_back_at_once(
+    tmp_path: Path, postgres_url: str, redis_server: EmbeddedRedis, t24_private: RunningSimulator
+) -> None:
+    """SIGTERM with a short grace while it holds runs: what is still running then goes back to
+    the queue and the instance is marked stopped, so the other instance resumes those runs at
+    once, long before the heartbeat timeout (made 60 s here, so only the hand-back can explain
+    a quick finish)."""
+    await _sim_latency(t24_private, 1500)
+    async with _migrated(postgres_url) as sessions:
+        ids, headers = await _setup(sessions, 40)
+        with _fleet(
+            tmp_path, postgres_url, redis_server, t24_private, n=2,
+            REGSTREAM_SHUTDOWN_GRACE="0.2", REGSTREAM_HEARTBEAT_TIMEOUT="60",
+        ) as fleet:  # fmt: skip
+            async with httpx.AsyncClient(base_url=fleet[0][0], headers=headers, timeout=30) as http:
+                response = await http.post(
+                    "/api/registrations/process", json={"registrationIds": ids}
+                )
+                assert response.status_code == 200, response.text
+            leaver_id = ""
+
+            async def leaver_busy() -> bool:
+                nonlocal leaver_id
+                state = await _state(sessions)
+                leaver_id = {i.pid: i.id for i in state["instances"]}.get(fleet[1][1].pid, "")
+                return any(
+                    r.in_progress and r.instance_id == leaver_id for r in state["rows"].values()
+                )
+
+            await wait_until(leaver_busy, timeout=30, interval=0.05, what="the leaver to hold runs")
+            os.killpg(fleet[1][1].pid, signal.SIGTERM)
+            stopped_at = time.monotonic()
+            assert await asyncio.to_thread(fleet[1][1].wait, 30) == 0
+
+            async def all_done() -> bool:
+                rows = (await _state(sessions))["rows"]
+                return not any(rows[rid].in_progress for rid in ids)
+
+            await wait_until(all_done, timeout=60, interval=0.1, what="the bulk to end")
+            took = time.monotonic() - stopped_at
+            state = await _state(sessions)
+        leaver = next(i for i in state["instances"] if i.id == leaver_id)
+        assert leaver.stopped_ms is not None  # marked stopped on the way out
+        # its runs were cut after 0.2 s and resumed by the other (1.5 s per T24 call): far
+        # sooner than the 60 s heartbeat timeout or the 60 s lease
+        assert took < 20, took
         await _final_checks(sessions, ids)

@@ -381,3 +381,49 @@ async def test_resume_herd_during_a_bulk_ends_exactly(make_settings: SettingsFac
                 assert len(snapshots) == 1 and updates == [], r
             else:
                 assert snapshots == [] and updates == r.expected, r
+
+
+async def test_a_resume_across_a_resync_starts_with_a_snapshot(
+    make_settings: SettingsFactory,
+) -> None:
+    """Updates of a registration were dropped before Redis (an outbox overflow, announced by a
+    resync message in the history): its filtered resume gets a snapshot, not a replay with a
+    hole; an unfiltered resume gets the resync frame the hub sends live, then the rest."""
+    with serve_app(make_settings()) as live:
+        admin = auth_headers(live, "admin")
+        async with httpx.AsyncClient(base_url=live.url, headers=admin, timeout=10) as http:
+            rid = (await http.post("/api/registrations", json=load_applicant(7000))).json()["id"]
+
+        async def publish() -> list[EventKey]:
+            publisher = live.services.publisher
+            start = await live.services.history.position()
+            await _publish(publisher, rid, 1)
+            await publisher.publish_raw(b'{"type":"resync","registrationIds":[%d]}' % rid)
+            await _publish(publisher, rid, 5)
+            assert await publisher.wait_flushed(5)
+            replay = await live.services.history.since(start)
+            return [p.key for p in replay.entries if p.key is not None]
+
+        first, last = await live.call(publish())  # (a resync carries no id of its own)
+        for query, expected in ((f"?registrationId={rid}", "snapshot"), ("", "resync")):
+            async with httpx.AsyncClient(base_url=live.url, headers=admin, timeout=10) as http:
+                headers = {"Last-Event-ID": str(first)}
+                async with http.stream("GET", STREAM + query, headers=headers) as response:
+                    text = ""
+                    async for chunk in response.aiter_text():
+                        text += chunk
+                        if '"seq":5' in text or '"snapshot"' in text and query:
+                            break
+            frames = [
+                json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ")
+            ]
+            kinds = [f["type"] for f in frames]
+            if expected == "snapshot":
+                assert kinds == ["connected", "snapshot"], kinds
+                assert frames[1]["data"]["id"] == rid
+            else:
+                assert kinds == ["connected", "snapshot", "update"], kinds
+                assert frames[1]["resync"] is True
+                assert frames[1]["data"] == {"registrationIds": [rid]}
+                assert frames[2]["data"]["seq"] == 5
+            assert str(last) in text or expected == "snapshot"

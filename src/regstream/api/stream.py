@@ -280,11 +280,16 @@ async def _start(
             if replay is not None and replay.complete and not _resynced(replay, wanted):
                 stream.floor_seq = seq_floor if isinstance(rid, int) else 0
                 after: EventKey = key
+                # one write for the whole replay: a write per frame was a send() per frame (up
+                # to the whole history per resume, the bulk of a resume herd's CPU)
+                frames: list[bytes] = []
                 for parsed in replay.entries:
                     if parsed.key is not None:
                         after = parsed.key
-                    if parsed.resync is not None:  # unfiltered: as the hub writes it live
-                        ids = sorted(parsed.resync)
+                    if parsed.resync is not None:
+                        if wanted is not None:
+                            continue  # (not one naming a followed registration: _resynced)
+                        ids = sorted(parsed.resync)  # unfiltered: as the hub writes it live
                         frame = messages.snapshot_frame(
                             {"registrationIds": ids} if ids else None, resync=True,
                             event_id=str(parsed.key) if parsed.key else None,
@@ -295,7 +300,10 @@ async def _start(
                         frame = messages.update_frame(parsed)
                     else:
                         continue
-                    stream.write(frame, messages.chunk(frame))
+                    frames.append(frame)
+                if frames:
+                    burst = b"".join(frames)
+                    stream.write(burst, messages.chunk(burst))
                 metrics.STREAM_STARTS.labels("replay").inc()
                 stream.go_live(after=after, snapshot_seq=stream.floor_seq)
                 return

@@ -151,8 +151,10 @@ async def resume(host: str, port: int, auth: str, res: Resume, deadline: float) 
                 return
             finally:
                 w.close()
-        res.outcome, res.why = "lost", "no end before the deadline"
-    except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
+        res.outcome, res.why = "unfinished", "still deferred at the deadline"
+    except TimeoutError:
+        res.outcome, res.why = "unfinished", "no end before the deadline"
+    except (OSError, asyncio.IncompleteReadError) as e:
         res.outcome, res.why = "lost", type(e).__name__
 
 
@@ -186,14 +188,20 @@ def judge(res: Resume) -> tuple[str, str]:
     return "replay", ""
 
 
-async def readiness(base: str, stop: asyncio.Event, out: list[tuple[int, float]]) -> None:
+async def readiness(
+    base: str, stop: asyncio.Event, out: list[tuple[int, float]], failures: list[str]
+) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=5) as http:
         while not stop.is_set():
             t = time.monotonic()
             try:
-                code = (await http.get("/readyz")).status_code
-            except httpx.HTTPError:
+                answer = await http.get("/readyz")
+                code = answer.status_code
+                if code != 200 and len(failures) < 5:
+                    failures.append(answer.text[:200])
+            except httpx.HTTPError as e:
                 code = 0
+                failures.append(type(e).__name__)
             out.append((code, time.monotonic() - t))
             await asyncio.sleep(0.1)
 
@@ -256,8 +264,9 @@ async def herd(args: argparse.Namespace, base: str, server_pid: int, auth: str) 
         history_len = len(order)
 
         ready: list[tuple[int, float]] = []
+        ready_failures: list[str] = []
         stop = asyncio.Event()
-        poller = asyncio.create_task(readiness(base, stop, ready))
+        poller = asyncio.create_task(readiness(base, stop, ready, ready_failures))
         spids = procs.tree(server_pid)
         cpu0, t0 = procs.cpu(spids), time.monotonic()
         cores0, own0 = procs.core_times(), time.process_time()
@@ -275,9 +284,9 @@ async def herd(args: argparse.Namespace, base: str, server_pid: int, auth: str) 
     ftask.cancel()
     outcomes: dict[str, int] = {}
     for r in resumes:
-        key = r.outcome + (" after deferral" if r.deferred and r.outcome != "lost" else "")
+        key = r.outcome + (" after deferral" if r.deferred and r.ended else "")
         outcomes[key] = outcomes.get(key, 0) + 1
-    lat = sorted(r.ended - r.started for r in resumes if r.outcome != "lost")
+    lat = sorted(r.ended - r.started for r in resumes if r.outcome in ("replay", "snapshot"))
     codes: dict[str, int] = {}
     for code, _ in ready:
         codes[str(code)] = codes.get(str(code), 0) + 1
@@ -286,8 +295,10 @@ async def herd(args: argparse.Namespace, base: str, server_pid: int, auth: str) 
         "history_entries_of_static": history_len,
         "resumes": len(resumes),
         "outcomes": outcomes,
-        "lost": sum(r.outcome != "pending" and r.outcome == "lost" for r in resumes)
-        + sum(r.outcome == "pending" for r in resumes),
+        # lost: a wrong replay, a duplicate, a missing update, an error answer, a cut stream;
+        # unfinished: still deferred or starting when --timeout ran out (a slow machine)
+        "lost": sum(r.outcome in ("lost", "pending") for r in resumes),
+        "unfinished": sum(r.outcome == "unfinished" for r in resumes),
         "lost_examples": [f"{r.rid} {r.last_id}: {r.why}" for r in resumes if r.outcome == "lost"][
             :5
         ],
@@ -308,6 +319,7 @@ async def herd(args: argparse.Namespace, base: str, server_pid: int, auth: str) 
         "steal_pct_max": max((c["steal_pct"] for c in cores.values()), default=None),
         "readyz": codes,
         "readyz_max_ms": round(1000 * max(t for _, t in ready), 1) if ready else None,
+        "readyz_failures": ready_failures,
         "subscription_rebuilds": metric(after, "regstream_redis_reconnects_total", sub)
         - metric(before, "regstream_redis_reconnects_total", sub),
         "bulk_finished": len(set(bulk) & follower.finals),
@@ -319,31 +331,53 @@ async def herd(args: argparse.Namespace, base: str, server_pid: int, auth: str) 
             - metric(before, "regstream_sse_stream_starts_deferred_total", f'reason="{reason}"')
             for reason in ("queue full", "waited too long")
         },
-        # filtered resume points for the CPU comparison: after the second update of each static
-        # registration (validated before the herd: its index stream has expired by now, the
-        # history still holds everything) and of each bulk one (just validated: indexed)
-        "_targets": {
-            "old": [(rid, follower.ids[(rid, 2)]) for rid in static if (rid, 2) in follower.ids],
-            "recent": [(rid, follower.ids[(rid, 2)]) for rid in bulk if (rid, 2) in follower.ids],
-        },
+        # resume points of the CPU comparison: after the second update of each static
+        # registration (validated before the herd: its index stream has expired by now, while
+        # the history still holds everything after it)
+        "_targets": [(rid, follower.ids[(rid, 2)]) for rid in static if (rid, 2) in follower.ids],
     }
 
 
 async def cpu_per_filtered_resume(
-    redis_url: str, redis_pid: int, targets: dict[str, list[tuple[int, str]]], reps: int,
-    per_rep: int,
-) -> dict:  # fmt: skip
+    redis_url: str, redis_pid: int, targets: list[tuple[int, str]], reps: int, per_rep: int
+) -> dict:
     """One filtered resume's history read, in this process: the whole history parsed and
-    filtered (before) vs the index (after), for resume points of recently validated
-    registrations (indexed) and of ones validated before the herd (index expired: the script
-    scans the history after the id). CPU of this process (time.process_time) and of Redis
-    (/proc), per resume; medians over reps, each rep interleaving all four."""
+    filtered (before) vs the index (after), for resume points whose index stream is there
+    (indexed) and of registrations validated before the herd (expired: the script scans the
+    history after the id itself). CPU of this process (time.process_time) and of Redis (/proc),
+    per resume; medians over reps, each rep interleaving all four."""
+    from regstream.realtime.publisher import RegistrationPubSub
+
     client = create_client(redis_url, name="bench-resume")
     history = History(client, channel=messages.ServiceChannel.REGISTRATION_UPDATES)
     points = {
-        age: [(rid, key) for rid, last in pts if (key := parse_resume_id(last)[0]) is not None]
-        for age, pts in targets.items()
+        "expired": [
+            (rid, key) for rid, last in targets if (key := parse_resume_id(last)[0]) is not None
+        ]
     }
+    # indexed: per_rep registrations of their own, one update each, then 2,000 updates of others,
+    # then a second update each (all through the service's publisher script): resuming after
+    # the first, the whole history read has >= 2,000 entries, the index one
+    publisher = RegistrationPubSub(client)
+    base = 2_000_000_000 + random.randrange(10**6) * 1000
+    start = await history.position()
+    for k in range(per_rep):
+        await publisher.publish_stage_update(base + k, "t24_lookup", "started", "x", seq=1)
+    for j in range(2000):
+        await publisher.publish_stage_update(base + per_rep + j % 500, "t24_lookup", "started",
+                                             "x", seq=j // 500 + 1)  # fmt: skip
+    for k in range(per_rep):
+        await publisher.publish_stage_update(base + k, "t24_lookup", "completed", "x", seq=2)
+    await publisher.wait_flushed(60)
+    await publisher.aclose()
+    firsts = {
+        p.registration_id: p.key
+        for p in (await history.since(start)).entries
+        if p.seq == 1
+        and p.registration_id is not None
+        and base <= p.registration_id < base + per_rep
+    }
+    points["indexed"] = sorted(firsts.items())
 
     async def before(rid: int, key: Any) -> int:
         replay = await history.since(key)
@@ -395,6 +429,72 @@ async def cpu_per_filtered_resume(
     return out
 
 
+# The publish script before the per-registration index (commit c973f78^), the baseline of the
+# Redis CPU per published update.
+_PUBLISH_BEFORE_INDEX = """
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', KEYS[2], epoch)
+end
+local ids = {}
+for i = 4, #ARGV do
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i])
+  local msg = string.sub(ARGV[i], 1, -2) .. ',"eventId":"' .. epoch .. '_' .. id .. '"}'
+  redis.call('PUBLISH', ARGV[2], msg)
+  ids[#ids + 1] = epoch .. '_' .. id
+end
+if ARGV[3] ~= '' then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
+end
+return ids
+"""
+
+
+async def publish_cost(redis_url: str, redis_pid: int, n: int, reps: int) -> dict:
+    """Redis CPU per published update: the publish script before the index vs the publisher
+    (with the index), batches of 256, interleaved reps on their own keys, medians."""
+    from regstream.realtime.publisher import RegistrationPubSub
+
+    client = create_client(redis_url, name="bench-publish")
+    old = client.register_script(_PUBLISH_BEFORE_INDEX)
+    new = RegistrationPubSub(client, channel="bench:index")
+    payloads = [
+        messages.encode(messages.stage_update(
+            1_000_000 + i % 5000, "t24_lookup", "completed", "found", seq=i // 5000 + 1,
+            timestamp=messages.now_ms(), details={"accountsFound": 2},
+        ))
+        for i in range(n)
+    ]  # fmt: skip
+    rows: dict[str, list[float]] = {"before": [], "index": []}
+    try:
+        for _ in range(reps):
+            r0 = procs.cpu([redis_pid])
+            for i in range(0, n, 256):
+                await old(
+                    keys=["bench:before:history", "bench:before:epoch"],
+                    args=["10000", "bench:before", "", *payloads[i : i + 256]],
+                )
+            r1 = procs.cpu([redis_pid])
+            for payload in payloads:
+                await new.publish_raw(payload)
+            await new.wait_flushed(60)
+            r2 = procs.cpu([redis_pid])
+            rows["before"].append(1e6 * (r1["sched"] - r0["sched"]) / n)
+            rows["index"].append(1e6 * (r2["sched"] - r1["sched"]) / n)
+    finally:
+        await new.aclose()
+        await client.aclose()
+    ratios = [b / a for a, b in zip(rows["before"], rows["index"], strict=True)]
+    return {
+        "redis_us_per_update": {k: round(statistics.median(v), 2) for k, v in rows.items()},
+        "ratio_index_over_before": round(statistics.median(ratios), 2),
+        "ratio_per_rep": [round(x, 2) for x in ratios],
+        "updates_per_rep": n,
+    }
+
+
 async def pg(sql: str) -> None:
     import asyncpg
 
@@ -417,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sqlite", action="store_true", help="SQLite instead of PostgreSQL")
     ap.add_argument("--reps", type=int, default=5, help="reps of the CPU-per-resume comparison")
     ap.add_argument("--per-rep", type=int, default=200, help="resumes per variant and rep")
+    ap.add_argument(
+        "--publish-updates", type=int, default=20_000, help="updates per rep, publish cost"
+    )
     ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--no-pin", dest="pin", action="store_false")
     ap.add_argument("--out", default=os.path.join(BENCH, "results", "resume_bench.jsonl"))
@@ -473,9 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         rec["cpu_per_filtered_resume"] = asyncio.run(
             cpu_per_filtered_resume(redis_url, redis.pid, targets, args.reps, args.per_rep)
         )
+        rec["redis_cpu_per_publish"] = asyncio.run(
+            publish_cost(redis_url, redis.pid, args.publish_updates, args.reps)
+        )
         failed = []
-        if rec["lost"]:
-            failed.append(f"{rec['lost']} resumes lost")
+        if rec["lost"] or rec["unfinished"]:
+            failed.append(f"{rec['lost']} resumes lost, {rec['unfinished']} unfinished")
         if set(rec["readyz"]) != {"200"}:
             failed.append(f"/readyz {rec['readyz']}")
         if rec["subscription_rebuilds"]:

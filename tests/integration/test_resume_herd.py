@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
 from prometheus_client import REGISTRY
 
 from regstream.core_banking.simulator.dataset import load_applicant
@@ -149,6 +150,15 @@ async def test_entries_of_a_publisher_that_does_not_index_are_found(
         assert await publisher.wait_flushed(10)
         again = await history.since_for(start, (7,))
         assert again.entries[-1].resync == (7, 9)  # the stream turns this into a snapshot
+        # a resync naming many registrations is not copied into each index: found in the history
+        many = list(range(1000, 1150))
+        await publisher.publish_raw(orjson.dumps({"type": "resync", "registrationIds": many}))
+        await this_version_publishes(1100, 1)
+        found = await history.since_for(start, (1100,))
+        assert [(p.resync is not None, p.seq) for p in found.entries] == [(True, None), (False, 1)]
+        epoch = (await history.position()).epoch
+        index = await client.xrange(f"{publisher.channel}:history:r:{epoch}:1100")
+        assert len(index) == 1  # its own update only
     finally:
         await publisher.aclose()
         await client.aclose()

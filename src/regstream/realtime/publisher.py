@@ -81,7 +81,14 @@ end
 local ids, touched, id = {}, {}, nil
 for i = 5, #ARGV do
   id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i])
-  for _, rid in ipairs(registrations_of(ARGV[i])) do
+  local rids = registrations_of(ARGV[i])
+  if #rids > 100 then
+    -- a resync naming many registrations (an outbox overflow): not copied into each of their
+    -- index streams; readers resuming before it read the history up to it instead
+    redis.call('HSET', state, 'upto', id)
+    rids = {}
+  end
+  for _, rid in ipairs(rids) do
     local key = prefix .. rid
     local added = redis.pcall('XADD', key, 'MAXLEN', '~', '1000', id, 'm', ARGV[i])
     if type(added) == 'table' and added.err then

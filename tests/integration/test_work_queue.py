@@ -168,6 +168,7 @@ def _fleet(
                 REGSTREAM_SECRET_KEY="fleet-secret-" + "k" * 20,
                 REGSTREAM_PROCESS_RATE_PER_MINUTE="100000", REGSTREAM_DRAIN_DELAY="0",
                 REGSTREAM_DRAIN_SPREAD="0", REGSTREAM_SHUTDOWN_GRACE="2",
+                REGSTREAM_METRICS_PUBLIC="true",
             )  # fmt: skip
             env.update(extra)
             port, log = free_port(), tmp / f"serve{i}.log"
@@ -255,10 +256,27 @@ async def _sim_latency(sim: RunningSimulator, ms: int) -> None:
 async def test_a_bulk_sent_to_one_instance_is_run_by_all_three(
     tmp_path: Path, postgres_url: str, redis_server: EmbeddedRedis, t24_private: RunningSimulator
 ) -> None:
+    """Also: a single click on an idle instance is run by that instance (held at the claim,
+    not queued for whoever polls first)."""
     await _sim_latency(t24_private, 50)  # the simulator's default latency
     async with _migrated(postgres_url) as sessions:
-        ids, headers = await _setup(sessions, 300)
+        ids, headers = await _setup(sessions, 301)
+        single, ids = ids[-1], ids[:-1]
         with _fleet(tmp_path, postgres_url, redis_server, t24_private) as fleet:
+            async with httpx.AsyncClient(base_url=fleet[1][0], headers=headers, timeout=30) as http:
+                response = await http.post(f"/api/registrations/{single}/process")
+                assert response.status_code == 202, response.text
+
+            async def single_done() -> bool:
+                return not (await _state(sessions))["rows"][single].in_progress
+
+            await wait_until(single_done, timeout=30, interval=0.05, what="the single click")
+            state = await _state(sessions)
+            by_pid = {i.pid: i.id for i in state["instances"]}
+            assert state["rows"][single].instance_id == by_pid[fleet[1][1].pid]
+            metrics = httpx.get(f"{fleet[1][0]}/metrics", timeout=10).text
+            assert 'regstream_runs_taken_total{how="direct"} 1.0' in metrics
+
             async with httpx.AsyncClient(base_url=fleet[0][0], headers=headers, timeout=30) as http:
                 response = await http.post(
                     "/api/registrations/process", json={"registrationIds": ids}
@@ -276,7 +294,7 @@ async def test_a_bulk_sent_to_one_instance_is_run_by_all_three(
         registered = {i.id for i in state["instances"]}
         assert len(ran) == 3 and set(ran) <= registered, ran
         assert min(ran.values()) >= 60, ran  # each instance ran at least 20 %
-        await _final_checks(sessions, ids)
+        await _final_checks(sessions, [*ids, single])
 
 
 async def test_a_killed_instance_s_runs_are_finished_by_the_others_within_15_s(

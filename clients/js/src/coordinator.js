@@ -58,11 +58,7 @@ export class Coordinator {
     this.subs = new Set();
     /** @type {'none' | 'leader' | 'follower'} */
     this.role = 'none';
-    this.reset();
     this.started = false;
-  }
-
-  reset() {
     /** @type {Map<string, StreamSource>} leader only: stream key → source */
     this.sources = new Map();
     /** @type {Map<string, {keys: Set<string>, seen: number}>} leader only: tabId → its keys */
@@ -86,7 +82,24 @@ export class Coordinator {
     this.lockAbort = null;
     /** @type {(() => void) | null} */
     this.releaseLock = null;
-    this.generation = (this.generation || 0) + 1;
+    this.generation = 1;
+  }
+
+  /** Forget everything of the last session (stop()); the same fields as the constructor's. */
+  reset() {
+    this.sources = new Map();
+    this.needs = new Map();
+    this.states = {};
+    this.lastId = null;
+    this.me = undefined;
+    this.unserved = [];
+    this.recent = new RecentUpdates();
+    this.reconcileTimer = null;
+    this.heartbeat = null;
+    this.channel = null;
+    this.lockAbort = null;
+    this.releaseLock = null;
+    this.generation += 1;
   }
 
   get shared() {

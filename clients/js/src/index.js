@@ -21,6 +21,7 @@ export { MAX_IDS_PER_STREAM, STREAM_PATH } from './limits.js';
 
 /** @typedef {import('./wire.js').RegistrationStatus} RegistrationStatus */
 /** @typedef {import('./wire.js').StageStatus} StageStatus */
+/** @typedef {import('./wire.js').Stage} Stage */
 /** @typedef {import('./wire.js').ProcessLogItem} ProcessLogItem */
 /** @typedef {import('./wire.js').RegistrationUpdate} RegistrationUpdate */
 /** @typedef {import('./wire.js').RegistrationSnapshot} RegistrationSnapshot */

@@ -34,6 +34,7 @@ export function planStreams({ keys, unfilteredAllowed, signedIn, maxIds, singleO
   const held = ids.slice(0, limit);
   const unserved = ids.slice(limit).map(String);
   if (wanted.has(ALL)) unserved.push(ALL); // the unfiltered stream is for admins: poll
+  /** @type {string[]} */
   let streams;
   if (held.length === 0) streams = [];
   else if (singleOnly) streams = held.map(String);

@@ -5,6 +5,7 @@
 
 /** @typedef {'PENDING' | 'APPROVED' | 'COMPLETED' | 'DUPLICATE' | 'FAILED'} RegistrationStatus */
 /** @typedef {'started' | 'completed' | 'failed'} StageStatus */
+/** @typedef {'duplicate_check' | 'update_user_info' | 't24_lookup' | 'status_update'} Stage */
 
 /**
  * One step of a run's process log (a final update's `processLog`, a snapshot's `processLog`).
@@ -25,7 +26,7 @@
  * @property {number} registrationId
  * @property {RegistrationStatus} status
  * @property {number} timestamp
- * @property {string} [stage]
+ * @property {Stage} [stage]
  * @property {StageStatus} [stageStatus]
  * @property {string} message
  * @property {Record<string, unknown>} [details]
@@ -64,7 +65,7 @@
 /**
  * A registration's state (`data`), or `resync: true`: re-read from the API (the registrations in
  * `data.registrationIds`, or every one the stream follows).
- * @typedef {{type: 'snapshot', timestamp: number, data?: RegistrationSnapshot | {registrationIds: number[]}, resync?: boolean}} SnapshotFrame
+ * @typedef {{type: 'snapshot', timestamp: number, data?: RegistrationSnapshot | {registrationIds: number[]}, resync?: true}} SnapshotFrame
  */
 /** @typedef {{type: 'auth', timestamp: number, reason: 'revoked' | 'expired' | 'forbidden'}} AuthFrame */
 /** @typedef {ConnectedFrame | UpdateFrame | PingFrame | SnapshotFrame | AuthFrame} StreamFrame */

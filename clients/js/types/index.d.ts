@@ -27,6 +27,7 @@ export function debugState(): {
 export { RegistrationUpdates } from "./subscription.js";
 export type RegistrationStatus = import("./wire.js").RegistrationStatus;
 export type StageStatus = import("./wire.js").StageStatus;
+export type Stage = import("./wire.js").Stage;
 export type ProcessLogItem = import("./wire.js").ProcessLogItem;
 export type RegistrationUpdate = import("./wire.js").RegistrationUpdate;
 export type RegistrationSnapshot = import("./wire.js").RegistrationSnapshot;

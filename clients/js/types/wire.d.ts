@@ -1,5 +1,6 @@
 export type RegistrationStatus = "PENDING" | "APPROVED" | "COMPLETED" | "DUPLICATE" | "FAILED";
 export type StageStatus = "started" | "completed" | "failed";
+export type Stage = "duplicate_check" | "update_user_info" | "t24_lookup" | "status_update";
 /**
  * One step of a run's process log (a final update's `processLog`, a snapshot's `processLog`).
  */
@@ -20,7 +21,7 @@ export type RegistrationUpdate = {
     registrationId: number;
     status: RegistrationStatus;
     timestamp: number;
-    stage?: string | undefined;
+    stage?: Stage | undefined;
     stageStatus?: StageStatus | undefined;
     message: string;
     details?: Record<string, unknown> | undefined;
@@ -78,7 +79,7 @@ export type SnapshotFrame = {
     data?: RegistrationSnapshot | {
         registrationIds: number[];
     };
-    resync?: boolean;
+    resync?: true;
 };
 export type AuthFrame = {
     type: "auth";

@@ -113,6 +113,51 @@ async def test_hashing_turns_serialise_one_address_not_others() -> None:
     assert len(turns) == 0  # nothing kept for addresses that are done
 
 
+async def test_hashing_turns_put_failing_addresses_behind_others_one_at_a_time() -> None:
+    turns = passwords.HashingTurns()
+    await turns.failed("6.6.6.1")
+    await turns.failed("6.6.6.2")
+    order: list[str] = []
+    colleague_in, release_colleague, release_first = (asyncio.Event() for _ in range(3))
+
+    async def colleague() -> None:
+        async with turns.take("1.1.1.1"):
+            order.append("colleague+")
+            colleague_in.set()
+            await release_colleague.wait()
+            order.append("colleague-")
+
+    async def suspect(key: str) -> None:
+        async with turns.take(key):
+            order.append(f"{key}+")
+            if key.endswith(".1"):
+                await release_first.wait()
+            order.append(f"{key}-")
+
+    good = asyncio.create_task(colleague())
+    await asyncio.wait_for(colleague_in.wait(), 5)
+    sprays = [asyncio.create_task(suspect(k)) for k in ("6.6.6.1", "6.6.6.2")]
+    await asyncio.sleep(0.05)  # (they would have started by now if they could)
+    assert order == ["colleague+"]  # suspects wait while a colleague is at the check
+    release_colleague.set()
+    await asyncio.wait_for(good, 5)
+    await wait_for_order(order, 3)
+    assert order[2] == "6.6.6.1+"  # then one suspect at a time, whatever its address
+    await asyncio.sleep(0.05)
+    assert len(order) == 3
+    release_first.set()
+    await asyncio.wait_for(asyncio.gather(*sprays), 5)
+    assert order[3:] == ["6.6.6.1-", "6.6.6.2+", "6.6.6.2-"]
+
+
+async def wait_for_order(order: list[str], length: int) -> None:
+    for _ in range(100):  # bounded: 1 s
+        if len(order) >= length:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"only {order}")
+
+
 def _scope(headers: dict[str, str], scheme: str = "http", method: str = "POST") -> dict[str, Any]:
     return {
         "type": "http", "method": method, "scheme": scheme, "client": ("10.0.0.9", 5000),

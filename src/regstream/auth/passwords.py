@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from argon2 import PasswordHasher
@@ -92,14 +93,20 @@ class HashingTurns:
     turns.take(ip): …`` then ``await turns.failed(ip)`` when the password did not match.
 
     * One turn at a time per key: a spray from one address queues behind itself.
-    * An address with ``suspect_after`` failed checks in the last minute (in this process; one by
-      default) waits while any other address is at the check, so its hashing never competes with a colleague's
-      for the CPU (argon2 at 64 MiB, four lanes, on a small machine): at most the one hash it had
-      already started. It is never refused here; the sign-in rate limits do that.
+    * An address with ``suspect_after`` failed checks in the last minute (in this process; one
+      by default) is suspect: it waits while any other address is at the check, and suspects
+      take turns one at a time whatever their address, each followed by a rest of twice its
+      length (suspects use at most a third of the time). So a spray, from one address or many,
+      competes with a colleague's sign-in for the CPU (argon2 at 64 MiB, four lanes, on a small
+      machine) with at most the one hash it had already started, and rarely with that. Nobody
+      is refused here (the sign-in rate limits do that), and no answer waits for a rest.
 
     Per event loop (asyncio locks), so one per app instance; a key's lock is dropped when nobody
     holds or waits for it, so the map holds only addresses signing in right now.
     """
+
+    #: after a suspect's turn, the next suspect waits this many times as long as it took
+    SUSPECT_REST = 2.0
 
     def __init__(self, *, suspect_after: int = 1) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
@@ -108,6 +115,7 @@ class HashingTurns:
         self._others = 0  # turns of addresses in good standing, being taken or held
         self._others_done = asyncio.Event()
         self._others_done.set()
+        self._suspects = asyncio.Lock()  # one suspect's check at a time, whatever its address
 
     def __len__(self) -> int:
         return len(self._locks)
@@ -131,9 +139,20 @@ class HashingTurns:
                         if self._others == 0:
                             self._others_done.set()
                 else:
-                    while self._others:  # bounded: each of those turns is one password check
-                        await self._others_done.wait()
-                    yield
+                    await self._suspects.acquire()
+                    rest = 0.0
+                    try:
+                        while self._others:  # bounded: each of those is one password check
+                            await self._others_done.wait()
+                        started = time.monotonic()
+                        try:
+                            yield
+                        finally:
+                            rest = self.SUSPECT_REST * (time.monotonic() - started)
+                    finally:
+                        # the next suspect waits a while (not this one's answer): the check is
+                        # idle most of the time, so a colleague rarely meets a spray's hash
+                        asyncio.get_running_loop().call_later(rest, self._suspects.release)
         finally:
             users[0] -= 1
             if users[0] == 0:

@@ -256,13 +256,16 @@ async def _sim_latency(sim: RunningSimulator, ms: int) -> None:
 async def test_a_bulk_sent_to_one_instance_is_run_by_all_three(
     tmp_path: Path, postgres_url: str, redis_server: EmbeddedRedis, t24_private: RunningSimulator
 ) -> None:
-    """Also: a single click on an idle instance is run by that instance (held at the claim,
-    not queued for whoever polls first)."""
+    """The others learn of the bulk by NOTIFY: their poll is made 60 s here. Also: a single
+    click on an idle instance is run by that instance (held at the claim, not queued for
+    whoever looks first)."""
     await _sim_latency(t24_private, 50)  # the simulator's default latency
     async with _migrated(postgres_url) as sessions:
         ids, headers = await _setup(sessions, 301)
         single, ids = ids[-1], ids[:-1]
-        with _fleet(tmp_path, postgres_url, redis_server, t24_private) as fleet:
+        with _fleet(
+            tmp_path, postgres_url, redis_server, t24_private, REGSTREAM_QUEUE_POLL_INTERVAL="60"
+        ) as fleet:
             async with httpx.AsyncClient(base_url=fleet[1][0], headers=headers, timeout=30) as http:
                 response = await http.post(f"/api/registrations/{single}/process")
                 assert response.status_code == 202, response.text

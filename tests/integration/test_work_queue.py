@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.auth import credentials
@@ -33,6 +33,7 @@ from regstream.core_banking.simulator.server import RunningSimulator
 from regstream.db import instances, registrations, work_queue
 from regstream.db.engine import SessionFactory, create_engine, create_session_factory, migrate
 from regstream.db.tables import MobileUser, ProcessLogEntry, RegistrationRequest
+from regstream.pipeline.fleet import FleetMember
 from regstream.realtime.embedded import EmbeddedRedis
 from tests.support import free_port, wait_until
 
@@ -408,3 +409,43 @@ async def test_a_drained_instance_gives_its_runs_back_at_once(
         # sooner than the 60 s heartbeat timeout or the 60 s lease
         assert took < 20, took
         await _final_checks(sessions, ids)
+
+
+async def test_the_listener_comes_back_after_its_connection_is_killed(postgres_url: str) -> None:
+    """The LISTEN connection terminated by the server: the member reconnects and is woken by
+    the next NOTIFY again (its poll is 60 s here, so only a notification can wake it)."""
+    engine = create_engine(postgres_url)
+    await migrate(engine)
+    sessions = create_session_factory(engine)
+    member = FleetMember(
+        sessions=sessions, engine=engine, heartbeat_interval=1, heartbeat_timeout=5,
+        poll_interval=60,
+    )  # fmt: skip
+    task = asyncio.create_task(member.run())
+
+    async def woken() -> bool:
+        return await asyncio.wait_for(member.wait_for_work(), 10)
+
+    async def announce() -> None:
+        async with sessions.begin() as session:
+            await work_queue.announce(session)
+
+    try:
+        assert await woken()  # listening (it looks once when it starts listening)
+        await announce()
+        assert await woken()
+        async with sessions.begin() as session:
+            killed = await session.scalar(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND query ILIKE 'LISTEN%'"
+                )
+            )
+        assert killed == 1
+        assert await woken()  # listening again
+        await announce()
+        assert await woken()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await engine.dispose()

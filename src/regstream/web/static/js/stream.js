@@ -51,6 +51,11 @@ configure({
   },
 });
 window.addEventListener('pagehide', () => flushLatency(true));
+// Back from the back/forward cache: the client reopens its streams, but a page's own state may be
+// old; these pages are cheap to load again.
+window.addEventListener('pageshow', (event) => {
+  if (event.persisted) location.reload();
+});
 
 /** Debug view for tests and the console: this tab's role and the streams it holds. */
 window.__regstream = {

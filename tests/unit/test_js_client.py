@@ -9,6 +9,7 @@ import filecmp
 import json
 from pathlib import Path
 
+from regstream.web.pages import STATIC_DIR
 from tests.js_client import CLIENT_DIR, run_node
 
 TSC = "node_modules/typescript/bin/tsc"
@@ -50,3 +51,9 @@ def test_size_budget() -> None:
     assert sizes["core"]["gz"] <= 10 * 1024, sizes
     assert sizes["hook"]["gz"] <= 2 * 1024, sizes
     assert result.returncode == 0, result.stderr
+
+
+def test_the_pages_serve_the_package_itself() -> None:
+    """``/static/client`` is the package's source (a link), not a second copy of the client."""
+    assert (STATIC_DIR / "client").resolve() == (CLIENT_DIR / "src").resolve()
+    assert not (STATIC_DIR / "js" / "registration-updates.js").exists()

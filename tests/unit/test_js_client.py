@@ -28,13 +28,12 @@ def test_client_logic_unit_tests() -> None:
     assert "# fail 0" in output, output
 
 
-def test_package_and_examples_type_check() -> None:
-    check(TSC, "-p", "tsconfig.json", "--noEmit")
+def test_examples_type_check() -> None:
     check(TSC, "-p", "examples/tsconfig.json")  # the seed's snippet and the React example
 
 
-def test_published_declarations_are_current(tmp_path: Path) -> None:
-    check(TSC, "-p", "tsconfig.json", "--outDir", str(tmp_path))
+def test_package_type_checks_and_its_declarations_are_current(tmp_path: Path) -> None:
+    check(TSC, "-p", "tsconfig.json", "--outDir", str(tmp_path))  # fails on a type error too
     compared = filecmp.dircmp(tmp_path, CLIENT_DIR / "types")
     stale = compared.diff_files + compared.left_only + compared.right_only
     assert stale == [], f"types/ is stale: run (cd clients/js && npm run types): {stale}"

@@ -92,8 +92,9 @@ async def test_filtered_resume_reads_only_its_registrations_entries(
 async def test_filtered_resume_index_expired_or_history_trimmed(
     redis_server: EmbeddedRedis,
 ) -> None:
-    """Without its index stream the replay comes from the history (same entries); once the
-    history is also trimmed past the client's id, the answer is incomplete (a snapshot)."""
+    """Without its index list the replay comes from the history (same entries); once the
+    history is trimmed past the client's id, or past an entry the index names, the answer is
+    incomplete (a snapshot)."""
     client, publisher, history = await _publisher(redis_server)
     try:
         start = await history.position()
@@ -110,6 +111,19 @@ async def test_filtered_resume_index_expired_or_history_trimmed(
         await client.delete(index_key)  # as if it had expired
         fallback = await history.since_for(start, (7,))
         assert fallback.complete and [p.raw for p in fallback.entries] == expected
+        # a new index list names seq 4 and 5; the history lost seq 5 (trimmed): resuming after
+        # seq 4 is incomplete, not an empty replay
+        await _publish(publisher, 7, 4)
+        await _publish(publisher, 7, 5)
+        assert await publisher.wait_flushed(10)
+        four, five = [p.key for p in (await history.since(start)).entries if p.seq in (4, 5)]
+        assert four is not None and five is not None
+        assert (await history.since_for(four, (7,))).complete
+        await client.xtrim(
+            publisher.history_key, minid=f"{five.ms}-{five.n + 1}", approximate=False
+        )
+        gone = await history.since_for(four, (7,))
+        assert (gone.complete, gone.entries) == (False, [])
         await client.xtrim(publisher.history_key, maxlen=10, approximate=False)
         trimmed = await history.since_for(start, (7,))
         assert (trimmed.complete, trimmed.entries) == (False, [])
@@ -157,7 +171,7 @@ async def test_entries_of_a_publisher_that_does_not_index_are_found(
         found = await history.since_for(start, (1100,))
         assert [(p.resync is not None, p.seq) for p in found.entries] == [(True, None), (False, 1)]
         epoch = (await history.position()).epoch
-        index = await client.xrange(f"{publisher.channel}:history:r:{epoch}:1100")
+        index = await client.lrange(f"{publisher.channel}:history:r:{epoch}:1100", 0, -1)
         assert len(index) == 1  # its own update only
     finally:
         await publisher.aclose()

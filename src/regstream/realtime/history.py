@@ -3,19 +3,23 @@
 The history is one capped Redis Stream of every update (``<channel>:history``). A filtered
 resume (``?registrationId=N``) used to read and parse all of it, whatever the filter: 5-9 ms of
 instance CPU per 1,000 entries, per resume. So the publish script (``publisher.py``) also keeps a
-small index: one capped stream per registration and epoch (``<channel>:history:r:<epoch>:<id>``)
-holding that registration's updates under the *same* entry ids (and the resync messages that
-name it), expiring about when its entries leave the history. ``since_for`` reads it with one
-read-only script, atomically, so a filtered resume costs what its own registration's entries cost.
+small index: one capped list per registration and epoch (``<channel>:history:r:<epoch>:<id>``)
+of the history's entry ids about that registration (its updates, and the resync messages that
+name it), expiring after twice the history's span and at least 5 minutes (at most its age cap).
+``since_for`` reads it with one script, atomically, taking the messages from the history by id:
+a filtered resume costs what its own registration's entries cost. Ids, not copies: publishing
+cost Redis 2.65x the CPU per update with a copy of each message in a stream per registration
+(bench/RESULTS.md), and an index of ids can outlive the history's span cheaply.
 
 The index is an optimisation, never a source of truth: where it cannot prove it holds every
-entry of a registration (the registration's index stream expired or was trimmed; entries added by
+entry of a registration (the registration's index list expired or was trimmed; entries added by
 a publisher that does not index, such as an older version during a rolling upgrade: the index's
 state hash names the newest of them, ``upto``, and the last entry it indexed, ``last``), the
 script reads that part of the history itself, matching entries with the same Lua function that
 built the index (``REGISTRATIONS_OF_LUA``). The rule stays the history's: a replay is complete
-or the caller sends a snapshot (another epoch; history trimmed past the client's id; more entries
-than ``max_entries``).
+or the caller sends a snapshot (another epoch; history trimmed past the client's id or past an
+entry the index names; more entries than ``max_entries``). Entry ids only grow within an epoch
+(a history begun again gets a new epoch, ``publisher.check_primary``).
 """
 
 from __future__ import annotations
@@ -111,18 +115,18 @@ end
 local state = redis.call('HMGET', KEYS[3] .. epoch, 'last', 'upto')
 local last, upto = state[1], state[2]
 local prefix = KEYS[4] .. epoch .. ':'
--- Up to `edge` the index may miss entries of a registration: its stream's first entry (expired,
+-- Up to `edge` the index may miss entries of a registration: its list's first entry (expired,
 -- trimmed or begun again before it), entries not indexed (up to `upto`), everything when its
--- stream is gone (up to `last`) or nothing was indexed in this epoch.
+-- list is gone (up to `last`) or nothing was indexed in this epoch.
 local edge = after
 for i = 4, #ARGV do
   local e = '+'
   if last then
-    local first = redis.call('XRANGE', prefix .. ARGV[i], '-', '+', 'COUNT', 1)
-    if #first == 0 then
+    local first = redis.call('LINDEX', prefix .. ARGV[i], 0)
+    if not first then
       e = last
     else
-      e = first[1][1]
+      e = first
       if upto and before(e, upto) then e = upto end
     end
   end
@@ -136,8 +140,14 @@ if edge ~= '+' then
   if before(from, after) then from = after end
   if #top > 0 and before(from, top[1][1]) and not scan(from, '+') then return {epoch, 0} end
   for i = 4, #ARGV do
-    for _, row in ipairs(redis.call('XRANGE', prefix .. ARGV[i], '(' .. edge, '+', 'COUNT', max + 1)) do
-      take(row[1], row[2][2])
+    for _, id in ipairs(redis.call('LRANGE', prefix .. ARGV[i], 0, -1)) do
+      if before(edge, id) then
+        local row = redis.call('XRANGE', KEYS[1], id, id)
+        -- trimmed from the history since: not complete (the index keeps ids, not messages)
+        if #row == 0 then return {epoch, 0} end
+        take(id, row[1][2][2])
+        if n > max then return {epoch, 0} end
+      end
     end
   end
 end

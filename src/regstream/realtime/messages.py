@@ -28,7 +28,7 @@ class ServiceChannel(StrEnum):
 HISTORY_SUFFIX = ":history"
 EPOCH_SUFFIX = ":epoch"
 # the per-registration index of the history (``history``): its state hash, and the prefix of
-# one capped stream per registration (``<channel>:history:r:<registrationId>``)
+# one capped list of entry ids per registration (``<channel>:history:r:<epoch>:<registrationId>``)
 INDEX_SUFFIX = ":history:index"
 INDEX_KEY_SUFFIX = ":history:r:"
 # the replication id of the primary the epoch belongs to (publisher.check_primary)

@@ -83,21 +83,19 @@ for i = 5, #ARGV do
   id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i])
   local rids = registrations_of(ARGV[i])
   if #rids > 100 then
-    -- a resync naming many registrations (an outbox overflow): not copied into each of their
-    -- index streams; readers resuming before it read the history up to it instead
+    -- a resync naming many registrations (an outbox overflow): not listed in each of their
+    -- indexes; readers resuming before it read the history up to it instead
     redis.call('HSET', state, 'upto', id)
     rids = {}
   end
   for _, rid in ipairs(rids) do
     local key = prefix .. rid
-    local added = redis.pcall('XADD', key, 'MAXLEN', '~', '1000', id, 'm', ARGV[i])
-    if type(added) == 'table' and added.err then
-      -- its newest entry is not older than this one (the history was begun again under the
-      -- same epoch): the index of this registration begins again here
-      redis.call('DEL', key)
-      redis.call('XADD', key, id, 'm', ARGV[i])
+    local length = redis.call('RPUSH', key, id)
+    if length == 1 then
+      touched[key] = true  -- a new list: its expiry is set once, below
+    elseif length > 1000 then
+      redis.call('LTRIM', key, -1000, -1)
     end
-    touched[key] = true
   end
   local msg = string.sub(ARGV[i], 1, -2) .. ',"eventId":"' .. epoch .. '_' .. id .. '"}'
   redis.call('PUBLISH', ARGV[2], msg)
@@ -111,9 +109,10 @@ if id then
   redis.call('HSET', state, 'last', id)
   redis.call('PEXPIRE', state, max_age)
 end
--- An index stream lives about as long as its entries stay in the history (twice the history's
--- span plus 10 s, at most the age cap): the index holds about what the history holds, not an
--- hour of every registration at a high rate. One that expired is only slower to read.
+-- An index list holds entry ids only (the messages stay in the history) and expires, from its
+-- first entry, after twice the history's span and at least 5 minutes (at most the age cap): it
+-- covers a run, and a later run of the registration begins a new list. One that expired is only
+-- slower to read (the reader scans the history).
 local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
 local span = 0
 if #first > 0 then
@@ -121,7 +120,7 @@ if #first > 0 then
   span = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     - tonumber(string.match(first[1][1], '^(%d+)'))
 end
-local ttl = math.floor(math.min(max_age, 2 * math.max(span, 0) + 10000))
+local ttl = math.floor(math.min(max_age, math.max(2 * span, 300000)))
 for key in pairs(touched) do
   redis.call('PEXPIRE', key, ttl)
 end

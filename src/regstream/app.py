@@ -206,7 +206,15 @@ class Application:
     def __init__(self, api: FastAPI) -> None:
         self.api = api
         self.state = api.state
-        self._stream = StreamEndpoint(lambda: api.state.services)
+        endpoint: Any = StreamEndpoint(lambda: api.state.services)
+        self._stream = endpoint
+        origins = api.state.settings.cors_origins
+        if origins:
+            # a listed site's EventSource (with a stream ticket) needs the CORS headers too
+            self._stream = CORSMiddleware(
+                endpoint, allow_origins=list(origins), allow_credentials=False,
+                allow_methods=["GET"], allow_headers=["Last-Event-ID"], max_age=600,
+            )  # fmt: skip
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] == STREAM_PATH:

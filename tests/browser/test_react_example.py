@@ -8,9 +8,14 @@ router (so the session cookie authenticates the stream, as for the service's own
 
 from __future__ import annotations
 
+import json
 import mimetypes
+import threading
 from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.sync_api import BrowserContext, Page, Route, expect
@@ -25,8 +30,9 @@ from tests.browser.conftest import (
     wait_for,
     wait_streams,
 )
+from tests.conftest import SettingsFactory
 from tests.js_client import CLIENT_DIR, run_node
-from tests.support import LiveServer
+from tests.support import LiveServer, create_user, serve_app
 
 pytestmark = pytest.mark.browser
 
@@ -46,6 +52,9 @@ def example_dist() -> Iterator[Path]:
 
 
 def open_example(context: BrowserContext, live: LiveServer, dist: Path, rid: int) -> Page:
+    """The example on the service's origin (Playwright answers /example/ from ``dist``), so the
+    session cookie authenticates it like the service's own pages."""
+
     def serve(route: Route) -> None:
         name = route.request.url.split("/example/", 1)[1].split("?", 1)[0] or "index.html"
         path = dist / name
@@ -126,3 +135,68 @@ def test_hook_resumes_after_a_server_side_drop(
     expect(page.locator("#result")).to_have_attribute("data-status", "APPROVED")
     expect(page.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
     assert stages_of(page) == T24_PATH
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        pass
+
+
+@pytest.fixture
+def example_site(example_dist: Path) -> Iterator[str]:
+    """The built example on a site of its own: a static HTTP server on another loopback port
+    (another origin; loopback like the service, so Chromium's local-network checks pass)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(example_dist)))
+    thread = threading.Thread(target=server.serve_forever, name="example-site", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def cross_origin_app(make_settings: SettingsFactory, example_site: str) -> Iterator[LiveServer]:
+    with serve_app(make_settings(sse_retry_ms=1000, cors_origins=(example_site,))) as server:
+        yield server
+
+
+def test_hook_across_origins_with_stream_tickets(
+    cross_origin_app: LiveServer, context: BrowserContext, example_site: str
+) -> None:
+    """Another site with an API token: REST with the Bearer token, streams with single-use
+    tickets (a fresh one after a drop: the spent one would be refused)."""
+    app = cross_origin_app
+    rid = demo_ids(app)["approved"]
+    token = create_user(app, "viewer").token
+    assert token is not None
+    config = json.dumps({"baseUrl": app.url, "token": token})
+    context.add_init_script(f"window.REGSTREAM_EXAMPLE = {config};")
+    tickets: list[str] = []
+    context.on(
+        "request",
+        lambda request: (
+            tickets.append(request.method)
+            if request.url.endswith("/api/auth/stream-ticket") and request.method == "POST"
+            else None
+        ),
+    )
+    page = context.new_page()
+    page.goto(f"{example_site}/?registrationId={rid}")
+    expect(page.locator("#live")).to_have_text("Live")
+    expect(page.locator("#status")).to_have_text("PENDING")
+    wait_streams(app, 1)
+    assert len(tickets) == 1
+
+    closed = call_on_server_loop(
+        app, lambda: app.services.hub.close_all(messages.retry_frame(1000))
+    )
+    assert closed == 1
+    assert process(app, rid) == 202
+    wait_for(lambda: registration(app, rid)["status"] == "APPROVED", what="run to end")
+    expect(page.locator("#live")).to_have_text("Live", timeout=10_000)
+    expect(page.locator("#result")).to_have_attribute("data-status", "APPROVED")
+    assert stages_of(page) == T24_PATH
+    assert len(tickets) == 2

@@ -1,18 +1,37 @@
 // The seed's registration detail page (app/mobile-banking/registration-requests/[id]/page.tsx),
 // rewritten with @regstream/client/react: a Live badge, the stages as they happen, the progress
 // and the final status (re-read from the API, as the seed's "auto-refresh on completion").
-// Served from the service's origin, so the session cookie authenticates the stream.
+//
+// On the service's origin the session cookie authenticates everything. From another origin, the
+// page is given the service's URL and an API token (window.REGSTREAM_EXAMPLE, set by whoever
+// serves the page; never in a URL): REST calls send it as a Bearer token and streams open with
+// single-use stream tickets (the service lists this origin in REGSTREAM_CORS_ORIGINS).
 import { StrictMode, useEffect, useState } from 'react';
 import { createRoot } from 'react-dom/client';
+import { configure } from '@regstream/client';
 import { useRegistrationUpdates } from '@regstream/client/react';
 import type { RegistrationSnapshot, RegistrationUpdate } from '@regstream/client';
+
+declare global {
+  interface Window {
+    REGSTREAM_EXAMPLE?: { baseUrl: string; token: string };
+  }
+}
+
+const remote = window.REGSTREAM_EXAMPLE;
+if (remote) configure({ baseUrl: remote.baseUrl, getToken: () => remote.token, tickets: true });
+
+function get(path: string): Promise<Response> {
+  if (!remote) return fetch(path, { credentials: 'same-origin' });
+  return fetch(remote.baseUrl + path, { headers: { Authorization: `Bearer ${remote.token}` } });
+}
 
 function RegistrationDetail({ registrationId }: { registrationId: number }) {
   const [registration, setRegistration] = useState<RegistrationSnapshot | null>(null);
   const [realtimeUpdate, setRealtimeUpdate] = useState<string | null>(null);
 
   const load = () =>
-    fetch(`/api/registrations/${registrationId}`, { credentials: 'same-origin' })
+    get(`/api/registrations/${registrationId}`)
       .then((response) => (response.ok ? response.json() : null))
       .then(setRegistration, () => setRegistration(null));
   useEffect(() => {

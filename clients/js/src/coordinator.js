@@ -16,7 +16,8 @@
 // lock released, timers cleared, channel closed) a microtask after its last one leaves, so a
 // React StrictMode unmount/mount pair keeps it, and an unmounted app leaks nothing.
 
-import { ALL, idsOfStreamKey, planStreams } from './plan.js';
+import { idsOfStreamKey, planStreams } from './plan.js';
+import { coverageOf } from './coverage.js';
 import { laterId, positionOf } from './event-ids.js';
 import { RecentUpdates } from './sequence.js';
 import { StreamSource } from './source.js';
@@ -27,7 +28,7 @@ import { MAX_IDS_PER_STREAM } from './limits.js';
 /** @typedef {import('./wire.js').RegistrationUpdate} RegistrationUpdate */
 /** @typedef {import('./http.js').ClientConfig} ClientConfig */
 /** @typedef {import('./http.js').Me} Me */
-/** @typedef {'live' | 'switching' | 'polling' | 'down'} Coverage */
+/** @typedef {import('./coverage.js').Coverage} Coverage */
 
 /**
  * What the coordinator needs from a subscription.
@@ -420,38 +421,9 @@ export class Coordinator {
     this.refreshCoverage();
   }
 
-  /**
-   * One registration key: 'live' (an open stream carries it), 'switching' (a stream being opened
-   * carries it), 'polling' (the leader cannot serve it) or 'down'.
-   * @param {string} key
-   * @returns {Coverage}
-   */
-  coverageOfKey(key) {
-    if (this.states[ALL] === 'open') return 'live';
-    let switching = false;
-    if (key !== ALL) {
-      for (const [streamKey, state] of Object.entries(this.states)) {
-        if (streamKey === ALL || !idsOfStreamKey(streamKey)?.has(key)) continue;
-        if (state === 'open') return 'live';
-        if (state === 'connecting') switching = true;
-      }
-    }
-    if (this.unserved.includes(key)) return 'polling';
-    return switching ? 'switching' : 'down';
-  }
-
-  /** A subscription: the worst of its keys. @param {Member} sub @returns {Coverage} */
+  /** A subscription's coverage. @param {Member} sub @returns {Coverage} */
   covers(sub) {
-    const rank = { live: 0, switching: 1, polling: 2, down: 3 };
-    /** @type {Coverage} */
-    let coverage = 'live';
-    for (const key of sub.keys()) {
-      const one = this.coverageOfKey(key);
-      if (rank[one] > rank[coverage]) coverage = one;
-      if (coverage === 'down') break;
-    }
-    if (coverage === 'down' && Date.now() < sub.switchingUntil) return 'switching';
-    return coverage;
+    return coverageOf({ states: this.states, unserved: this.unserved }, sub.keys(), sub.switchingUntil);
   }
 
   refreshCoverage() {

@@ -7,7 +7,7 @@
 //   updates.subscribe(() => render(updates.state, updates.latestUpdate));
 //   updates.close();
 //
-// Modules by job: source.js (one EventSource, resume, back-off), plan.js (which streams),
+// Modules by job: source.js (one EventSource, resume, back-off), plan.js (which streams), coverage.js,
 // sequence.js (de-duplication, gaps), coordinator.js (one connection per browser across tabs),
 // subscription.js (the page's API), http.js (sign-in, re-reads, stream tickets), wire.js (types).
 

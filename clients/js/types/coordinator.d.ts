@@ -80,14 +80,7 @@ export class Coordinator {
     broadcastStates(): void;
     /** @param {Record<string, string>} states @param {string[]} unserved */
     setStates(states: Record<string, string>, unserved: string[]): void;
-    /**
-     * One registration key: 'live' (an open stream carries it), 'switching' (a stream being opened
-     * carries it), 'polling' (the leader cannot serve it) or 'down'.
-     * @param {string} key
-     * @returns {Coverage}
-     */
-    coverageOfKey(key: string): Coverage;
-    /** A subscription: the worst of its keys. @param {Member} sub @returns {Coverage} */
+    /** A subscription's coverage. @param {Member} sub @returns {Coverage} */
     covers(sub: Member): Coverage;
     refreshCoverage(): void;
     /** Hand a frame to the subscriptions following its registration(s). @param {string} key @param {StreamFrame} frame @param {string | null} id */
@@ -97,7 +90,7 @@ export type StreamFrame = import("./wire.js").StreamFrame;
 export type RegistrationUpdate = import("./wire.js").RegistrationUpdate;
 export type ClientConfig = import("./http.js").ClientConfig;
 export type Me = import("./http.js").Me;
-export type Coverage = "live" | "switching" | "polling" | "down";
+export type Coverage = import("./coverage.js").Coverage;
 /**
  * What the coordinator needs from a subscription.
  */

@@ -27,9 +27,12 @@ EXAMPLES = 8
 
 
 @pytest.fixture
-def fuzz_live(make_settings: SettingsFactory) -> Any:
-    # the process rate limit would answer 429 long before the fuzzer is done
-    with serve_app(make_settings(process_rate_per_minute=100_000)) as server:
+def fuzz_live(make_settings: SettingsFactory, postgres_url: str) -> Any:
+    # PostgreSQL behind it: it refuses what SQLite stores (NUL, unpaired surrogates), so an
+    # input check missing anywhere shows as a 500 here (issue 16). The process rate limit would
+    # answer 429 long before the fuzzer is done.
+    settings = make_settings(database_url=postgres_url, process_rate_per_minute=100_000)
+    with serve_app(settings) as server:
         yield server
 
 
@@ -38,10 +41,13 @@ def _check(response: Any, what: str) -> None:
     assert not TRACE.search(response.text), f"{what} leaks a stack trace: {response.text[:300]}"
 
 
-@pytest.mark.timeout(90)
-def test_schemathesis_finds_no_server_error(fuzz_live: LiveServer) -> None:
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("role", ["viewer", "operator", "admin"])
+def test_schemathesis_finds_no_server_error(fuzz_live: LiveServer, role: str) -> None:
+    """Every operation of the API, positive and negative examples, as each role (what a role
+    may not do must be a 403, never a 5xx)."""
     schema = schemathesis.openapi.from_dict(fuzz_live.app.api.openapi())
-    headers = auth_headers(fuzz_live, "operator")
+    headers = auth_headers(fuzz_live, role)
     operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
     assert len(operations) >= 10
     for operation in operations:

@@ -388,6 +388,11 @@ def test_kubernetes_manifests() -> None:
         assert {"secretRef": {"name": secret["metadata"]["name"]}} in spec["envFrom"], name
     annotations = docs["Ingress"]["metadata"]["annotations"]
     assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    # the pods trust X-Forwarded-*: only the ingress controller (and monitoring) may reach them
+    assert env["REGSTREAM_TRUST_PROXY"] == "true"
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["policyTypes"] == ["Ingress"] and len(policy["ingress"]) == 1
 
 
 def test_stream_read_timeouts_exceed_the_ping_interval() -> None:

@@ -1,4 +1,4 @@
-"""T24 client CPU per call over httpx, one process (no target: issue 17).
+"""T24 client CPU per call over aiohttp, one process (no target: issue 17).
 
   .venv/bin/python bench/t24_http_bench.py            # 5 reps of 2,000 GETs per variant
 
@@ -6,17 +6,19 @@ Starts the T24 simulator (``regstream t24-sim --latency-ms 0``, pinned to CPU 1)
 process (pinned to CPU 0, uvloop), sends GETs for load customers (``7nnnnnnnnn``) with
 ``--concurrency`` in flight. Variants, interleaved rep by rep (order alternating):
 
-- ``httpx``: ``httpx.AsyncClient.get`` + ``json.loads`` of the body, with the T24 headers and a
-  pool as large as the concurrency: the transport ``T24Client`` uses;
-- ``t24client``: ``T24Client.get_customer`` as the pipeline calls it (httpx, the breaker,
+- ``aiohttp``: ``aiohttp.ClientSession.get`` + ``json.loads`` of the body, with the T24 headers
+  and a pool as large as the concurrency: the transport ``T24Client`` uses;
+- ``httpx``: ``httpx.AsyncClient.get`` + ``json.loads``, the same way (the library issue 17
+  named first; run 14 shows why the client does not use it);
+- ``t24client``: ``T24Client.get_customer`` as the pipeline calls it (aiohttp, the breaker,
   tenacity's retry loop, wire parsing, one log line and metrics per attempt).
 
 ``time.process_time()`` around each rep gives this process's CPU per GET (the simulator's is not
 counted). Each variant checks its answers (status 200, the customer asked for). Prints per variant
-the reps and the median µs per GET and the ratio t24client/httpx (median of per-rep ratios: what
-the client adds over its transport), and appends one JSON line to --out. There is no target: with
-the simulator's default 50 ms per call, a few hundred µs of CPU per call do not limit the
-pipeline (issue 17 replaced a hand-written client that saved ~0.15 ms per call by httpx).
+the reps and the median µs per GET and the ratios t24client/aiohttp (what the client adds over
+its transport) and httpx/aiohttp (medians of per-rep ratios), and appends one JSON line to
+--out. There is no target: with the simulator's default 50 ms per call, a few hundred µs of CPU
+per call do not limit the pipeline (issue 17 replaced a hand-written client that saved ~0.1 ms per call by aiohttp).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import httpx
 import uvloop
 from procs import Child, free_port, wait_port
@@ -72,6 +75,11 @@ async def _main(args: argparse.Namespace, base: str) -> dict[str, object]:
         ),
     )
     t24 = T24Client(T24ClientConfig(base_url=base + prefix, max_connections=args.concurrency))
+    aio = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=args.concurrency),
+        headers=HEADERS,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
     def check(status: int, body: bytes, i: int) -> None:
         if status != 200 or json.loads(body)["body"]["customerId"] != _customer(i):
@@ -84,13 +92,20 @@ async def _main(args: argparse.Namespace, base: str) -> dict[str, object]:
         )
         check(r.status_code, r.content, i)
 
+    async def aiohttp_get(i: int) -> None:
+        async with aio.get(
+            f"{base}{prefix}/party/customers/{_customer(i)}",
+            headers={"X-Correlation-ID": os.urandom(16).hex()},
+        ) as r:
+            check(r.status, await r.read(), i)
+
     async def t24client(i: int) -> None:
         customer = await t24.get_customer(_customer(i))
         if customer.customer_id != _customer(i):
             raise SystemExit("wrong customer")
 
     variants: dict[str, Callable[[int], Awaitable[None]]] = {
-        "httpx": httpx_get, "t24client": t24client,
+        "aiohttp": aiohttp_get, "httpx": httpx_get, "t24client": t24client,
     }  # fmt: skip
     for get in variants.values():  # warm-up: connections, caches
         await _rep(get, min(500, args.n), args.concurrency)
@@ -101,8 +116,14 @@ async def _main(args: argparse.Namespace, base: str) -> dict[str, object]:
             results[name].append(await _rep(variants[name], args.n, args.concurrency))
         print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()))
     await session.aclose()
+    await aio.close()
     await t24.aclose()
-    ratios = [a / b for a, b in zip(results["t24client"], results["httpx"], strict=True)]
+
+    def ratio(a: str, b: str) -> float:
+        return round(
+            statistics.median(x / y for x, y in zip(results[a], results[b], strict=True)), 3
+        )
+
     return {
         "bench": "t24_http",
         "n": args.n,
@@ -110,7 +131,8 @@ async def _main(args: argparse.Namespace, base: str) -> dict[str, object]:
         "reps": args.reps,
         "us_per_get": {k: [round(x, 1) for x in v] for k, v in results.items()},
         "median_us_per_get": {k: round(statistics.median(v), 1) for k, v in results.items()},
-        "t24client_over_httpx": round(statistics.median(ratios), 3),
+        "t24client_over_aiohttp": ratio("t24client", "aiohttp"),
+        "httpx_over_aiohttp": ratio("httpx", "aiohttp"),
     }
 
 

@@ -19,6 +19,7 @@ from datetime import date
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import httpx
 import pytest
 from prometheus_client import REGISTRY
@@ -380,7 +381,7 @@ async def test_connection_refused(make_client: ClientFactory) -> None:
         with pytest.raises(CoreUnavailable) as info:
             await client.get_customer("100100")
     assert info.value.http_status is None
-    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert isinstance(info.value.__cause__, aiohttp.ClientConnectorError)
 
 
 async def test_cob_switch(make_client: ClientFactory, sim: RunningSimulator) -> None:
@@ -513,9 +514,7 @@ async def test_basic_auth(auth_simulator: RunningSimulator, make_client: ClientF
 async def test_logs_carry_no_customer_data_or_secrets(
     auth_simulator: RunningSimulator, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # as logs.configure sets it: httpx's own INFO line ("HTTP Request: GET <url>") has the CIF
-    caplog.set_level(logging.WARNING, logger="httpx")
-    caplog.set_level(logging.DEBUG)  # after: the capture handler's level (httpcore's DEBUG too)
+    caplog.set_level(logging.DEBUG)  # aiohttp's own loggers included
     client = make_client(
         base_url=auth_simulator.base_url, username=USERNAME, password=PASSWORD, timeout=0.3
     )
@@ -676,7 +675,8 @@ async def test_a_kept_alive_connection_closed_under_us_is_retried_on_a_new_one(
     make_client: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The core answers, keeps the connection open, then closes it unanswered on the next
-    request: a dropped connection, retried after the back-off on a new connection."""
+    request: aiohttp sends an idempotent request once more on a new connection when a reused
+    one was closed under it (as the hand-written transport did), inside our attempt 1."""
     caplog.set_level(logging.INFO, logger="regstream.core_banking.client")
     ok = _http_answer(CUSTOMER_ANSWER, "Content-Type: application/json")
     async with ScriptedCore([ok, None, ok]) as core:
@@ -685,7 +685,7 @@ async def test_a_kept_alive_connection_closed_under_us_is_retried_on_a_new_one(
         assert (await client.get_customer("100100")).customer_id == "100100"
     assert core.connections == 2 and len(core.requests) == 3
     assert [(attempt, outcome) for attempt, outcome, _ in _attempt_lines(caplog)] == [
-        (1, "ok"), (1, "core_unavailable"), (2, "ok"),
+        (1, "ok"), (1, "ok"),
     ]  # fmt: skip
 
 

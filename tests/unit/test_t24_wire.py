@@ -9,9 +9,10 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import jsonschema
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
 
 from regstream.core_banking import _wire
 from regstream.core_banking.errors import (
@@ -149,37 +150,45 @@ def _caused_by(exc: Exception, cause: BaseException) -> Exception:
     return exc
 
 
-_REQUEST = httpx.Request("GET", "https://t24.example/api")
+_KEY = ConnectionKey(
+    host="t24.example", port=443, is_ssl=True, ssl=True, proxy=None, proxy_auth=None,
+    proxy_headers_hash=None,
+)  # fmt: skip
+
+
+def _connector(error_type: type[aiohttp.ClientConnectorError], cause: OSError) -> Exception:
+    return _caused_by(error_type(_KEY, cause), cause)
 
 
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        pytest.param(httpx.ReadTimeout("t"), CoreTimeout, id="read-timeout"),
-        pytest.param(httpx.ConnectTimeout("t"), CoreTimeout, id="connect-timeout"),
-        pytest.param(httpx.PoolTimeout("t"), CoreTimeout, id="pool-timeout"),
-        pytest.param(httpx.WriteTimeout("t"), CoreTimeout, id="write-timeout"),
+        pytest.param(aiohttp.SocketTimeoutError("read"), CoreTimeout, id="read-timeout"),
+        pytest.param(aiohttp.ConnectionTimeoutError("connect"), CoreTimeout, id="connect-timeout"),
         pytest.param(TimeoutError(), CoreTimeout, id="other-timeout"),
-        pytest.param(_caused_by(httpx.ConnectError("refused"), ConnectionRefusedError()),
+        pytest.param(_connector(aiohttp.ClientConnectorError, ConnectionRefusedError(111, "no")),
                      CoreUnavailable, id="refused"),
-        pytest.param(httpx.ReadError("reset"), CoreUnavailable, id="reset"),
-        pytest.param(httpx.RemoteProtocolError("Server disconnected"), CoreUnavailable,
-                     id="server-hung-up"),
-        pytest.param(httpx.ProxyError("407"), CoreUnavailable, id="proxy-refused-tunnel"),
+        pytest.param(aiohttp.ClientOSError(104, "reset"), CoreUnavailable, id="reset"),
+        pytest.param(aiohttp.ServerDisconnectedError(), CoreUnavailable, id="server-hung-up"),
+        pytest.param(aiohttp.ClientPayloadError("Response payload is not completed"),
+                     CoreUnavailable, id="body-cut-short"),
+        pytest.param(_connector(aiohttp.ClientProxyConnectionError, ConnectionRefusedError()),
+                     CoreUnavailable, id="proxy-unreachable"),
         pytest.param(ssl.SSLEOFError(8, "EOF"), CoreUnavailable, id="tls-eof-after-handshake"),
-        pytest.param(httpx.DecodingError("gzip"), CoreProtocolError, id="undecodable-body"),
+        pytest.param(aiohttp.ClientPayloadError("Can not decode content-encoding: gzip"),
+                     CoreProtocolError, id="undecodable-body"),
         pytest.param(_wire.BodyTooLarge("big"), CoreProtocolError, id="body-too-large"),
         pytest.param(
-            _caused_by(httpx.ConnectError("verify"), ssl.SSLCertVerificationError(1, "verify")),
+            aiohttp.ClientConnectorCertificateError(_KEY, ssl.SSLCertVerificationError(1, "v")),
             CoreTlsError, id="server-certificate-not-trusted",
         ),
-        pytest.param(
-            _caused_by(httpx.ConnectError("eof"), ssl.SSLEOFError(8, "EOF")),
-            CoreTlsError, id="handshake-broken-off",
-        ),
+        pytest.param(_connector(aiohttp.ClientConnectorSSLError, ssl.SSLEOFError(8, "EOF")),
+                     CoreTlsError, id="handshake-broken-off"),
         pytest.param(ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]"), CoreTlsError,
                      id="alert-certificate-required"),
-        pytest.param(httpx.UnsupportedProtocol("ftp"), CoreUnavailable, id="unsupported-scheme"),
+        pytest.param(_caused_by(aiohttp.ClientOSError(1, "alert"), ssl.SSLError(1, "alert")),
+                     CoreTlsError, id="alert-wrapped"),
+        pytest.param(aiohttp.InvalidURL("ftp://x"), CoreRequestError, id="bad-url"),
         pytest.param(ValueError("bad target"), CoreRequestError, id="our-bug"),
     ],
 )  # fmt: skip
@@ -190,11 +199,10 @@ def test_map_transport_error(error: BaseException, expected: type[CoreBankingErr
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        pytest.param(httpx.RemoteProtocolError("Server disconnected"), CoreTlsError,
-                     id="closed-after-handshake"),
-        pytest.param(httpx.ReadError("reset"), CoreTlsError, id="reset-after-handshake"),
-        pytest.param(httpx.ReadTimeout("t"), CoreTimeout, id="slow-is-not-tls"),
-        pytest.param(httpx.DecodingError("gzip"), CoreProtocolError, id="an-answer-is-not-tls"),
+        pytest.param(aiohttp.ServerDisconnectedError(), CoreTlsError, id="closed-after-handshake"),
+        pytest.param(aiohttp.ClientOSError(104, "reset"), CoreTlsError, id="reset-after-handshake"),
+        pytest.param(aiohttp.SocketTimeoutError("read"), CoreTimeout, id="slow-is-not-tls"),
+        pytest.param(_wire.BodyTooLarge("big"), CoreProtocolError, id="an-answer-is-not-tls"),
     ],
 )  # fmt: skip
 def test_a_new_tls_connection_ending_without_answer_is_a_tls_failure(

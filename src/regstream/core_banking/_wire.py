@@ -19,12 +19,12 @@ Decisions:
 - A customer body whose ``customerId`` differs from the one asked for is a protocol error:
   validating the wrong person is worse than failing.
 - The functions read an answer through ``Response`` (status, headers looked up by lower-cased
-  name, body bytes): the client hands over an ``Answer`` built from the httpx response.
-- Transport failures (httpx exceptions, and ``ssl.SSLError``, which httpx lets through when a
-  TLS alert arrives after the handshake) are translated in one place, ``map_transport_error``:
+  name, body bytes): the client hands over an ``Answer`` built from the aiohttp response.
+- Transport failures (aiohttp's ``ClientError`` tree and ``ssl.SSLError``) are translated in
+  one place, ``map_transport_error``:
   timeouts are ``CoreTimeout``; refused, reset or dropped connections and proxy failures
   ``CoreUnavailable``; a body past the size cap or that does not decompress
-  ``CoreProtocolError``; a request httpx cannot send ``CoreRequestError``.
+  ``CoreProtocolError``; a request aiohttp cannot send ``CoreRequestError``.
 - TLS failures are ``CoreTlsError`` (``CORE_TLS_ERROR``): the server's certificate not trusted
   (or not for that host), a TLS alert from the core (it refused our client certificate, or
   none was sent), or a handshake the core broke off. Some servers refuse a client certificate
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 
 from regstream.core_banking.errors import (
     CircuitOpen,
@@ -207,34 +207,42 @@ def map_transport_error(exc: BaseException, *, fresh_tls: bool = False) -> CoreB
     ``fresh_tls``: this attempt opened a new TLS connection (so a connection that ends with no
     answer is the core refusing the TLS session, not a kept-alive connection gone stale).
     """
-    if isinstance(exc, httpx.TimeoutException | TimeoutError):  # connect, pool, read, write
+    if isinstance(exc, TimeoutError):  # aiohttp's connect, pool and read timeouts are ones too
         return CoreTimeout()
-    if isinstance(exc, BodyTooLarge | httpx.DecodingError):  # too big, or does not decompress
+    if isinstance(exc, BodyTooLarge):
         return CoreProtocolError()
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        # a body that does not decompress is not a T24 answer; one cut short is a dropped line
+        undecodable = "content-encoding" in str(exc).lower()
+        return CoreProtocolError() if undecodable else CoreUnavailable()
     if (tls_error := _tls_failure(exc)) is not None:
         return CoreTlsError(detail=_tls_detail(tls_error))
-    if fresh_tls and isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+    if fresh_tls and isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
         return CoreTlsError(detail="closed after the handshake, no answer")
-    if isinstance(exc, httpx.TransportError | ssl.SSLError | OSError):
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        return CoreRequestError()  # an URL we cannot send: our configuration
+    if isinstance(exc, aiohttp.ClientError | ssl.SSLError | OSError):
         # refused / unreachable, the proxy refused the tunnel, the server hung up or reset, or
         # a malformed status line, headers or framing (a broken gateway: may work next time)
         return CoreUnavailable()
-    return CoreRequestError()  # anything else (an URL httpx cannot send): our configuration
+    return CoreRequestError()  # anything else: our configuration or code
 
 
 def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
     """The TLS error behind ``exc`` when it is a TLS failure other than a plain hang-up."""
-    if isinstance(exc, ssl.SSLError):
-        # An alert from the core or a verification failure; a bare EOF or close_notify after
-        # the handshake is the connection ending, not TLS refusing.
-        return None if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) else exc
-    if not isinstance(exc, httpx.ConnectError):
-        return None
-    # During connect: any TLS error, an EOF in the handshake included (the core broke it off).
-    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        error = exc.certificate_error
+        return error if isinstance(error, ssl.SSLError) else ssl.SSLError(str(error))
+    in_connect = isinstance(exc, aiohttp.ClientConnectorError)
+    cause: BaseException | None = exc
     for _ in range(8):  # a cause chain is short; bounded all the same
-        if cause is None or isinstance(cause, ssl.SSLError):
-            return cause
+        if cause is None:
+            return None
+        if isinstance(cause, ssl.SSLError):
+            # During connect, any TLS error (an EOF in the handshake: the core broke it off);
+            # after it, a bare EOF or close_notify is the connection ending, not TLS refusing.
+            hang_up = isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+            return cause if in_connect or not hang_up else None
         cause = cause.__cause__ or cause.__context__
     return None
 

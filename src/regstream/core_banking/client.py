@@ -1,6 +1,6 @@
 """The core-banking seam (``CoreBanking``) and its Temenos Transact REST implementation.
 
-``T24Client`` speaks IRIS REST through one ``httpx.AsyncClient`` (a pool of keep-alive
+``T24Client`` speaks IRIS REST through one ``aiohttp.ClientSession`` (a pool of keep-alive
 connections, optionally mutual TLS and an explicit proxy)::
 
     client = T24Client(T24ClientConfig(base_url="http://127.0.0.1:8700/api/v1.0.0"))
@@ -10,18 +10,20 @@ connections, optionally mutual TLS and an explicit proxy)::
 
 Decisions:
 
-- The transport is httpx (issue 17): proxies, CA bundles and client certificates come with it,
-  and a bank's team does not inherit an HTTP client of its own. It costs more CPU per call
-  than the hand-written client it replaced (``bench/t24_http_bench.py``), which a T24 call of
-  50-500 ms makes irrelevant. ``max_connections`` bounds the requests in flight (the service
-  sets it to the pipeline concurrency); waiting for a connection is bounded by the pool
-  timeout (2 s), connecting by the connect timeout (2 s), each read and write by ``timeout``.
+- The transport is aiohttp (issue 17): proxies, CA bundles and client certificates come with
+  it, and a bank's team does not inherit an HTTP client of its own. Not httpx, which the CLI
+  uses: its connection pool walks every waiting request against every connection on each
+  request, so at the pipeline's 64 requests in flight a GET cost ~3 ms of CPU, against ~0.15 ms
+  through aiohttp (``bench/RESULTS.md`` run 14), which would have cut the pipeline's throughput
+  by more than half. ``max_connections`` bounds the requests in flight (the service sets it to
+  the pipeline concurrency); waiting for a free connection plus connecting is bounded by 4 s
+  (connecting alone by 2 s), each read by ``timeout``.
 - TLS: one ``ssl.SSLContext`` per client (``tls_context``): the system's CAs, or only
   ``ca_bundle``'s; ``client_cert`` + ``client_key`` (optionally encrypted, ``client_key_password``)
   for mutual TLS. Proxy: ``proxy_url`` only; the standard ``HTTP(S)_PROXY``/``NO_PROXY``
   variables (and ``.netrc``) are read only with ``trust_env=True``, so an environment set up
   for other tools does not silently route customer lookups through a proxy.
-- Answers are streamed and reading stops past ``max_body`` bytes (decoded: httpx undoes gzip
+- Answers are streamed and reading stops past ``max_body`` bytes (decoded: aiohttp undoes gzip
   and deflate): a runaway gateway cannot fill the memory. Redirects are not followed (a 3xx is
   an answer like any other, ``CORE_BAD_RESPONSE``); no cookies are kept between calls.
 - Every public call has a *deadline* (``T24ClientConfig.deadline``) covering all attempts,
@@ -32,8 +34,8 @@ Decisions:
 - Retries: ``tenacity`` drives every attempt, the first included, with exponential back-off
   and full jitter (AWS builders' library); which answers are retried is decided by
   ``_wire.is_transient`` (timeouts, dropped connections, 502/503/504, 500 ``TGVCP-001``). A
-  kept-alive connection the core closed as we sent on it is such a dropped connection: the
-  next attempt (after the back-off) opens a new one.
+  kept-alive connection the core closed as we sent on it is retried by aiohttp itself, once,
+  on a new connection (safe for a GET), within the same attempt.
 - The circuit breaker counts *HTTP attempts*, not calls: ``breaker_threshold`` failed
   attempts in a row (timeouts, connection errors, 5xx; an expired deadline counts too) open
   it. When it rejects a retry (not the first attempt) the error that caused the retry is
@@ -41,8 +43,7 @@ Decisions:
   failures are configuration problems: not retried, and they do not open the breaker.
 - One log line and one latency observation per HTTP attempt: operation, attempt, HTTP
   status, T24 error code, outcome, duration and the correlation id. The customer id is masked
-  (``****31``); bodies and headers are never logged. httpx's own INFO line carries the URL,
-  and so the customer id: ``logs.configure`` keeps the ``httpx`` logger at WARNING.
+  (``****31``); bodies and headers are never logged (aiohttp logs no request lines).
 - A customer id outside ``[A-Za-z0-9_-]{1,32}`` raises ``CoreRequestError`` without a request.
 - The correlation id is a fresh random 128-bit hex id per public call, sent as
   ``X-Correlation-ID`` on every attempt and page of that call, so the core's logs and ours can be
@@ -58,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.cookiejar
 import os
 import re
 import ssl
@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote, urlsplit
 
-import httpx
+import aiohttp
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 from regstream.core_banking import _wire
@@ -109,11 +109,18 @@ _POOL_TIMEOUT = 2.0
 _CUSTOMER_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 #: RFC 3986 path characters, percent-encoded (no spaces, no non-ASCII, no "?" or "#").
 _PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
-#: What one attempt may raise without an answer (mapped by ``_wire.map_transport_error``).
-#: httpx raises its ``TransportError`` tree; a TLS alert arriving after the handshake comes as
-#: a bare ``ssl.SSLError``. The call deadline is not caught here (``asyncio.timeout_at``
+#: What one attempt may raise without an answer (mapped by ``_wire.map_transport_error``):
+#: aiohttp's ``ClientError`` tree (its timeouts are ``TimeoutError`` too), ``ssl.SSLError``
+#: and ``OSError`` to be safe. The call deadline is not caught here (``asyncio.timeout_at``
 #: cancels the attempt and raises only where it is entered).
-_TRANSPORT_ERRORS = (httpx.TransportError, httpx.DecodingError, ssl.SSLError, _wire.BodyTooLarge)
+_TRANSPORT_ERRORS = (
+    aiohttp.ClientError,
+    TimeoutError,
+    ssl.SSLError,
+    OSError,
+    ValueError,
+    _wire.BodyTooLarge,
+)
 
 
 @runtime_checkable
@@ -210,16 +217,21 @@ class SentRequest:
 
 
 class _AttemptTrace:
-    """httpx's ``trace`` request extension: whether this attempt opened a new TLS connection."""
+    """Per-attempt context for aiohttp's tracing: whether the attempt opened a new connection
+    (to a ``https`` core: a new TLS connection)."""
 
-    __slots__ = ("fresh_tls",)
+    __slots__ = ("fresh",)
 
     def __init__(self) -> None:
-        self.fresh_tls = False
+        self.fresh = False
 
-    async def __call__(self, event: str, info: Mapping[str, Any]) -> None:
-        if event == "connection.start_tls.complete":
-            self.fresh_tls = True
+
+async def _connection_created(
+    session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceConnectionCreateEndParams
+) -> None:
+    trace = context.trace_request_ctx
+    if isinstance(trace, _AttemptTrace):
+        trace.fresh = True
 
 
 class T24Client:
@@ -241,30 +253,36 @@ class T24Client:
             "companyId": config.company_id,
         }
         if config.username is not None and config.password is not None:
-            # Sent on every request, UTF-8 (RFC 7617's charset), as httpx's BasicAuth does,
-            # without its per-request auth flow.
+            # Sent on every request, UTF-8 (RFC 7617's charset), as aiohttp.BasicAuth would.
             userpass = f"{config.username}:{config.password}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(userpass).decode("ascii")
-        hooks: dict[str, list[Callable[..., Any]]] = {}
+        # Tracing costs CPU on every request: only for TLS (new-connection detection) or tests.
+        tracing = aiohttp.TraceConfig()
+        if self._tls:
+            tracing.on_connection_create_end.append(_connection_created)
         if on_request is not None:
-            hooks["request"] = [_recorder(on_request)]
-        self._http = httpx.AsyncClient(
+            tracing.on_request_start.append(_recorder(on_request))
+        traces = [tracing] if self._tls or on_request is not None else []
+        self._proxy = config.proxy_url
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=config.max_connections,
+                limit_per_host=0,
+                ssl=tls_context(config),
+                keepalive_timeout=5.0,  # below uvicorn's and most gateways' idle close
+            ),
             headers=headers,
-            verify=tls_context(config),
-            proxy=config.proxy_url,
+            # a free connection and connecting: 2 s each; each read from the core: timeout
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=_POOL_TIMEOUT + _CONNECT_TIMEOUT,
+                sock_connect=_CONNECT_TIMEOUT,
+                sock_read=config.timeout,
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),  # calls stay independent
             trust_env=config.trust_env,
-            timeout=httpx.Timeout(config.timeout, connect=_CONNECT_TIMEOUT, pool=_POOL_TIMEOUT),
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_connections,
-                keepalive_expiry=5.0,  # below uvicorn's and most gateways' idle close
-            ),
-            follow_redirects=False,
-            # a jar that accepts no cookie: calls stay independent, as they were
-            cookies=http.cookiejar.CookieJar(
-                http.cookiejar.DefaultCookiePolicy(allowed_domains=())
-            ),
-            event_hooks=hooks,
+            auto_decompress=True,
+            trace_configs=traces,
         )
         self.breaker = breaker or CircuitBreaker(
             threshold=config.breaker_threshold, reset_after=config.breaker_reset
@@ -280,7 +298,7 @@ class T24Client:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._session.close()
 
     # --- public calls ----------------------------------------------------------------------
 
@@ -401,24 +419,20 @@ class T24Client:
     ) -> _wire.Answer:
         """One HTTP exchange: the answer read up to ``max_body``, or a ``CoreBankingError``."""
         trace = _AttemptTrace()
-        request = self._http.build_request(
-            "GET",
-            self._base_url + path,
-            params=params or None,
-            headers={"X-Correlation-ID": call.correlation_id},
-            extensions={"trace": trace} if self._tls else None,
-        )
         try:
-            response = await self._http.send(request, stream=True)
-            try:
+            async with self._session.get(
+                self._base_url + path,
+                params=params or None,
+                headers={"X-Correlation-ID": call.correlation_id},
+                allow_redirects=False,
+                proxy=self._proxy,
+                trace_request_ctx=trace if self._tls else None,
+            ) as response:
                 content = await _read_capped(response, self.config.max_body)
-            finally:
-                await response.aclose()
+                return _wire.Answer(response.status, response.headers, content)
         except _TRANSPORT_ERRORS as exc:
-            raise _wire.map_transport_error(exc, fresh_tls=trace.fresh_tls) from exc
-        except httpx.HTTPError as exc:  # (InvalidURL and the like: a request we cannot send)
-            raise CoreRequestError() from exc
-        return _wire.Answer(response.status_code, response.headers, content)
+            fresh_tls = trace.fresh and self._tls
+            raise _wire.map_transport_error(exc, fresh_tls=fresh_tls) from exc
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -439,14 +453,14 @@ class T24Client:
         return exc
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The decoded body; reading stops as soon as it passes ``limit`` bytes."""
-    announced = response.headers.get("content-length", "")
+    announced = response.headers.get("Content-Length", "")
     if announced.isdigit() and int(announced) > limit:
         raise _wire.BodyTooLarge(f"answer body of {announced} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.content.iter_chunked(64 * 1024):
         size += len(chunk)
         if size > limit:
             raise _wire.BodyTooLarge(f"answer body over {limit} bytes")
@@ -454,11 +468,27 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _recorder(on_request: Callable[[SentRequest], None]) -> Callable[[httpx.Request], Any]:
-    async def record(request: httpx.Request) -> None:
-        headers = dict(request.headers)
-        if "authorization" in headers:
-            headers["authorization"] = "***"
-        on_request(SentRequest(request.method, str(request.url), httpx.Headers(headers)))
+def _recorder(on_request: Callable[[SentRequest], None]) -> Callable[..., Any]:
+    async def record(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestStartParams
+    ) -> None:
+        headers = {str(name): str(value) for name, value in params.headers.items()}
+        for name in list(headers):
+            if name.lower() == "authorization":
+                headers[name] = "***"
+        on_request(SentRequest(params.method, str(params.url), _CaseInsensitive(headers)))
 
     return record
+
+
+class _CaseInsensitive(dict[str, str]):
+    """Header names looked up in any case (for ``SentRequest.headers``)."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        super().__init__({name.lower(): value for name, value in headers.items()})
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(name.lower())

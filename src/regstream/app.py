@@ -46,6 +46,7 @@ from regstream.config import Settings, load_settings
 from regstream.core_banking.client import T24Client, T24ClientConfig
 from regstream.db.engine import create_engine, create_session_factory, prepare_schema
 from regstream.drain import Drain
+from regstream.pipeline import catch_up
 from regstream.pipeline.runner import Runner
 from regstream.realtime.broker import Broker
 from regstream.realtime.connections import RedisTarget, create_client, create_subscriber_client
@@ -177,6 +178,11 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
     )  # fmt: skip
     services.stream_auth = auth_routes.stream_authenticator(services, auth)
     tasks = [
+        # what the database committed and Redis never saw (the process died while Redis was
+        # down): queued again, deduplicated by the publish script (pipeline/catch_up.py)
+        asyncio.create_task(
+            catch_up.run(sessions, publisher, window=settings.history_max_age), name="catch-up"
+        ),
         asyncio.create_task(broker.run(), name="redis-subscription"),
         asyncio.create_task(hub.run(), name="hub-timer"),
         asyncio.create_task(runner.run(), name="work-queue"),  # heartbeat, queue, leases

@@ -59,6 +59,15 @@ OUTBOX_SIZE = Gauge(
 OUTBOX_OVERFLOWS = Counter(
     "regstream_publish_outbox_overflows_total", "Updates dropped from a full outbox"
 )
+PUBLISH_DUPLICATES_SKIPPED = Counter(
+    "regstream_publish_duplicates_skipped_total",
+    "Updates the publish script skipped: their (registrationId, seq) was published already "
+    "(a retried batch, or republished by the start-up catch-up)",
+)
+CATCH_UP_REPUBLISHED = Counter(
+    "regstream_catch_up_republished_total",
+    "Committed updates Redis had not seen, republished from the process log by the catch-up",
+)
 REDIS_EPOCHS_BEGUN = Counter(
     "regstream_redis_epochs_begun_total",
     "New history epochs this process began because Redis was another primary (a failover)",

@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -23,6 +23,7 @@ from sqlalchemy import (
     Row,
     String,
     Table,
+    and_,
     bindparam,
     func,
     or_,
@@ -133,6 +134,47 @@ async def get_log(
     if run is not None:
         query = query.where(ProcessLogEntry.run == run)
     return list(await session.scalars(query.order_by(ProcessLogEntry.seq)))
+
+
+async def changed_since(
+    session: AsyncSession, *, since: datetime, after_id: int, limit: int
+) -> list[tuple[int, int]]:
+    """``(id, seq)`` of registrations with log entries whose row changed at or after ``since``
+    (an aware UTC time), in id order after ``after_id``: the start-up catch-up's pages."""
+    if session.get_bind().dialect.name == "sqlite":  # CURRENT_TIMESTAMP: naive UTC text
+        since = since.astimezone(UTC).replace(tzinfo=None)
+    rows = await session.execute(
+        select(RegistrationRequest.id, RegistrationRequest.seq)
+        .where(
+            RegistrationRequest.updated_at >= since,
+            RegistrationRequest.seq > 0,
+            RegistrationRequest.id > after_id,
+        )
+        .order_by(RegistrationRequest.id)
+        .limit(limit)
+    )
+    return [(int(rid), int(seq)) for rid, seq in rows.all()]
+
+
+async def log_after(
+    session: AsyncSession, *, after: dict[int, int], since_ms: int
+) -> list[LogEvent]:
+    """The log entries of these registrations above their seq (``after``: id → seq), written at
+    or after ``since_ms``, by registration and seq (through ``uq_process_log_seq``)."""
+    if not after:
+        return []
+    rows = await session.scalars(
+        select(ProcessLogEntry)
+        .where(
+            or_(*(
+                and_(ProcessLogEntry.registration_id == rid, ProcessLogEntry.seq > seq)
+                for rid, seq in after.items()
+            )),
+            ProcessLogEntry.timestamp_ms >= since_ms,
+        )
+        .order_by(ProcessLogEntry.registration_id, ProcessLogEntry.seq)
+    )  # fmt: skip
+    return [to_log_event(entry) for entry in rows]
 
 
 async def claim_for_processing(

@@ -57,8 +57,16 @@ from regstream.realtime.messages import ServiceChannel
 
 log = logging.getLogger(__name__)
 
+#: an outbox entry: (registrationId, seq, the encoded message)
+_Entry = tuple[int | None, int | None, bytes]
+
 # KEYS: history, epoch, index state prefix, index key prefix (``history.py``: the index).
-# ARGV: history MAXLEN, channel, MINID to trim to (or ''), max age in ms, then the messages.
+# ARGV: history MAXLEN, channel, MINID to trim to (or ''), max age in ms, then per message its
+# seq ('' for a message without one: a resync) and the message. Returns per message its event id,
+# or '' when it was skipped: its seq is not above the last seq published for its registration in
+# this epoch (field ``s<registrationId>`` of the index state hash), so a batch the client sent
+# again (a retry after a socket timeout while Redis had queued the first call) or an update
+# republished by the catch-up (``pipeline/catch_up.py``) goes out once.
 _PUBLISH_SCRIPT = (
     REGISTRATIONS_OF_LUA
     + """
@@ -79,9 +87,9 @@ if redis.call('HGET', state, 'last') ~= top_id then
   redis.call('HSET', state, 'upto', top_id)
 end
 local ids, touched, id = {}, {}, nil
-for i = 5, #ARGV do
-  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[i])
-  local rids = registrations_of(ARGV[i])
+local function add(payload)
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', payload)
+  local rids = registrations_of(payload)
   if #rids > 100 then
     -- a resync naming many registrations (an outbox overflow): not listed in each of their
     -- indexes; readers resuming before it read the history up to it instead
@@ -97,9 +105,27 @@ for i = 5, #ARGV do
       redis.call('LTRIM', key, -1000, -1)
     end
   end
-  local msg = string.sub(ARGV[i], 1, -2) .. ',"eventId":"' .. epoch .. '_' .. id .. '"}'
+  local msg = string.sub(payload, 1, -2) .. ',"eventId":"' .. epoch .. '_' .. id .. '"}'
   redis.call('PUBLISH', ARGV[2], msg)
-  ids[#ids + 1] = epoch .. '_' .. id
+  return epoch .. '_' .. id
+end
+for i = 5, #ARGV, 2 do
+  local seq, payload, fresh = tonumber(ARGV[i]), ARGV[i + 1], true
+  if seq then
+    -- once per (registration, seq) in this epoch: the last seq published, kept in the index
+    -- state (it lives as long as the state: the history's age cap after the last batch)
+    local rid = string.match(payload, '^{"registrationId":(%d+)[,}]')
+    if not rid then rid = registrations_of(payload)[1] end
+    if rid then
+      local field = 's' .. rid
+      if seq <= tonumber(redis.call('HGET', state, field) or '0') then
+        fresh = false
+      else
+        redis.call('HSET', state, field, ARGV[i])
+      end
+    end
+  end
+  if fresh then ids[#ids + 1] = add(payload) else ids[#ids + 1] = '' end
 end
 if ARGV[3] ~= '' then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
@@ -195,7 +221,8 @@ class RegistrationPubSub:
         self.primary_key = channel + messages.PRIMARY_SUFFIX
         self._primary_script = redis.register_script(_PRIMARY_SCRIPT)
         self._primary_check_refused = False
-        self._outbox: deque[bytes] = deque()
+        # (registrationId, seq, encoded message); seq is what the script deduplicates by
+        self._outbox: deque[_Entry] = deque()
         self._outbox_max = outbox_max
         self._batch_max = batch_max
         # backpressure (see the module docstring): cleared at the high-water mark while Redis
@@ -254,7 +281,11 @@ class RegistrationPubSub:
     def enqueue_update(self, update: dict[str, Any]) -> None:
         """``publish_update`` without an await: queued at once (the runner calls it right after
         a commit, inside the group commit's worker)."""
-        self._enqueue(messages.encode(update))
+        rid, seq = update.get("registrationId"), update.get("seq")
+        self._enqueue((
+            rid if isinstance(rid, int) else None, seq if isinstance(seq, int) else None,
+            messages.encode(update),
+        ))  # fmt: skip
 
     async def subscribe(
         self, callback: Callable[[dict[str, Any]], None], *, ready_timeout: float = 5.0
@@ -276,9 +307,11 @@ class RegistrationPubSub:
 
     async def publish_raw(self, payload: bytes) -> None:
         """Queue one encoded JSON object for publication, after everything queued before it."""
-        self._enqueue(payload)
+        self._enqueue(_entry(payload))
 
-    async def _send(self, payloads: list[bytes]) -> list[str]:
+    async def _send(self, entries: list[_Entry]) -> list[str]:
+        """Publish in one script call; per entry its event id, or '' if it was published
+        already (its seq not above the registration's last one in this epoch)."""
         now = messages.now_ms()
         minid = ""
         if now - self._last_trim_ms > 1000:
@@ -286,9 +319,30 @@ class RegistrationPubSub:
             minid = str(now - self._max_age_ms)
         result = await self._script(
             keys=[self.history_key, self.epoch_key, *self._index_keys],
-            args=[self._maxlen, self.channel, minid, self._max_age_ms, *payloads],
-        )
-        return [r.decode() if isinstance(r, bytes) else str(r) for r in result]
+            args=[
+                self._maxlen, self.channel, minid, self._max_age_ms,
+                *(arg for _, seq, payload in entries for arg in (b"" if seq is None else seq,
+                                                                 payload)),
+            ],
+        )  # fmt: skip
+        ids = [r.decode() if isinstance(r, bytes) else str(r) for r in result]
+        skipped = ids.count("")
+        if skipped:
+            metrics.PUBLISH_DUPLICATES_SKIPPED.inc(skipped)
+        return ids
+
+    async def published_seqs(self, registration_ids: list[int]) -> dict[int, int]:
+        """The last seq published in this epoch per registration (absent: none; all of them
+        when there is no epoch yet), from the index state the publish script keeps. Raises
+        ``RedisError``/``OSError`` like any command."""
+        if not registration_ids:
+            return {}
+        epoch = await self._redis.get(self.epoch_key)
+        if not epoch:
+            return {}
+        state = self._index_keys[0] + (epoch.decode() if isinstance(epoch, bytes) else epoch)
+        values = await self._redis.hmget(state, [f"s{rid}" for rid in registration_ids])
+        return {rid: int(v) for rid, v in zip(registration_ids, values, strict=True) if v}
 
     async def check_primary(self) -> bool:
         """After a reconnect: begin a new epoch if Redis is now another primary's history.
@@ -336,8 +390,8 @@ class RegistrationPubSub:
                 )
             self._room.set()
 
-    def _enqueue(self, payload: bytes) -> None:
-        self._outbox.append(payload)
+    def _enqueue(self, entry: _Entry) -> None:
+        self._outbox.append(entry)
         self._trim_outbox()
         if len(self._outbox) >= self._high_water and not self._failing:
             self._room.clear()
@@ -346,9 +400,8 @@ class RegistrationPubSub:
 
     def _trim_outbox(self) -> None:
         while len(self._outbox) > self._outbox_max:
-            dropped = self._outbox.popleft()
+            rid = self._outbox.popleft()[0]
             metrics.OUTBOX_OVERFLOWS.inc()
-            rid = _registration_id(dropped)
             if rid is not None:
                 self._overflowed.add(rid)
         metrics.OUTBOX_SIZE.set(len(self._outbox))
@@ -362,7 +415,7 @@ class RegistrationPubSub:
     async def _flush_all(self) -> None:
         delay = 0.1
         while self._outbox or self._overflowed:
-            batch: list[bytes] = []
+            batch: list[_Entry] = []
             # taken before the await: registrations that overflow meanwhile go to the next one
             announced, self._overflowed = self._overflowed, set()
             try:
@@ -374,7 +427,7 @@ class RegistrationPubSub:
                         "registrationIds": sorted(announced),
                         "timestamp": messages.now_ms(),
                     }
-                    await self._send([orjson.dumps(resync)])
+                    await self._send([(None, None, orjson.dumps(resync))])
                     announced = set()
                 n = min(len(self._outbox), self._batch_max)
                 batch = [self._outbox.popleft() for _ in range(n)]
@@ -431,9 +484,13 @@ class RegistrationPubSub:
             )
 
 
-def _registration_id(payload: bytes) -> int | None:
+def _entry(payload: bytes) -> _Entry:
     try:
-        rid = orjson.loads(payload).get("registrationId")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return rid if isinstance(rid, int) else None
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None, None, payload
+    if not isinstance(obj, dict):
+        return None, None, payload
+    rid, seq = obj.get("registrationId"), obj.get("seq")
+    valid = isinstance(rid, int) and not isinstance(rid, bool)
+    return (rid if valid else None), (seq if valid and isinstance(seq, int) else None), payload

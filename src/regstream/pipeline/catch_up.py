@@ -1,0 +1,117 @@
+"""The start-up catch-up: what the database committed is what gets published.
+
+The publisher's outbox lives in memory: updates committed while Redis was down are lost if the
+process dies before Redis is back. So at start (``app._services``) every instance compares the
+process log with what Redis last saw: the registrations whose row changed within the history's
+age cap (``REGSTREAM_HISTORY_MAX_AGE``), a page at a time, against the last seq the publish
+script recorded for each in this epoch (``RegistrationPubSub.published_seqs``); the entries
+above it (written within the same window) are queued again, in seq order, behind anything
+queued already. The publish script skips a ``(registrationId, seq)`` it has published in this
+epoch, so republishing is harmless: several instances starting together each catch up, and
+whatever two of them queue goes out once. After a new epoch (Redis lost its data or a failover)
+Redis has seen nothing: the window's entries are published again in the new epoch, in order.
+
+Bounds: one page (``PAGE`` registrations) read at a time, the outbox's backpressure between
+updates (``wait_for_room``), and the time window. Redis unreachable: retried with backoff until
+it answers (or the service stops); the catch-up begins again from the first page then (what it
+queued already is skipped by the script).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from regstream import metrics
+from regstream.db import registrations
+from regstream.db.registrations import LogEvent
+from regstream.pipeline.runner import Publisher, event_to_update, log_entry_view
+
+log = logging.getLogger(__name__)
+
+#: registrations read (and their last published seqs asked from Redis) per page
+PAGE = 500
+
+
+class CatchUpPublisher(Publisher, Protocol):
+    async def published_seqs(self, registration_ids: list[int]) -> dict[int, int]: ...
+
+
+async def catch_up(
+    sessions: async_sessionmaker[AsyncSession],
+    publisher: CatchUpPublisher,
+    *,
+    window: float,
+    page: int = PAGE,
+) -> int:
+    """Queue every update committed within ``window`` seconds that Redis has not seen (in this
+    epoch), in order per registration; returns how many. Raises on a Redis or database error."""
+    since_ms = time.time_ns() // 1_000_000 - int(window * 1000)
+    since = datetime.now(UTC) - timedelta(seconds=window)
+    after_id, queued = 0, 0
+    while True:
+        async with sessions() as session:
+            rows = await registrations.changed_since(
+                session, since=since, after_id=after_id, limit=page
+            )
+        if not rows:
+            break
+        after_id = rows[-1][0]
+        seen = await publisher.published_seqs([rid for rid, _ in rows])
+        behind = {rid: seen.get(rid, 0) for rid, seq in rows if seq > seen.get(rid, 0)}
+        if behind:
+            async with sessions() as session:
+                events = await registrations.log_after(session, after=behind, since_ms=since_ms)
+                finals = {
+                    (e.registration_id, e.run): await _run_log(session, e)
+                    for e in events
+                    if e.stage is None
+                }
+            for event in events:
+                await publisher.wait_for_room()
+                process_log = finals.get((event.registration_id, event.run))
+                publisher.enqueue_update(event_to_update(event, process_log))
+            queued += len(events)
+        if len(rows) < page:
+            break
+    if queued:
+        metrics.CATCH_UP_REPUBLISHED.inc(queued)
+    return queued
+
+
+async def _run_log(session: AsyncSession, final: LogEvent) -> list[dict[str, object]]:
+    """A final update's ``processLog``: the stages of its run, as the runner published it."""
+    entries = await registrations.get_log(
+        session, registration_id=final.registration_id, run=final.run
+    )
+    return [
+        log_entry_view(registrations.to_log_event(e))
+        for e in entries
+        if e.stage is not None and e.seq < final.seq
+    ]
+
+
+async def run(
+    sessions: async_sessionmaker[AsyncSession], publisher: CatchUpPublisher, *, window: float
+) -> None:
+    """The start-up task: ``catch_up`` until it succeeds once (Redis or the database may be
+    down at start: retried with backoff), then one log line with the count."""
+    started = time.perf_counter()
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type((RedisError, OSError, SQLAlchemyError)),
+        wait=wait_exponential_jitter(initial=0.5, max=10.0),
+        reraise=True,
+    ):
+        with attempt:
+            queued = await catch_up(sessions, publisher, window=window)
+    log.info(
+        "catch-up: %d committed updates Redis had not seen queued for publication (%.1f s)",
+        queued, time.perf_counter() - started,
+    )  # fmt: skip

@@ -1,0 +1,188 @@
+"""Every committed update published exactly once, in order (issue 16, reliability 1-2).
+
+Real parts only: private redis-server processes, the real PostgreSQL, ``regstream serve`` as a
+subprocess. What is checked is what Redis holds and sends: a raw subscriber on the channel and
+the history stream (XRANGE), per ``(registrationId, seq)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from redis.asyncio import Redis
+
+from regstream.core_banking.simulator.server import RunningSimulator
+from regstream.realtime.connections import create_client
+from regstream.realtime.embedded import EmbeddedRedis
+from regstream.realtime.publisher import RegistrationPubSub
+from tests.integration.test_crash_and_shutdown import _env, _serve, _sim, _token
+from tests.support import free_port, wait_until
+
+CHANNEL = "service:registration-updates"
+PUB_NAME = "regstream-pub-test"
+REGISTRATIONS = range(1, 21)
+
+
+def _update(rid: int, seq: int) -> dict[str, Any]:
+    return {"registrationId": rid, "status": "PENDING", "timestamp": 1, "message": "m", "seq": seq}
+
+
+@contextlib.asynccontextmanager
+async def _listening(url: str) -> AsyncIterator[list[tuple[int, int]]]:
+    """A raw subscriber: every (registrationId, seq) the channel carries, in arrival order."""
+    redis = Redis.from_url(url)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(CHANNEL)
+    seen: list[tuple[int, int]] = []
+
+    async def read() -> None:
+        async for message in pubsub.listen():
+            if message["type"] == "message":
+                update = orjson.loads(message["data"])
+                if "seq" in update:
+                    seen.append((update["registrationId"], update["seq"]))
+
+    task = asyncio.create_task(read())
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.aclose()
+
+
+async def _history(redis: Redis) -> list[tuple[int, int]]:
+    rows = await redis.xrange(CHANNEL + ":history", "-", "+")
+    out = []
+    for _, fields in rows:
+        update = orjson.loads(fields[b"m"])
+        if "seq" in update:
+            out.append((update["registrationId"], update["seq"]))
+    return out
+
+
+def _assert_once_in_order(seen: list[tuple[int, int]], expected: dict[int, list[int]]) -> None:
+    duplicated = {key for key in seen if seen.count(key) > 1}
+    assert not duplicated, f"published more than once: {sorted(duplicated)[:10]}"
+    for rid, seqs in expected.items():
+        assert [s for r, s in seen if r == rid] == seqs, rid
+
+
+async def _publish_rounds(publisher: RegistrationPubSub, seqs: range) -> None:
+    for seq in seqs:
+        for rid in REGISTRATIONS:
+            publisher.enqueue_update(_update(rid, seq))
+        await asyncio.sleep(0)
+
+
+async def test_redis_paused_past_the_socket_timeout_publishes_each_update_once(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """Redis stopped (SIGSTOP by PID) for 6 s while a batch is in flight: the client times out
+    after 5 s and sends the script again on a new connection; when Redis goes on it runs the
+    first call (its bytes were received before the client gave up) and the second one, which
+    the script skips. (CLIENT PAUSE does not show it: a paused client that hangs up is dropped
+    with its command.)"""
+    commands = create_client(redis_server.url, name=PUB_NAME)  # the service's: 5 s, retried
+    admin = Redis.from_url(redis_server.url)
+    publisher = RegistrationPubSub(commands)
+    try:
+        async with _listening(redis_server.url) as seen:
+            await _publish_rounds(publisher, range(1, 4))
+            assert await publisher.wait_flushed(10)
+            assert redis_server.process is not None
+            redis_server.process.send_signal(signal.SIGSTOP)
+            try:
+                await _publish_rounds(publisher, range(4, 8))  # sent; Redis does not answer
+                await asyncio.sleep(6)  # the stall itself (what is measured is what follows)
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+            assert await publisher.wait_flushed(30)
+            await _publish_rounds(publisher, range(8, 11))
+            assert await publisher.wait_flushed(10)
+            expected = {rid: list(range(1, 11)) for rid in REGISTRATIONS}
+            total = sum(len(s) for s in expected.values())
+            await wait_until(lambda: len(seen) >= total, timeout=10, what="every update")
+            history = await _history(admin)
+            # anything late (a second copy) would be in the history already: read after it
+            await wait_until(lambda: len(seen) >= len(history), timeout=5, what="the channel")
+        _assert_once_in_order(history, expected)
+        _assert_once_in_order(seen, expected)
+    finally:
+        await publisher.aclose()
+        await commands.aclose()
+        await admin.aclose()
+
+
+async def test_service_killed_while_redis_is_down_publishes_what_was_committed_once(
+    tmp_path: Path, redis_server: EmbeddedRedis, t24_private: RunningSimulator, postgres_url: str
+) -> None:
+    """Redis stopped (by PID) during a bulk, the service SIGKILLed with updates only in its
+    in-memory outbox, then both restarted: the history and the channel carry every update of
+    the process log once, in seq order (the start-up catch-up, pipeline/catch_up.py)."""
+    await _sim(t24_private, "config", {"latency_ms": 300})
+    env = _env(tmp_path, redis_server, t24_private, DATABASE_URL=postgres_url)
+    port, log = free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    with _serve(env, port, log, "--demo") as first:
+        headers = {"Authorization": f"Bearer {_token(log)}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=20) as http:
+            items = (await http.get("/api/registrations", params={"pageSize": 50})).json()["items"]
+            rids = [item["id"] for item in items]
+            for rid in rids:
+                assert (await http.post(f"/api/registrations/{rid}/process")).status_code == 202
+
+            async def some_published() -> bool:
+                async with Redis.from_url(redis_server.url) as redis:
+                    return bool(await redis.xlen(CHANNEL + ":history"))
+
+            await wait_until(some_published, timeout=10, what="the first updates published")
+            redis_server.kill()  # by PID: its history is gone with it (no persistence)
+
+            async def all_done() -> bool:
+                rows = [(await http.get(f"/api/registrations/{rid}")).json() for rid in rids]
+                return all(not r["inProgress"] and r["status"] != "PENDING" for r in rows)
+
+            await wait_until(all_done, timeout=60, interval=0.2, what="every run to end")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+
+    from sqlalchemy import select
+
+    from regstream.db.engine import create_engine, create_session_factory
+    from regstream.db.tables import ProcessLogEntry
+
+    engine = create_engine(postgres_url)
+    try:
+        async with create_session_factory(engine)() as session:
+            entries = list(await session.scalars(
+                select(ProcessLogEntry).order_by(ProcessLogEntry.registration_id,
+                                                 ProcessLogEntry.seq)
+            ))  # fmt: skip
+    finally:
+        await engine.dispose()
+    expected: dict[int, list[int]] = {}
+    for entry in entries:
+        expected.setdefault(entry.registration_id, []).append(entry.seq)
+    total = len(entries)
+    assert total >= 5 * len(rids)
+
+    redis_server.start()
+    async with _listening(redis_server.url) as seen:
+        with _serve(env, port, log):
+            await wait_until(lambda: len(seen) >= total, timeout=30, what="every committed update")
+            async with Redis.from_url(redis_server.url) as redis:
+                history = await _history(redis)
+            await wait_until(lambda: len(seen) >= len(history), timeout=5, what="the channel")
+    assert "catch-up: %d committed updates" % total in log.read_text()
+    _assert_once_in_order(history, expected)
+    _assert_once_in_order(seen, expected)

@@ -123,6 +123,54 @@ async def test_redis_paused_past_the_socket_timeout_publishes_each_update_once(
         await admin.aclose()
 
 
+async def test_connection_killed_after_the_script_was_sent_publishes_each_update_once(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """The publisher's connection (found by its name, ``regstream-pub-*``) killed while a batch
+    is in flight, after Redis received the script: Redis runs it, the reply is lost with the
+    connection, redis-py sends the script again on a new one; the second call is skipped."""
+    commands = create_client(redis_server.url, name=PUB_NAME)
+    admin = Redis.from_url(redis_server.url)
+    killer = Redis.from_url(redis_server.url)
+    publisher = RegistrationPubSub(commands)
+    try:
+        async with _listening(redis_server.url) as seen:
+            await _publish_rounds(publisher, range(1, 3))
+            assert await publisher.wait_flushed(10)
+            ids = [c["id"] for c in await admin.client_list() if c.get("name") == PUB_NAME]
+            assert len(ids) == 1, ids
+            await killer.ping()  # connected before Redis stops
+            # Redis stopped, the script arrives, then the kill: when Redis goes on it reads both
+            # in the same turn, in arrival order, and runs the script; its reply is still
+            # buffered when the kill frees the client, so it is lost although the script ran.
+            assert redis_server.process is not None
+            redis_server.process.send_signal(signal.SIGSTOP)
+            try:
+                publisher.enqueue_update(_update(1, 3))
+                await wait_until(lambda: publisher.pending == 0, what="the batch in flight")
+                await asyncio.sleep(0.2)  # its bytes written by the event loop
+                kill = asyncio.create_task(killer.client_kill_filter(_id=ids[0]))
+                await asyncio.sleep(0.2)  # the kill's bytes written after the script's
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+            assert await kill == 1
+            assert await publisher.wait_flushed(20)
+            await _publish_rounds(publisher, range(4, 6))
+            assert await publisher.wait_flushed(10)
+            expected = {rid: [1, 2, 4, 5] for rid in REGISTRATIONS}
+            expected[1] = [1, 2, 3, 4, 5]
+            total = sum(len(s) for s in expected.values())
+            await wait_until(lambda: len(seen) >= total, timeout=10, what="every update")
+            history = await _history(admin)
+            await wait_until(lambda: len(seen) >= len(history), timeout=5, what="the channel")
+        _assert_once_in_order(history, expected)
+        _assert_once_in_order(seen, expected)
+    finally:
+        await publisher.aclose()
+        for client in (commands, admin, killer):
+            await client.aclose()
+
+
 async def test_service_killed_while_redis_is_down_publishes_what_was_committed_once(
     tmp_path: Path, redis_server: EmbeddedRedis, t24_private: RunningSimulator, postgres_url: str
 ) -> None:
@@ -183,6 +231,6 @@ async def test_service_killed_while_redis_is_down_publishes_what_was_committed_o
             async with Redis.from_url(redis_server.url) as redis:
                 history = await _history(redis)
             await wait_until(lambda: len(seen) >= len(history), timeout=5, what="the channel")
-    assert "catch-up: %d committed updates" % total in log.read_text()
+    assert f"catch-up: {total} committed updates" in log.read_text()
     _assert_once_in_order(history, expected)
     _assert_once_in_order(seen, expected)

@@ -39,7 +39,7 @@ from regstream.api import stream_schema as stream_schema_routes
 from regstream.api.admission import StartGate
 from regstream.api.auth import require_page_role
 from regstream.api.deps import Services
-from regstream.api.stream import STREAM_PATH, StreamEndpoint
+from regstream.api.stream import STREAM_PATH, Refresher, StreamEndpoint
 from regstream.auth.middleware import BodySizeLimit, CrossSiteGuard, SecurityHeaders
 from regstream.auth.runtime import AuthRuntime
 from regstream.config import Settings, load_settings
@@ -102,8 +102,9 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
     target = RedisTarget.from_settings(settings)  # URL, REDIS_HOST or Sentinel; TLS
     log.info("Redis: %s", target.describe())  # where, never credentials
     engine = create_engine(
-        settings.effective_database_url, statement_timeout=settings.db_statement_timeout
-    )
+        settings.effective_database_url, pool_size=settings.db_pool_size,
+        statement_timeout=settings.db_statement_timeout,
+    )  # fmt: skip
     # migrations under an advisory lock (instances starting together take turns), or only a
     # check that `regstream migrate` did them (REGSTREAM_MIGRATE_ON_START=false)
     await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)
@@ -177,6 +178,7 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         ),
     )  # fmt: skip
     services.stream_auth = auth_routes.stream_authenticator(services, auth)
+    hub.refresh = Refresher(services)  # a re-sync sends filtered streams their state again
     tasks = [
         # what the database committed and Redis never saw (the process died while Redis was
         # down): queued again, deduplicated by the publish script (pipeline/catch_up.py)

@@ -236,6 +236,11 @@ class Settings(BaseSettings):
     db_statement_timeout: PositiveFloat = Field(
         5.0, validation_alias=_env("REGSTREAM_DB_STATEMENT_TIMEOUT")
     )
+    # connections to the database per instance: up to twice this (pool + overflow), plus the
+    # work queue's LISTEN connection (docs/capacity.md: instances x that <= max_connections)
+    db_pool_size: Annotated[int, Field(ge=1, le=500)] = Field(
+        20, validation_alias=_env("REGSTREAM_DB_POOL_SIZE")
+    )
     # national-id HMAC keys (docs/operations.md "Secret key"): required with DATABASE_URL
     secret_key: SecretStr | None = Field(None, validation_alias=_env("REGSTREAM_SECRET_KEY"))
     previous_secret_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(

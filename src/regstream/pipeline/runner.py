@@ -17,8 +17,9 @@ Shared work (``db/work_queue.py``): a claimed run is held by this instance when 
 pipeline slot (a click starts at once), and is otherwise *queued* in the database, as every
 bulk validation's runs are. ``run()`` takes queued runs for its free slots, a small batch at a
 time so that a bulk spreads over the fleet; it looks when told (this instance queued runs, or
-another one did: LISTEN/NOTIFY on PostgreSQL), when a slot frees while the queue may hold more,
-and at least every poll interval.
+another one did: LISTEN/NOTIFY on PostgreSQL) or when slots free while the queue may hold more,
+in both cases once it has room for a batch (a quarter of its slots, 16 at most), and at least
+every poll interval.
 
 Crash recovery: each instance beats (``pipeline/fleet.py``); the runs of an instance whose
 heartbeat is older than ``REGSTREAM_HEARTBEAT_TIMEOUT`` (or that stopped) are taken by the
@@ -201,6 +202,9 @@ class Runner:
         )  # fmt: skip
         # at most this many runs per take: a bulk spreads over the instances with room
         self._take_batch = take_batch
+        # a slot freed (or a click queued) wakes the take loop only once this many are free: a
+        # busy instance then takes a batch at a time, not one run per take
+        self._wake_at = min(take_batch, max(1, concurrency // 4))
         self._more = True  # the queue may hold runs for us (not looked since told or polled)
         # the runs this process holds, queued or running, by the task that runs each
         self._tasks: dict[asyncio.Task[None], _Run] = {}
@@ -347,9 +351,11 @@ class Runner:
         )
 
     def _queued(self) -> None:
-        """Runs were queued here: look for them now (the other instances were NOTIFYed)."""
+        """Runs were queued here: look for them now if we have room for a batch (the other
+        instances were NOTIFYed; a freed slot or the poll brings them here otherwise)."""
         self._more = True
-        self.fleet.work_queued()
+        if self._concurrency - len(self._tasks) >= self._wake_at:
+            self.fleet.work_queued()
 
     async def _take_loop(self) -> None:
         await self.fleet.registered.wait()
@@ -373,20 +379,29 @@ class Runner:
         if not (self._more and free > 0 and self.accepting and self.fleet.registered.is_set()):
             return False
         limit = min(free, self._take_batch)
-        now = _now_ms()
-        async with self._sessions.begin() as session:
-            taken = await work_queue.take(
+
+        # a step of the group commit, like the claim: it shares the transaction of the runs'
+        # steps committing meanwhile (on SQLite a transaction of its own took the write turn
+        # from them) and the runs start right after the commit
+        async def step(session: AsyncSession) -> work_queue.Taken:
+            now = _now_ms()
+            return await work_queue.take(
                 session, instance_id=self.fleet.instance_id, limit=limit, now_ms=now,
                 lease_ms=self._lease_ms, dead_before_ms=now - self.fleet.timeout_ms,
             )  # fmt: skip
-        for row in taken.rows:
-            fresh = row.current_stage is None  # nothing logged in this run yet
-            applicant = applicant_of(row) if fresh else None  # resumed: read with its log
-            self._spawn(_Run(row.id, taken.run_id, row.run_count, applicant), resume=not fresh)
-        if taken.taken_over:
-            log.warning("took over %d runs of an instance that stopped", taken.taken_over)
-            metrics.RUNS_TAKEN.labels("taken_over").inc(taken.taken_over)
-        metrics.RUNS_TAKEN.labels("queued").inc(len(taken.rows) - taken.taken_over)
+
+        def start(taken: work_queue.Taken) -> None:
+            for row in taken.rows:
+                fresh = row.current_stage is None  # nothing logged in this run yet
+                applicant = applicant_of(row) if fresh else None  # resumed: read with its log
+                run = _Run(row.id, taken.run_id, row.run_count, applicant)
+                self._spawn(run, resume=not fresh)
+            if taken.taken_over:
+                log.warning("took over %d runs of an instance that stopped", taken.taken_over)
+                metrics.RUNS_TAKEN.labels("taken_over").inc(taken.taken_over)
+            metrics.RUNS_TAKEN.labels("queued").inc(len(taken.rows) - taken.taken_over)
+
+        taken = await self._commits.run(step, then=start)
         self._more = len(taken.rows) == limit
         return self._more
 
@@ -427,7 +442,8 @@ class Runner:
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
-        if self._more:  # a slot is free and the queue may hold more
+        free = self._concurrency - len(self._tasks)
+        if self._more and free >= self._wake_at:  # the queue may hold more, and we have room
             self.fleet.work_queued()
 
     # --- the run -------------------------------------------------------------------------------

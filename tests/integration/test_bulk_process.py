@@ -174,7 +174,7 @@ async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
                 httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
             ):
                 ids = await _register_load_people(http, 9200, 40)
-                await redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+                await redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")  # type: ignore[no-untyped-call]
                 response = await http.post(BULK, json={"registrationIds": ids})
                 assert response.json()["accepted"] == sorted(ids)
                 for rid in ids:

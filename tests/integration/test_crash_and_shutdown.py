@@ -133,7 +133,7 @@ async def test_sigkill_mid_run_then_restart(
                 )
                 rows = {rid: (await http.get(f"/api/registrations/{rid}")).json() for rid in rids}
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await redis.aclose()
 
     from sqlalchemy import func, select

@@ -339,7 +339,7 @@ async def test_migrated_indexes_are_the_models_and_none_is_redundant(database_ur
         declared[table.name] = columns
     assert migrated == declared
     assert ("registration_id", "seq") in migrated["process_log"]
-    for table, indexes in migrated.items():
+    for name, indexes in migrated.items():
         for index in indexes:
             longer = [o for o in indexes if len(o) > len(index) and o[: len(index)] == index]
-            assert not longer, f"{table}: index {index} is a prefix of {longer}"
+            assert not longer, f"{name}: index {index} is a prefix of {longer}"

@@ -155,7 +155,7 @@ async def test_no_raw_personal_data_anywhere_after_every_demo_outcome(
                 await stream.__aexit__(None, None, None)
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await redis.aclose()
     async with httpx.AsyncClient(base_url=live.url, headers=admin) as client:
         audit_text = (await client.get("/api/audit", params={"pageSize": 200})).text

@@ -73,7 +73,7 @@ async def test_embedded_valkey_binary_works_as_fallback(tmp_path: Path) -> None:
 
 
 def _overflows() -> float:
-    return metrics.OUTBOX_OVERFLOWS._value.get()
+    return float(metrics.OUTBOX_OVERFLOWS._value.get())
 
 
 @asynccontextmanager
@@ -92,7 +92,7 @@ async def _paused_publisher(
     received: list[dict[str, Any]] = []
     subscription = await pubsub.subscribe(received.append)
     try:
-        await admin.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
+        await admin.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")  # type: ignore[no-untyped-call]
         yield pubsub, received
     finally:
         await subscription.aclose()
@@ -198,7 +198,7 @@ async def test_registrations_that_overflow_during_a_resync_are_announced_too(
         )
         redis_server.start()
         admin = create_client(redis_server.url, name="test-admin")
-        await admin.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+        await admin.execute_command("CLIENT", "PAUSE", 3000, "WRITE")  # type: ignore[no-untyped-call]
 
         async def announcing() -> bool:  # the flusher's first call after the outage, blocked
             clients = await admin.client_list()
@@ -216,7 +216,7 @@ async def test_registrations_that_overflow_during_a_resync_are_announced_too(
         await redis.aclose()
         if admin is not None:
             await admin.aclose()
-    published = [orjson.loads(fields[b"m"]) for _, fields in entries]
+    published = [orjson.loads(dict(fields or {})[b"m"]) for _, fields in entries or []]
     announced = [set(m["registrationIds"]) for m in published if m.get("type") == "resync"]
     updated = [m["registrationId"] for m in published if m.get("type") != "resync"]
     assert announced == [set(range(1, 21)), set(range(21, 61)) | set(range(100, 110))]

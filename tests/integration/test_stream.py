@@ -88,7 +88,7 @@ async def test_raw_redis_subscriber_sees_every_message(live: LiveServer) -> None
 
         await wait_until(collect, timeout=15, what="final message on the channel")
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await redis.aclose()
     assert [m["seq"] for m in received] == [1, 2, 3, 4, 5, 6, 7]
     for message in received:

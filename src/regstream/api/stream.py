@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import socket
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
@@ -36,6 +37,7 @@ from redis.exceptions import RedisError
 from regstream import metrics
 from regstream.api import errors, views
 from regstream.api.deps import Services
+from regstream.auth.middleware import security_headers
 from regstream.db import registrations
 from regstream.realtime import messages
 from regstream.realtime.history import Replay
@@ -51,17 +53,17 @@ from regstream.realtime.messages import EventKey
 
 log = logging.getLogger(__name__)
 
-STREAM_PATH = "/api/registrations/updates/stream"
-
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-_HEADERS = [
+STREAM_PATH = "/api/registrations/updates/stream"
+# the same security headers as every other answer (served outside that middleware: app.py)
+_HEADERS = security_headers(STREAM_PATH, [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
-]
+])  # fmt: skip
 MAX_ID = 2**53
 MAX_IDS = 200  # registrations one stream may follow (a list page)
 
@@ -99,15 +101,24 @@ class StreamEndpoint:
                     return
                 try:
                     stream = await _open(scope, send, services, registration_id)
-                except Exception as exc:
-                    if not errors.database_unavailable(exc):
-                        raise
-                    errors.DATABASE_OUTAGE.failed(exc)  # as the API's routes answer it
-                    await _defer(send, scope, retry_ms)
+                except Exception as exc:  # before the response head (credentials' reads)
+                    if errors.database_unavailable(exc):
+                        errors.DATABASE_OUTAGE.failed(exc)  # as the API's routes answer it
+                        await _database_unavailable(send, scope)
+                        return
+                    request_id = _request_id()
+                    log.error("stream request %s failed with %s", request_id, type(exc).__name__)
+                    await _json(send, 500, "INTERNAL_ERROR",
+                                "internal error; quote the request id to support",
+                                request_id=request_id)  # fmt: skip
                     return
                 if stream is None:
                     return  # answered (refused, HEAD)
-                await _start(stream, services, registration_id, last_id, retry_ms)
+                try:
+                    await _start(stream, services, registration_id, last_id, retry_ms)
+                    await _refresh_while_due(stream, services)
+                except Exception as exc:  # after the head: end the stream, the client resumes
+                    _failed_after_head(stream, exc, retry_ms)
             if isinstance(stream, TransportStream):
                 handed_over = _hand_over(stream, services.hub)
                 if not handed_over:
@@ -161,24 +172,51 @@ async def _defer(send: Send, scope: Scope, retry_ms: int) -> None:
     (readyState CLOSED). Any other client gets ``503`` JSON with ``Retry-After``.
     """
     delay = int(retry_ms * random.uniform(0.5, 1.5))
+    await _come_back(send, scope, delay, "busy", "too many streams starting; retry later")
+
+
+async def _database_unavailable(send: Send, scope: Scope) -> None:
+    """The database cannot answer (``api/errors.py`` logged it once per outage): as the API's
+    routes answer it (503 JSON, ``Retry-After`` jittered), or as a deferral to an EventSource."""
+    delay = int(errors.database_retry_after()) * 1000
+    await _come_back(send, scope, delay, "database unavailable",
+                     "the database is unavailable; retry later")  # fmt: skip
+
+
+async def _come_back(send: Send, scope: Scope, delay: int, why: str, message: str) -> None:
     seconds = str(max(1, math.ceil(delay / 1000))).encode()
+    request_id = _request_id()
     accept = _header(scope, b"accept") or ""
     if "text/event-stream" in accept:
-        body = b"retry: %d\n: busy: reconnect with the same Last-Event-ID\n\n" % delay
+        body = b"retry: %d\n: %s (request %s): reconnect with the same Last-Event-ID\n\n" % (
+            delay, why.encode(), request_id.encode(),
+        )  # fmt: skip
         headers = [*_HEADERS, (b"retry-after", seconds), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return
-    body = orjson.dumps({
-        "error": "UNAVAILABLE", "message": "too many streams starting; retry later",
-        "retryMs": delay,
-    })  # fmt: skip
-    await send({
-        "type": "http.response.start", "status": 503,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()), (b"retry-after", seconds)],
-    })  # fmt: skip
-    await send({"type": "http.response.body", "body": body})
+    await _json(send, 503, "UNAVAILABLE", message, [(b"retry-after", seconds)],
+                request_id=request_id, retryMs=delay)  # fmt: skip
+
+
+def _request_id() -> str:
+    """As ``api/errors.py`` gives every error answer of the API (quoted to support)."""
+    return uuid.uuid4().hex[:16]
+
+
+def _retry_hint(retry_ms: int) -> bytes:
+    return messages.retry_frame(int(retry_ms * random.uniform(0.5, 1.5)))
+
+
+def _failed_after_head(stream: Stream, exc: Exception, retry_ms: int) -> None:
+    """A start-up (or a re-sync's snapshot) failed once the stream was open: end it with a
+    jittered ``retry:`` hint; the client resumes with its last id (a snapshot if need be)."""
+    if errors.database_unavailable(exc):
+        errors.DATABASE_OUTAGE.failed(exc)  # one log line per outage
+    else:  # type only: driver messages can quote personal data
+        log.error("stream start-up failed with %s; the client is told to resume",
+                  type(exc).__name__)  # fmt: skip
+    stream.close(_retry_hint(retry_ms))
 
 
 def _filter(values: list[str]) -> RegistrationFilter | str:
@@ -307,10 +345,10 @@ async def _start(
                 metrics.STREAM_STARTS.labels("replay").inc()
                 stream.go_live(after=after, snapshot_seq=stream.floor_seq)
                 return
-        # several registrations: like the dashboard, a resync marker (re-read from the API)
+        # the history cannot cover it: each followed registration's state (unfiltered: a
+        # resync marker, re-read from the API)
         metrics.STREAM_STARTS.labels("snapshot").inc()
-        await _snapshot(stream, services, rid if isinstance(rid, int) else None,
-                        start=await _latest(services))  # fmt: skip
+        await _snapshot(stream, services, rid, start=await _latest(services))
         return
     metrics.STREAM_STARTS.labels("fresh").inc()
     if isinstance(rid, int):
@@ -339,14 +377,17 @@ async def _latest(services: Services) -> EventKey | None:
 
 
 async def _snapshot(
-    stream: Stream, services: Services, rid: int | None, *, only_if_started: bool = False,
-    start: EventKey | None = None,
+    stream: Stream, services: Services, rid: RegistrationFilter, *,
+    only_if_started: bool = False, start: EventKey | None = None,
 ) -> None:  # fmt: skip
-    """Send the registration's state from the database (filtered) or a re-sync marker.
+    """Send each followed registration's state from the database, or (unfiltered) a re-sync
+    marker; then the stream goes live.
 
     ``start`` is the history position read before the database: every update at or before it
-    was committed before it was published, so the snapshot contains it. The snapshot's id
-    ``<start>~<seq>`` lets a client resume after it without a gap or a duplicate.
+    was committed before it was published, so the snapshot contains it. A snapshot's id
+    ``<start>~<seq>`` lets a client resume after it without a gap or a duplicate. Several
+    registrations: one snapshot frame each that has any progress (a registration never
+    validated has nothing to show: its first update is seq 1), in id order.
     """
     if rid is None:
         # Positioned too: after re-reading from the API the client resumes from `start`.
@@ -354,26 +395,88 @@ async def _snapshot(
         stream.write(frame, messages.chunk(frame))
         stream.go_live(after=start)
         return
+    several = isinstance(rid, tuple)
+    details = []
     async with services.sessions() as session:
-        row = await registrations.get(session, registration_id=rid)
-        # A registration never validated has nothing to show yet: its first update is seq 1.
-        if row is None or (only_if_started and row.seq == 0):
-            stream.go_live(after=start)
-            return
-        log_rows = await registrations.get_log(session, registration_id=rid, run=row.run_count)
-        detail = views.snapshot_of(row, log_rows)
+        for one in rid if isinstance(rid, tuple) else (rid,):
+            row = await registrations.get(session, registration_id=one)
+            if row is None or ((only_if_started or several) and row.seq == 0):
+                continue
+            log_rows = await registrations.get_log(session, registration_id=one, run=row.run_count)
+            details.append(_detail(row, log_rows))
+    seqs: dict[int, int] = {}
+    frames = []
+    for detail in details:
+        seqs[detail["id"]] = detail["seq"]
+        event_id = messages.snapshot_id(start, detail["seq"]) if start is not None else None
+        frames.append(messages.snapshot_frame(detail, event_id=event_id))
+    if frames:
+        burst = b"".join(frames)
+        stream.write(burst, messages.chunk(burst))
+    if isinstance(rid, tuple):
+        stream.go_live(after=start, snapshot_seqs=seqs)
+    else:  # live updates up to the snapshot's seq are skipped
+        stream.go_live(after=start, snapshot_seq=seqs.get(rid))
+
+
+def _detail(row: Any, log_rows: list[Any]) -> dict[str, Any]:
+    """One registration's snapshot (``views.snapshot_of``) with its ``seq``."""
+    detail = views.snapshot_of(row, log_rows)
     # Row and log are two reads: the log may already hold entries the row did not show. The
-    # snapshot is as new as its newest log entry; live updates up to that seq are skipped.
+    # snapshot is as new as its newest log entry.
     seq = max([row.seq, *(e.seq for e in log_rows)])
     last = log_rows[-1] if log_rows else None
     if last is not None and last.stage is None and detail["inProgress"]:
         detail.update(status=last.status, inProgress=False, currentStage=row.current_stage,
                       result={"message": last.message, "details": last.details or {}})  # fmt: skip
     detail["seq"] = seq
-    event_id = messages.snapshot_id(start, seq) if start is not None else None
-    frame = messages.snapshot_frame(detail, event_id=event_id)
-    stream.write(frame, messages.chunk(frame))
-    stream.go_live(after=start, snapshot_seq=seq)
+    return detail
+
+
+async def _refresh_while_due(stream: Stream, services: Services) -> None:
+    """The hub asked for this filtered stream's state again (``Hub.resync``: a new epoch,
+    history that cannot cover a reconnection, dropped updates): live updates are held, its
+    registrations' snapshots written, positioned in the history as it is now, then live."""
+    while stream.refresh_due and not stream.closed:
+        stream.refresh_due = False
+        if stream.pending is None:
+            stream.pending = []  # hold live updates while the snapshots are read
+        metrics.STREAM_STARTS.labels("snapshot").inc()
+        await _snapshot(stream, services, stream.registration_id, only_if_started=True,
+                        start=await _latest(services))  # fmt: skip
+
+
+class Refresher:
+    """``Hub.refresh``: a live filtered stream told to re-sync gets its registrations' state
+    (a task per stream, admitted through the start-up gate like a start-up: a new epoch asks
+    every stream at once). Deferred or failed: the stream ends with a ``retry:`` hint and the
+    client resumes with its last id (another epoch's: a snapshot at start-up)."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, stream: Stream) -> None:
+        if stream.closed or stream.pending is not None:
+            return
+        stream.pending = []  # held from now: the snapshot's floor skips what it covers
+        stream.refresh_due = True
+        task = asyncio.get_running_loop().create_task(self._run(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, stream: Stream) -> None:
+        services = self._services
+        retry_ms = services.settings.sse_retry_ms
+        gate = services.start_gate
+        try:
+            async with gate.admit() if gate is not None else _ALWAYS as admitted:
+                if not admitted:
+                    stream.close(_retry_hint(retry_ms))
+                    return
+                await _refresh_while_due(stream, services)
+        except Exception as exc:
+            _failed_after_head(stream, exc, retry_ms)
 
 
 async def _wait_disconnect(stream: Stream, receive: Receive) -> None:
@@ -406,12 +509,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 async def _json(
     send: Send, status: int, code: str, message: str,
-    headers: list[tuple[bytes, bytes]] | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None, *, request_id: str | None = None,
+    **extra: Any,
 ) -> None:  # fmt: skip
-    body = orjson.dumps({"error": code, "message": message})
+    """An error answer as the API's (``api/errors.py``): ``requestId``, security headers."""
+    body = orjson.dumps(
+        {"error": code, "message": message, "requestId": request_id or _request_id(), **extra}
+    )
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            *(headers or [])]  # fmt: skip
     await send({
         "type": "http.response.start", "status": status,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()), *(headers or [])],
+        "headers": security_headers(STREAM_PATH, head),
     })  # fmt: skip
     await send({"type": "http.response.body", "body": body})

@@ -112,6 +112,18 @@ _HEADERS = [
 ]
 
 
+def security_headers(
+    path: str, headers: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` (a response head's) with the security headers it lacks added. Also used by
+    the stream path (``api/stream.py``), which is served outside this middleware."""
+    present = {k.lower() for k, _ in headers}
+    extra = [(k, v) for k, v in _HEADERS if k not in present]
+    if path.startswith("/api/") and b"cache-control" not in present:
+        extra.append((b"cache-control", b"no-store"))
+    return [*headers, *extra]
+
+
 class SecurityHeaders:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -120,15 +132,12 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        api = scope["path"].startswith("/api/")
+        path = scope["path"]
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                present = {k.lower() for k, _ in message.get("headers", [])}
-                extra = [(k, v) for k, v in _HEADERS if k not in present]
-                if api and b"cache-control" not in present:
-                    extra.append((b"cache-control", b"no-store"))
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
+                headers = security_headers(path, list(message.get("headers", [])))
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, with_headers)

@@ -18,8 +18,9 @@ state hash names the newest of them, ``upto``, and the last entry it indexed, ``
 script reads that part of the history itself, matching entries with the same Lua function that
 built the index (``REGISTRATIONS_OF_LUA``). The rule stays the history's: a replay is complete
 or the caller sends a snapshot (another epoch; history trimmed past the client's id or past an
-entry the index names; more entries than ``max_entries``). Entry ids only grow within an epoch
-(a history begun again gets a new epoch, ``publisher.check_primary``).
+entry the index names; an id ahead of the newest entry; more entries than ``max_entries``).
+Entry ids only grow within an epoch (a history begun again gets a new epoch,
+``publisher.check_primary``).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ local function before(a, b)
   local bm, bn = parse(b)
   return am < bm or (am == bm and an < bn)
 end
+-- an id ahead of the newest entry was never handed out: nothing proves what follows it
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if before(#newest > 0 and newest[1][1] or '0-0', after) then return {epoch, 0} end
 -- the history holds every entry after `from` (History._trimmed_after, the same rule)
 local function covers(from)
   local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
@@ -203,6 +207,8 @@ class History:
         )
         if len(rows) > self._max_entries:
             return Replay(complete=False, entries=[], epoch=epoch)
+        if after is not None and not rows and await self._ahead(epoch, after):
+            return Replay(complete=False, entries=[], epoch=epoch)
         entries = []
         for stream_id, fields in rows:
             key = _key(epoch, stream_id)
@@ -246,6 +252,12 @@ class History:
             assert epoch is not None
         rows = await self._rows(self.redis.xrevrange(self.key, "+", "-", count=1))
         return _key(epoch, rows[0][0]) if rows else EventKey(epoch, 0, 0)
+
+    async def _ahead(self, epoch: str, after: EventKey) -> bool:
+        """Whether ``after`` is later than the newest entry: an id this epoch never handed out
+        (forged, or of a history lost without a new epoch), after which nothing can be proved."""
+        newest = await self.latest() or EventKey(epoch, 0, 0)
+        return newest.epoch != epoch or (newest.ms, newest.n) < (after.ms, after.n)
 
     async def _trimmed_after(self, epoch: str, after: EventKey) -> bool:
         """Whether trimming may have removed entries newer than ``after``.

@@ -65,7 +65,7 @@ class Stream:
 
     __slots__ = (
         "registration_id", "pending", "closed", "stalled_since", "info", "floor_key", "floor_seq",
-        "max_buffer", "limit", "__weakref__",
+        "floor_seqs", "refresh_due", "max_buffer", "limit", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -87,6 +87,11 @@ class Stream:
         # dispatched after it), so the floor stays: anything at or below it is skipped.
         self.floor_key: EventKey | None = None
         self.floor_seq = 0
+        # a stream following several registrations: the seq each one's snapshot covered
+        self.floor_seqs: dict[int, int] | None = None
+        # told to re-sync while starting up (Hub.resync with a ``refresh``): once live, the
+        # endpoint sends its registrations' snapshots again
+        self.refresh_due = False
 
     # the two methods a writing mode implements
     def write(self, frame: bytes, chunk: bytes) -> None:
@@ -113,7 +118,7 @@ class Stream:
                 return
             self.pending.append(parsed)
         elif not self.closed:
-            if self.floor_key is not None or self.floor_seq:
+            if self.floor_key is not None or self.floor_seq or self.floor_seqs:
                 if self.covers(parsed):
                     return
                 key, floor = parsed.key, self.floor_key
@@ -131,13 +136,22 @@ class Stream:
         if floor is not None and key is not None and key.epoch == floor.epoch:
             if (key.ms, key.n) <= (floor.ms, floor.n):
                 return True
-        return bool(self.floor_seq) and parsed.seq is not None and parsed.seq <= self.floor_seq
+        if parsed.seq is None:
+            return False
+        if self.floor_seqs and parsed.registration_id is not None:
+            return parsed.seq <= self.floor_seqs.get(parsed.registration_id, 0)
+        return bool(self.floor_seq) and parsed.seq <= self.floor_seq
 
-    def go_live(self, *, after: EventKey | None = None, snapshot_seq: int | None = None) -> None:
-        """Release updates held during start-up, skipping what the replay/snapshot covered."""
+    def go_live(
+        self, *, after: EventKey | None = None, snapshot_seq: int | None = None,
+        snapshot_seqs: dict[int, int] | None = None,
+    ) -> None:  # fmt: skip
+        """Release updates held during start-up, skipping what the replay/snapshot covered
+        (``snapshot_seqs``: the seq of each registration's snapshot, several registrations)."""
         # an empty history's position (``<epoch>_0-0``) covers nothing: no floor
         self.floor_key = after if after is not None and (after.ms or after.n) else None
         self.floor_seq = snapshot_seq or 0
+        self.floor_seqs = snapshot_seqs or None
         held, self.pending = self.pending or [], None
         for parsed in held:
             if parsed.resync is not None:  # a re-sync that came during start-up (Hub.resync)
@@ -312,12 +326,16 @@ class Hub:
         tick: float = 1.0,
         on_tick: Callable[[Stream, float], None] | None = None,
         on_detach: Callable[[Stream], None] | None = None,
+        refresh: Callable[[Stream], None] | None = None,
     ) -> None:
         self.ping_interval = ping_interval
         self.send_timeout = send_timeout
         self._tick = tick
         self._on_tick = on_tick
         self._on_detach = on_detach  # once per stream that leaves (the stream guard frees its slot)
+        #: sends a filtered stream its registrations' state again instead of a bare resync
+        #: marker (``api/stream.py`` sets it: the hub never touches the database)
+        self.refresh = refresh
         self._all: set[Stream] = set()  # unfiltered streams, written through ``deliver``
         self._direct: set[TransportStream] = set()  # unfiltered and settled (module docstring)
         self._by_rid: dict[int, set[Stream]] = {}
@@ -423,7 +441,8 @@ class Hub:
         """History could not cover a gap: tell the affected streams to re-sync (snapshot frame).
 
         No ids: every stream. Otherwise the streams that follow any of them (and all unfiltered
-        ones), told which registrations to re-read.
+        ones), told which registrations to re-read. With a ``refresh``, a filtered stream gets
+        its registrations' snapshots instead (the README's promise: their state, not a marker).
         """
         if registration_ids:
             ids = set(registration_ids)
@@ -440,10 +459,16 @@ class Hub:
         # when it goes live, instead of never (a resume racing a failover missed it).
         marker = Parsed(raw=b"", registration_id=None, seq=None, timestamp_ms=None, key=None,
                         resync=tuple(sorted(set(registration_ids))))  # fmt: skip
+        refresh = self.refresh
         for stream in targets:
             if stream.closed:
                 continue
-            if stream.pending is not None:
+            if refresh is not None and stream.registration_id is not None:
+                if stream.pending is not None:
+                    stream.refresh_due = True  # its start-up read may predate the re-sync
+                else:
+                    refresh(stream)
+            elif stream.pending is not None:
                 stream.pending.append(marker)
             else:
                 stream.write(frame, chunk)

@@ -120,9 +120,17 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         target, name=f"regstream-resume-{os.getpid()}",
         max_connections=settings.resume_concurrency,  # one per admitted start-up: none waits
     )  # fmt: skip
+
+    async def recover(registration_ids: list[int]) -> list[dict[str, Any]]:
+        # after an outbox overflow: the dropped updates, from the database (pipeline/catch_up.py)
+        return await catch_up.missing(
+            sessions, publisher, registration_ids, window=settings.history_max_age
+        )
+
     publisher = RegistrationPubSub(
         redis, history_maxlen=settings.history_maxlen,
         history_max_age=settings.history_max_age, outbox_max=settings.outbox_max,
+        recover=recover,
     )  # fmt: skip
     hub = Hub(
         ping_interval=settings.sse_ping_interval, send_timeout=30.0, on_tick=auth.guard.on_tick,

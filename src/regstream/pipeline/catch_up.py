@@ -11,6 +11,18 @@ epoch, so republishing is harmless: several instances starting together each cat
 whatever two of them queue goes out once. After a new epoch (Redis lost its data or a failover)
 Redis has seen nothing: the window's entries are published again in the new epoch, in order.
 
+The same comparison serves the publisher after its outbox overflowed while Redis was down
+(``missing``, its ``recover`` hook): the registrations whose updates it dropped are caught up
+from the database, in order, instead of only being announced for a re-sync.
+
+Ordering caveat: an update is skipped when its seq is not above the last one Redis saw, so a
+later update of a registration published before the catch-up queued the earlier ones would
+leave those unpublished. That cannot happen for the overflow (the publisher holds the
+registration's new updates until its catch-up is queued), nor at start for the runs of this
+instance; it can for a run of a dead instance taken over by another one (after its lease
+expired) before any instance's catch-up ran: those updates are then in the process log (the
+API's detail and snapshots) but not in the history.
+
 Bounds: one page (``PAGE`` registrations) read at a time, the outbox's backpressure between
 updates (``wait_for_room``), and the time window. Redis unreachable: retried with backoff until
 it answers (or the service stops); the catch-up begins again from the first page then (what it
@@ -22,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
@@ -66,27 +78,53 @@ async def catch_up(
         after_id = rows[-1][0]
         seen = await publisher.published_seqs([rid for rid, _ in rows])
         behind = {rid: seen.get(rid, 0) for rid, seq in rows if seq > seen.get(rid, 0)}
-        if behind:
-            async with sessions() as session:
-                events = await registrations.log_after(session, after=behind, since_ms=since_ms)
-                finals = {
-                    (e.registration_id, e.run): await _run_log(session, e)
-                    for e in events
-                    if e.stage is None
-                }
-            for event in events:
-                await publisher.wait_for_room()
-                process_log = finals.get((event.registration_id, event.run))
-                publisher.enqueue_update(event_to_update(event, process_log))
-            queued += len(events)
+        for update in await _updates(sessions, behind, since_ms=since_ms):
+            await publisher.wait_for_room()
+            publisher.enqueue_update(update)
+            queued += 1
         if len(rows) < page:
             break
-    if queued:
-        metrics.CATCH_UP_REPUBLISHED.inc(queued)
     return queued
 
 
-async def _run_log(session: AsyncSession, final: LogEvent) -> list[dict[str, object]]:
+async def missing(
+    sessions: async_sessionmaker[AsyncSession],
+    publisher: CatchUpPublisher,
+    registration_ids: list[int],
+    *,
+    window: float,
+) -> list[dict[str, Any]]:
+    """The updates of these registrations committed within ``window`` seconds that Redis has not
+    seen in this epoch, in order per registration: the publisher's ``recover`` hook, after its
+    outbox overflowed (it queues them itself, in front of what the registrations queued since).
+    """
+    since_ms = time.time_ns() // 1_000_000 - int(window * 1000)
+    seen = await publisher.published_seqs(registration_ids)
+    behind = {rid: seen.get(rid, 0) for rid in registration_ids}
+    return await _updates(sessions, behind, since_ms=since_ms)
+
+
+async def _updates(
+    sessions: async_sessionmaker[AsyncSession], behind: dict[int, int], *, since_ms: int
+) -> list[dict[str, Any]]:
+    """The log entries above ``behind``'s seq per registration as published updates."""
+    if not behind:
+        return []
+    async with sessions() as session:
+        events = await registrations.log_after(session, after=behind, since_ms=since_ms)
+        finals = {
+            (e.registration_id, e.run): await _run_log(session, e)
+            for e in events
+            if e.stage is None
+        }
+    if events:
+        metrics.CATCH_UP_REPUBLISHED.inc(len(events))
+    return [
+        event_to_update(event, finals.get((event.registration_id, event.run))) for event in events
+    ]
+
+
+async def _run_log(session: AsyncSession, final: LogEvent) -> list[dict[str, Any]]:
     """A final update's ``processLog``: the stages of its run, as the runner published it."""
     entries = await registrations.get_log(
         session, registration_id=final.registration_id, run=final.run

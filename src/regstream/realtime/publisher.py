@@ -42,7 +42,7 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 
 #: an outbox entry: (registrationId, seq, the encoded message)
 _Entry = tuple[int | None, int | None, bytes]
+#: ``recover``: the updates of these registrations Redis has not seen, in order, from the
+#: database (``pipeline/catch_up.py``); called after an outbox overflow, a page at a time
+Recover = Callable[[list[int]], Awaitable[list[dict[str, Any]]]]
+_RECOVER_PAGE = 500
 
 # KEYS: history, epoch, index state prefix, index key prefix (``history.py``: the index).
 # ARGV: history MAXLEN, channel, MINID to trim to (or ''), max age in ms, then per message its
@@ -205,6 +209,7 @@ class RegistrationPubSub:
         batch_max: int = 256,
         hold_max: float = 5.0,
         subscriber: Callable[[], Redis] | None = None,
+        recover: Recover | None = None,
     ) -> None:
         self._redis = redis
         self._subscriber = subscriber
@@ -236,6 +241,13 @@ class RegistrationPubSub:
         self._overflowed: set[int] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._last_trim_ms = 0
+        # Overflow recovery (module docstring): registrations whose updates the outbox dropped,
+        # not caught up yet (their updates are dropped too: the catch-up republishes them in
+        # order), and those being caught up (their new updates are held until it is done).
+        self._recover = recover
+        self._gapped: set[int] = set()
+        self._catching: dict[int, list[_Entry]] = {}
+        self._recovery: asyncio.Task[None] | None = None
 
     # --- the seed's verbs ----------------------------------------------------------------------
 
@@ -391,6 +403,14 @@ class RegistrationPubSub:
             self._room.set()
 
     def _enqueue(self, entry: _Entry) -> None:
+        rid = entry[0]
+        if rid is not None and (self._gapped or self._catching):
+            if rid in self._gapped:
+                return  # committed: the catch-up publishes it, after the ones dropped before it
+            held = self._catching.get(rid)
+            if held is not None:
+                held.append(entry)
+                return
         self._outbox.append(entry)
         self._trim_outbox()
         if len(self._outbox) >= self._high_water and not self._failing:
@@ -404,6 +424,8 @@ class RegistrationPubSub:
             metrics.OUTBOX_OVERFLOWS.inc()
             if rid is not None:
                 self._overflowed.add(rid)
+                if self._recover is not None:
+                    self._gapped.add(rid)
         metrics.OUTBOX_SIZE.set(len(self._outbox))
 
     async def _flush(self) -> None:
@@ -431,9 +453,14 @@ class RegistrationPubSub:
                     announced = set()
                 n = min(len(self._outbox), self._batch_max)
                 batch = [self._outbox.popleft() for _ in range(n)]
+                if self._gapped or self._catching:  # queued before the gap: the catch-up's now
+                    batch = [e for e in batch if e[0] not in self._gapped
+                             and e[0] not in self._catching]  # fmt: skip
                 if batch:
                     await self._send(batch)
                     metrics.OUTBOX_SIZE.set(len(self._outbox))
+                if self._gapped and (self._recovery is None or self._recovery.done()):
+                    self._recovery = asyncio.create_task(self._catch_up(), name="publish-catch-up")
                 if len(self._outbox) <= self._low_water:
                     self._room.set()
                 if self._failing:
@@ -457,6 +484,45 @@ class RegistrationPubSub:
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
 
+    async def _catch_up(self) -> None:
+        """Publish again, from the database (``recover``), what the outbox dropped: a page of
+        gapped registrations at a time, their updates Redis has not seen in order, then what they
+        queued meanwhile (the script skips any seq published already). Retried with backoff."""
+        assert self._recover is not None
+        delay, registrations, updates = 0.5, 0, 0
+        while self._gapped:
+            page = sorted(self._gapped)[:_RECOVER_PAGE]
+            self._gapped.difference_update(page)
+            for rid in page:
+                self._catching[rid] = []
+            try:
+                missing = await self._recover(page)
+            except asyncio.CancelledError:
+                for rid in page:
+                    del self._catching[rid]
+                raise
+            except Exception as exc:  # noqa: BLE001 - the hook's (Redis, database): retried
+                for rid in page:  # what they queued meanwhile is committed: caught up next time
+                    del self._catching[rid]
+                self._gapped.update(page)
+                log.warning("catching up after an outbox overflow failed: %s", type(exc).__name__)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+                continue
+            for update in missing:
+                self._outbox.append(_entry(messages.encode(update)))
+            for rid in page:
+                self._outbox.extend(self._catching.pop(rid))
+            registrations, updates = registrations + len(page), updates + len(missing)
+            self._trim_outbox()  # Redis down again: what overflows is gapped again
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(self._flush(), name="publish-flusher")
+            await self.wait_for_room()
+        log.info(
+            "outbox overflow: %d updates of %d registrations republished from the database",
+            updates, registrations,
+        )  # fmt: skip
+
     @property
     def pending(self) -> int:
         return len(self._outbox)
@@ -472,6 +538,10 @@ class RegistrationPubSub:
         return not self._outbox
 
     async def aclose(self) -> None:
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()
             try:

@@ -140,8 +140,8 @@ async def test_a_resume_of_several_registrations_from_another_epoch_gets_each_on
         assert len(snaps) == 2 and not any((s.data or {}).get("resync") for s in snaps)
         got = {s.data["data"]["id"]: s for s in snaps if s.data}
         assert set(got) == {a, b}
-        assert got[a].data and got[a].data["data"]["status"] == "APPROVED"
-        assert got[b].data and got[b].data["data"]["status"] == "FAILED"
+        assert (got[a].data or {})["data"]["status"] == "APPROVED"
+        assert (got[b].data or {})["data"]["status"] == "FAILED"
         for rid, steps in ((a, 7), (b, 5)):
             data = (got[rid].data or {})["data"]
             assert data["seq"] == steps and len(data["processLog"]) == steps

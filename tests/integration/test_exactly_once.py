@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,16 @@ from typing import Any
 import httpx
 import orjson
 from redis.asyncio import Redis
+from sqlalchemy import func, select
 
 from regstream.core_banking.simulator.server import RunningSimulator
+from regstream.db.engine import create_engine, create_session_factory
+from regstream.db.tables import ProcessLogEntry, RegistrationRequest
 from regstream.realtime.connections import create_client
 from regstream.realtime.embedded import EmbeddedRedis
 from regstream.realtime.publisher import RegistrationPubSub
 from tests.integration.test_crash_and_shutdown import _env, _serve, _sim, _token
+from tests.integration.test_work_queue import _fleet, _migrated, _setup, _sim_latency, _state
 from tests.support import auth_headers, free_port, run_in_db, serve_app, wait_until
 
 CHANNEL = "service:registration-updates"
@@ -204,11 +209,6 @@ async def test_service_killed_while_redis_is_down_publishes_what_was_committed_o
         first.send_signal(signal.SIGKILL)
         first.wait(10)
 
-    from sqlalchemy import select
-
-    from regstream.db.engine import create_engine, create_session_factory
-    from regstream.db.tables import ProcessLogEntry
-
     engine = create_engine(postgres_url)
     try:
         async with create_session_factory(engine)() as session:
@@ -243,9 +243,6 @@ async def test_outbox_overflow_while_redis_is_down_is_caught_up_from_the_databas
     of those registrations) are republished from the process log when Redis is back, in order,
     once; the rest come from the outbox (fails without the publisher's ``recover``: the dropped
     updates are only announced for a re-sync)."""
-    from sqlalchemy import select
-
-    from regstream.db.tables import ProcessLogEntry
 
     with serve_app(make_settings(outbox_max=16, pipeline_concurrency=1)) as live:
         ids = await live.load_demo()
@@ -295,5 +292,103 @@ async def test_outbox_overflow_while_redis_is_down_is_caught_up_from_the_databas
             await wait_until(lambda: len(seen) >= 1, timeout=5, what="the channel")
             await asyncio.sleep(0.5)  # a late copy, if any, would be on the channel by now
             history[:] = await _history(redis)
+    _assert_once_in_order(history, expected)
+    _assert_once_in_order(seen, {r: [s for s in q if (r, s) in seen] for r, q in expected.items()})
+
+
+async def test_an_instance_dying_while_redis_is_down_loses_nothing_to_the_fleet(
+    tmp_path: Path, postgres_url: str, redis_server: EmbeddedRedis, t24_private: RunningSimulator
+) -> None:
+    """Two instances; Redis killed during a bulk, then one instance SIGKILLed with committed
+    updates only in its outbox, and never restarted; the survivor takes its runs over; Redis
+    back: every process_log entry is in the history once, in seq order. The dead instance's
+    taken-over runs: the survivor queues their committed entries again ahead of its own
+    (runner, on resume); its finished runs: the survivor's catch-up when publishing works again
+    (fails without either: entries missing)."""
+    await _sim_latency(t24_private, 300)
+    async with _migrated(postgres_url) as sessions:
+        ids, headers = await _setup(sessions, 60)
+        with _fleet(
+            tmp_path, postgres_url, redis_server, t24_private, n=2,
+            REGSTREAM_HEARTBEAT_INTERVAL="0.5", REGSTREAM_HEARTBEAT_TIMEOUT="2",
+        ) as fleet:  # fmt: skip
+            async with httpx.AsyncClient(base_url=fleet[0][0], headers=headers, timeout=30) as http:
+                response = await http.post(
+                    "/api/registrations/process", json={"registrationIds": ids}
+                )
+                assert response.status_code == 200, response.text
+            victim = fleet[1][1]
+
+            victim_id = ""
+
+            async def victim_busy() -> bool:
+                nonlocal victim_id
+                state = await _state(sessions)
+                victim_id = {i.pid: i.id for i in state["instances"]}.get(victim.pid, "")
+                held = [r for r in state["rows"].values()
+                        if r.in_progress and r.instance_id == victim_id]  # fmt: skip
+                return bool(victim_id) and len(held) >= 5
+
+            await wait_until(victim_busy, timeout=30, interval=0.05, what="the victim's runs")
+            redis_server.kill()
+            outage_ms = time.time_ns() // 1_000_000
+
+            async def victim_finished_and_holds_runs() -> bool:
+                # the victim ended a run while Redis was down (its final is in no outbox but
+                # the dead one's) and still holds runs in flight (to be taken over)
+                state = await _state(sessions)
+                async with sessions() as session:
+                    ended = await session.scalar(
+                        select(func.count(ProcessLogEntry.id))
+                        .join(RegistrationRequest,
+                              RegistrationRequest.id == ProcessLogEntry.registration_id)
+                        .where(ProcessLogEntry.stage.is_(None),
+                               ProcessLogEntry.timestamp_ms >= outage_ms,
+                               RegistrationRequest.instance_id == victim_id)
+                    )  # fmt: skip
+                held = [r for r in state["rows"].values()
+                        if r.in_progress and r.instance_id == victim_id]  # fmt: skip
+                return bool(ended) and len(held) >= 3
+
+            await wait_until(
+                victim_finished_and_holds_runs, timeout=20, interval=0.05,
+                what="the victim to end runs while Redis is down, holding others",
+            )  # fmt: skip
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+
+            async def all_done() -> bool:
+                rows = (await _state(sessions))["rows"]
+                return not any(rows[rid].in_progress for rid in ids)
+
+            await wait_until(all_done, timeout=60, interval=0.25, what="the bulk to end")
+            async with sessions() as session:
+                entries = [
+                    (int(r), int(s))
+                    for r, s in (
+                        await session.execute(
+                            select(ProcessLogEntry.registration_id, ProcessLogEntry.seq).order_by(
+                                ProcessLogEntry.registration_id, ProcessLogEntry.seq
+                            )
+                        )
+                    ).all()
+                ]
+            expected: dict[int, list[int]] = {}
+            for rid, seq in entries:
+                expected.setdefault(rid, []).append(seq)
+            redis_server.start()
+            async with (
+                _listening(redis_server.url) as seen,
+                Redis.from_url(redis_server.url) as redis,
+            ):
+                history: list[tuple[int, int]] = []
+
+                async def all_published() -> bool:
+                    history[:] = await _history(redis)
+                    return len(history) >= len(entries)
+
+                await wait_until(all_published, timeout=60, what="every committed update")
+                await asyncio.sleep(0.5)  # a late copy, if any, would be there by now
+                history[:] = await _history(redis)
     _assert_once_in_order(history, expected)
     _assert_once_in_order(seen, {r: [s for s in q if (r, s) in seen] for r, q in expected.items()})

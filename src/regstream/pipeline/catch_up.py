@@ -15,13 +15,16 @@ The same comparison serves the publisher after its outbox overflowed while Redis
 (``missing``, its ``recover`` hook): the registrations whose updates it dropped are caught up
 from the database, in order, instead of only being announced for a re-sync.
 
-Ordering caveat: an update is skipped when its seq is not above the last one Redis saw, so a
-later update of a registration published before the catch-up queued the earlier ones would
-leave those unpublished. That cannot happen for the overflow (the publisher holds the
-registration's new updates until its catch-up is queued), nor at start for the runs of this
-instance; it can for a run of a dead instance taken over by another one (after its lease
-expired) before any instance's catch-up ran: those updates are then in the process log (the
-API's detail and snapshots) but not in the history.
+Run again each time publishing works after a Redis outage (``publisher.back``): an instance
+that died meanwhile with committed updates in its outbox may never be restarted.
+
+Order: an update is skipped when its seq is not above the last one Redis saw, so a later update
+published before the catch-up queued the earlier ones would leave those out. The publisher holds
+an overflowed registration's new updates until its catch-up is queued, and a run taken over from
+a dead instance first queues the run's committed entries again (``runner._run`` on resume), so
+a survivor's later updates never overtake what the dead instance committed. Left: entries of an
+*earlier* run of a registration whose new run starts before any catch-up ran (they stay in the
+process log and the API; the history lacks them).
 
 Bounds: one page (``PAGE`` registrations) read at a time, the outbox's backpressure between
 updates (``wait_for_room``), and the time window. Redis unreachable: retried with backoff until
@@ -31,6 +34,7 @@ queued already is skipped by the script).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -53,6 +57,9 @@ PAGE = 500
 
 
 class CatchUpPublisher(Publisher, Protocol):
+    @property
+    def back(self) -> asyncio.Event: ...
+
     async def published_seqs(self, registration_ids: list[int]) -> dict[int, int]: ...
 
 
@@ -139,17 +146,22 @@ async def _run_log(session: AsyncSession, final: LogEvent) -> list[dict[str, Any
 async def run(
     sessions: async_sessionmaker[AsyncSession], publisher: CatchUpPublisher, *, window: float
 ) -> None:
-    """The start-up task: ``catch_up`` until it succeeds once (Redis or the database may be
-    down at start: retried with backoff), then one log line with the count."""
-    started = time.perf_counter()
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type((RedisError, OSError, SQLAlchemyError)),
-        wait=wait_exponential_jitter(initial=0.5, max=10.0),
-        reraise=True,
-    ):
-        with attempt:
-            queued = await catch_up(sessions, publisher, window=window)
-    log.info(
-        "catch-up: %d committed updates Redis had not seen queued for publication (%.1f s)",
-        queued, time.perf_counter() - started,
-    )  # fmt: skip
+    """The service's task: ``catch_up`` at start, and again each time publishing works again
+    after a Redis outage (``publisher.back``: another instance may have died meanwhile with
+    committed updates in its outbox); each retried with backoff until it succeeds (Redis or the
+    database may be down), then one log line with the count."""
+    while True:
+        started = time.perf_counter()
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((RedisError, OSError, SQLAlchemyError)),
+            wait=wait_exponential_jitter(initial=0.5, max=10.0),
+            reraise=True,
+        ):
+            with attempt:
+                queued = await catch_up(sessions, publisher, window=window)
+        log.info(
+            "catch-up: %d committed updates Redis had not seen queued for publication (%.1f s)",
+            queued, time.perf_counter() - started,
+        )  # fmt: skip
+        await publisher.back.wait()
+        publisher.back.clear()

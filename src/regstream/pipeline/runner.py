@@ -480,6 +480,11 @@ class Runner:
                 entries = await registrations.get_log(session, registration_id=row.id, run=run.run)
             run.logged = [registrations.to_log_event(e) for e in entries]
             cached_accounts = _completed_lookup(entries)
+            if resume:
+                # what the run's previous holder committed may never have reached Redis (it died
+                # while Redis was down): queued again ahead of this run's updates, so they go out
+                # in order; the publish script skips what Redis has seen (pipeline/catch_up.py)
+                self._publish(run.logged)
         nid_hashes = self._keys.hashes(applicant.id_type, applicant.national_id)
         nid_hash = nid_hashes[0]  # what a new enrolment stores
         stage = Stage.DUPLICATE_CHECK

@@ -13,7 +13,19 @@ the next (measured in bench/RESULTS.md).
 When Redis is unreachable the queue is the outbox: updates wait, bounded, and are published in
 order once Redis is back (new updates queue behind them, so order is kept). If it overflows, the
 oldest updates are dropped and their registrations are announced afterwards in one ``resync``
-message, which streams turn into a snapshot frame.
+message, which streams turn into a snapshot frame; with a ``recover`` hook (the service's:
+``pipeline/catch_up.py``) the dropped updates are then published from the database, in order:
+the registration's later updates are dropped from the outbox too and, once Redis takes batches
+again, its updates above the last seq Redis saw are read from the process log and queued, then
+what it queued during that read (held meanwhile).
+
+Exactly once per ``(registrationId, seq)``: the script skips an update whose seq is not above the
+last one it published for the registration in this epoch (kept in the index state hash, which
+expires with the history's age cap after the last batch). A batch redis-py sends again (after
+its socket timeout, or after the connection died with the reply, while Redis ran the first call)
+and what a catch-up republishes go out once. Messages without a seq (``resync``) are not
+deduplicated. A new epoch (Redis lost its data, a failover) begins with no seqs: the catch-up
+then publishes the window's updates again in the new epoch.
 
 While Redis takes updates, nothing is dropped: past half the outbox, ``wait_for_room`` holds the
 producers (the pipeline, before each run) until the flusher has brought it down to a quarter. A
@@ -248,6 +260,9 @@ class RegistrationPubSub:
         self._gapped: set[int] = set()
         self._catching: dict[int, list[_Entry]] = {}
         self._recovery: asyncio.Task[None] | None = None
+        #: set when publishing works again after a failure (Redis back after an outage): the
+        #: service's catch-up task then compares the process log with Redis again
+        self.back = asyncio.Event()
 
     # --- the seed's verbs ----------------------------------------------------------------------
 
@@ -466,6 +481,7 @@ class RegistrationPubSub:
                 if self._failing:
                     self._failing = False
                     delay = 0.1
+                    self.back.set()
                     log.info("publishing again; outbox flushed in order")
             except asyncio.CancelledError:
                 self._outbox.extendleft(reversed(batch))  # shutdown: aclose() reports them

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -188,3 +189,48 @@ async def test_a_table_lock_held_long_answers_within_the_statement_timeout(
             finally:
                 await locker.close()
             assert (await client.get(f"/api/registrations/{rid}")).status_code == 200
+
+
+def test_runs_caught_by_a_database_outage_resume_when_it_answers(
+    make_settings: SettingsFactory,
+    forwarded: tuple[TcpForwarder, str],
+    t24_private: Any,
+    lines: _Lines,
+) -> None:
+    """A bulk validation while PostgreSQL goes away for a few seconds: the runs that hit the
+    outage wait and resume from their process log once it answers, each ending with exactly one
+    final status — instead of "could not record failure" and IN PROGRESS until the lease expires
+    (the lease here is 60 s; the bound below is far shorter)."""
+    forwarder, url = forwarded
+    httpx.post(f"{t24_private.control_url}/config", json={"latency_ms": 400}, timeout=5)
+    settings = make_settings(
+        database_url=url, db_statement_timeout=2.0, lease_seconds=60.0,
+        t24_base_url=t24_private.base_url,
+    )  # fmt: skip
+    with serve_app(settings) as live:
+        headers = auth_headers(live, "admin")
+        with httpx.Client(base_url=live.url, headers=headers, timeout=15) as client:
+            ids = [
+                client.post("/api/registrations", json=demo_payload(a)).json()["id"]
+                for a in DEMO_APPLICANTS
+            ]
+            bulk = client.post("/api/registrations/process", json={"registrationIds": ids})
+            assert bulk.status_code == 200 and bulk.json()["accepted"] == ids
+            time.sleep(0.2)  # the runs are in their T24 lookups
+            forwarder.cut()
+            time.sleep(3)
+            forwarder.restore()
+            deadline = time.monotonic() + 30
+            while True:
+                rows = [client.get(f"/api/registrations/{i}") for i in ids]
+                if all(r.status_code == 200 and not r.json()["inProgress"] for r in rows):
+                    break
+                assert time.monotonic() < deadline, [r.text[:120] for r in rows]
+                time.sleep(0.3)
+    for row in (r.json() for r in rows):
+        finals = [e for e in row["processLog"] if e["stage"] is None]
+        assert len(finals) == 1, row["processLog"]
+        assert (row["result"]["details"] or {}).get("error") != "INTERNAL_ERROR", row["result"]
+    messages = lines.messages()
+    assert not any("could not record failure" in m for m in messages), messages
+    assert any("resuming when it answers" in m for m in messages), messages

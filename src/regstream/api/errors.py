@@ -20,9 +20,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from regstream.db.engine import unavailable as database_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -92,27 +93,6 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Type and place only: exception texts from drivers can quote personal data.
     log.error("request %s failed with %s", rid, type(exc).__name__, exc_info=False)
     return error_response(request, 500, "internal error; quote the request id to support")
-
-
-def database_unavailable(exc: BaseException) -> bool:
-    """Whether ``exc`` means "the database cannot answer now" (down, refusing, cut off, a
-    statement or lock wait past ``REGSTREAM_DB_STATEMENT_TIMEOUT``, no pooled connection in
-    time), as opposed to a bug or a constraint."""
-    if isinstance(exc, OperationalError | PoolTimeout | OSError):  # OSError: refused, timeouts
-        return True
-    if not isinstance(exc, DBAPIError):
-        return False
-    if exc.connection_invalidated:
-        return True
-    state = getattr(exc.orig, "sqlstate", None) or ""  # PostgreSQL's SQLSTATE (asyncpg)
-    return state in _UNAVAILABLE_STATES or state[:2] in _UNAVAILABLE_CLASSES
-
-
-# SQLSTATEs of a database that cannot answer now: a statement or lock wait cut by the timeouts,
-# and the classes "connection exception", "insufficient resources", "operator intervention"
-# (shutting down, starting up, too many connections)
-_UNAVAILABLE_STATES = {"57014", "55P03"}  # query_canceled, lock_not_available
-_UNAVAILABLE_CLASSES = {"08", "53", "57"}
 
 
 class DatabaseOutage:

@@ -24,6 +24,8 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -237,6 +239,27 @@ async def require_head(engine: AsyncEngine) -> None:
             f"database schema is {found}, this release needs {head}: run `regstream migrate` "
             "first (REGSTREAM_MIGRATE_ON_START=false)"
         )
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "the database cannot answer now" (down, refusing, cut off, a
+    statement or lock wait past ``REGSTREAM_DB_STATEMENT_TIMEOUT``, no pooled connection in
+    time), as opposed to a bug or a constraint: requests answer it 503, runs wait it out."""
+    if isinstance(exc, OperationalError | PoolTimeout | OSError):  # OSError: refused, timeouts
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = getattr(exc.orig, "sqlstate", None) or ""  # PostgreSQL's SQLSTATE (asyncpg)
+    return state in _UNAVAILABLE_STATES or state[:2] in _UNAVAILABLE_CLASSES
+
+
+# SQLSTATEs of a database that cannot answer now: a statement or lock wait cut by the timeouts,
+# and the classes "connection exception", "insufficient resources", "operator intervention"
+# (shutting down, starting up, too many connections)
+_UNAVAILABLE_STATES = {"57014", "55P03"}  # query_canceled, lock_not_available
+_UNAVAILABLE_CLASSES = {"08", "53", "57"}
 
 
 async def ping(engine: AsyncEngine) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -51,6 +52,7 @@ from regstream.core_banking.client import CoreBanking
 from regstream.core_banking.errors import CoreBankingError
 from regstream.db import registrations, users, work_queue
 from regstream.db.driver import Bound
+from regstream.db.engine import unavailable as database_unavailable
 from regstream.db.group_commit import GroupCommit
 from regstream.db.registrations import Event, LogEvent, RunLost
 from regstream.db.tables import RegistrationRequest
@@ -456,7 +458,7 @@ class Runner:
             run.started = True
             metrics.RUNS_IN_PROGRESS.inc()
             try:
-                await self._run(run, resume)
+                await self._run_through_outages(run, resume)
             except RunLost:
                 log.warning(
                     "registration %d: run taken over by another worker", run.registration_id
@@ -467,6 +469,33 @@ class Runner:
                 await self._fail_unexpected(run, exc)
             finally:
                 metrics.RUNS_IN_PROGRESS.dec()
+
+    async def _run_through_outages(self, run: _Run, resume: bool) -> None:
+        """``_run``; when the database cannot answer (down, cut off, past its timeouts), wait for
+        it and resume the run from its process log (a completed T24 lookup is not repeated)
+        instead of failing it — failing needs the database too, so the run stayed IN PROGRESS
+        until its lease expired (issue 16). Gives up after a lease's length: the lease backstop
+        (another instance, or this one) takes it from there."""
+        waited, delay = 0.0, 0.5
+        while True:
+            try:
+                await self._run(run, resume)
+                return
+            except (RunLost, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                if not database_unavailable(exc) or waited >= self._lease_ms / 1000:
+                    raise
+                if waited == 0:
+                    log.warning(
+                        "registration %d: database unavailable (%s); resuming when it answers",
+                        run.registration_id, type(exc).__name__,
+                    )  # fmt: skip
+                pause = delay * (0.5 + random.random())
+                await asyncio.sleep(pause)
+                waited += pause
+                delay = min(delay * 2, 5.0)
+                resume = True
 
     async def _run(self, run: _Run, resume: bool) -> None:
         cached_accounts = None

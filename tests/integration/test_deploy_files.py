@@ -42,7 +42,10 @@ K8S = DEPLOY / "k8s"
 DRAIN_SETTINGS = ("REGSTREAM_DRAIN_DELAY", "REGSTREAM_DRAIN_SPREAD", "REGSTREAM_SHUTDOWN_GRACE")
 DRAIN_DEFAULTS = {"REGSTREAM_DRAIN_DELAY": 5.0, "REGSTREAM_DRAIN_SPREAD": 5.0,
                   "REGSTREAM_SHUTDOWN_GRACE": 10.0}  # fmt: skip
-FLUSH_AND_EXIT = 2.0 + 3.0  # the outbox flush, then the process's own exit (margin)
+# after the grace: ~3 s of bookkeeping (cancelled runs, commits, releasing runs to the queue),
+# the 2 s outbox flush, the process's own exit (2-3 s), and on a slow database up to two
+# statements at REGSTREAM_DB_STATEMENT_TIMEOUT (5 s) for the release and the stopped mark
+FLUSH_AND_EXIT = 3.0 + 2.0 + 3.0 + 2 * 5.0
 
 
 def _drain_total(env: dict[str, str]) -> float:

@@ -387,7 +387,11 @@ async def test_an_instance_dying_while_redis_is_down_loses_nothing_to_the_fleet(
                     history[:] = await _history(redis)
                     return len(history) >= len(entries)
 
-                await wait_until(all_published, timeout=60, what="every committed update")
+                try:
+                    await wait_until(all_published, timeout=60, what="every committed update")
+                except AssertionError:
+                    missing = sorted(set(entries) - set(history))
+                    raise AssertionError(f"never published: {missing[:30]}") from None
                 await asyncio.sleep(0.5)  # a late copy, if any, would be there by now
                 history[:] = await _history(redis)
     _assert_once_in_order(history, expected)

@@ -125,24 +125,51 @@ local function add(payload)
   redis.call('PUBLISH', ARGV[2], msg)
   return epoch .. '_' .. id
 end
+-- Once per (registration, seq) in this epoch: the last seq published per registration, kept in
+-- the index state (field s<id>; it lives as long as the state: the age cap after the last batch).
+-- Read for the whole batch with HMGET and written back with one HSET (2 calls, not 2 per update).
+local rid_at, last, fields = {}, {}, {}
 for i = 5, #ARGV, 2 do
-  local seq, payload, fresh = tonumber(ARGV[i]), ARGV[i + 1], true
-  if seq then
-    -- once per (registration, seq) in this epoch: the last seq published, kept in the index
-    -- state (it lives as long as the state: the history's age cap after the last batch)
-    local rid = string.match(payload, '^{"registrationId":(%d+)[,}]')
-    if not rid then rid = registrations_of(payload)[1] end
-    if rid then
-      local field = 's' .. rid
-      if seq <= tonumber(redis.call('HGET', state, field) or '0') then
-        fresh = false
-      else
-        redis.call('HSET', state, field, ARGV[i])
-      end
+  if ARGV[i] ~= '' then
+    local rid = string.match(ARGV[i + 1], '^{"registrationId":(%d+)[,}]')
+      or registrations_of(ARGV[i + 1])[1]
+    rid_at[i] = rid
+    if rid and not last[rid] then
+      last[rid] = 0
+      fields[#fields + 1] = 's' .. rid
     end
   end
-  if fresh then ids[#ids + 1] = add(payload) else ids[#ids + 1] = '' end
 end
+for from = 1, #fields, 200 do
+  local part = {unpack(fields, from, math.min(from + 199, #fields))}
+  local values = redis.call('HMGET', state, unpack(part))
+  for k, field in ipairs(part) do
+    last[string.sub(field, 2)] = tonumber(values[k]) or 0
+  end
+end
+local seen = {}
+for i = 5, #ARGV, 2 do
+  local seq, rid = tonumber(ARGV[i]), rid_at[i]
+  if seq and rid and seq <= last[rid] then
+    ids[#ids + 1] = ''
+  else
+    if seq and rid then
+      last[rid] = seq
+      seen[rid] = true
+    end
+    ids[#ids + 1] = add(ARGV[i + 1])
+  end
+end
+local pairs_out = {}
+for rid in pairs(seen) do
+  pairs_out[#pairs_out + 1] = 's' .. rid
+  pairs_out[#pairs_out + 1] = last[rid]
+  if #pairs_out >= 400 then
+    redis.call('HSET', state, unpack(pairs_out))
+    pairs_out = {}
+  end
+end
+if #pairs_out > 0 then redis.call('HSET', state, unpack(pairs_out)) end
 if ARGV[3] ~= '' then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
 end

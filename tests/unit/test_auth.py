@@ -223,3 +223,41 @@ def test_open_streams_are_rechecked_within_the_ping_interval() -> None:
     assert guard_interval(30.0) == 10.0
     assert guard_interval(2.0) == 1.0
     assert guard_interval(0.1) == 0.25
+
+
+async def test_one_colleagues_typo_does_not_make_an_office_address_suspect() -> None:
+    """Suspects are kept behind everyone else. Behind one NAT address, one person's failed
+    sign-in makes that person suspect, not the office; five failures with any names (a spray
+    of random names) make the address suspect (review of issue 16's fair turns)."""
+    turns = passwords.HashingTurns()
+    office = "10.9.9.9"
+    await turns.failed(office, "kim")
+
+    async def suspect(address: str, name: str) -> bool:
+        """Whether a check of ``name`` from ``address`` waits behind another address's."""
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def other() -> None:
+            async with turns.take("192.0.2.1", "someone"):
+                held.set()
+                await release.wait()
+
+        holder = asyncio.create_task(other())
+        await held.wait()
+        checking = asyncio.create_task(_enter(turns, address, name))
+        await asyncio.sleep(0.05)
+        waits = not checking.done()
+        release.set()
+        await asyncio.wait_for(asyncio.gather(holder, checking), 5)
+        return waits
+
+    assert await suspect(office, "kim")  # the one who failed
+    assert not await suspect(office, "lee")  # a colleague at the same address
+    for name in ("a1", "a2", "a3", "a4"):
+        await turns.failed(office, name)
+    assert await suspect(office, "lee")  # five failures from the address: a spray
+
+
+async def _enter(turns: passwords.HashingTurns, address: str, name: str) -> None:
+    async with turns.take(address, name):
+        pass

@@ -385,7 +385,7 @@ async def login(request: Request, services: ServicesDep, auth: AuthDep) -> Respo
     await _throttle_login(services, auth, ip, body.username)
     at = credentials.now_ms()
     # one password check at a time per address (issue 16): a spray queues behind itself
-    async with auth.hashing.take(ip or "?"), services.sessions.begin() as session:
+    async with auth.hashing.take(ip or "?", body.username), services.sessions.begin() as session:
         result = await credentials.sign_in(
             session, body.username, body.password, lifetime=settings.session_lifetime, at_ms=at,
             previous_session_id=http.session_cookie(scope),
@@ -402,7 +402,7 @@ async def login(request: Request, services: ServicesDep, auth: AuthDep) -> Respo
             if operator is not None:
                 operator.last_login_at = datetime.now(UTC)
     if result is None:
-        await auth.hashing.failed(ip or "?")
+        await auth.hashing.failed(ip or "?", body.username)
         # The attempted name is recorded only if it is a real account: people type passwords
         # into the name field, and those must not land in the audit log.
         await record(services, action="auth.login", outcome="refused",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -90,11 +91,15 @@ async def hash_password_async(password: str) -> str:
 
 class HashingTurns:
     """Fair turns at the password check, per key (a client address): ``async with
-    turns.take(ip): …`` then ``await turns.failed(ip)`` when the password did not match.
+    turns.take(ip, name): …`` then ``await turns.failed(ip, name)`` when the password did not
+    match.
 
     * One turn at a time per key: a spray from one address queues behind itself.
-    * An address with ``suspect_after`` failed checks in the last minute (in this process; one
-      by default) is suspect: it waits while any other address is at the check, and suspects
+    * A client is suspect when its account name failed ``suspect_after`` times from its address
+      in the last minute (in this process; one by default), or its address failed
+      ``address_suspect_after`` times whatever the names (five by default: one colleague's typo
+      does not make a whole office behind one NAT address suspect; a spray of random names is
+      after five). A suspect it waits while any other address is at the check, and suspects
       take turns one at a time whatever their address, each followed by a rest of twice its
       length (suspects use at most a third of the time). So a spray, from one address or many,
       competes with a colleague's sign-in for the CPU (argon2 at 64 MiB, four lanes, on a small
@@ -108,10 +113,13 @@ class HashingTurns:
     #: after a suspect's turn, the next suspect waits this many times as long as it took
     SUSPECT_REST = 2.0
 
-    def __init__(self, *, suspect_after: int = 1) -> None:
+    def __init__(self, *, suspect_after: int = 1, address_suspect_after: int = 5) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._failures = MovingWindowRateLimiter(MemoryStorage())
         self._suspect = RateLimitItemPerMinute(suspect_after, namespace="hashing-failures")
+        self._address_suspect = RateLimitItemPerMinute(
+            address_suspect_after, namespace="hashing-address-failures"
+        )
         self._others = 0  # turns of addresses in good standing, being taken or held
         self._others_done = asyncio.Event()
         self._others_done.set()
@@ -121,7 +129,7 @@ class HashingTurns:
         return len(self._locks)
 
     @contextlib.asynccontextmanager
-    async def take(self, key: str) -> AsyncIterator[None]:
+    async def take(self, key: str, account: str = "") -> AsyncIterator[None]:
         entry = self._locks.get(key)
         if entry is None:
             entry = self._locks[key] = (asyncio.Lock(), [0])
@@ -129,7 +137,9 @@ class HashingTurns:
         users[0] += 1
         try:
             async with lock:
-                if await self._failures.test(self._suspect, key):
+                if await self._failures.test(
+                    self._suspect, _account_key(key, account)
+                ) and await self._failures.test(self._address_suspect, key):
                     self._others += 1
                     self._others_done.clear()
                     try:
@@ -158,6 +168,14 @@ class HashingTurns:
             if users[0] == 0:
                 del self._locks[key]
 
-    async def failed(self, key: str) -> None:
-        """Count a failed check for ``key`` (an address past ``suspect_after`` waits for others)."""
-        await self._failures.hit(self._suspect, key)
+    async def failed(self, key: str, account: str = "") -> None:
+        """Count a failed check for ``account`` from ``key`` (see the class docstring)."""
+        await self._failures.hit(self._suspect, _account_key(key, account))
+        await self._failures.hit(self._address_suspect, key)
+
+
+def _account_key(address: str, account: str) -> str:
+    """In-process key of (address, account name): a digest, so typed names (sometimes a
+    password typed into the name field) are not kept as they are."""
+    digest = hashlib.blake2b(account.casefold().encode(), digest_size=12).hexdigest()
+    return f"{address} {digest}"

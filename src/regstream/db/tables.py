@@ -68,7 +68,11 @@ class RegistrationRequest(Base):
     )
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (Index("ix_registration_requests_in_progress", "in_progress"),)
+    __table_args__ = (
+        Index("ix_registration_requests_in_progress", "in_progress"),
+        # the publish catch-up's pages (registrations.changed_since; migration 0005)
+        Index("ix_registration_requests_updated_at", "updated_at"),
+    )
 
 
 class ProcessLogEntry(Base):

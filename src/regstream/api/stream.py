@@ -39,6 +39,7 @@ from regstream.api import errors, views
 from regstream.api.deps import Services
 from regstream.auth.middleware import security_headers
 from regstream.db import registrations
+from regstream.db.engine import unavailable as database_unavailable
 from regstream.realtime import messages
 from regstream.realtime.history import Replay
 from regstream.realtime.hub import (
@@ -100,9 +101,9 @@ class StreamEndpoint:
                     await _defer(send, scope, retry_ms)
                     return
                 try:
-                    stream = await _open(scope, send, services, registration_id)
+                    opened = await _open(scope, send, services, registration_id, not last_id)
                 except Exception as exc:  # before the response head (credentials' reads)
-                    if errors.database_unavailable(exc):
+                    if database_unavailable(exc):
                         errors.DATABASE_OUTAGE.failed(exc)  # as the API's routes answer it
                         await _database_unavailable(send, scope)
                         return
@@ -112,10 +113,11 @@ class StreamEndpoint:
                                 "internal error; quote the request id to support",
                                 request_id=request_id)  # fmt: skip
                     return
-                if stream is None:
+                if opened is None:
                     return  # answered (refused, HEAD)
+                stream, start = opened
                 try:
-                    await _start(stream, services, registration_id, last_id, retry_ms)
+                    await _start(stream, services, registration_id, last_id, retry_ms, start)
                     await _refresh_while_due(stream, services)
                 except Exception as exc:  # after the head: end the stream, the client resumes
                     _failed_after_head(stream, exc, retry_ms)
@@ -131,10 +133,11 @@ class StreamEndpoint:
 
 
 async def _open(
-    scope: Scope, send: Send, services: Services, rid: RegistrationFilter
-) -> Stream | None:
-    """Credentials and limits, then the response head: the stream, attached to the hub; None
-    when the request was answered instead (refused, or a HEAD)."""
+    scope: Scope, send: Send, services: Services, rid: RegistrationFilter, fresh: bool
+) -> tuple[Stream, EventKey | None] | None:
+    """Credentials and limits, then the response head: the stream, attached to the hub, and
+    (``fresh``: no last event id) the history's position read before the head; None when the
+    request was answered instead (refused, or a HEAD)."""
     info: Any = None
     auth = services.stream_auth
     if auth is not None:
@@ -150,13 +153,14 @@ async def _open(
     if len(hub) >= services.settings.sse_max_streams:
         await _json(send, 503, "UNAVAILABLE", "too many streams", [(b"retry-after", b"5")])
         return None
+    start = await _latest(services) if fresh and scope["method"] != "HEAD" else None
     await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
     if scope["method"] == "HEAD":
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return None
     stream = _make_stream(send, rid, services.settings.sse_max_buffer_bytes, info)
     hub.attach(stream)
-    return stream
+    return stream, start
 
 
 _INVALID = "invalid"
@@ -211,7 +215,7 @@ def _retry_hint(retry_ms: int) -> bytes:
 def _failed_after_head(stream: Stream, exc: Exception, retry_ms: int) -> None:
     """A start-up (or a re-sync's snapshot) failed once the stream was open: end it with a
     jittered ``retry:`` hint; the client resumes with its last id (a snapshot if need be)."""
-    if errors.database_unavailable(exc):
+    if database_unavailable(exc):
         errors.DATABASE_OUTAGE.failed(exc)  # one log line per outage
     else:  # type only: driver messages can quote personal data
         log.error("stream start-up failed with %s; the client is told to resume",
@@ -286,75 +290,87 @@ _UVICORN_HTTPTOOLS = "uvicorn.protocols.http.httptools_impl"
 
 
 async def _start(
-    stream: Stream, services: Services, rid: RegistrationFilter, last_id: str | None, retry_ms: int
-) -> None:
+    stream: Stream, services: Services, rid: RegistrationFilter, last_id: str | None,
+    retry_ms: int, start: EventKey | None = None,
+) -> None:  # fmt: skip
     """Write ``connected``, then the replay or snapshot, then release held live updates (no
     gap, no duplicate at the seam).
 
-    A stream opened without a last event id starts at the newest update in the history, read
-    after attaching: ``connected`` tells the client that position in ``lastEventId`` (data, not
-    an ``id:`` line: control frames never move the browser's id), so a client that drops before
-    its first update can still resume without a gap.
+    A stream opened without a last event id starts at ``start``, the newest update in the
+    history read before the response head was sent (``_open``): ``connected`` tells the client
+    that position in ``lastEventId`` (data, not an ``id:`` line: control frames never move the
+    browser's id), so a client that drops before its first update can still resume without a
+    gap; whatever was published between that read and attaching is replayed, so a client that
+    starts a run as soon as it sees the head (``EventSource.onopen``) misses none of it.
     """
-    key, seq_floor = messages.parse_resume_id(last_id)
-    start: EventKey | None = None
     fields: dict[str, Any] = {}
     if not last_id:
-        start = await _latest(services)
         fields["lastEventId"] = str(start) if start is not None else None
     # The `retry:` hint rides in the first event, so `connected` stays the first frame.
     hello = b"retry: %d\n" % retry_ms + messages.control_frame("connected", **fields)
     stream.write(hello, messages.chunk(hello))
-    if last_id:
-        if key is not None:
-            wanted = None if rid is None else (rid if isinstance(rid, tuple) else (rid,))
-            try:
-                if wanted is None:
-                    replay = await services.history.since(key)
-                else:  # only these registrations' entries are read (history.py: the index)
-                    replay = await services.history.since_for(key, wanted)
-            except (RedisError, OSError):
-                replay = None
-            if replay is not None and replay.complete and not _resynced(replay, wanted):
-                stream.floor_seq = seq_floor if isinstance(rid, int) else 0
-                after: EventKey = key
-                # one write for the whole replay: a write per frame was a send() per frame (up
-                # to the whole history per resume, the bulk of a resume herd's CPU)
-                frames: list[bytes] = []
-                for parsed in replay.entries:
-                    if parsed.key is not None:
-                        after = parsed.key
-                    if parsed.resync is not None:
-                        if wanted is not None:
-                            continue  # (not one naming a followed registration: _resynced)
-                        ids = sorted(parsed.resync)  # unfiltered: as the hub writes it live
-                        frame = messages.snapshot_frame(
-                            {"registrationIds": ids} if ids else None, resync=True,
-                            event_id=str(parsed.key) if parsed.key else None,
-                        )  # fmt: skip
-                    elif wanted is None or (
-                        parsed.registration_id in wanted and not stream.covers(parsed)
-                    ):
-                        frame = messages.update_frame(parsed)
-                    else:
-                        continue
-                    frames.append(frame)
-                if frames:
-                    burst = b"".join(frames)
-                    stream.write(burst, messages.chunk(burst))
-                metrics.STREAM_STARTS.labels("replay").inc()
-                stream.go_live(after=after, snapshot_seq=stream.floor_seq)
-                return
-        # the history cannot cover it: each followed registration's state (unfiltered: a
-        # resync marker, re-read from the API)
+    if not last_id:
+        metrics.STREAM_STARTS.labels("fresh").inc()
+        if isinstance(rid, int):
+            await _snapshot(stream, services, rid, only_if_started=True, start=start)
+            return
+        if start is None:
+            stream.go_live()
+            return
+        if await _replay(stream, services, rid, start, 0):
+            return
+    else:
+        key, seq_floor = messages.parse_resume_id(last_id)
+        if key is not None and await _replay(stream, services, rid, key, seq_floor):
+            metrics.STREAM_STARTS.labels("replay").inc()
+            return
         metrics.STREAM_STARTS.labels("snapshot").inc()
-        await _snapshot(stream, services, rid, start=await _latest(services))
-        return
-    metrics.STREAM_STARTS.labels("fresh").inc()
-    if isinstance(rid, int):
-        await _snapshot(stream, services, rid, only_if_started=True, start=start)
-        return
-    stream.go_live(after=start)
+    # the history cannot cover it: each followed registration's state (unfiltered: a resync
+    # marker, re-read from the API)
+    await _snapshot(stream, services, rid, start=await _latest(services))
+
+
+async def _replay(
+    stream: Stream, services: Services, rid: RegistrationFilter, key: EventKey, seq_floor: int
+) -> bool:
+    """Write the history's updates after ``key`` that the stream follows, then go live; False
+    (nothing written) when the history cannot prove it holds them all."""
+    wanted = None if rid is None else (rid if isinstance(rid, tuple) else (rid,))
+    try:
+        if wanted is None:
+            replay = await services.history.since(key)
+        else:  # only these registrations' entries are read (history.py: the index)
+            replay = await services.history.since_for(key, wanted)
+    except (RedisError, OSError):
+        return False
+    if not replay.complete or _resynced(replay, wanted):
+        return False
+    stream.floor_seq = seq_floor if isinstance(rid, int) else 0
+    after: EventKey = key
+    # one write for the whole replay: a write per frame was a send() per frame (up to the whole
+    # history per resume, the bulk of a resume herd's CPU)
+    frames: list[bytes] = []
+    for parsed in replay.entries:
+        if parsed.key is not None:
+            after = parsed.key
+        if parsed.resync is not None:
+            if wanted is not None:
+                continue  # (not one naming a followed registration: _resynced)
+            ids = sorted(parsed.resync)  # unfiltered: as the hub writes it live
+            frame = messages.snapshot_frame(
+                {"registrationIds": ids} if ids else None, resync=True,
+                event_id=str(parsed.key) if parsed.key else None,
+            )  # fmt: skip
+        elif wanted is None or (parsed.registration_id in wanted and not stream.covers(parsed)):
+            frame = messages.update_frame(parsed)
+        else:
+            continue
+        frames.append(frame)
+    if frames:
+        burst = b"".join(frames)
+        stream.write(burst, messages.chunk(burst))
+    stream.go_live(after=after, snapshot_seq=stream.floor_seq)
+    return True
 
 
 def _resynced(replay: Replay, wanted: tuple[int, ...] | None) -> bool:

@@ -189,11 +189,16 @@ async def test_service_over_tls_with_a_client_certificate_host_form(
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        pytest.param("wrong-ca", "CERTIFICATE_VERIFY_FAILED", id="wrong-ca"),
-        pytest.param("no-client-certificate", "certificate", id="no-client-certificate"),
+        pytest.param("wrong-ca", ("CERTIFICATE_VERIFY_FAILED",), id="wrong-ca"),
+        # the server's alert names the certificate; on a busy machine the client may see the
+        # connection reset before it reads the alert (the good client below shows it was TLS)
+        pytest.param("no-client-certificate", ("certificate", "reset", "EOF"),
+                     id="no-client-certificate"),  # fmt: skip
     ],
 )
-async def test_tls_refusals_are_clear(tls_redis: TlsRedis, case: str, expected: str) -> None:
+async def test_tls_refusals_are_clear(
+    tls_redis: TlsRedis, case: str, expected: tuple[str, ...]
+) -> None:
     if case == "wrong-ca":
         tls = tls_redis.tls(ca=tls_redis.pki.other_ca)
     else:
@@ -204,7 +209,7 @@ async def test_tls_refusals_are_clear(tls_redis: TlsRedis, case: str, expected: 
             await client.ping()
     finally:
         await client.aclose()
-    assert expected in str(info.value), str(info.value)
+    assert any(text in str(info.value) for text in expected), str(info.value)
     # and with the right CA and certificate it answers (the refusal was about TLS, nothing else)
     good = create_client(RedisTarget(url=tls_redis.url, tls=tls_redis.tls()), name="tls-test")
     try:

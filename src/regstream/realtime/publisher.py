@@ -53,6 +53,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -287,9 +288,12 @@ class RegistrationPubSub:
         self._gapped: set[int] = set()
         self._catching: dict[int, list[_Entry]] = {}
         self._recovery: asyncio.Task[None] | None = None
-        #: set when publishing works again after a failure (Redis back after an outage): the
-        #: service's catch-up task then compares the process log with Redis again
+        #: set when Redis answers again after an outage (a publish failed or stalled past
+        #: ``hold_max``, or a subscription reconnected: ``check_primary`` after the first): the
+        #: service's catch-up task then compares the process log with Redis again (another
+        #: instance may have died meanwhile with committed updates in its outbox)
         self.back = asyncio.Event()
+        self._checked_once = False
 
     # --- the seed's verbs ----------------------------------------------------------------------
 
@@ -403,8 +407,12 @@ class RegistrationPubSub:
 
         Returns True when this call began it. Raises ``RedisError``/``OSError`` like any command
         (callers retry after reconnecting). Without ``INFO`` (a managed Redis that renamed it)
-        failovers are not detected: logged once.
+        failovers are not detected: logged once. Every call after the first (a reconnect) also
+        sets ``back``.
         """
+        if self._checked_once:
+            self.back.set()
+        self._checked_once = True
         try:
             info = await self._redis.info("replication")
         except ResponseError:
@@ -499,8 +507,11 @@ class RegistrationPubSub:
                     batch = [e for e in batch if e[0] not in self._gapped
                              and e[0] not in self._catching]  # fmt: skip
                 if batch:
+                    sent_at = time.monotonic()
                     await self._send(batch)
                     metrics.OUTBOX_SIZE.set(len(self._outbox))
+                    if time.monotonic() - sent_at > self._hold_max:
+                        self.back.set()  # Redis stalled (stopped, paused) and is back
                 if self._gapped and (self._recovery is None or self._recovery.done()):
                     self._recovery = asyncio.create_task(self._catch_up(), name="publish-catch-up")
                 if len(self._outbox) <= self._low_water:

@@ -25,7 +25,8 @@ expires with the history's age cap after the last batch). A batch redis-py sends
 its socket timeout, or after the connection died with the reply, while Redis ran the first call)
 and what a catch-up republishes go out once. Messages without a seq (``resync``) are not
 deduplicated. A new epoch (Redis lost its data, a failover) begins with no seqs: the catch-up
-then publishes the window's updates again in the new epoch.
+then publishes the window's updates again in the new epoch, but for those older than an update
+of the same registration published there first (streams re-sync at a new epoch anyway).
 
 While Redis takes updates, nothing is dropped: past half the outbox, ``wait_for_room`` holds the
 producers (the pipeline, before each run) until the flusher has brought it down to a quarter. A

@@ -169,8 +169,9 @@ def test_list_for_an_operator_is_live_on_one_stream(
 def test_list_rereads_its_page_when_the_history_cannot_cover_a_switch_over(
     app: LiveServer, context: BrowserContext
 ) -> None:
-    """The switched-over stream resumes from an id the history cannot cover: the server sends
-    ``{resync: true}`` and the page re-fetches its rows from the API."""
+    """The switched-over stream resumes from an id the history cannot cover: the server sends a
+    snapshot of each followed registration with progress (issue 16: a filtered stream gets the
+    registration's state, not a bare resync marker) and the page re-fetches its rows."""
     ids = demo_ids(app)
     rid = ids["approved"]
     sign_in(context, app, "operator")
@@ -195,25 +196,23 @@ def test_list_rereads_its_page_when_the_history_cannot_cover_a_switch_over(
         const fetchBefore = window.fetch;
         window.fetch = (url, ...rest) => {
             const u = String(url);
-            if (u.includes('/api/registrations?') && u.includes('status=PENDING')) {
+            if (u.includes('/api/registrations?') && u.includes('status=APPROVED')) {
                 window.__pageFetches += 1;
             }
             return fetchBefore(url, ...rest);
         };"""
     )
-    page.get_by_label("Status").select_option("PENDING")
-    expect(page.locator("#rows tr")).to_have_count(len(ids) - 1)
-    # One fetch for the filter, one more for the resync marker of the new stream.
+    page.get_by_label("Status").select_option("APPROVED")
+    expect(page.locator("#rows tr")).to_have_count(1)
+    # One fetch for the filter, one more for the snapshot of its (processed) row.
     wait_for(
         lambda: page.evaluate("window.__pageFetches") >= 2,
-        what="the page to be fetched again after the resync",
+        what="the page to be fetched again after the snapshot",
     )
     wait_streams(app, 1)
     expect(page.locator("#connection")).to_have_text("Live")
-    other = ids["duplicate"]
-    assert process(app, other) == 202
-    expect(page.locator(f'#rows tr[data-id="{other}"]')).to_have_attribute(
-        "data-status", "DUPLICATE"
+    expect(page.locator(f'#rows tr[data-id="{rid}"]')).to_have_attribute(
+        "data-status", "APPROVED"
     )
 
 

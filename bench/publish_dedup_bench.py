@@ -70,7 +70,7 @@ async def _rep(redis: Redis, script: str, with_seq: bool, channel: str) -> float
     before = await _cpu(redis)
     for start in range(0, N, BATCH):
         part = updates[start : start + BATCH]
-        args: list[object] = (
+        args: list[bytes | int] = (
             [a for seq, msg in part for a in (seq, msg)] if with_seq else [m for _, m in part]
         )
         await call(keys=keys, args=["10000", channel, "", 3_600_000, *args])

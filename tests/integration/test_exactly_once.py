@@ -61,14 +61,15 @@ async def _listening(url: str) -> AsyncIterator[list[tuple[int, int]]]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await redis.aclose()
 
 
 async def _history(redis: Redis) -> list[tuple[int, int]]:
     rows = await redis.xrange(CHANNEL + ":history", "-", "+")
     out = []
-    for _, fields in rows:
+    for _, fields in rows or []:
+        assert fields is not None
         update = orjson.loads(fields[b"m"])
         if "seq" in update:
             out.append((update["registrationId"], update["seq"]))
@@ -154,7 +155,11 @@ async def test_connection_killed_after_the_script_was_sent_publishes_each_update
                 publisher.enqueue_update(_update(1, 3))
                 await wait_until(lambda: publisher.pending == 0, what="the batch in flight")
                 await asyncio.sleep(0.2)  # its bytes written by the event loop
-                kill = asyncio.create_task(killer.client_kill_filter(_id=ids[0]))
+
+                async def kill_it() -> Any:
+                    return await killer.client_kill_filter(_id=ids[0])
+
+                kill = asyncio.create_task(kill_it())
                 await asyncio.sleep(0.2)  # the kill's bytes written after the script's
             finally:
                 redis_server.process.send_signal(signal.SIGCONT)
@@ -394,7 +399,7 @@ async def test_an_instance_dying_while_redis_is_down_loses_nothing_to_the_fleet(
                     unseen = sorted(set(entries) - set(seen))
                     raise AssertionError(
                         f"not in the history: {missing[:30]}; not on the channel: {unseen[:30]}"
-                        f" (history {len(history)}, epoch {await redis.get(CHANNEL + ':epoch')})"
+                        f" (history {len(history)}, epoch {await redis.get(CHANNEL + ':epoch')!r})"
                     ) from None
                 await asyncio.sleep(0.5)  # a late copy, if any, would be there by now
                 history[:] = await _history(redis)

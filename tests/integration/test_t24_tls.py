@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from regstream.config import ConfigError, load_settings
 from regstream.core_banking import CoreTlsError, T24Client, T24ClientConfig
@@ -427,9 +428,17 @@ async def test_service_approves_over_mutual_tls_and_through_a_proxy(
         final = await _validate(live)
     assert (final["status"], final["details"]["accountsFound"]) == ("APPROVED", 2)
 
+    # A database of its own (the demo loads again, so registration 1 again) needs a Redis history
+    # of its own: publishing is exactly once per (registrationId, seq) and epoch, so the same
+    # Redis would skip this database's registration 1 as already published.
+    redis = Redis.from_url(settings.effective_redis_url or "")
+    try:
+        await redis.flushall()
+    finally:
+        await redis.aclose()
     async with ConnectProxy() as proxy:
         settings = make_settings(
-            data_dir=tmp_path / "proxied",  # a database of its own: the demo loads again
+            data_dir=tmp_path / "proxied",
             t24_base_url=mtls_sim.base_url, t24_proxy_url=proxy.url, **_tls_settings(pki),
         )  # fmt: skip
         with serve_app(settings) as live:

@@ -390,7 +390,10 @@ async def _fail_over_mid_bulk(live: Any, topology: SentinelSet) -> None:
                     assert any(f.type == "snapshot" for f in w.reader.frames), w.name
             epochs = {messages.parse_event_id(f.id).epoch for f in readers[0].frames  # type: ignore[union-attr]
                       if f.id and f.type == "update"}  # fmt: skip
-            assert len(epochs) == 2, epochs  # the old primary's and the new one's
+            # the old primary's, and the new one's unless every later update of this stream's
+            # registrations reached it as the re-sync's snapshot (a busy machine: the runs may
+            # all end before the stream is live again); completeness is asserted above
+            assert 1 <= len(epochs) <= 2, epochs
         finally:
             for client in [*clients, *reopened]:
                 await client.__aexit__(None, None, None)

@@ -51,6 +51,7 @@ from regstream.domain.core_records import LegalId
 from regstream.domain.errors import ErrorCode, ValidationFailure
 from regstream.domain.kyc import check_customer, count_active_accounts
 from regstream.domain.models import Applicant
+from tests.support import LoopbackServer
 
 ClientFactory = Callable[..., T24Client]
 
@@ -621,27 +622,13 @@ CUSTOMER_ANSWER = b'{"header":{"status":"success"},"body":{"customerId":"100100"
 PADDED = CUSTOMER_ANSWER + b" " * 5000
 
 
-class ScriptedCore:
+class ScriptedCore(LoopbackServer):
     def __init__(self, answers: list[bytes | None]) -> None:
         """``answers``: the raw answer to each request in order (``None``: close instead)."""
+        super().__init__()
         self.answers = answers
         self.connections = 0
         self.requests: list[bytes] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def __aenter__(self) -> ScriptedCore:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        await self._server.wait_closed()
 
     @property
     def base_url(self) -> str:

@@ -38,7 +38,7 @@ from regstream.core_banking.simulator import (
     serve_in_thread,
 )
 from tests.conftest import SettingsFactory
-from tests.support import StreamClient, auth_headers, free_port, serve_app
+from tests.support import LoopbackServer, StreamClient, auth_headers, free_port, serve_app
 from tests.t24_tls import CLIENT_KEY_PASSWORD, Pki, make_pki
 
 # --- fixtures -------------------------------------------------------------------------------------
@@ -86,33 +86,19 @@ def _mtls(pki: Pki) -> dict[str, Any]:
     }
 
 
-class ConnectProxy:
+class ConnectProxy(LoopbackServer):
     """A forward proxy for ``CONNECT host:port`` tunnels (what an HTTPS request through an HTTP
     proxy uses); anything else is answered 405. ``tunnels`` lists the targets it connected."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.tunnels: list[str] = []
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> ConnectProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        await self._server.wait_closed()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
         upstream: asyncio.StreamWriter | None = None
         try:

@@ -76,6 +76,19 @@ async def _history(redis: Redis) -> list[tuple[int, int]]:
     return out
 
 
+async def _all_arrived(
+    admin: Redis, seen: list[tuple[int, int]], expected: dict[int, list[int]]
+) -> list[tuple[int, int]]:
+    """Wait until the channel brought at least every expected update, then read the history and
+    wait for the channel to have brought as many (anything late, a second copy, would be in the
+    history already: it is read after it). Returns the history."""
+    total = sum(len(s) for s in expected.values())
+    await wait_until(lambda: len(seen) >= total, timeout=10, what="every update")
+    history = await _history(admin)
+    await wait_until(lambda: len(seen) >= len(history), timeout=5, what="the channel")
+    return history
+
+
 def _assert_once_in_order(seen: list[tuple[int, int]], expected: dict[int, list[int]]) -> None:
     duplicated = {key for key in seen if seen.count(key) > 1}
     assert not duplicated, f"published more than once: {sorted(duplicated)[:10]}"
@@ -116,11 +129,7 @@ async def test_redis_paused_past_the_socket_timeout_publishes_each_update_once(
             await _publish_rounds(publisher, range(8, 11))
             assert await publisher.wait_flushed(10)
             expected = {rid: list(range(1, 11)) for rid in REGISTRATIONS}
-            total = sum(len(s) for s in expected.values())
-            await wait_until(lambda: len(seen) >= total, timeout=10, what="every update")
-            history = await _history(admin)
-            # anything late (a second copy) would be in the history already: read after it
-            await wait_until(lambda: len(seen) >= len(history), timeout=5, what="the channel")
+            history = await _all_arrived(admin, seen, expected)
         _assert_once_in_order(history, expected)
         _assert_once_in_order(seen, expected)
     finally:
@@ -169,10 +178,7 @@ async def test_connection_killed_after_the_script_was_sent_publishes_each_update
             assert await publisher.wait_flushed(10)
             expected = {rid: [1, 2, 4, 5] for rid in REGISTRATIONS}
             expected[1] = [1, 2, 3, 4, 5]
-            total = sum(len(s) for s in expected.values())
-            await wait_until(lambda: len(seen) >= total, timeout=10, what="every update")
-            history = await _history(admin)
-            await wait_until(lambda: len(seen) >= len(history), timeout=5, what="the channel")
+            history = await _all_arrived(admin, seen, expected)
         _assert_once_in_order(history, expected)
         _assert_once_in_order(seen, expected)
     finally:

@@ -201,6 +201,16 @@ class Settings(BaseSettings):
         5.0, validation_alias=_env("REGSTREAM_RESUME_WAIT")
     )
     history_maxlen: PositiveInt = Field(10_000, validation_alias=_env("REGSTREAM_HISTORY_MAXLEN"))
+    # Redis Cluster (docs/operations.md "Redis Cluster"): detected from the server when unset
+    # (INFO cluster); true/false forces it. In cluster mode updates go to REGSTREAM_PARTITIONS
+    # partitions by registration id (fixed per deployment: changing it re-syncs every stream),
+    # each a hash-tagged channel + history published with SPUBLISH; the seed's channel then gets
+    # a copy of every update only with REGSTREAM_SEED_CHANNEL_MIRROR (a cluster-wide broadcast).
+    redis_cluster: bool | None = Field(None, validation_alias=_env("REDIS_CLUSTER"))
+    partitions: int = Field(16, ge=1, le=64, validation_alias=_env("REGSTREAM_PARTITIONS"))
+    seed_channel_mirror: bool = Field(
+        False, validation_alias=_env("REGSTREAM_SEED_CHANNEL_MIRROR")
+    )
     history_max_age: PositiveFloat = Field(
         3600.0, validation_alias=_env("REGSTREAM_HISTORY_MAX_AGE")
     )

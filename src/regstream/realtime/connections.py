@@ -13,6 +13,12 @@ for the current primary, and a connection to a demoted primary is dropped on its
 ``READONLY`` answer, so the clients follow a promotion without a restart. What a promotion may
 have lost is the publisher's business (``publisher.RegistrationPubSub.check_primary``).
 
+Redis Cluster (``RedisTarget.cluster``, from ``REDIS_CLUSTER`` or detected by ``resolve_cluster``):
+``create_client`` returns redis-py's ``RedisCluster`` (it follows ``MOVED``/``ASK`` and refreshes
+the slot map after a failover); the subscription of one partition is a plain client of the node
+that owns the partition's slot (``create_node_subscriber_client``), made again on every
+reconnect from the cluster client's current slot map (``realtime/broker.py``).
+
 redis-py's own ``Retry`` with exponential backoff and jitter reconnects single commands; the
 subscriber's reconnect loop lives in ``broker`` (it must also re-subscribe and catch up).
 ``health_check_interval`` makes a connection that sat idle prove it is alive before use.
@@ -20,12 +26,13 @@ subscriber's reconnect loop lives in ``broker`` (it must also re-subscribe and c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
@@ -36,6 +43,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from regstream.config import SENTINEL_SCHEMES, SentinelAddress, Settings, parse_sentinel_url
 
 CONNECT_TIMEOUT = 2.0
+
+#: a client for commands: one Redis (or a Sentinel service's primary), or a Redis Cluster
+RedisClient = Redis | RedisCluster
 
 
 @dataclass(frozen=True)
@@ -74,10 +84,14 @@ class RedisTarget:
     tls: TlsOptions | None = None
     sentinel_username: str | None = None
     sentinel_password: str | None = field(default=None, repr=False)
+    #: a Redis Cluster (``url`` names one of its nodes; the others are discovered)
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         if (self.url is None) == (self.sentinel is None):
             raise ValueError("a RedisTarget has either a url or a sentinel address")
+        if self.cluster and (self.url is None or self.is_unix):
+            raise ValueError("a Redis Cluster is reached by a redis:// or rediss:// node URL")
 
     @classmethod
     def from_url(cls, url: str, *, tls: TlsOptions | None = None) -> RedisTarget:
@@ -105,7 +119,7 @@ class RedisTarget:
             )  # fmt: skip
         target = cls.from_url(url, tls=tls)
         if target.sentinel is None:
-            return target
+            return replace(target, cluster=True) if settings.redis_cluster else target
         secret = settings.redis_sentinel_password
         return cls(
             sentinel=target.sentinel, tls=tls,
@@ -125,7 +139,23 @@ class RedisTarget:
             return f"Sentinel service {self.sentinel.service!r} ({count} sentinels){tls}"
         parts = urlsplit(self.url or "")
         where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
-        return f"{parts.scheme}://{where}{tls}"
+        cluster = " (Redis Cluster)" if self.cluster else ""
+        return f"{parts.scheme}://{where}{tls}{cluster}"
+
+
+async def resolve_cluster(target: RedisTarget, setting: bool | None = None) -> RedisTarget:
+    """The target in cluster mode when ``setting`` (``REDIS_CLUSTER``) says so, or, unset, when
+    the server says ``cluster_enabled:1`` (``INFO cluster``). Raises ``RedisError``/``OSError``
+    when the server cannot be asked."""
+    if setting is not None or target.sentinel is not None or target.is_unix:
+        return replace(target, cluster=bool(setting)) if setting is not None else target
+    probe = create_client(replace(target, cluster=False), name="regstream-probe", retries=0,
+                          max_connections=1)  # fmt: skip
+    try:
+        info = await probe.info("cluster")
+    finally:
+        await probe.aclose()
+    return replace(target, cluster=str(info.get("cluster_enabled", 0)) == "1")
 
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -148,13 +178,16 @@ class SentinelMasterClient(Redis):
 def create_client(
     target: RedisTarget | str, *, name: str, retries: int = 2, socket_timeout: float = 5.0,
     max_connections: int = 8,
-) -> Redis:  # fmt: skip
+) -> RedisClient:  # fmt: skip
     """A client for commands (publisher, history, readiness). Bytes in, bytes out.
 
     A blocking pool with a small cap: a reconnect storm (thousands of streams resuming at once,
     each reading the history) waits for a connection instead of opening one per request.
     """
     target = RedisTarget.from_url(target) if isinstance(target, str) else target
+    if target.cluster:
+        return _cluster_client(target, name=name, retries=retries, socket_timeout=socket_timeout,
+                               max_connections=max_connections)  # fmt: skip
     options: dict[str, Any] = {
         "max_connections": max_connections,
         "timeout": socket_timeout,  # the wait for a free connection of the pool
@@ -188,6 +221,36 @@ def create_subscriber_client(target: RedisTarget | str, *, name: str) -> Redis:
         return _master_for(target, options, pool_class=SentinelConnectionPool)
     assert target.url is not None
     return Redis.from_url(target.url, **options, **_tls_kwargs(target))
+
+
+def create_node_subscriber_client(target: RedisTarget, host: str, port: int, *, name: str) -> Redis:
+    """A subscriber client of one cluster node (its shard channels): the target's credentials and
+    TLS, that node's address."""
+    assert target.url is not None
+    parts = urlsplit(target.url)
+    netloc = parts.netloc.rpartition("@")
+    auth = netloc[0] + "@" if netloc[1] else ""
+    where = f"[{host}]" if ":" in host else host
+    url = parts._replace(netloc=f"{auth}{where}:{port}", path="").geturl()
+    return create_subscriber_client(replace(target, url=url, cluster=False), name=name)
+
+
+def _cluster_client(
+    target: RedisTarget, *, name: str, retries: int, socket_timeout: float, max_connections: int
+) -> RedisCluster:
+    """redis-py's cluster client: a pool per node, ``MOVED``/``ASK`` followed, the slot map
+    refreshed after a node fails (its replica promoted)."""
+    assert target.url is not None
+    tls = target.tls.connection_kwargs() if target.tls is not None else {}
+    if tls and target.url.startswith("redis://"):
+        tls["ssl"] = True  # REDIS_TLS=true with a redis:// URL
+    return RedisCluster.from_url(
+        target.url, client_name=name, decode_responses=False, socket_timeout=socket_timeout,
+        socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=15,
+        max_connections=max_connections,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), max(retries, 3)),
+        **tls,
+    )  # fmt: skip
 
 
 def _tls_kwargs(target: RedisTarget) -> dict[str, Any]:

@@ -60,14 +60,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from regstream import metrics
 from regstream.realtime import messages
 from regstream.realtime.broker import Broker
+from regstream.realtime.connections import RedisClient
 from regstream.realtime.history import REGISTRATIONS_OF_LUA
 from regstream.realtime.messages import ServiceChannel
+from regstream.realtime.partitions import Layout, Partition
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +80,18 @@ _Entry = tuple[int | None, int | None, bytes]
 Recover = Callable[[list[int]], Awaitable[list[dict[str, Any]]]]
 _RECOVER_PAGE = 500
 
-# KEYS: history, epoch, index state prefix, index key prefix (``history.py``: the index).
-# ARGV: history MAXLEN, channel, MINID to trim to (or ''), max age in ms, then per message its
-# seq ('' for a message without one: a resync) and the message. Returns per message its event id,
-# or '' when it was skipped: its seq is not above the last seq published for its registration in
-# this epoch (field ``s<registrationId>`` of the index state hash), so a batch the client sent
-# again (a retry after a socket timeout while Redis had queued the first call) or an update
-# republished by the catch-up (``pipeline/catch_up.py``) goes out once.
+# KEYS: history, epoch, index state prefix, index key prefix (``history.py``: the index), all of
+# one partition (``partitions.py``: one hash tag in cluster mode, so one slot).
+# ARGV: history MAXLEN, channel, MINID to trim to (or ''), max age in ms, '1' to publish with
+# SPUBLISH (a cluster's shard channel) else '', a channel to also PUBLISH every message on (the
+# seed's channel in cluster mode, when mirrored) or '', then per message its seq ('' for a
+# message without one) and the message. A message about one registration without a seq gets the
+# registration's next one (its last in this epoch + 1, spliced into the JSON): the seed's calls
+# leave seq out. Returns per message its event id, or '' when it was skipped: its seq is not
+# above the last seq published for its registration in this epoch (field ``s<registrationId>``
+# of the index state hash), so a batch the client sent again (a retry after a socket timeout
+# while Redis had queued the first call) or an update republished by the catch-up
+# (``pipeline/catch_up.py``) goes out once.
 _PUBLISH_SCRIPT = (
     REGISTRATIONS_OF_LUA
     + """
@@ -124,22 +131,31 @@ local function add(payload)
     end
   end
   local msg = string.sub(payload, 1, -2) .. ',"eventId":"' .. epoch .. '_' .. id .. '"}'
-  redis.call('PUBLISH', ARGV[2], msg)
+  if ARGV[5] == '1' then
+    redis.call('SPUBLISH', ARGV[2], msg)
+  else
+    redis.call('PUBLISH', ARGV[2], msg)
+  end
+  if ARGV[6] ~= '' then
+    redis.call('PUBLISH', ARGV[6], msg)
+  end
   return epoch .. '_' .. id
 end
 -- Once per (registration, seq) in this epoch: the last seq published per registration, kept in
 -- the index state (field s<id>; it lives as long as the state: the age cap after the last batch).
 -- Read for the whole batch with HMGET and written back with one HSET (2 calls, not 2 per update).
-local rid_at, last, fields = {}, {}, {}
-for i = 5, #ARGV, 2 do
+local rid_at, last, fields, assign = {}, {}, {}, {}
+for i = 7, #ARGV, 2 do
+  local rid = string.match(ARGV[i + 1], '^{"registrationId":(%d+)[,}]')
   if ARGV[i] ~= '' then
-    local rid = string.match(ARGV[i + 1], '^{"registrationId":(%d+)[,}]')
-      or registrations_of(ARGV[i + 1])[1]
-    rid_at[i] = rid
-    if rid and not last[rid] then
-      last[rid] = 0
-      fields[#fields + 1] = 's' .. rid
-    end
+    rid = rid or registrations_of(ARGV[i + 1])[1]
+  elseif rid then
+    assign[i] = true
+  end
+  rid_at[i] = rid
+  if rid and not last[rid] then
+    last[rid] = 0
+    fields[#fields + 1] = 's' .. rid
   end
 end
 for from = 1, #fields, 200 do
@@ -150,9 +166,14 @@ for from = 1, #fields, 200 do
   end
 end
 local seen = {}
-for i = 5, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local seq, rid = tonumber(ARGV[i]), rid_at[i]
-  if seq and rid and seq <= last[rid] then
+  if assign[i] then
+    seq = last[rid] + 1
+    last[rid] = seq
+    seen[rid] = true
+    ids[#ids + 1] = add(string.sub(ARGV[i + 1], 1, -2) .. ',"seq":' .. seq .. '}')
+  elseif seq and rid and seq <= last[rid] then
     ids[#ids + 1] = ''
   else
     if seq and rid then
@@ -241,9 +262,10 @@ class RegistrationPubSub:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         channel: str = ServiceChannel.REGISTRATION_UPDATES,
+        layout: Layout | None = None,
         history_maxlen: int = 10_000,
         history_max_age: float = 3600.0,
         outbox_max: int = 10_000,
@@ -255,16 +277,17 @@ class RegistrationPubSub:
         self._redis = redis
         self._subscriber = subscriber
         self.channel = channel
-        self.history_key = channel + messages.HISTORY_SUFFIX
-        self.epoch_key = channel + messages.EPOCH_SUFFIX
+        #: the bus's partitions (``partitions.py``): one (the seed's channel) on one Redis
+        self.layout = layout if layout is not None else Layout.single(channel)
+        first = self.layout.partitions[0]
+        self.history_key = first.history_key  # (one Redis: the only partition's keys)
+        self.epoch_key = first.epoch_key
         self._maxlen = str(history_maxlen)
         self._max_age_ms = int(history_max_age * 1000)
         self._script = redis.register_script(_PUBLISH_SCRIPT)
-        self._index_keys = [
-            channel + messages.INDEX_SUFFIX + ":",
-            channel + messages.INDEX_KEY_SUFFIX,
-        ]
-        self.primary_key = channel + messages.PRIMARY_SUFFIX
+        self._sharded = b"1" if self.layout.sharded else b""
+        self._mirror = (self.layout.mirror or "").encode()
+        self.primary_key = first.primary_key
         self._primary_script = redis.register_script(_PRIMARY_SCRIPT)
         self._primary_check_refused = False
         # (registrationId, seq, encoded message); seq is what the script deduplicates by
@@ -369,17 +392,74 @@ class RegistrationPubSub:
         self._enqueue(_entry(payload))
 
     async def _send(self, entries: list[_Entry]) -> list[str]:
-        """Publish in one script call; per entry its event id, or '' if it was published
-        already (its seq not above the registration's last one in this epoch)."""
+        """Publish in one script call per partition; per entry its event id, or '' if it was
+        published already (its seq not above the registration's last one in this epoch).
+
+        Partitions live on different shards in a cluster: their calls run concurrently, and
+        when some fail, ``PartlySent`` gives back the entries of those only (in order), so a
+        shard failing over does not make the others' updates wait or go out twice."""
         now = messages.now_ms()
         minid = ""
         if now - self._last_trim_ms > 1000:
             self._last_trim_ms = now
             minid = str(now - self._max_age_ms)
+        if len(self.layout) == 1:
+            return await self._send_to(self.layout.partitions[0], entries, minid)
+        groups: dict[int, list[_Entry]] = {}
+        for entry in self._by_partition(entries):
+            groups.setdefault(entry[0], []).append(entry[1])
+        order = sorted(groups)
+        results = await asyncio.gather(
+            *(self._send_to(self.layout.partitions[i], groups[i], minid) for i in order),
+            return_exceptions=True,
+        )
+        ids: list[str] = []
+        unsent: list[_Entry] = []
+        error: BaseException | None = None
+        for i, result in zip(order, results, strict=True):
+            if isinstance(result, BaseException):
+                error = error or result
+                unsent.extend(groups[i])
+            else:
+                ids.extend(result)
+        if error is not None:
+            if not isinstance(error, RedisError | OSError):
+                raise error
+            raise PartlySent(unsent) from error
+        return ids
+
+    def _by_partition(self, entries: list[_Entry]) -> list[tuple[int, _Entry]]:
+        """Each entry with its partition; a resync naming registrations of several partitions
+        becomes one resync per partition, naming that partition's."""
+        count = len(self.layout)
+        out: list[tuple[int, _Entry]] = []
+        for entry in entries:
+            rid = entry[0]
+            if rid is not None:
+                out.append((rid % count, entry))
+                continue
+            named = _resync_ids(entry[2])
+            if named is None:  # not about a registration: partition 0
+                out.append((0, entry))
+                continue
+            if not named:  # a resync of everything: every partition's streams
+                out.extend((index, entry) for index in range(count))
+                continue
+            split: dict[int, list[int]] = {}
+            for one in named:
+                split.setdefault(one % count, []).append(one)
+            for index, ids in sorted(split.items()):
+                body = {"type": "resync", "registrationIds": ids, "timestamp": messages.now_ms()}
+                out.append((index, (None, None, orjson.dumps(body))))
+        return out
+
+    async def _send_to(self, partition: Partition, entries: list[_Entry], minid: str) -> list[str]:
         result = await self._script(
-            keys=[self.history_key, self.epoch_key, *self._index_keys],
+            keys=[partition.history_key, partition.epoch_key, partition.index_state_prefix,
+                  partition.index_key_prefix],
             args=[
-                self._maxlen, self.channel, minid, self._max_age_ms,
+                self._maxlen, partition.channel, minid, self._max_age_ms, self._sharded,
+                self._mirror,
                 *(arg for _, seq, payload in entries for arg in (b"" if seq is None else seq,
                                                                  payload)),
             ],
@@ -394,46 +474,68 @@ class RegistrationPubSub:
         """The last seq published in this epoch per registration (absent: none; all of them
         when there is no epoch yet), from the index state the publish script keeps. Raises
         ``RedisError``/``OSError`` like any command."""
-        if not registration_ids:
-            return {}
-        epoch = await self._redis.get(self.epoch_key)
-        if not epoch:
-            return {}
-        state = self._index_keys[0] + (epoch.decode() if isinstance(epoch, bytes) else epoch)
-        values = await self._redis.hmget(state, [f"s{rid}" for rid in registration_ids])
-        return {rid: int(v) for rid, v in zip(registration_ids, values, strict=True) if v}
+        out: dict[int, int] = {}
+        groups: dict[int, list[int]] = {}
+        for rid in registration_ids:
+            groups.setdefault(self.layout.of(rid).index, []).append(rid)
+        for index, rids in groups.items():
+            partition = self.layout.partitions[index]
+            epoch = await self._redis.get(partition.epoch_key)
+            if not epoch:
+                continue
+            state = partition.index_state_prefix + (
+                epoch.decode() if isinstance(epoch, bytes) else epoch
+            )
+            values = await self._redis.hmget(state, [f"s{rid}" for rid in rids])
+            out.update({rid: int(v) for rid, v in zip(rids, values, strict=True) if v})
+        return out
 
-    async def check_primary(self) -> bool:
+    async def check_primary(self, partition: int | None = None) -> bool:
         """After a reconnect: begin a new epoch if Redis is now another primary's history.
 
-        Returns True when this call began it. Raises ``RedisError``/``OSError`` like any command
-        (callers retry after reconnecting). Without ``INFO`` (a managed Redis that renamed it)
-        failovers are not detected: logged once. Every call after the first (a reconnect) also
-        sets ``back``.
+        ``partition``: that partition's (its broker reconnected); None: every partition's.
+        Returns True when this call began one. Raises ``RedisError``/``OSError`` like any
+        command (callers retry after reconnecting). Without ``INFO`` (a managed Redis that
+        renamed it) failovers are not detected: logged once. Every call after the first (a
+        reconnect) also sets ``back``.
         """
         if self._checked_once:
             self.back.set()
         self._checked_once = True
-        try:
+        parts = self.layout.partitions if partition is None else (
+            self.layout.partitions[partition],)  # fmt: skip
+        began = False
+        for part in parts:
+            try:
+                replid = await self._replication_id(part)
+            except ResponseError:
+                if not self._primary_check_refused:
+                    self._primary_check_refused = True
+                    log.warning("Redis refuses INFO; a failover's lost updates cannot be detected")
+                return False
+            if not replid:
+                continue
+            if await self._primary_script(
+                keys=[part.history_key, part.epoch_key, part.primary_key], args=[replid]
+            ):
+                began = True
+                metrics.REDIS_EPOCHS_BEGUN.inc()
+                log.warning(
+                    "Redis is another primary's history now (failover or restart): began a new "
+                    "epoch%s; streams re-sync from the database",
+                    f" of partition {part.index}" if len(self.layout) > 1 else "",
+                )
+        return began
+
+    async def _replication_id(self, partition: Partition) -> str | bytes | None:
+        """The replication id of the primary holding the partition's keys."""
+        if isinstance(self._redis, RedisCluster):
+            node = self._redis.get_node_from_key(partition.epoch_key)
+            info = await self._redis.info("replication", target_nodes=node)
+        else:
             info = await self._redis.info("replication")
-        except ResponseError:
-            if not self._primary_check_refused:
-                self._primary_check_refused = True
-                log.warning("Redis refuses INFO; a failover's lost updates cannot be detected")
-            return False
         replid = info.get("master_replid")
-        if not isinstance(replid, str | bytes) or not replid:
-            return False
-        began = await self._primary_script(
-            keys=[self.history_key, self.epoch_key, self.primary_key], args=[replid]
-        )
-        if began:
-            metrics.REDIS_EPOCHS_BEGUN.inc()
-            log.warning(
-                "Redis is another primary's history now (failover or restart): began a new "
-                "epoch; streams re-sync from the database"
-            )
-        return bool(began)
+        return replid if isinstance(replid, str | bytes) and replid else None
 
     async def wait_for_room(self) -> None:
         """Return when the outbox has room: at once below its high-water mark or while Redis is
@@ -527,9 +629,11 @@ class RegistrationPubSub:
                 self._overflowed |= announced
                 raise
             except (RedisError, OSError) as exc:
-                # Put the batch back in front, in order; what no longer fits is announced later.
+                # Put the batch back in front, in order (only the partitions that failed, when
+                # others took theirs); what no longer fits is announced later.
                 self._overflowed |= announced
-                self._outbox.extendleft(reversed(batch))
+                unsent = exc.unsent if isinstance(exc, PartlySent) and batch else batch
+                self._outbox.extendleft(reversed(unsent))
                 self._trim_outbox()
                 metrics.PUBLISH_FAILURES.inc()
                 self._room.set()
@@ -607,6 +711,26 @@ class RegistrationPubSub:
             log.warning(
                 "%d updates were not published (Redis unreachable at shutdown)", len(self._outbox)
             )
+
+
+class PartlySent(RedisError):
+    """Some partitions' script calls failed (``_send``): ``unsent`` are their entries, in order."""
+
+    def __init__(self, unsent: list[_Entry]) -> None:
+        super().__init__(f"{len(unsent)} updates not published")
+        self.unsent = unsent
+
+
+def _resync_ids(payload: bytes) -> list[int] | None:
+    """The registrations a resync message names; None for any other message."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or obj.get("type") != "resync":
+        return None
+    ids = obj.get("registrationIds")
+    return [i for i in ids if isinstance(i, int)] if isinstance(ids, list) else []
 
 
 def _entry(payload: bytes) -> _Entry:

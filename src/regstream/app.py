@@ -28,6 +28,9 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from regstream import __version__, logs
 from regstream.api import auth as auth_routes
@@ -49,9 +52,16 @@ from regstream.drain import Drain
 from regstream.pipeline import catch_up
 from regstream.pipeline.runner import Runner
 from regstream.realtime.broker import Broker
-from regstream.realtime.connections import RedisTarget, create_client, create_subscriber_client
-from regstream.realtime.history import History
-from regstream.realtime.hub import Hub
+from regstream.realtime.bus import Bus
+from regstream.realtime.connections import (
+    RedisTarget,
+    create_client,
+    create_node_subscriber_client,
+    create_subscriber_client,
+    resolve_cluster,
+)
+from regstream.realtime.hub import Hub, Stream
+from regstream.realtime.partitions import Layout, Partition
 from regstream.realtime.publisher import RegistrationPubSub
 from regstream.stack import EmbeddedStack, national_id_keys
 from regstream.web import pages
@@ -64,10 +74,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     with EmbeddedStack(settings) as stack:
         settings = stack.settings
-        auth = _auth_runtime(settings)
+        target = await _redis_target(settings)
+        auth = _auth_runtime(settings, target)
         app.state.auth = auth
         try:
-            async with _services(settings, auth) as services:
+            async with _services(settings, auth, target) as services:
                 app.state.services = services
                 app.state.loop = asyncio.get_running_loop()
                 drain = Drain(services)
@@ -83,24 +94,50 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await auth.redis.aclose()
 
 
-def _auth_runtime(settings: Settings) -> AuthRuntime:
+async def _redis_target(settings: Settings) -> RedisTarget | None:
+    """Where Redis is (``None``: nowhere, only in tests of the API alone) and whether it is a
+    Redis Cluster (``REDIS_CLUSTER``, or asked of the server when unset; unanswered: not one,
+    logged, as the service starts while Redis is down)."""
+    if settings.effective_redis_url is None:
+        return None
+    target = RedisTarget.from_settings(settings)
+    try:
+        return await resolve_cluster(target, settings.redis_cluster)
+    except (RedisError, OSError) as exc:
+        log.warning("Redis did not answer at start (%s); assuming one Redis, not a cluster "
+                    "(set REDIS_CLUSTER to say)", type(exc).__name__)  # fmt: skip
+        return target
+
+
+def _auth_runtime(settings: Settings, target: RedisTarget | None) -> AuthRuntime:
     """Limits count in Redis through a client of their own (same URL and options as the others,
     a small pool: a herd of resumes reading the history never delays a sign-in), with short
     timeouts: while Redis is out they count per process (``auth/limits.py``)."""
     redis = None
-    if settings.effective_redis_url is not None:
+    if target is not None:
         redis = create_client(
-            RedisTarget.from_settings(settings), name=f"regstream-limits-{os.getpid()}",
+            target, name=f"regstream-limits-{os.getpid()}",
             retries=0, socket_timeout=2.0, max_connections=16,
         )  # fmt: skip
     return AuthRuntime(settings, redis=redis, secret=national_id_keys(settings).current)
 
 
 @contextlib.asynccontextmanager
-async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Services]:
+async def _services(
+    settings: Settings, auth: AuthRuntime, target: RedisTarget | None
+) -> AsyncIterator[Services]:
     assert settings.t24_base_url is not None
-    target = RedisTarget.from_settings(settings)  # URL, REDIS_HOST or Sentinel; TLS
+    assert target is not None  # URL, REDIS_HOST or Sentinel; TLS; cluster or not
     log.info("Redis: %s", target.describe())  # where, never credentials
+    layout = (
+        Layout.cluster(settings.partitions, mirror=settings.seed_channel_mirror)
+        if target.cluster else Layout.single()
+    )  # fmt: skip
+    if target.cluster:
+        log.info(
+            "Redis Cluster: %d partitions (SPUBLISH/SSUBSCRIBE); seed channel mirror %s",
+            len(layout), "on" if layout.mirror else "off",
+        )  # fmt: skip
     engine = create_engine(
         settings.effective_database_url, pool_size=settings.db_pool_size,
         statement_timeout=settings.db_statement_timeout,
@@ -128,21 +165,44 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         )
 
     publisher = RegistrationPubSub(
-        redis, history_maxlen=settings.history_maxlen,
+        redis, layout=layout, history_maxlen=settings.history_maxlen,
         history_max_age=settings.history_max_age, outbox_max=settings.outbox_max,
         recover=recover,
     )  # fmt: skip
+    def on_detach(stream: Stream) -> None:
+        auth.guard.on_detach(stream)
+        bus.release(stream)
+
     hub = Hub(
         ping_interval=settings.sse_ping_interval, send_timeout=30.0, on_tick=auth.guard.on_tick,
-        on_detach=auth.guard.on_detach,
+        on_detach=on_detach, partitions=len(layout),
     )  # fmt: skip
-    broker = Broker(
-        subscriber=lambda: create_subscriber_client(target, name=f"regstream-sub-{os.getpid()}"),
-        commands=control, on_update=hub.publish, on_resync=hub.resync,
-        on_connect=publisher.check_primary,  # after a failover: a new epoch before catch-up
-        probe_interval=settings.probe_interval, history_max=settings.history_maxlen,
-        health_metric=True,
-    )  # fmt: skip
+
+    def make_broker(partition: Partition) -> Broker:
+        name = f"regstream-sub-{os.getpid()}"
+        index = partition.index
+
+        def subscriber() -> Redis:
+            if not target.cluster:
+                return create_subscriber_client(target, name=name)
+            assert isinstance(control, RedisCluster)
+            node = control.get_node_from_key(partition.channel)
+            if node is None:
+                raise RedisConnectionError(f"no node serves partition {index}'s slot yet")
+            return create_node_subscriber_client(target, node.host, int(node.port), name=name)
+
+        return Broker(
+            subscriber=subscriber, commands=control, partition=partition,
+            on_update=hub.publish,
+            on_resync=lambda ids: hub.resync(ids, partition=index),
+            # after a failover: a new epoch before catch-up
+            on_connect=lambda: publisher.check_primary(index),
+            on_position=lambda key: hub.set_position(index, key),
+            probe_interval=settings.probe_interval, history_max=settings.history_maxlen,
+        )  # fmt: skip
+
+    bus = Bus(layout, hub=hub, make_broker=make_broker, resumes=resumes,
+              history_max=settings.history_maxlen)  # fmt: skip
     core = T24Client(
         T24ClientConfig(
             base_url=settings.t24_base_url,
@@ -178,8 +238,7 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
     )  # fmt: skip
     services = Services(
         settings=settings, engine=engine, sessions=sessions, redis=control, publisher=publisher,
-        history=History(resumes, channel=publisher.channel, max_entries=settings.history_maxlen),
-        hub=hub, broker=broker, runner=runner,
+        hub=hub, bus=bus, runner=runner,
         start_gate=StartGate(
             concurrency=settings.resume_concurrency, queue_max=settings.resume_queue,
             max_wait=settings.resume_wait,
@@ -193,15 +252,13 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
         asyncio.create_task(
             catch_up.run(sessions, publisher, window=settings.history_max_age), name="catch-up"
         ),
-        asyncio.create_task(broker.run(), name="redis-subscription"),
+        asyncio.create_task(bus.run(), name="redis-subscriptions"),
         asyncio.create_task(hub.run(), name="hub-timer"),
         asyncio.create_task(runner.run(), name="work-queue"),  # heartbeat, queue, leases
         asyncio.create_task(auth.guard.watch(hub, sessions), name="stream-credentials"),
     ]
     try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(broker.connected.wait(), 5)
-        if not broker.connected.is_set():
+        if not await bus.wait_ready(5):
             log.warning("Redis subscription not ready yet; streams start when Redis answers")
         yield services
     finally:

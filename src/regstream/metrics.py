@@ -48,6 +48,10 @@ REDIS_RECONNECTS = Counter(
 REDIS_SUBSCRIPTION_HEALTHY = Gauge(
     "regstream_redis_subscription_healthy", "1 when the self-probe came back through Pub/Sub"
 )
+BUS_PARTITIONS_SUBSCRIBED = Gauge(
+    "regstream_bus_partitions_subscribed",
+    "partitions of the bus this instance subscribes to (Redis Cluster: those its streams follow)",
+)
 PUBLISH_FAILURES = Counter(
     "regstream_publish_failures_total",
     "Publish round trips that failed (their updates stay queued)",

@@ -57,13 +57,9 @@ async def _running(broker: Broker) -> AsyncIterator[asyncio.Task[None]]:
             await task
 
 
-@pytest.mark.parametrize("path", ["stream", "read_response"])
 async def test_burst_is_dispatched_in_order_exactly_once(
-    redis_server: EmbeddedRedis, path: str, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
-    if path == "read_response":  # the fallback for a redis-py without ``Connection._reader``
-        monkeypatch.setattr(broker_module, "_stream_of", lambda connection: None)
+    redis_server: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+) -> None:
     url = redis_server.url
     commands = create_client(url, name="test-broker-cmd")
     received: list[Parsed] = []

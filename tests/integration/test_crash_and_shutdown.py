@@ -258,7 +258,7 @@ async def test_wedged_redis_turns_readiness_red_and_recovers(
             finally:
                 redis_server.process.send_signal(signal.SIGCONT)
             await wait_until(
-                lambda: live.services.broker.healthy, timeout=20, what="subscriber rebuilt"
+                lambda: live.services.bus.brokers[0].healthy, timeout=20, what="subscriber rebuilt"
             )
             async with StreamClient(live.url, headers=headers) as sse:
                 rid = ids["duplicate"]

@@ -259,7 +259,7 @@ async def test_outbox_overflow_while_redis_is_down_is_caught_up_from_the_databas
         ids = await live.load_demo()
         rids = sorted(ids.values())
         redis_server.kill()
-        broker = live.services.broker
+        broker = live.services.bus.brokers[0]
         await wait_until(lambda: not broker.connected.is_set(), what="subscription lost")
         async with httpx.AsyncClient(
             base_url=live.url, headers=auth_headers(live, "admin")

@@ -18,7 +18,7 @@ async def _restart(redis_server: EmbeddedRedis, down_for: float) -> None:
 
 async def test_stream_survives_redis_restart(live: LiveServer, redis_server: EmbeddedRedis) -> None:
     ids = await live.load_demo()
-    broker = live.services.broker
+    broker = live.services.bus.brokers[0]
     async with (
         StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
         httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http,
@@ -44,7 +44,7 @@ async def test_updates_made_while_redis_is_down_arrive_in_order(
     live: LiveServer, redis_server: EmbeddedRedis
 ) -> None:
     ids = await live.load_demo()
-    broker = live.services.broker
+    broker = live.services.bus.brokers[0]
     async with (
         StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
         httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http,

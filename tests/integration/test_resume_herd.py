@@ -188,7 +188,7 @@ async def test_readiness_and_publishing_do_not_wait_for_resume_connections(
     still answers 200 at once and updates are still published. With one shared pool both
     waited for a free connection (readiness failed after 2 s)."""
     with serve_app(make_settings(resume_concurrency=2)) as live:
-        pool = live.services.history.redis.connection_pool
+        pool = live.services.bus.histories[0].redis.connection_pool
 
         async def hold() -> list[Any]:
             return [await pool.get_connection() for _ in range(pool.max_connections)]
@@ -326,7 +326,7 @@ async def test_resume_herd_during_a_bulk_ends_exactly(make_settings: SettingsFac
             # the static registrations' updates: 5 each, interleaved, read back with their ids
             async def publish_static() -> EventKey:
                 publisher = live.services.publisher
-                start: EventKey = await live.services.history.position()
+                start: EventKey = await live.services.bus.histories[0].position()
                 for seq in range(1, 6):
                     for rid in static:
                         await _publish(publisher, rid, seq)
@@ -334,7 +334,7 @@ async def test_resume_herd_during_a_bulk_ends_exactly(make_settings: SettingsFac
                 return start
 
             start = await live.call(publish_static())
-            replay = await live.call(live.services.history.since(start))
+            replay = await live.call(live.services.bus.histories[0].since(start))
             ids = {(p.registration_id, p.seq): str(p.key) for p in replay.entries}
             order = [(p.registration_id, p.seq) for p in replay.entries]
 
@@ -385,7 +385,7 @@ async def test_resume_herd_during_a_bulk_ends_exactly(make_settings: SettingsFac
             assert await live.call(published()) == 0
             final_ids = {
                 p.registration_id
-                for p in (await live.call(live.services.history.since(start))).entries
+                for p in (await live.call(live.services.bus.histories[0].since(start))).entries
                 if p.seq is not None and p.registration_id in bulk and b'"final":true' in p.raw
             }
             assert final_ids == set(bulk)  # every bulk run's final update reached the history
@@ -420,12 +420,12 @@ async def test_a_resume_across_a_resync_starts_with_a_snapshot(
 
         async def publish() -> list[EventKey]:
             publisher = live.services.publisher
-            start = await live.services.history.position()
+            start = await live.services.bus.histories[0].position()
             await _publish(publisher, rid, 1)
             await publisher.publish_raw(b'{"type":"resync","registrationIds":[%d]}' % rid)
             await _publish(publisher, rid, 5)
             assert await publisher.wait_flushed(5)
-            replay = await live.services.history.since(start)
+            replay = await live.services.bus.histories[0].since(start)
             return [p.key for p in replay.entries if p.key is not None]
 
         first, last = await live.call(publish())  # (a resync carries no id of its own)

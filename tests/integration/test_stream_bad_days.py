@@ -71,7 +71,7 @@ async def _run(live: LiveServer, rid: int, watcher: SseReader) -> dict[str, Any]
 
 
 async def _position(live: LiveServer) -> str:
-    return str(await live.call(live.services.history.position()))
+    return str(await live.call(live.services.bus.histories[0].position()))
 
 
 # --- 1. a Last-Event-ID ahead of the history ----------------------------------------------------

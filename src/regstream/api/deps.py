@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from regstream.api.admission import StartGate
 from regstream.config import Settings
 from regstream.pipeline.runner import Runner
-from regstream.realtime.broker import Broker
-from regstream.realtime.history import History
+from regstream.realtime.bus import Bus
+from regstream.realtime.connections import RedisClient
 from regstream.realtime.hub import Hub
 from regstream.realtime.publisher import RegistrationPubSub
 
@@ -46,11 +45,11 @@ class Services:
     # Three Redis clients, so none waits behind another's load: ``redis`` is the control client
     # (readiness, the subscription's probe and catch-up), the publisher has its own, and
     # ``history`` (stream resumes) reads through a third (app.py ``_services``).
-    redis: Redis
+    redis: RedisClient
     publisher: RegistrationPubSub
-    history: History
     hub: Hub
-    broker: Broker
+    # the subscriptions to the bus's partitions and their histories (realtime/bus.py)
+    bus: Bus
     runner: Runner
     # A graceful shutdown (drain.py): ``leaving`` from SIGTERM on (readiness fails, everything
     # else still served), ``draining`` once the drain delay is over (new streams and runs

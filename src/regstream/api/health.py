@@ -51,7 +51,8 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         checks["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001
         checks["redis"] = f"down ({type(exc).__name__})"
-    checks["subscription"] = "ok" if services.broker.healthy else "down"
+    # every subscription this instance holds (a cluster: the partitions its streams follow)
+    checks["subscription"] = "ok" if services.bus.healthy else "down"
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 

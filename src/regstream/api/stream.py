@@ -28,7 +28,7 @@ import random
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs
 
 import orjson
@@ -40,7 +40,8 @@ from regstream.api.deps import Services
 from regstream.auth.middleware import security_headers
 from regstream.db import registrations
 from regstream.db.engine import unavailable as database_unavailable
-from regstream.realtime import messages
+from regstream.realtime import messages, positions
+from regstream.realtime.bus import Bus
 from regstream.realtime.history import Replay
 from regstream.realtime.hub import (
     Hub,
@@ -50,7 +51,8 @@ from regstream.realtime.hub import (
     StreamProtocol,
     TransportStream,
 )
-from regstream.realtime.messages import EventKey
+from regstream.realtime.messages import EventKey, Parsed
+from regstream.realtime.positions import Position
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ class StreamEndpoint:
 
 async def _open(
     scope: Scope, send: Send, services: Services, rid: RegistrationFilter, fresh: bool
-) -> tuple[Stream, EventKey | None] | None:
+) -> tuple[Stream, EventKey | WideStart | None] | None:
     """Credentials and limits, then the response head: the stream, attached to the hub, and
     (``fresh``: no last event id) the history's position read before the head; None when the
     request was answered instead (refused, or a HEAD)."""
@@ -153,14 +155,39 @@ async def _open(
     if len(hub) >= services.settings.sse_max_streams:
         await _json(send, 503, "UNAVAILABLE", "too many streams", [(b"retry-after", b"5")])
         return None
-    start = await _latest(services) if fresh and scope["method"] != "HEAD" else None
-    await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
     if scope["method"] == "HEAD":
+        await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return None
     stream = _make_stream(send, rid, services.settings.sse_max_buffer_bytes, info)
+    bus = services.bus
+    try:
+        # the partitions it follows, subscribed and positioned before its start-up reads them
+        # (one Redis: always; a cluster: on demand, realtime/bus.py); released when it leaves
+        # the hub (app.py: the hub's on_detach)
+        await bus.acquire(stream)
+        wide = bus.partitioned and not isinstance(rid, int)
+        start: EventKey | WideStart | None = None
+        if wide:
+            start = WideStart(head=hub.position() if fresh else None, attached=())
+        elif fresh:
+            start = await _latest(services, rid)
+        await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+    except BaseException:
+        bus.release(stream)
+        raise
     hub.attach(stream)
+    if isinstance(start, WideStart):  # no await since attaching: later updates are held
+        start = start._replace(attached=hub.position())
     return stream, start
+
+
+class WideStart(NamedTuple):
+    """A stream of several partitions (``positions.py``): the hub's position before the head
+    (a fresh stream starts there) and when the stream was attached (live from there)."""
+
+    head: Position | None
+    attached: Position
 
 
 _INVALID = "invalid"
@@ -291,7 +318,7 @@ _UVICORN_HTTPTOOLS = "uvicorn.protocols.http.httptools_impl"
 
 async def _start(
     stream: Stream, services: Services, rid: RegistrationFilter, last_id: str | None,
-    retry_ms: int, start: EventKey | None = None,
+    retry_ms: int, start: EventKey | WideStart | None = None,
 ) -> None:  # fmt: skip
     """Write ``connected``, then the replay or snapshot, then release held live updates (no
     gap, no duplicate at the seam).
@@ -303,6 +330,9 @@ async def _start(
     gap; whatever was published between that read and attaching is replayed, so a client that
     starts a run as soon as it sees the head (``EventSource.onopen``) misses none of it.
     """
+    if isinstance(start, WideStart):
+        await _start_wide(stream, services, rid, last_id, retry_ms, start)
+        return
     fields: dict[str, Any] = {}
     if not last_id:
         fields["lastEventId"] = str(start) if start is not None else None
@@ -327,7 +357,95 @@ async def _start(
         metrics.STREAM_STARTS.labels("snapshot").inc()
     # the history cannot cover it: each followed registration's state (unfiltered: a resync
     # marker, re-read from the API)
-    await _snapshot(stream, services, rid, start=await _latest(services))
+    await _snapshot(stream, services, rid, start=await _latest(services, rid))
+
+
+async def _start_wide(
+    stream: Stream, services: Services, rid: RegistrationFilter, last_id: str | None,
+    retry_ms: int, start: WideStart,
+) -> None:  # fmt: skip
+    """``_start`` for a stream of several partitions (unfiltered, or a list page, in cluster
+    mode). Its ids are positions: each partition's part is replayed from its history, up to
+    where the hub was when the stream was attached (``start.attached``); everything after that
+    is held live updates, whose frames carry the hub's position. So a client resuming from any
+    id it got misses nothing and gets nothing twice, across partitions."""
+    bus = services.bus
+    fields: dict[str, Any] = {}
+    if not last_id:
+        fields["lastEventId"] = positions.encode(start.attached)
+    hello = b"retry: %d\n" % retry_ms + messages.control_frame("connected", **fields)
+    stream.write(hello, messages.chunk(hello))
+    wanted = None if rid is None else (rid if isinstance(rid, tuple) else (rid,))
+    if not last_id:
+        metrics.STREAM_STARTS.labels("fresh").inc()
+        base = start.head
+    else:
+        head, _, _ = last_id.partition("~")
+        base = positions.decode(head, len(bus.layout))
+    if base is not None and await _replay_wide(stream, bus, wanted, base, start.attached):
+        if last_id:
+            metrics.STREAM_STARTS.labels("replay").inc()
+        return
+    if last_id:
+        metrics.STREAM_STARTS.labels("snapshot").inc()
+    await _snapshot(stream, services, rid, start=start.attached)
+
+
+async def _replay_wide(
+    stream: Stream, bus: Bus, wanted: tuple[int, ...] | None, base: Position, upto: Position
+) -> bool:
+    """Write, in one burst, each followed partition's updates after ``base`` and up to
+    ``upto`` (merged in entry-id order, each with its position), then go live; False (nothing
+    written) when a history cannot prove it holds them all."""
+    indexes = bus.needs(wanted)
+    reads = []
+    for index in indexes:
+        after, until = base[index], upto[index]
+        if until is None or after == until:
+            continue  # nothing published there, or nothing since
+        if after is not None and (after.epoch != until.epoch or after > until):
+            return False  # another epoch (a failover), or ahead of this instance: re-sync
+        history = bus.histories[index]
+        ids = None if wanted is None else tuple(r for r in wanted if r % len(bus.layout) == index)
+        reads.append((index, until, history.since(after) if ids is None or after is None
+                      else history.since_for(after, ids)))  # fmt: skip
+    try:
+        replays = await asyncio.gather(*(read for _, _, read in reads))
+    except (RedisError, OSError):
+        return False
+    merged: list[tuple[int, int, int, Parsed]] = []
+    for (index, until, _), replay in zip(reads, replays, strict=True):
+        if not replay.complete or _resynced(replay, wanted):
+            return False
+        for parsed in replay.entries:
+            key = parsed.key
+            if key is None or (key.ms, key.n) > (until.ms, until.n):
+                continue  # held live (dispatched after the stream was attached)
+            if wanted is not None and parsed.registration_id not in wanted:
+                continue
+            merged.append((key.ms, key.n, index, parsed))
+    merged.sort(key=lambda item: item[:3])
+    components = [positions.component(key) for key in base]
+    for index in range(len(components)):
+        if index not in indexes:
+            components[index] = positions.component(upto[index])
+    frames: list[bytes] = []
+    for _, _, index, parsed in merged:
+        assert parsed.key is not None
+        components[index] = positions.component(parsed.key)
+        if parsed.resync is not None:
+            named = sorted(parsed.resync)
+            frames.append(messages.snapshot_frame(
+                {"registrationIds": named} if named else None, resync=True,
+                event_id=positions.join(components),
+            ))  # fmt: skip
+        else:
+            frames.append(messages.update_frame(parsed, event_id=positions.join(components)))
+    if frames:
+        burst = b"".join(frames)
+        stream.write(burst, messages.chunk(burst))
+    stream.go_live()
+    return True
 
 
 async def _replay(
@@ -336,11 +454,12 @@ async def _replay(
     """Write the history's updates after ``key`` that the stream follows, then go live; False
     (nothing written) when the history cannot prove it holds them all."""
     wanted = None if rid is None else (rid if isinstance(rid, tuple) else (rid,))
+    history = services.bus.history_of(wanted[0]) if wanted else services.bus.histories[0]
     try:
         if wanted is None:
-            replay = await services.history.since(key)
+            replay = await history.since(key)
         else:  # only these registrations' entries are read (history.py: the index)
-            replay = await services.history.since_for(key, wanted)
+            replay = await history.since_for(key, wanted)
     except (RedisError, OSError):
         return False
     if not replay.complete or _resynced(replay, wanted):
@@ -384,17 +503,20 @@ def _resynced(replay: Replay, wanted: tuple[int, ...] | None) -> bool:
     )
 
 
-async def _latest(services: Services) -> EventKey | None:
-    """The newest update in the history (read after attaching the stream), if Redis answers."""
+async def _latest(services: Services, rid: RegistrationFilter) -> EventKey | None:
+    """The newest update in the history (of the partition of a stream of one registration), if
+    Redis answers."""
+    bus = services.bus
+    history = bus.history_of(rid) if isinstance(rid, int) else bus.histories[0]
     try:
-        return await services.history.position()
+        return await history.position()
     except (RedisError, OSError):
         return None
 
 
 async def _snapshot(
     stream: Stream, services: Services, rid: RegistrationFilter, *,
-    only_if_started: bool = False, start: EventKey | None = None,
+    only_if_started: bool = False, start: EventKey | Position | None = None,
 ) -> None:  # fmt: skip
     """Send each followed registration's state from the database, or (unfiltered) a re-sync
     marker; then the stream goes live.
@@ -405,11 +527,15 @@ async def _snapshot(
     registrations: one snapshot frame each that has any progress (a registration never
     validated has nothing to show: its first update is seq 1), in id order.
     """
+    # one history's position, or (several partitions) the hub's position: no floor key then
+    position_id = None if start is None else (
+        str(start) if isinstance(start, EventKey) else positions.encode(start))  # fmt: skip
+    after = start if isinstance(start, EventKey) else None
     if rid is None:
         # Positioned too: after re-reading from the API the client resumes from `start`.
-        frame = messages.snapshot_frame(None, resync=True, event_id=str(start) if start else None)
+        frame = messages.snapshot_frame(None, resync=True, event_id=position_id)
         stream.write(frame, messages.chunk(frame))
-        stream.go_live(after=start)
+        stream.go_live(after=after)
         return
     several = isinstance(rid, tuple)
     details = []
@@ -424,15 +550,15 @@ async def _snapshot(
     frames = []
     for detail in details:
         seqs[detail["id"]] = detail["seq"]
-        event_id = messages.snapshot_id(start, detail["seq"]) if start is not None else None
+        event_id = f"{position_id}~{detail['seq']}" if position_id is not None else None
         frames.append(messages.snapshot_frame(detail, event_id=event_id))
     if frames:
         burst = b"".join(frames)
         stream.write(burst, messages.chunk(burst))
     if isinstance(rid, tuple):
-        stream.go_live(after=start, snapshot_seqs=seqs)
+        stream.go_live(after=after, snapshot_seqs=seqs)
     else:  # live updates up to the snapshot's seq are skipped
-        stream.go_live(after=start, snapshot_seq=seqs.get(rid))
+        stream.go_live(after=after, snapshot_seq=seqs.get(rid))
 
 
 def _detail(row: Any, log_rows: list[Any]) -> dict[str, Any]:
@@ -458,8 +584,12 @@ async def _refresh_while_due(stream: Stream, services: Services) -> None:
         if stream.pending is None:
             stream.pending = []  # hold live updates while the snapshots are read
         metrics.STREAM_STARTS.labels("snapshot").inc()
-        await _snapshot(stream, services, stream.registration_id, only_if_started=True,
-                        start=await _latest(services))  # fmt: skip
+        rid = stream.registration_id
+        start: EventKey | Position | None = (
+            services.hub.position() if services.bus.partitioned and not isinstance(rid, int)
+            else await _latest(services, rid)
+        )  # fmt: skip
+        await _snapshot(stream, services, rid, only_if_started=True, start=start)
 
 
 class Refresher:

@@ -1,29 +1,33 @@
-"""The process's one Redis subscription: receive, de-duplicate, hand to the hub.
+"""One partition's Redis subscription: receive, de-duplicate, hand to the hub.
 
-Only this module calls redis-py's subscribe API. The loop:
+Only this module calls redis-py's subscribe API. The loop, per partition (``partitions.py``; one
+Redis has one partition, the seed's channel):
 
-1. connect and ``SUBSCRIBE`` the updates channel and this process's probe channel; then
-   ``on_connect`` (the publisher's ``check_primary``: after a failover, a new epoch begins
-   before we catch up, so step 2 sees it);
-2. catch up from the history stream: every update after the last one we dispatched (Pub/Sub
+1. connect and subscribe the partition's channel and this subscriber's probe channel:
+   ``SUBSCRIBE`` on one Redis; in a Redis Cluster ``SSUBSCRIBE`` on the node that owns the
+   partition's slot (asked of the cluster client's slot map, refreshed by a keyed command first,
+   so after a failover the promoted replica is found); then ``on_connect`` (the publisher's
+   ``check_primary`` for this partition: after a failover, a new epoch begins before we catch
+   up, so step 2 sees it);
+2. catch up from the partition's history: every update after the last one we dispatched (Pub/Sub
    messages published while we were disconnected are gone; the stream still has them);
 3. read messages; each carries an ``eventId``, and anything at or before the last dispatched id
    is a duplicate of the catch-up and skipped; an update of another epoch than the last one
    means the history was replaced under a live subscription: streams re-sync first;
-4. on any connection error: back off (exponential, full jitter) and go to 1.
+4. on any connection error (also a shard channel the server unsubscribed us from: its slot moved):
+   back off (exponential, full jitter) and go to 1.
 
 A subscription can also die silently (a proxy dropping the flow, a wedged server): every
-``probe_interval`` we publish a probe to our own probe channel; if none came back for three
-intervals, ``healthy`` turns False (readiness goes red, a metric says so) and the subscriber is
-rebuilt. ``CancelledError`` is always re-raised.
+``probe_interval`` we publish a probe to our own probe channel (in the partition's slot, so it
+travels the same shard); if none came back for three intervals, ``healthy`` turns False
+(readiness goes red, a metric says so) and the subscriber is rebuilt. ``CancelledError`` is
+always re-raised.
 
-Why the read is by hand: redis-py sets the subscription up (TCP/TLS/unix socket, AUTH, HELLO,
-CLIENT SETNAME, SUBSCRIBE), but reading each message through ``PubSub.get_message`` cost ~10 % of
-the service's CPU, almost all of it redis-py's layers around the hiredis parse (retry wrapper, a
-timeout context per message, push-notification handling, a dict per message, telemetry hooks).
-``_Replies`` hands over every complete reply that arrived per wake-up, and the read is timed out
-once per probe interval, not once per message: 4x less subscriber CPU per message in bursts
-(numbers in ``_Replies``).
+Messages are read with redis-py's public ``PubSub.get_message``. A reader of our own on
+redis-py's private connection internals cost 4x less subscriber CPU per message (~16 vs ~64 µs
+in bursts), but a message is read once per instance and written to every stream that wants it:
+at the 1k broadcast that is under 1 % of the CPU per delivery (bench/RESULTS.md, run 16), not
+worth owning a Redis reply reader.
 """
 
 from __future__ import annotations
@@ -34,20 +38,24 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-import hiredis
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import PubSub
-from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from regstream import metrics
 from regstream.realtime import messages
+from regstream.realtime.connections import RedisClient
 from regstream.realtime.history import History
 from regstream.realtime.messages import EventKey, Parsed, ServiceChannel
+from regstream.realtime.partitions import Layout, Partition
 
 log = logging.getLogger(__name__)
+
+_DATA = (b"message", b"smessage", "message", "smessage")
+_GONE = (b"unsubscribe", b"sunsubscribe", "unsubscribe", "sunsubscribe")
 
 
 class Broker:
@@ -55,11 +63,13 @@ class Broker:
         self,
         *,
         subscriber: Callable[[], Redis],
-        commands: Redis,
+        commands: RedisClient,
         on_update: Callable[[Parsed], None],
         on_resync: Callable[[tuple[int, ...]], None] | None = None,
         on_connect: Callable[[], Awaitable[object]] | None = None,
+        on_position: Callable[[EventKey], None] | None = None,
         channel: str = ServiceChannel.REGISTRATION_UPDATES,
+        partition: Partition | None = None,
         probe_interval: float = 5.0,
         history_max: int = 10_000,
         health_metric: bool = False,
@@ -69,14 +79,15 @@ class Broker:
         self._on_update = on_update
         self._on_resync = on_resync
         self._on_connect = on_connect
-        self.channel = channel.encode()
-        self.probe_channel = (messages.PROBE_PREFIX + uuid.uuid4().hex).encode()
+        self._on_position = on_position
+        self.partition = partition if partition is not None else Layout.single(channel).partitions[0]
+        self.channel = self.partition.channel.encode()
+        self.probe_channel = self.partition.probe_channel(uuid.uuid4().hex).encode()
         self._probe_interval = probe_interval
-        self._history = History(commands, channel=channel, max_entries=history_max)
+        self._history = History(commands, partition=self.partition, max_entries=history_max)
         self.last_key: EventKey | None = None
         self.connected = asyncio.Event()
         self._last_probe_seen = time.monotonic()
-        self._rebuild = asyncio.Event()
         self.received = 0
         self._subscribed_once = False
         if health_metric:
@@ -95,11 +106,21 @@ class Broker:
         """Subscribe forever (until cancelled), reconnecting with backoff."""
         delay = 0.1
         first = True
+        sharded = self.partition.sharded
         while True:
-            client = self._subscriber_factory()
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            client: Redis | None = None
+            pubsub: PubSub | None = None
             try:
-                await pubsub.subscribe(self.channel, self.probe_channel)
+                if sharded and isinstance(self._commands, RedisCluster):
+                    # a keyed command: the cluster client refreshes its slot map on MOVED or on
+                    # a dead node, so the factory below finds the slot's current owner
+                    await self._commands.exists(self.partition.epoch_key)
+                client = self._subscriber_factory()
+                pubsub = client.pubsub()
+                if sharded:
+                    await pubsub.ssubscribe(self.channel, self.probe_channel)
+                else:
+                    await pubsub.subscribe(self.channel, self.probe_channel)
                 if not first:
                     metrics.REDIS_RECONNECTS.labels("subscriber").inc()
                     log.info("re-subscribed to %s", self.channel.decode())
@@ -119,15 +140,27 @@ class Broker:
                 log.exception("subscription loop failed; rebuilding")
             finally:
                 self.connected.clear()
-                await _quietly(pubsub.aclose())
-                await _quietly(client.aclose())
+                if pubsub is not None:
+                    await _quietly(pubsub.aclose())
+                if client is not None:
+                    await _quietly(client.aclose())
             await asyncio.sleep(delay * random.random() + 0.05)
             delay = min(delay * 2, 5.0)
+
+    def _position(self, key: EventKey) -> None:
+        self.last_key = key
+        if self._on_position is not None:
+            self._on_position(key)
 
     async def _catch_up(self) -> None:
         if not self._subscribed_once:  # first subscription: live from here on
             self._subscribed_once = True
-            self.last_key = await self._history.latest()
+            latest = await self._history.latest()
+            if latest is None:
+                epoch = await self._history.epoch()
+                latest = EventKey(epoch, 0, 0) if epoch is not None else None
+            if latest is not None:
+                self._position(latest)
             return
         last = self.last_key
         if last is None:
@@ -151,60 +184,48 @@ class Broker:
                 self._dispatch(parsed)
         latest = await self._history.latest()
         if latest is not None:
-            self.last_key = latest
+            self._position(latest)
         elif replay.epoch is not None:
             # an empty new epoch: remember it, so its first live update is not taken for
             # another change of epoch (a second re-sync)
-            self.last_key = EventKey(replay.epoch, 0, 0)
+            self._position(EventKey(replay.epoch, 0, 0))
 
     async def _read(self, pubsub: PubSub) -> None:
-        if pubsub.connection is None:
-            raise RedisConnectionError("the subscription has no connection")
-        replies = _Replies(pubsub.connection)
+        publish = self._commands.spublish if self.partition.sharded else self._commands.publish
         while True:
             now = time.monotonic()
-            await self._commands.publish(self.probe_channel, b"probe")
+            await publish(self.probe_channel, b"probe")
             if now - self._last_probe_seen > 3 * self._probe_interval:
                 log.error("probe did not come back through Redis; rebuilding the subscriber")
                 return
-            await self._read_until(replies, now + self._probe_interval)
+            deadline = now + self._probe_interval
+            while (remaining := deadline - time.monotonic()) > 0:
+                message = await pubsub.get_message(timeout=remaining)
+                if message is not None:
+                    self._on_message(message)
 
-    async def _read_until(self, replies: _Replies, deadline: float) -> None:
-        """Handle replies until the next probe is due (``deadline``, ``time.monotonic``).
-
-        One timer per probe interval, not one per read: entering a timeout costs ~10 µs, as much
-        as the rest of a wake-up. Cancelling the read at the deadline loses nothing: it can only
-        be cancelled while waiting, and unread bytes stay in the stream.
-        """
-        timer = asyncio.timeout(deadline - time.monotonic())
-        try:
-            async with timer:
-                while True:
-                    for reply in await replies.read():  # in arrival order
-                        self._on_reply(reply)
-        except TimeoutError:
-            if not timer.expired():
-                raise  # the socket's own (keepalive gave up): an OSError, so reconnect
-
-    def _on_reply(self, reply: object) -> None:
-        # A published message is [b"message", channel, data] (RESP3 delivers the same list as a
-        # push notification, a list subclass). Subscribe confirmations and pongs are ignored.
-        if isinstance(reply, list):
-            if len(reply) != 3 or reply[0] != b"message":
-                return
-            if reply[1] == self.probe_channel:
-                self._last_probe_seen = time.monotonic()
-                return
-            parsed = messages.parse_message(reply[2])
-            if parsed is None:
-                return
-            if parsed.resync is not None:
-                if self._on_resync is not None:
-                    self._on_resync(parsed.resync)
-                return
-            self._dispatch(parsed)
-        elif isinstance(reply, RedisError):  # an error reply: as get_message did, raise it
-            raise reply
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind in _GONE:
+            # the server dropped a subscription we did not give up (a shard channel whose slot
+            # moved to another node): subscribe again where it lives now
+            raise RedisConnectionError(f"the server ended the subscription ({kind!r})")
+        if kind not in _DATA:
+            return  # subscribe confirmations, pongs
+        if message.get("channel") == self.probe_channel:
+            self._last_probe_seen = time.monotonic()
+            return
+        data = message.get("data")
+        if not isinstance(data, bytes):
+            return
+        parsed = messages.parse_message(data)
+        if parsed is None:
+            return
+        if parsed.resync is not None:
+            if self._on_resync is not None:
+                self._on_resync(parsed.resync)
+            return
+        self._dispatch(parsed)
 
     def _dispatch(self, parsed: Parsed) -> None:
         key = parsed.key
@@ -238,68 +259,3 @@ async def _quietly(awaitable: object) -> None:
         await awaitable  # type: ignore[misc]
     except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways
         pass
-
-
-_INCOMPLETE = object()  # what hiredis returns while a reply is still partly in transit
-_READ_SIZE = 1 << 18  # usually all a wake-up has buffered (more: the next read, at once)
-
-
-class _Replies:
-    """The subscription's replies, every complete one that arrived, per wake-up.
-
-    Reads the connection's ``asyncio.StreamReader`` (``Connection._reader``, the one private
-    attribute used; redis-py's asyncio connections have had it since 4.2) into a hiredis reader
-    of our own. Safe to take over: after the handshake redis-py has read nothing from the socket
-    (``SUBSCRIBE`` only writes), so no reply sits in redis-py's parser; from here on only this
-    object reads it. A closed socket raises ``ConnectionError``, a reset ``OSError``, an error
-    reply or protocol error a ``RedisError``, all of which ``Broker.run`` reconnects on.
-
-    If ``_reader`` is missing (a future redis-py), it falls back to one
-    ``Connection.read_response`` per reply, public API and still cheaper than ``get_message``.
-
-    Subscriber CPU per message in µs (``Broker`` end to end, ``parse_message``'s ~9 µs included;
-    uvloop, Redis 7.0 on loopback, ~300-byte messages, medians of 5 interleaved runs):
-
-        read path                                   bursts of 500    one per wake-up
-        ``PubSub.get_message`` (before)                  64.1             186
-        ``Connection.read_response`` per reply           28.6             139
-        this: one hiredis drain per wake-up              15.9             116
-        floor: bare ``asyncio.Protocol`` + parse          ~12             ~77
-    """
-
-    fallback_logged = False
-
-    def __init__(self, connection: AbstractConnection) -> None:
-        self._connection = connection
-        self._stream = _stream_of(connection)
-        if self._stream is None and not _Replies.fallback_logged:  # once per process
-            _Replies.fallback_logged = True
-            log.warning("redis-py connection has no StreamReader; reading via read_response")
-        self._parser = hiredis.Reader(
-            protocolError=InvalidResponse, replyError=ResponseError, notEnoughData=_INCOMPLETE
-        )
-
-    async def read(self) -> list[object]:
-        """Wait for the next data; return every complete reply it finished, in order."""
-        stream = self._stream
-        if stream is None:
-            reply = await self._connection.read_response(
-                disable_decoding=True, timeout=None, disconnect_on_error=False, push_request=True
-            )  # timeout=None: the subscriber's socket_timeout, None (the caller times out)
-            return [reply]
-        data = await stream.read(_READ_SIZE)
-        if not data:
-            raise RedisConnectionError("Connection closed by server.")
-        parser = self._parser
-        parser.feed(data)
-        replies = []
-        reply = parser.gets()
-        while reply is not _INCOMPLETE:
-            replies.append(reply)
-            reply = parser.gets()
-        return replies
-
-
-def _stream_of(connection: AbstractConnection) -> asyncio.StreamReader | None:
-    stream = getattr(connection, "_reader", None)
-    return stream if isinstance(stream, asyncio.StreamReader) else None

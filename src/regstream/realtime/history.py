@@ -29,11 +29,12 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from regstream.realtime import messages
-from regstream.realtime.messages import EventKey, Parsed
+from regstream.realtime.connections import RedisClient
+from regstream.realtime.messages import EventKey, Parsed, ServiceChannel
+from regstream.realtime.partitions import Layout, Partition
 
 #: Lua: the registrations a stored message is about, as decimal strings: its ``registrationId``
 #: (read without decoding when it is the first key, as ``messages.encode`` writes it), or every
@@ -171,15 +172,19 @@ class Replay:
 
 
 class History:
-    def __init__(self, redis: Redis, *, channel: str, max_entries: int = 10_000) -> None:
+    """One partition's history (``partitions.py``; one Redis: the only one, the seed's channel's).
+    In a cluster every call reads one slot: the partition's shard."""
+
+    def __init__(
+        self, redis: RedisClient, *, channel: str = ServiceChannel.REGISTRATION_UPDATES,
+        partition: Partition | None = None, max_entries: int = 10_000,
+    ) -> None:  # fmt: skip
         self.redis = redis
-        self.key = channel + messages.HISTORY_SUFFIX
-        self.epoch_key = channel + messages.EPOCH_SUFFIX
+        self.partition = partition if partition is not None else Layout.single(channel).partitions[0]
+        self.key = self.partition.history_key
+        self.epoch_key = self.partition.epoch_key
         self._max_entries = max_entries
-        self._index_keys = [
-            channel + messages.INDEX_SUFFIX + ":",
-            channel + messages.INDEX_KEY_SUFFIX,
-        ]
+        self._index_keys = [self.partition.index_state_prefix, self.partition.index_key_prefix]
         self._read = redis.register_script(_READ_SCRIPT)
 
     async def epoch(self) -> str | None:

@@ -48,8 +48,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from regstream import metrics
-from regstream.realtime import messages
+from regstream.realtime import messages, positions
 from regstream.realtime.messages import EventKey, Parsed
+from regstream.realtime.positions import Position
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class Stream:
         # becomes that backlog plus max_buffer, and the shared timer lowers it back to max_buffer
         # once the client has caught up. So a slow start-up is never mistaken for a slow client.
         self.limit = UNLIMITED
-        self.pending: list[Parsed] | None = []
+        # held live updates, each with the frame this stream gets for it
+        self.pending: list[tuple[Parsed, bytes]] | None = []
         self.closed = False
         self.stalled_since: float | None = None
         self.info = info  # whatever the endpoint wants to keep (the principal, for auth checks)
@@ -116,7 +118,7 @@ class Stream:
             if len(self.pending) >= MAX_PENDING:
                 _cut(self, "start-up backlog")
                 return
-            self.pending.append(parsed)
+            self.pending.append((parsed, frame))
         elif not self.closed:
             if self.floor_key is not None or self.floor_seq or self.floor_seqs:
                 if self.covers(parsed):
@@ -153,12 +155,8 @@ class Stream:
         self.floor_seq = snapshot_seq or 0
         self.floor_seqs = snapshot_seqs or None
         held, self.pending = self.pending or [], None
-        for parsed in held:
-            if parsed.resync is not None:  # a re-sync that came during start-up (Hub.resync)
-                frame = _resync_frame(parsed.resync)
-                self.write(frame, messages.chunk(frame))
-            elif not self.covers(parsed):
-                frame = messages.update_frame(parsed)
+        for parsed, frame in held:
+            if parsed.resync is not None or not self.covers(parsed):
                 self.write(frame, messages.chunk(frame))
         self.limit = self.buffered() + self.max_buffer
 
@@ -327,6 +325,7 @@ class Hub:
         on_tick: Callable[[Stream, float], None] | None = None,
         on_detach: Callable[[Stream], None] | None = None,
         refresh: Callable[[Stream], None] | None = None,
+        partitions: int = 1,
     ) -> None:
         self.ping_interval = ping_interval
         self.send_timeout = send_timeout
@@ -340,6 +339,13 @@ class Hub:
         self._direct: set[TransportStream] = set()  # unfiltered and settled (module docstring)
         self._by_rid: dict[int, set[Stream]] = {}
         self._count = 0
+        # A partitioned bus (Redis Cluster, ``partitions.py``): the newest update dispatched per
+        # partition, and each as a part of a position id (``positions.py``). Streams following
+        # several partitions (unfiltered; several registrations) get update frames whose id is
+        # that whole position; a stream of one registration gets the update's own id.
+        self.partitions = partitions
+        self.keys: list[EventKey | None] = [None] * partitions
+        self._components = [""] * partitions
 
     def __len__(self) -> int:
         return self._count
@@ -392,22 +398,48 @@ class Hub:
                     seen.add(id(stream))
                 yield stream
 
+    def set_position(self, index: int, key: EventKey) -> None:
+        """Partition ``index`` is at ``key`` (its subscription started, or began a new epoch)."""
+        if self.partitions > 1:
+            self.keys[index] = key
+            self._components[index] = positions.component(key)
+
+    def position(self) -> Position:
+        """The newest update dispatched per partition (a partitioned bus)."""
+        return tuple(self.keys)
+
     def publish(self, parsed: Parsed) -> None:
-        """Deliver one update to every matching stream (frame encoded once)."""
+        """Deliver one update to every matching stream (frame encoded once, twice with a
+        partitioned bus: with the update's id, and with the position after it)."""
         frame = messages.update_frame(parsed)
         chunk = messages.chunk(frame)
+        rid = parsed.registration_id
+        wide, wide_chunk = frame, chunk
+        if self.partitions > 1 and rid is not None and parsed.key is not None:
+            index = rid % self.partitions
+            self.keys[index] = parsed.key
+            self._components[index] = positions.component(parsed.key)
+            wide = messages.update_frame(parsed, event_id=positions.join(self._components))
+            wide_chunk = messages.chunk(wide)
         for direct in self._direct:  # the hot loop: see the module docstring
             transport = direct.transport
             if not transport.is_closing():  # (a write to a lost connection logs a warning)
-                transport.write(chunk)
+                transport.write(wide_chunk)
         for stream in self._all:
-            stream.deliver(frame, chunk, parsed)
+            stream.deliver(wide, wide_chunk, parsed)
         delivered = len(self._direct) + len(self._all)
-        if parsed.registration_id is not None:
-            group = self._by_rid.get(parsed.registration_id)
+        if rid is not None:
+            group = self._by_rid.get(rid)
             if group:
-                for stream in group:
-                    stream.deliver(frame, chunk, parsed)
+                if wide is frame:
+                    for stream in group:
+                        stream.deliver(frame, chunk, parsed)
+                else:
+                    for stream in group:
+                        if isinstance(stream.registration_id, tuple):
+                            stream.deliver(wide, wide_chunk, parsed)
+                        else:
+                            stream.deliver(frame, chunk, parsed)
                 delivered += len(group)
         if delivered:
             metrics.FRAMES_DELIVERED.inc(delivered)
@@ -437,10 +469,11 @@ class Hub:
             self._all.discard(stream)
             self._direct.add(stream)
 
-    def resync(self, registration_ids: tuple[int, ...]) -> None:
+    def resync(self, registration_ids: tuple[int, ...], partition: int | None = None) -> None:
         """History could not cover a gap: tell the affected streams to re-sync (snapshot frame).
 
-        No ids: every stream. Otherwise the streams that follow any of them (and all unfiltered
+        No ids: every stream (``partition``: every stream following that partition of a
+        partitioned bus). Otherwise the streams that follow any of them (and all unfiltered
         ones), told which registrations to re-read. With a ``refresh``, a filtered stream gets
         its registrations' snapshots instead (the README's promise: their state, not a marker).
         """
@@ -449,6 +482,13 @@ class Hub:
             targets = [
                 s for s in self.streams()
                 if s.registration_id is None or not ids.isdisjoint(_ids(s.registration_id))
+            ]  # fmt: skip
+        elif partition is not None and self.partitions > 1:
+            count = self.partitions
+            targets = [
+                s for s in self.streams()
+                if s.registration_id is None
+                or any(one % count == partition for one in _ids(s.registration_id))
             ]  # fmt: skip
         else:
             targets = list(self.streams())
@@ -469,7 +509,7 @@ class Hub:
                 else:
                     refresh(stream)
             elif stream.pending is not None:
-                stream.pending.append(marker)
+                stream.pending.append((marker, frame))
             else:
                 stream.write(frame, chunk)
 

@@ -186,8 +186,12 @@ def with_event_id(raw: bytes, key: EventKey) -> bytes:
 # --- SSE frames --------------------------------------------------------------------------------
 
 
-def update_frame(parsed: Parsed) -> bytes:
-    head = b"id: " + str(parsed.key).encode() + b"\n" if parsed.key else b""
+def update_frame(parsed: Parsed, event_id: str | None = None) -> bytes:
+    """An update's frame, with its own id or ``event_id`` (a position: ``positions.py``)."""
+    if event_id is not None:
+        head = b"id: " + event_id.encode() + b"\n"
+    else:
+        head = b"id: " + str(parsed.key).encode() + b"\n" if parsed.key else b""
     return head + b'data: {"type":"update","data":' + parsed.raw + b"}\n\n"
 
 

@@ -30,25 +30,21 @@ import httpx
 import pytest
 import redis as redis_sync
 from pydantic import SecretStr
-from sqlalchemy import select
 
 from regstream.config import Settings
 from regstream.core_banking.simulator import SimulatorConfig
 from regstream.core_banking.simulator.dataset import load_applicant
 from regstream.core_banking.simulator.server import serve_in_thread
-from regstream.db.tables import ProcessLogEntry
 from regstream.realtime import messages
 from regstream.realtime.broker import Broker
 from regstream.realtime.connections import RedisTarget, create_client, create_subscriber_client
 from regstream.realtime.embedded import EmbeddedRedis, find_server_binary
 from regstream.realtime.publisher import RegistrationPubSub
 from tests.conftest import unavailable
+from tests.stream_coverage import Watched, final_rows, process_log, uncovered
 from tests.support import (
-    Frame,
-    SseReader,
     StreamClient,
     auth_headers,
-    run_in_db,
     serve_app,
     wait_until,
 )
@@ -187,80 +183,6 @@ def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
         topology.stop()
 
 
-# --- what a stream must have -------------------------------------------------------------------
-
-
-@dataclass
-class Watched:
-    """A stream under test and the registrations it must cover (None: all)."""
-
-    name: str
-    reader: SseReader
-    rids: set[int] | None
-    earlier: list[Frame] = field(default_factory=list)  # frames of its first connection
-
-    @property
-    def frames(self) -> list[Frame]:
-        return [*self.earlier, *self.reader.frames]
-
-
-def _uncovered(watched: Watched, log: dict[int, list[tuple[int, int]]]) -> list[tuple[int, int]]:
-    """``(registrationId, seq)`` of the process log the stream neither received nor was told to
-    re-read: a re-sync marker covers what was committed before it (the client re-reads then), a
-    filtered snapshot covers its registration up to its seq."""
-    received: set[tuple[int, int]] = set()
-    resync_at: dict[int | None, int] = {}  # registration (None: all) -> latest marker time
-    snapshot_seq: dict[int, int] = {}
-    for frame in watched.frames:
-        if frame.type == "update":
-            update = frame.update
-            received.add((update["registrationId"], update["seq"]))
-        elif frame.type == "snapshot" and frame.data is not None:
-            data = frame.data.get("data") or {}
-            if frame.data.get("resync"):
-                for rid in data.get("registrationIds") or [None]:
-                    resync_at[rid] = max(resync_at.get(rid, 0), int(frame.data["timestamp"]))
-            elif "id" in data:
-                snapshot_seq[data["id"]] = max(snapshot_seq.get(data["id"], 0), data["seq"])
-    missing = []
-    for rid, entries in log.items():
-        if watched.rids is not None and rid not in watched.rids:
-            continue
-        marker = max(resync_at.get(rid, 0), resync_at.get(None, 0))
-        for seq, at_ms in entries:
-            if (rid, seq) in received or seq <= snapshot_seq.get(rid, 0) or at_ms <= marker:
-                continue
-            missing.append((rid, seq))
-    return missing
-
-
-def _process_log(live: Any, rids: list[int]) -> dict[int, list[tuple[int, int]]]:
-    async def read(session: Any) -> list[Any]:
-        query = select(
-            ProcessLogEntry.registration_id, ProcessLogEntry.seq, ProcessLogEntry.stage,
-            ProcessLogEntry.timestamp_ms,
-        ).where(ProcessLogEntry.registration_id.in_(rids))  # fmt: skip
-        return list((await session.execute(query)).all())
-
-    log: dict[int, list[tuple[int, int]]] = {rid: [] for rid in rids}
-    for rid, seq, _stage, at_ms in run_in_db(live, read):
-        log[rid].append((seq, at_ms))
-    return log
-
-
-def _final_rows(live: Any, rids: list[int]) -> dict[int, int]:
-    async def read(session: Any) -> list[Any]:
-        query = select(ProcessLogEntry.registration_id).where(
-            ProcessLogEntry.registration_id.in_(rids), ProcessLogEntry.stage.is_(None)
-        )
-        return list((await session.execute(query)).scalars())
-
-    counts = dict.fromkeys(rids, 0)
-    for rid in run_in_db(live, read):
-        counts[rid] += 1
-    return counts
-
-
 # --- the test ----------------------------------------------------------------------------------
 
 
@@ -365,18 +287,18 @@ async def _fail_over_mid_bulk(live: Any, topology: SentinelSet) -> None:
                 return len(mine) == BULK_SIZE and not any(row["inProgress"] for row in mine)
 
             await wait_until(all_ended, timeout=90, interval=0.25, what="every run to end")
-            log = _process_log(live, rids)
+            log = process_log(live, rids)
 
             def complete() -> bool:
-                return all(not _uncovered(w, log) for w in watched)
+                return all(not uncovered(w, log) for w in watched)
 
             with contextlib.suppress(AssertionError):  # the assert below says what is missing
                 await wait_until(complete, timeout=20, what="every stream complete or re-synced")
-            missing = {w.name: _uncovered(w, log)[:10] for w in watched}
+            missing = {w.name: uncovered(w, log)[:10] for w in watched}
             assert missing == {w.name: [] for w in watched}
 
             # exactly one final status per registration, in the database
-            assert _final_rows(live, rids) == dict.fromkeys(rids, 1)
+            assert final_rows(live, rids) == dict.fromkeys(rids, 1)
             # the service followed the promotion without a restart
             assert (await http.get("/readyz")).status_code == 200
             with redis_sync.Redis(port=replica_port) as primary:

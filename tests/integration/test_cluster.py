@@ -1,0 +1,237 @@
+"""The service on a Redis Cluster (issue 18): a private 3-master, 3-replica cluster on loopback
+(``tests/cluster_support.py``), ``REDIS_URL`` naming one node, cluster mode detected.
+
+- updates go to 16 partitions by registration id, each published with ``SPUBLISH`` on a
+  hash-tagged shard channel beside its history (one slot: the script is never ``CROSSSLOT``);
+- an instance subscribes only to the partitions its streams follow;
+- an unfiltered stream's ids are positions (one part per partition) and a resume from any of
+  them is exact: every update after it once, none before it;
+- the seed's channel gets nothing unless the mirror is switched on;
+- a master killed mid-bulk: its replica is promoted, every registration ends with one final
+  status, every stream is complete or told to re-sync, the service follows without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_sync
+from pydantic import SecretStr
+
+from regstream.config import Settings
+from regstream.core_banking.simulator import SimulatorConfig
+from regstream.core_banking.simulator.dataset import load_applicant
+from regstream.core_banking.simulator.server import serve_in_thread
+from regstream.realtime import positions
+from regstream.realtime.messages import ServiceChannel
+from regstream.realtime.partitions import Layout
+from tests.cluster_support import PrivateCluster
+from tests.conftest import TEST_SECRET_KEY
+from tests.stream_coverage import Watched, final_rows, process_log, uncovered
+from tests.support import LiveServer, SseReader, StreamClient, auth_headers, serve_app, wait_until
+
+pytestmark = pytest.mark.redis
+
+LAYOUT = Layout.cluster(16)
+
+
+@pytest.fixture
+def cluster(redis_cluster: PrivateCluster) -> Iterator[PrivateCluster]:
+    """The module's cluster, emptied before each test (each test's database starts at id 1)."""
+    for master in redis_cluster.masters():
+        redis_cluster.client(master.port).flushall()
+    yield redis_cluster
+
+
+def _settings(cluster: PrivateCluster, tmp_path: Path, t24_url: str, **extra: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "var", "redis_url": SecretStr(cluster.url),
+        "t24_base_url": t24_url, "secret_key": SecretStr(TEST_SECRET_KEY),
+        "t24_timeout": 2.0, "t24_deadline": 4.0, "probe_interval": 1.0, "lease_seconds": 5.0,
+        "drain_spread": 0.5,
+    }  # fmt: skip
+    values.update(extra)
+    return Settings(**values)
+
+
+@contextlib.asynccontextmanager
+async def _stream(live: LiveServer, **kwargs: Any) -> AsyncIterator[SseReader]:
+    client = StreamClient(live.url, headers=auth_headers(live, "admin"), **kwargs)
+    reader = await client.__aenter__()
+    try:
+        yield reader
+    finally:
+        await client.__aexit__(None, None, None)
+
+
+async def _create(http: httpx.AsyncClient, count: int, first: int) -> list[int]:
+    rids = []
+    for n in range(count):
+        created = await http.post("/api/registrations", json=load_applicant(first + n))
+        assert created.status_code == 201, created.text
+        rids.append(created.json()["id"])
+    return rids
+
+
+async def _process(http: httpx.AsyncClient, rids: list[int]) -> None:
+    response = await http.post("/api/registrations/process", json={"registrationIds": rids})
+    assert response.status_code == 200 and response.json()["accepted"] == rids, response.text
+
+
+def _seqs(reader: SseReader, rid: int) -> list[int]:
+    return [u["seq"] for u in reader.updates(rid)]
+
+
+async def test_cluster_mode_partitions_streams_and_exact_resume(
+    cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    with serve_in_thread(SimulatorConfig(latency_ms=5)) as t24:
+        with serve_app(_settings(cluster, tmp_path, t24.base_url)) as live:
+            bus = live.services.bus
+            assert bus.partitioned and len(bus.layout) == 16
+            operator = auth_headers(live, "operator")
+            async with httpx.AsyncClient(base_url=live.url, headers=operator, timeout=10) as http:
+                rids = await _create(http, 24, 7_000)
+                one = rids[5]
+                # nobody follows anything yet: no subscription at all
+                assert bus.subscribed == ()
+                async with _stream(live, registration_id=one) as filtered:
+                    assert bus.subscribed == (one % 16,)  # only its registration's partition
+                    with redis_sync.Redis(port=cluster.masters()[0].port) as node:
+                        seed = node.pubsub()
+                        seed.subscribe(ServiceChannel.REGISTRATION_UPDATES)
+                        async with _stream(live) as everything:
+                            assert bus.subscribed == tuple(range(16))
+                            await _process(http, rids[:12])
+                            for rid in rids[:12]:
+                                await everything.wait_final(rid)
+                            middle = everything.last_event_id()
+                            assert middle is not None and positions.is_position(middle)
+                            assert len(middle) < 400  # compact: one short part per partition
+                            await _process(http, rids[12:])
+                            for rid in rids[12:]:
+                                await everything.wait_final(rid)
+                            await filtered.wait_final(one)
+                            # every registration's updates in seq order, each once
+                            for rid in rids:
+                                seqs = _seqs(everything, rid)
+                                assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 4
+                            assert _seqs(filtered, one) == _seqs(everything, one)
+                            assert {u["registrationId"] for u in filtered.updates()} == {one}
+                            # the seed's channel: nothing without the mirror (classic PUBLISH
+                            # would copy every update to every node of the cluster)
+                            mirrored = [seed.get_message(timeout=0.2) for _ in range(5)]
+                            assert [m for m in mirrored if m and m["type"] == "message"] == []
+                            seed.close()
+                        # a resume from the middle: exactly what came after it
+                        async with _stream(live, last_event_id=middle) as resumed:
+                            for rid in rids[12:]:
+                                await resumed.wait_final(rid)
+                            await asyncio.sleep(0.3)
+                            for rid in rids[:12]:
+                                assert _seqs(resumed, rid) == []
+                            for rid in rids[12:]:
+                                assert _seqs(resumed, rid) == _seqs(everything, rid)
+                            assert not [f for f in resumed.frames if f.type == "snapshot"]
+                # the shard channels and histories live where their hash tags say
+                partition = LAYOUT.of(one)
+                owner = cluster.master_of(partition.history_key)
+                with redis_sync.Redis(port=owner.port) as node:
+                    assert node.xlen(partition.history_key) >= 4
+                    assert node.get(partition.epoch_key)
+                assert (await http.get("/readyz")).status_code == 200
+
+
+async def test_seed_channel_mirror_when_switched_on(
+    cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    settings_extra = {"seed_channel_mirror": True}
+    with serve_in_thread(SimulatorConfig(latency_ms=5)) as t24:
+        with serve_app(_settings(cluster, tmp_path, t24.base_url, **settings_extra)) as live:
+            operator = auth_headers(live, "operator")
+            async with httpx.AsyncClient(base_url=live.url, headers=operator, timeout=10) as http:
+                rids = await _create(http, 3, 7_100)
+                # any node: classic Pub/Sub is a cluster-wide broadcast
+                with redis_sync.Redis(port=cluster.masters()[-1].port) as node:
+                    seed = node.pubsub(ignore_subscribe_messages=True)
+                    seed.subscribe(ServiceChannel.REGISTRATION_UPDATES)
+                    await _process(http, rids)
+                    got: list[Any] = []
+
+                    def arrived() -> bool:
+                        message = seed.get_message(timeout=0.05)
+                        if message is not None:
+                            got.append(message)
+                        return sum(b'"final":true' in m["data"] for m in got) >= 3
+
+                    await wait_until(arrived, timeout=20, interval=0, what="mirrored finals")
+                    seed.close()
+
+
+@pytest.mark.timeout(240)
+async def test_master_killed_mid_bulk_every_registration_ends_once_and_streams_complete(
+    fresh_redis_cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    cluster = fresh_redis_cluster
+    bulk = 60
+    with serve_in_thread(SimulatorConfig(latency_ms=80)) as t24:
+        settings = _settings(cluster, tmp_path, t24.base_url, pipeline_concurrency=4)
+        with serve_app(settings) as live:
+            operator = auth_headers(live, "operator")
+            async with httpx.AsyncClient(base_url=live.url, headers=operator, timeout=10) as http:
+                rids = await _create(http, bulk, 7_200)
+                # the master that owns the first registration's partition dies
+                victim_partition = LAYOUT.of(rids[0])
+                followed = [rids[0], rids[bulk // 2], rids[-1]]
+                async with contextlib.AsyncExitStack() as stack:
+                    everything = await stack.enter_async_context(_stream(live))
+                    watched = [Watched("unfiltered", everything, None)]
+                    for rid in followed:
+                        reader = await stack.enter_async_context(_stream(live, registration_id=rid))
+                        watched.append(Watched(f"filtered-{rid}", reader, {rid}))
+                    await _process(http, rids)
+
+                    def finals() -> int:
+                        return sum(1 for u in everything.updates() if u.get("final"))
+
+                    await wait_until(lambda: finals() >= 6, timeout=60, what="the bulk under way")
+                    resume_from = everything.last_event_id()
+                    killed = cluster.kill_master_of(victim_partition.history_key)
+                    promoted = await cluster.wait_promoted(killed, timeout=60)
+                    assert promoted.port != killed.port
+                    # a stream that comes back with the id it had before the kill
+                    resumed = await stack.enter_async_context(
+                        _stream(live, last_event_id=resume_from)
+                    )
+                    watched.append(Watched("resumed", resumed, None))
+
+                    async def all_ended() -> bool:
+                        rows = (await http.get("/api/registrations",
+                                               params={"pageSize": 200})).json()["items"]  # fmt: skip
+                        mine = [row for row in rows if row["id"] in set(rids)]
+                        return len(mine) == bulk and not any(row["inProgress"] for row in mine)
+
+                    await wait_until(all_ended, timeout=120, interval=0.25, what="every run ended")
+                    log = process_log(live, rids)
+
+                    def complete() -> bool:
+                        return all(not uncovered(w, log) for w in watched)
+
+                    with contextlib.suppress(AssertionError):
+                        await wait_until(complete, timeout=30, what="every stream complete")
+                    missing = {w.name: uncovered(w, log)[:10] for w in watched}
+                    assert missing == {w.name: [] for w in watched}
+                assert final_rows(live, rids) == dict.fromkeys(rids, 1)
+                # followed the new topology without a restart: a new stream gets new updates
+                assert (await http.get("/readyz")).status_code == 200
+                late = await _create(http, 1, 7_400)
+                async with _stream(live) as after:
+                    await _process(http, late)
+                    final = await after.wait_final(late[0])
+                    assert final["registrationId"] == late[0]

@@ -358,3 +358,18 @@ def create_user(
 def auth_headers(live: LiveServer, role: str = "operator") -> dict[str, str]:
     """``Authorization: Bearer …`` headers of a new user with ``role`` (viewer/operator/admin)."""
     return create_user(live, role).headers
+
+
+def on_write_path(live: LiveServer, path: str) -> bool:
+    """Whether the server has streams and every one is on ``path`` (``api/takeover.py``):
+    ``transport`` (taken over from uvicorn: its connection owned by a ``StreamProtocol``) or
+    ``queued`` (the portable path)."""
+    from regstream.realtime.hub import QueuedStream, StreamProtocol, TransportStream
+
+    streams = list(live.services.hub.streams())
+    if path == "queued":
+        return bool(streams) and all(isinstance(s, QueuedStream) for s in streams)
+    return bool(streams) and all(
+        isinstance(s, TransportStream) and isinstance(s.transport.get_protocol(), StreamProtocol)
+        for s in streams
+    )

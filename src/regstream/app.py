@@ -40,6 +40,7 @@ from regstream.api.admission import StartGate
 from regstream.api.auth import require_page_role
 from regstream.api.deps import Services
 from regstream.api.stream import STREAM_PATH, Refresher, StreamEndpoint
+from regstream.api.takeover import Takeover
 from regstream.auth.middleware import BodySizeLimit, CrossSiteGuard, SecurityHeaders
 from regstream.auth.runtime import AuthRuntime
 from regstream.config import Settings, load_settings
@@ -70,6 +71,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             async with _services(settings, auth) as services:
                 app.state.services = services
                 app.state.loop = asyncio.get_running_loop()
+                app.state.takeover.announce()  # the log line and metric naming the write path
                 drain = Drain(services)
                 restore = drain.install_signals()
                 try:
@@ -222,7 +224,9 @@ class Application:
     def __init__(self, api: FastAPI) -> None:
         self.api = api
         self.state = api.state
-        endpoint: Any = StreamEndpoint(lambda: api.state.services)
+        # the streams' write path, decided once (api/takeover.py); the lifespan announces it
+        api.state.takeover = Takeover.decide(enabled=api.state.settings.stream_fast_path)
+        endpoint: Any = StreamEndpoint(lambda: api.state.services, api.state.takeover)
         self._stream = endpoint
         origins = api.state.settings.cors_origins
         if origins:

@@ -113,10 +113,28 @@ class LoopbackServer:
         raise NotImplementedError
 
 
-def free_port() -> int:
+def free_port(*, below: int = 65536, also_free: int | None = None) -> int:
+    """A free loopback port under ``below`` (55000 for servers of our own: the rule for test
+    ports); with ``also_free``, the port that many above it is free too (a cluster node's bus
+    port, P + 10000)."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port < below and (also_free is None or _is_free(port + also_free)):
+            return port
+    raise RuntimeError(f"no free loopback port below {below} found in 200 tries")
+
+
+def _is_free(port: int) -> bool:
+    if port > 65535:
+        return False
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 async def wait_until(

@@ -391,3 +391,12 @@ def on_write_path(live: LiveServer, path: str) -> bool:
         isinstance(s, TransportStream) and isinstance(s.transport.get_protocol(), StreamProtocol)
         for s in streams
     )
+
+
+def metric_value(name: str, labels: dict[str, str] | None = None) -> float:
+    """A sample of the process's Prometheus registry (``prometheus_client``'s public reader)."""
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(name, labels or {})
+    assert value is not None, f"no sample {name} {labels or ''}"
+    return value

@@ -4,8 +4,6 @@ runs exactly as if clicked alone, a second request conflicts, refusals are clear
 from __future__ import annotations
 
 import httpx
-
-from regstream import metrics
 from regstream.core_banking.simulator.dataset import load_applicant
 from regstream.db import users
 from regstream.realtime.connections import create_client
@@ -16,6 +14,7 @@ from tests.support import (
     LiveServer,
     StreamClient,
     auth_headers,
+    metric_value,
     serve_app,
     wait_until,
 )
@@ -166,8 +165,8 @@ async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
     with serve_app(make_settings(outbox_max=64, pipeline_concurrency=4)) as live:
         operator = auth_headers(live, "operator")
         redis = create_client(redis_server.url, name="test-admin")
-        overflows = metrics.OUTBOX_OVERFLOWS._value.get()
-        holds = metrics.PUBLISH_HOLDS._value.get()
+        overflows = metric_value("regstream_publish_outbox_overflows_total")
+        holds = metric_value("regstream_publish_holds_total")
         try:
             async with (
                 StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
@@ -184,5 +183,5 @@ async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
                 assert not any(f.type == "snapshot" for f in sse.frames)
         finally:
             await redis.aclose()
-        assert metrics.OUTBOX_OVERFLOWS._value.get() == overflows
-        assert metrics.PUBLISH_HOLDS._value.get() > holds  # the hold did engage
+        assert metric_value("regstream_publish_outbox_overflows_total") == overflows
+        assert metric_value("regstream_publish_holds_total") > holds  # the hold did engage

@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
-from regstream import metrics
 from regstream.realtime import messages
 from regstream.realtime.connections import create_client, create_subscriber_client
 from regstream.realtime.embedded import EmbeddedRedis, free_port
 from regstream.realtime.history import History
 from regstream.realtime.messages import parse_event_id
 from regstream.realtime.publisher import RegistrationPubSub
-from tests.support import wait_until
+from tests.support import metric_value, wait_until
 
 
 async def _roundtrip(url: str) -> None:
@@ -73,7 +71,7 @@ async def test_embedded_valkey_binary_works_as_fallback(tmp_path: Path) -> None:
 
 
 def _overflows() -> float:
-    return float(metrics.OUTBOX_OVERFLOWS._value.get())
+    return metric_value("regstream_publish_outbox_overflows_total")
 
 
 @asynccontextmanager
@@ -182,7 +180,7 @@ async def test_registrations_that_overflow_during_a_resync_are_announced_too(
     redis = create_client(redis_server.url, name="test-pub", retries=0)
     pubsub = RegistrationPubSub(redis, outbox_max=40)
     admin = None
-    failures = metrics.PUBLISH_FAILURES._value.get()
+    failures = metric_value("regstream_publish_failures_total")
 
     def enqueue(rids: range) -> None:
         for rid in rids:
@@ -194,7 +192,8 @@ async def test_registrations_that_overflow_during_a_resync_are_announced_too(
         redis_server.kill()
         enqueue(range(1, 61))  # 1-20 overflow
         await wait_until(
-            lambda: metrics.PUBLISH_FAILURES._value.get() > failures, what="a failed publish"
+            lambda: metric_value("regstream_publish_failures_total") > failures,
+            what="a failed publish",
         )
         redis_server.start()
         admin = create_client(redis_server.url, name="test-admin")

@@ -4,6 +4,7 @@ runs exactly as if clicked alone, a second request conflicts, refusals are clear
 from __future__ import annotations
 
 import httpx
+
 from regstream.core_banking.simulator.dataset import load_applicant
 from regstream.db import users
 from regstream.realtime.connections import create_client

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
+
 from regstream.auth.limits import LimitStore
 from regstream.auth.principal import Principal, Role
 from regstream.auth.stream_slots import KEY_PREFIX, StreamSlots

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
 from regstream.realtime import messages
 from regstream.realtime.connections import create_client, create_subscriber_client
 from regstream.realtime.embedded import EmbeddedRedis, free_port

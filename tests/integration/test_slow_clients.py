@@ -6,6 +6,7 @@ import socket
 from collections.abc import Callable
 
 import pytest
+
 from tests.conftest import SettingsFactory
 from tests.support import StreamClient, auth_headers, metric_value, serve_app, wait_until
 

@@ -21,9 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream import metrics
 from regstream.db import registrations
-from regstream.db.driver import Bound
 from regstream.db.group_commit import GroupCommit
-from regstream.db.registrations import Event, LogEvent
+from regstream.db.registrations import Bound, Event, LogEvent
 from regstream.domain.enums import RegistrationStatus
 from regstream.domain.models import Applicant
 from regstream.pipeline import events

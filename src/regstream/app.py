@@ -30,16 +30,22 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from regstream import __version__, logs
-from regstream.api import auth as auth_routes
+from regstream.api import audit as audit_routes
 from regstream.api import dashboard as dashboard_routes
+from regstream.api import docs as docs_routes
 from regstream.api import errors
 from regstream.api import health as health_routes
+from regstream.api import login as login_routes
 from regstream.api import registrations as registration_routes
 from regstream.api import stream_schema as stream_schema_routes
+from regstream.api import tickets as ticket_routes
+from regstream.api import tokens as token_routes
+from regstream.api import users as user_routes
 from regstream.api.admission import StartGate
 from regstream.api.auth import require_page_role
-from regstream.api.deps import Services
+from regstream.api.deps import Services, expose
 from regstream.api.stream import STREAM_PATH, Refresher, StreamEndpoint
+from regstream.api.stream_auth import stream_authenticator
 from regstream.api.takeover import Takeover
 from regstream.auth.middleware import BodySizeLimit, CrossSiteGuard, SecurityHeaders
 from regstream.auth.runtime import AuthRuntime
@@ -69,7 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.auth = auth
         try:
             async with _services(settings, auth) as services:
-                app.state.services = services
+                expose(app.state, services)  # each on its own, for api/deps.py
                 app.state.loop = asyncio.get_running_loop()
                 app.state.takeover.announce()  # the log line and metric naming the write path
                 drain = Drain(services)
@@ -187,7 +193,7 @@ async def _services(settings: Settings, auth: AuthRuntime) -> AsyncIterator[Serv
             max_wait=settings.resume_wait,
         ),
     )  # fmt: skip
-    services.stream_auth = auth_routes.stream_authenticator(services, auth)
+    services.stream_auth = stream_authenticator(settings, sessions, hub, auth)
     hub.refresh = Refresher(services)  # a re-sync sends filtered streams their state again
     tasks = [
         # what the database committed and Redis never saw (the process died while Redis was
@@ -249,7 +255,7 @@ def create_api(settings: Settings) -> FastAPI:
         version=__version__,
         description="Validate mobile-banking registrations against T24 and stream every step live.",
         lifespan=lifespan,
-        # served by api/auth.py behind the viewer role instead
+        # served by api/docs.py behind the viewer role instead
         openapi_url=None, docs_url=None, redoc_url=None,
     )  # fmt: skip
     api.state.settings = settings
@@ -264,7 +270,12 @@ def create_api(settings: Settings) -> FastAPI:
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"], max_age=600,
         )  # fmt: skip
-    api.include_router(auth_routes.router)
+    api.include_router(login_routes.router)
+    api.include_router(ticket_routes.router)
+    api.include_router(user_routes.router)
+    api.include_router(token_routes.router)
+    api.include_router(audit_routes.router)
+    api.include_router(docs_routes.router)
     api.include_router(registration_routes.router)
     api.include_router(health_routes.router)
     api.include_router(dashboard_routes.router)

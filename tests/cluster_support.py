@@ -163,6 +163,22 @@ class PrivateCluster:
     def masters(self) -> list[NodeInfo]:
         return [node for node in self.nodes() if node.role == "master"]
 
+    def name_per_master(
+        self, prefix: str, key: Callable[[str], str] = str, *, tries: int = 10_000
+    ) -> dict[int, str]:
+        """A name for each master (by port) such that ``key(name)`` hashes to a slot it serves:
+        channels, identifiers or ids that put a test's keys on every shard (or on a chosen one)."""
+        masters = self.masters()
+        names: dict[int, str] = {}
+        for i in range(tries):
+            name = f"{prefix}-{i}"
+            slot = _slot(key(name))
+            owner = next(m for m in masters if m.serves(slot))
+            names.setdefault(owner.port, name)
+            if len(names) == len(masters):
+                return names
+        raise AssertionError(f"no name per master in {tries} tries")
+
     def master_of(self, key_or_slot: str | bytes | int) -> NodeInfo:
         slot = _slot(key_or_slot)
         for node in self.masters():

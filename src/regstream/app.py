@@ -28,6 +28,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from redis.exceptions import RedisError
 
 from regstream import __version__, logs
 from regstream.api import audit as audit_routes
@@ -56,7 +57,12 @@ from regstream.drain import Drain
 from regstream.pipeline import catch_up
 from regstream.pipeline.runner import Runner
 from regstream.realtime.broker import Broker
-from regstream.realtime.connections import RedisTarget, create_client, create_subscriber_client
+from regstream.realtime.connections import (
+    RedisTarget,
+    create_client,
+    create_subscriber_client,
+    resolve_cluster,
+)
 from regstream.realtime.history import History
 from regstream.realtime.hub import Hub
 from regstream.realtime.publisher import RegistrationPubSub
@@ -71,7 +77,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     with EmbeddedStack(settings) as stack:
         settings = stack.settings
-        auth = _auth_runtime(settings)
+        auth = await _auth_runtime(settings)
         app.state.auth = auth
         try:
             async with _services(settings, auth) as services:
@@ -87,18 +93,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                     await drain.finish()
                     await auth.guard.release_all()
         finally:
-            if auth.redis is not None:
-                await auth.redis.aclose()
+            await auth.aclose()
 
 
-def _auth_runtime(settings: Settings) -> AuthRuntime:
+async def _auth_runtime(settings: Settings) -> AuthRuntime:
     """Limits count in Redis through a client of their own (same URL and options as the others,
     a small pool: a herd of resumes reading the history never delays a sign-in), with short
-    timeouts: while Redis is out they count per process (``auth/limits.py``)."""
+    timeouts: while Redis is out they count per process (``auth/limits.py``). On a Redis Cluster
+    (``REDIS_CLUSTER``, or detected) that client is a cluster client."""
     redis = None
     if settings.effective_redis_url is not None:
+        target = RedisTarget.from_settings(settings)
+        # a Redis that does not answer yet cannot say whether it is a cluster: REDIS_CLUSTER
+        # decides then (unset: one Redis), and limits count per process until it answers
+        with contextlib.suppress(RedisError, OSError):
+            target = await resolve_cluster(target, settings.redis_cluster)
         redis = create_client(
-            RedisTarget.from_settings(settings), name=f"regstream-limits-{os.getpid()}",
+            target, name=f"regstream-limits-{os.getpid()}",
             retries=0, socket_timeout=2.0, max_connections=16,
         )  # fmt: skip
     return AuthRuntime(settings, redis=redis, secret=national_id_keys(settings).current)

@@ -13,22 +13,8 @@ import os
 import time
 
 from redis.asyncio.cluster import ClusterPubSub, RedisCluster
-from redis.crc import key_slot
 
 from tests.cluster_support import SLOTS, NodeInfo, PrivateCluster
-
-
-def _one_key_per_master(cluster: PrivateCluster, prefix: str) -> dict[int, str]:
-    """A name for each master (by port) whose slot that master serves."""
-    masters = cluster.masters()
-    names: dict[int, str] = {}
-    for i in range(1000):
-        name = f"{prefix}-{i}"
-        owner = next(m for m in masters if m.serves(key_slot(name.encode())))
-        names.setdefault(owner.port, name)
-        if len(names) == len(masters):
-            return names
-    raise AssertionError("no name per master in 1000 tries")
 
 
 def test_the_cluster_forms_with_three_masters_each_with_a_replica(
@@ -68,7 +54,7 @@ async def _sharded_messages(
 async def test_redis_py_cluster_client_spublish_and_ssubscribe_across_the_three_shards(
     redis_cluster: PrivateCluster,
 ) -> None:
-    channels = _one_key_per_master(redis_cluster, "h5-shard-channel")
+    channels = redis_cluster.name_per_master("h5-shard-channel")
     assert len(channels) == 3  # one channel served by each master: the test crosses shards
     client = RedisCluster.from_url(redis_cluster.url)
     pubsub = client.pubsub()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from regstream.config import Settings
 from regstream.core_banking.simulator import SimulatorConfig
 from regstream.core_banking.simulator.server import RunningSimulator, serve_in_thread
 from regstream.realtime.embedded import EmbeddedRedis, find_server_binary
+from tests.cluster_support import PrivateCluster
 from tests.support import TEST_SECRET_KEY, LiveServer, free_port, serve_app
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -51,6 +53,34 @@ def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
         yield server
     finally:
         server.stop()
+
+
+def _private_cluster() -> Iterator[PrivateCluster]:
+    try:
+        find_server_binary()
+    except Exception:  # noqa: BLE001
+        unavailable("a redis-server binary")
+    if shutil.which("redis-cli") is None:
+        unavailable("redis-cli (redis-cli --cluster create forms the cluster)")
+    cluster = PrivateCluster()
+    cluster.start()  # stops whatever it started if the cluster does not form
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[PrivateCluster]:
+    """A private Redis Cluster (3 masters, 3 replicas) shared by a module's tests: use keys of
+    the test's own and kill nothing (``fresh_redis_cluster`` for that)."""
+    yield from _private_cluster()
+
+
+@pytest.fixture
+def fresh_redis_cluster() -> Iterator[PrivateCluster]:
+    """A private Redis Cluster for one test, free to kill nodes of."""
+    yield from _private_cluster()
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------
@@ -143,6 +173,14 @@ def live(make_settings: SettingsFactory) -> Iterator[LiveServer]:
     """The whole service on SQLite + a private Redis + the shared simulator."""
     with serve_app(make_settings()) as server:
         yield server
+
+
+@pytest.fixture(params=["transport", "queued"])
+def stream_path(request: pytest.FixtureRequest) -> str:
+    """The write path a stream test runs on (``api/takeover.py``): ``transport`` (taken over from
+    uvicorn) or ``queued`` (``make_settings(stream_fast_path=False)``); check with
+    ``tests.support.on_write_path``."""
+    return str(request.param)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

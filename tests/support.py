@@ -113,10 +113,28 @@ class LoopbackServer:
         raise NotImplementedError
 
 
-def free_port() -> int:
+def free_port(*, below: int = 65536, also_free: int | None = None) -> int:
+    """A free loopback port under ``below`` (55000 for servers of our own: the rule for test
+    ports); with ``also_free``, the port that many above it is free too (a cluster node's bus
+    port, P + 10000)."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port < below and (also_free is None or _is_free(port + also_free)):
+            return port
+    raise RuntimeError(f"no free loopback port below {below} found in 200 tries")
+
+
+def _is_free(port: int) -> bool:
+    if port > 65535:
+        return False
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 async def wait_until(
@@ -358,3 +376,27 @@ def create_user(
 def auth_headers(live: LiveServer, role: str = "operator") -> dict[str, str]:
     """``Authorization: Bearer …`` headers of a new user with ``role`` (viewer/operator/admin)."""
     return create_user(live, role).headers
+
+
+def on_write_path(live: LiveServer, path: str) -> bool:
+    """Whether the server has streams and every one is on ``path`` (``api/takeover.py``):
+    ``transport`` (taken over from uvicorn: its connection owned by a ``StreamProtocol``) or
+    ``queued`` (the portable path)."""
+    from regstream.realtime.hub import QueuedStream, StreamProtocol, TransportStream
+
+    streams = list(live.services.hub.streams())
+    if path == "queued":
+        return bool(streams) and all(isinstance(s, QueuedStream) for s in streams)
+    return bool(streams) and all(
+        isinstance(s, TransportStream) and isinstance(s.transport.get_protocol(), StreamProtocol)
+        for s in streams
+    )
+
+
+def metric_value(name: str, labels: dict[str, str] | None = None) -> float:
+    """A sample of the process's Prometheus registry (``prometheus_client``'s public reader)."""
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value(name, labels or {})
+    assert value is not None, f"no sample {name} {labels or ''}"
+    return value

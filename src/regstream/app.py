@@ -33,16 +33,23 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from regstream import __version__, logs
-from regstream.api import auth as auth_routes
+from regstream.api import audit as audit_routes
 from regstream.api import dashboard as dashboard_routes
+from regstream.api import docs as docs_routes
 from regstream.api import errors
 from regstream.api import health as health_routes
+from regstream.api import login as login_routes
 from regstream.api import registrations as registration_routes
 from regstream.api import stream_schema as stream_schema_routes
+from regstream.api import tickets as ticket_routes
+from regstream.api import tokens as token_routes
+from regstream.api import users as user_routes
 from regstream.api.admission import StartGate
 from regstream.api.auth import require_page_role
-from regstream.api.deps import Services
+from regstream.api.deps import Services, expose
 from regstream.api.stream import STREAM_PATH, Refresher, StreamEndpoint
+from regstream.api.stream_auth import stream_authenticator
+from regstream.api.takeover import Takeover
 from regstream.auth.middleware import BodySizeLimit, CrossSiteGuard, SecurityHeaders
 from regstream.auth.runtime import AuthRuntime
 from regstream.config import Settings, load_settings
@@ -79,8 +86,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.auth = auth
         try:
             async with _services(settings, auth, target) as services:
-                app.state.services = services
+                expose(app.state, services)  # each on its own, for api/deps.py
                 app.state.loop = asyncio.get_running_loop()
+                app.state.takeover.announce()  # the log line and metric naming the write path
                 drain = Drain(services)
                 restore = drain.install_signals()
                 try:
@@ -90,8 +98,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                     await drain.finish()
                     await auth.guard.release_all()
         finally:
-            if auth.redis is not None:
-                await auth.redis.aclose()
+            await auth.aclose()
 
 
 async def _redis_target(settings: Settings) -> RedisTarget | None:
@@ -112,7 +119,8 @@ async def _redis_target(settings: Settings) -> RedisTarget | None:
 def _auth_runtime(settings: Settings, target: RedisTarget | None) -> AuthRuntime:
     """Limits count in Redis through a client of their own (same URL and options as the others,
     a small pool: a herd of resumes reading the history never delays a sign-in), with short
-    timeouts: while Redis is out they count per process (``auth/limits.py``)."""
+    timeouts: while Redis is out they count per process (``auth/limits.py``). On a Redis Cluster
+    (``REDIS_CLUSTER``, or detected) that client is a cluster client."""
     redis = None
     if target is not None:
         redis = create_client(
@@ -244,7 +252,7 @@ async def _services(
             max_wait=settings.resume_wait,
         ),
     )  # fmt: skip
-    services.stream_auth = auth_routes.stream_authenticator(services, auth)
+    services.stream_auth = stream_authenticator(settings, sessions, hub, auth)
     hub.refresh = Refresher(services)  # a re-sync sends filtered streams their state again
     tasks = [
         # what the database committed and Redis never saw (the process died while Redis was
@@ -279,7 +287,9 @@ class Application:
     def __init__(self, api: FastAPI) -> None:
         self.api = api
         self.state = api.state
-        endpoint: Any = StreamEndpoint(lambda: api.state.services)
+        # the streams' write path, decided once (api/takeover.py); the lifespan announces it
+        api.state.takeover = Takeover.decide(enabled=api.state.settings.stream_fast_path)
+        endpoint: Any = StreamEndpoint(lambda: api.state.services, api.state.takeover)
         self._stream = endpoint
         origins = api.state.settings.cors_origins
         if origins:
@@ -302,7 +312,7 @@ def create_api(settings: Settings) -> FastAPI:
         version=__version__,
         description="Validate mobile-banking registrations against T24 and stream every step live.",
         lifespan=lifespan,
-        # served by api/auth.py behind the viewer role instead
+        # served by api/docs.py behind the viewer role instead
         openapi_url=None, docs_url=None, redoc_url=None,
     )  # fmt: skip
     api.state.settings = settings
@@ -317,7 +327,12 @@ def create_api(settings: Settings) -> FastAPI:
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"], max_age=600,
         )  # fmt: skip
-    api.include_router(auth_routes.router)
+    api.include_router(login_routes.router)
+    api.include_router(ticket_routes.router)
+    api.include_router(user_routes.router)
+    api.include_router(token_routes.router)
+    api.include_router(audit_routes.router)
+    api.include_router(docs_routes.router)
     api.include_router(registration_routes.router)
     api.include_router(health_routes.router)
     api.include_router(dashboard_routes.router)

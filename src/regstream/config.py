@@ -190,6 +190,8 @@ class Settings(BaseSettings):
         256 * 1024, validation_alias=_env("SSE_MAX_BUFFER_BYTES")
     )
     sse_max_streams: PositiveInt = Field(20_000, validation_alias=_env("SSE_MAX_STREAMS"))
+    # false: every stream on the portable queued path, not taken over from uvicorn (api/takeover.py)
+    stream_fast_path: bool = Field(True, validation_alias=_env("REGSTREAM_STREAM_FAST_PATH"))
     # stream start-ups (history read or snapshot) at once, waiting, and how long (api/admission.py)
     resume_concurrency: Annotated[int, Field(ge=1, le=256)] = Field(
         16, validation_alias=_env("REGSTREAM_RESUME_CONCURRENCY")

@@ -12,7 +12,9 @@ On SIGTERM (or SIGINT)::
                          [SSE_RETRY_MS / 2, 3 x SSE_RETRY_MS / 2]: the clients reach the rest
                          of the fleet spread over about spread + SSE_RETRY_MS
     +spread  3 finishing running validations get ``grace`` s (``Runner.drain``; what is left
-                         is resumed elsewhere), then the publisher's outbox gets ``FLUSH`` s
+                         is resumed elsewhere), and so do the closed streams' connections to
+                         end (their last bytes read by the client; past it they are aborted),
+                         then the publisher's outbox gets ``FLUSH`` s
 
 so an instance is gone at most ``delay + spread + grace + FLUSH`` seconds after the signal (plus
 the process's own exit): the orchestrator's kill deadline (Kubernetes'
@@ -27,6 +29,11 @@ as before (a second Ctrl-C forces its exit). A repeated SIGTERM changes nothing:
 
 Stopped without a signal (the server stopped otherwise: it is no longer listening), there is no
 delay: phases 2 and 3 only.
+
+Streams taken over from uvicorn (``api/takeover.py``) are no longer uvicorn's connections: its
+graceful shutdown neither closes nor waits for them. The hub holds every stream until its
+connection is lost, so phase 3 waits for the hub to empty: the process never exits (closing the
+event loop and every socket with it) while a closed stream's final frames are still unsent.
 """
 
 from __future__ import annotations
@@ -152,7 +159,9 @@ class Drain:
             log.exception("closing the streams failed")
         services = self._services
         metrics.SHUTDOWN_PHASE.set(3)
-        left = await services.runner.drain(self._grace)
+        left, _ = await asyncio.gather(
+            services.runner.drain(self._grace), self._streams_ended(self._grace)
+        )
         if left:
             log.warning(
                 "%d validations still running after the %.1f s grace; their runs are resumed "
@@ -161,3 +170,19 @@ class Drain:
         else:
             log.info("no validation left running")  # each run ended with its final status
         await services.publisher.wait_flushed(FLUSH)
+
+    async def _streams_ended(self, timeout: float) -> int:
+        """Wait until every closed stream's connection has ended (``timeout`` at most), then
+        abort the rest; returns how many were aborted."""
+        hub = self._services.hub
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(hub) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(hub.streams())
+        for stream in left:
+            stream.abort()
+        if left:
+            log.warning("%d streams had not read their last frames after %.1f s; aborted",
+                        len(left), timeout)  # fmt: skip
+        return len(left)

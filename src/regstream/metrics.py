@@ -10,6 +10,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 # --- stream side -------------------------------------------------------------------------------
 STREAMS_CONNECTED = Gauge("regstream_sse_streams_connected", "Open SSE streams in this process")
+STREAM_WRITE_PATH = Gauge(
+    "regstream_sse_stream_write_path",
+    "1 for the path that writes this process's streams: transport (taken over from uvicorn's "
+    "httptools protocol, api/takeover.py) or queued (the portable ASGI send)",
+    ["path"],
+)
 REDIS_MESSAGES_RECEIVED = Counter(
     "regstream_redis_messages_received_total", "Messages received from the Redis subscription"
 )

@@ -16,11 +16,10 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 from prometheus_client import REGISTRY
-from redis.asyncio import Redis
 
 from regstream.realtime import broker as broker_module
 from regstream.realtime.broker import Broker
-from regstream.realtime.connections import create_client, create_subscriber_client
+from regstream.realtime.connections import RedisClient, create_client, create_subscriber_client
 from regstream.realtime.embedded import EmbeddedRedis, free_port
 from regstream.realtime.messages import Parsed
 from regstream.realtime.publisher import RegistrationPubSub
@@ -96,7 +95,7 @@ async def test_burst_is_dispatched_in_order_exactly_once(
         await commands.aclose()
 
 
-async def _subscriber_id(admin: Redis) -> str:
+async def _subscriber_id(admin: RedisClient) -> str:
     clients = [c for c in await admin.client_list() if c.get("name") == SUB_NAME]
     assert len(clients) == 1, clients
     return str(clients[0]["id"])

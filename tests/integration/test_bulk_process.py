@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import httpx
 
-from regstream import metrics
 from regstream.core_banking.simulator.dataset import load_applicant
 from regstream.db import users
 from regstream.realtime.connections import create_client
@@ -16,6 +15,7 @@ from tests.support import (
     LiveServer,
     StreamClient,
     auth_headers,
+    metric_value,
     serve_app,
     wait_until,
 )
@@ -166,15 +166,15 @@ async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
     with serve_app(make_settings(outbox_max=64, pipeline_concurrency=4)) as live:
         operator = auth_headers(live, "operator")
         redis = create_client(redis_server.url, name="test-admin")
-        overflows = metrics.OUTBOX_OVERFLOWS._value.get()
-        holds = metrics.PUBLISH_HOLDS._value.get()
+        overflows = metric_value("regstream_publish_outbox_overflows_total")
+        holds = metric_value("regstream_publish_holds_total")
         try:
             async with (
                 StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
                 httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
             ):
                 ids = await _register_load_people(http, 9200, 40)
-                await redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")  # type: ignore[no-untyped-call]
+                await redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
                 response = await http.post(BULK, json={"registrationIds": ids})
                 assert response.json()["accepted"] == sorted(ids)
                 for rid in ids:
@@ -184,5 +184,5 @@ async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
                 assert not any(f.type == "snapshot" for f in sse.frames)
         finally:
             await redis.aclose()
-        assert metrics.OUTBOX_OVERFLOWS._value.get() == overflows
-        assert metrics.PUBLISH_HOLDS._value.get() > holds  # the hold did engage
+        assert metric_value("regstream_publish_outbox_overflows_total") == overflows
+        assert metric_value("regstream_publish_holds_total") > holds  # the hold did engage

@@ -32,9 +32,16 @@ from regstream.realtime import positions
 from regstream.realtime.messages import ServiceChannel
 from regstream.realtime.partitions import Layout
 from tests.cluster_support import PrivateCluster
-from tests.conftest import TEST_SECRET_KEY
 from tests.stream_coverage import Watched, final_rows, process_log, uncovered
-from tests.support import LiveServer, SseReader, StreamClient, auth_headers, serve_app, wait_until
+from tests.support import (
+    TEST_SECRET_KEY,
+    LiveServer,
+    SseReader,
+    StreamClient,
+    auth_headers,
+    serve_app,
+    wait_until,
+)
 
 pytestmark = pytest.mark.redis
 

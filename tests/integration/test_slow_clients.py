@@ -7,13 +7,12 @@ from collections.abc import Callable
 
 import pytest
 
-from regstream import metrics
 from tests.conftest import SettingsFactory
-from tests.support import StreamClient, auth_headers, serve_app, wait_until
+from tests.support import StreamClient, auth_headers, metric_value, serve_app, wait_until
 
 
 def _cut_count() -> float:
-    return float(metrics.SLOW_CLIENTS_CUT._value.get())
+    return metric_value("regstream_sse_slow_clients_cut_total")
 
 
 @pytest.mark.parametrize("settled", [False, True], ids=["checked", "direct"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from regstream.config import ConfigError, load_settings, parse_sentinel_url
 from regstream.realtime.connections import RedisTarget, create_client
@@ -227,6 +228,7 @@ def test_tls_settings_become_redis_py_ssl_options(
     assert target.describe().endswith("(TLS)")
     # a redis:// URL (REDIS_HOST makes one) still gets a TLS connection class
     client = create_client(target, name="unit")
+    assert isinstance(client, Redis)
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs.get("ssl_certfile") == str(cert)
     assert client.connection_pool.connection_class.__name__ == (scheme_class or "SSLConnection")

@@ -1,5 +1,5 @@
 """The published schema of the stream (api/stream_schema.py) against what the service really
-sends: the messages ``realtime.messages`` and ``pipeline.runner`` build and the frames of
+sends: the messages ``realtime.messages`` builds (for ``pipeline.events``) and the frames of
 ``realtime.messages`` validate against the models (closed: no unknown field), the copy in
 clients/js/schema is current, and the JavaScript package's types agree with it
 (clients/js/scripts/check-schema.mjs, run by tests/unit/test_js_client.py)."""
@@ -25,7 +25,7 @@ from regstream.api.stream_schema import (
 )
 from regstream.db.registrations import LogEvent
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
-from regstream.pipeline.runner import event_to_update, log_entry_view
+from regstream.pipeline.events import log_entry_view, to_update
 from regstream.realtime import messages
 
 COPY = Path(__file__).resolve().parents[2] / "clients" / "js" / "schema" / "stream.json"
@@ -68,7 +68,7 @@ def test_published_updates_validate() -> None:
     log = events()
     process_log = [log_entry_view(e) for e in log[:-1]]
     for event in log:
-        update = event_to_update(event, process_log if event.stage is None else None)
+        update = to_update(event, process_log if event.stage is None else None)
         UPDATE_ADAPTER.validate_python(update)
         raw = messages.with_event_id(messages.encode(update), KEY)
         parsed = messages.parse_message(raw)

@@ -26,8 +26,8 @@ from fastapi import APIRouter, Request, Response, status
 from pydantic import Field
 
 from regstream import metrics
-from regstream.api.auth import AdminPrincipal, AuthDep, ViewerPrincipal
-from regstream.api.deps import ServicesDep, SessionDep
+from regstream.api.auth import AdminPrincipal, ViewerPrincipal
+from regstream.api.deps import AuthDep, HubDep, SessionDep
 from regstream.api.errors import error_response
 from regstream.api.schemas import CamelModel
 from regstream.auth.limits import retry_after
@@ -113,7 +113,7 @@ def latency_ring(request: Request) -> LatencyRing:
 
 @router.get("/stats", response_model=Stats)
 async def read_stats(
-    _: AdminPrincipal, request: Request, session: SessionDep, services: ServicesDep
+    _: AdminPrincipal, request: Request, session: SessionDep, hub: HubDep
 ) -> Stats:
     since = datetime.now(UTC) - timedelta(seconds=WINDOW_SECONDS)
     counts = await registrations.count_by_status(session, since=since)
@@ -126,15 +126,16 @@ async def read_stats(
         window_seconds=WINDOW_SECONDS,
         in_progress=in_progress,
         by_status=by_status,
-        streams=len(services.hub),
+        streams=len(hub),
         latency=latency_ring(request).summary(points=60),
     )
 
 
 @router.post(
-    "/metrics/latency", status_code=status.HTTP_204_NO_CONTENT,
+    "/metrics/latency",
+    status_code=status.HTTP_204_NO_CONTENT,
     responses={429: {"description": "more reports than a user's pages send"}},
-)  # fmt: skip
+)
 async def report_latency(
     principal: ViewerPrincipal, auth: AuthDep, body: LatencyReport, request: Request
 ) -> Response:
@@ -144,9 +145,11 @@ async def report_latency(
     wait = await auth.latency_report_limit.hit(f"operator:{principal.operator_id}")
     if wait:
         return error_response(
-            request, 429, "too many latency reports; retry later",
+            request,
+            429,
+            "too many latency reports; retry later",
             headers={"Retry-After": retry_after(wait)},
-        )  # fmt: skip
+        )
     values = [max(0.0, float(v)) for v in body.samples if math.isfinite(v)]
     for value in values:
         metrics.BROWSER_LATENCY.observe(value / 1000)

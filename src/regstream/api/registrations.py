@@ -13,8 +13,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.api import views
-from regstream.api.auth import AuthDep, OperatorPrincipal, ProcessPrincipal, ViewerPrincipal
-from regstream.api.deps import Services, ServicesDep, SessionDep
+from regstream.api.auth import (
+    CallerAuditTrail,
+    OperatorPrincipal,
+    ProcessPrincipal,
+    ViewerPrincipal,
+)
+from regstream.api.deps import AuthDep, RunnerDep, SessionDep, ShutdownPhase, ShutdownPhaseDep
 from regstream.api.errors import error_response
 from regstream.api.schemas import (
     BulkConflict,
@@ -27,11 +32,11 @@ from regstream.api.schemas import (
     RegistrationPage,
     Storable,
 )
-from regstream.auth.http import client_ip
 from regstream.auth.limits import retry_after
-from regstream.db import audit, registrations
+from regstream.db import registrations
 from regstream.db.tables import RegistrationRequest
 from regstream.domain.enums import RegistrationStatus
+from regstream.pipeline.runner import Runner
 
 router = APIRouter(prefix="/api/registrations", tags=["registrations"])
 
@@ -41,10 +46,9 @@ RegistrationId = Annotated[int, Path(ge=1, le=2**53, description="registration i
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RegistrationDetail)
 async def create_registration(
     body: RegistrationCreate,
-    request: Request,
     session: SessionDep,
-    services: ServicesDep,
-    principal: OperatorPrincipal,
+    _: OperatorPrincipal,
+    trail: CallerAuditTrail,
 ) -> RegistrationDetail:
     async with session.begin():
         row = await registrations.create(
@@ -61,10 +65,7 @@ async def create_registration(
             device_id=body.device_id,
         )
         # who entered personal data, from where: committed with the row (ids only, no data)
-        await audit.create(
-            session, action="registration.create", outcome="ok", actor=principal.username,
-            target=f"registration:{row.id}", client_ip=client_ip(request.scope, services.settings),
-        )  # fmt: skip
+        await trail.add(session, "registration.create", target=f"registration:{row.id}")
     await session.refresh(row)
     return views.detail_of(row, [])
 
@@ -74,16 +75,17 @@ async def list_registrations(
     session: SessionDep,
     _: ViewerPrincipal,
     status_filter: Annotated[RegistrationStatus | None, Query(alias="status")] = None,
-    q: Annotated[
-        str | None, Query(max_length=100, description="name, CIF or id"), Storable
-    ] = None,
+    q: Annotated[str | None, Query(max_length=100, description="name, CIF or id"), Storable] = None,
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
     page_size: Annotated[int, Query(alias="pageSize", ge=1, le=200)] = 20,
 ) -> RegistrationPage:
     rows, total = await registrations.list_page(
-        session, status=status_filter.value if status_filter else None, search=q,
-        page=page, page_size=page_size,
-    )  # fmt: skip
+        session,
+        status=status_filter.value if status_filter else None,
+        search=q,
+        page=page,
+        page_size=page_size,
+    )
     return RegistrationPage(
         items=[views.read_of(r) for r in rows], total=total, page=page, page_size=page_size
     )
@@ -113,23 +115,19 @@ async def get_registration(
 async def process_registration(
     registration_id: RegistrationId,
     request: Request,
-    services: ServicesDep,
-    principal: ProcessPrincipal,
+    runner: RunnerDep,
+    phase: ShutdownPhaseDep,
+    _: ProcessPrincipal,
+    trail: CallerAuditTrail,
 ) -> ProcessAccepted | JSONResponse:
-    if (refusal := _refuse_while_draining(request, services)) is not None:
+    if (refusal := _refuse_while_draining(request, phase, runner)) is not None:
         return refusal
     started_by = getattr(request.state, "principal_name", None)
 
     async def audit_start(session: AsyncSession) -> None:  # committed with the claim
-        await audit.create(
-            session, action="registration.process", outcome="ok", actor=principal.username,
-            target=f"registration:{registration_id}",
-            client_ip=client_ip(request.scope, services.settings),
-        )  # fmt: skip
+        await trail.add(session, "registration.process", target=f"registration:{registration_id}")
 
-    submission = await services.runner.submit(
-        registration_id, started_by=started_by, on_claimed=audit_start
-    )
+    submission = await runner.submit(registration_id, started_by=started_by, on_claimed=audit_start)
     if submission.outcome == "not_found":
         raise HTTPException(404, f"registration {registration_id} not found")
     if submission.outcome == "conflict":
@@ -144,9 +142,11 @@ async def process_registration(
     return ProcessAccepted(registration_id=registration_id)
 
 
-def _refuse_while_draining(request: Request, services: Services) -> JSONResponse | None:
+def _refuse_while_draining(
+    request: Request, phase: ShutdownPhase, runner: Runner
+) -> JSONResponse | None:
     """503 + Retry-After once shutdown started: new runs go to another instance."""
-    if services.draining or not services.runner.accepting:
+    if phase == "draining" or not runner.accepting:
         return error_response(
             request, 503, "server is shutting down; retry shortly", headers={"Retry-After": "2"}
         )
@@ -167,13 +167,15 @@ def _why_not(row: RegistrationRequest) -> str:
 async def process_many(
     body: BulkProcessRequest,
     request: Request,
-    services: ServicesDep,
+    runner: RunnerDep,
+    phase: ShutdownPhaseDep,
     auth: AuthDep,
     principal: OperatorPrincipal,
+    trail: CallerAuditTrail,
 ) -> BulkProcessResult | JSONResponse:
     """Bulk validation: start every listed registration that may run now, in one transaction.
     Counts as one validation per id against ``REGSTREAM_PROCESS_RATE_PER_MINUTE``."""
-    if (refusal := _refuse_while_draining(request, services)) is not None:
+    if (refusal := _refuse_while_draining(request, phase, runner)) is not None:
         return refusal
     ids = list(dict.fromkeys(body.registration_ids))
     if len(ids) > auth.process_limit.rate:
@@ -183,19 +185,19 @@ async def process_many(
     wait = await auth.process_limit.hit(f"operator:{principal.operator_id}", cost=len(ids))
     if wait:
         return error_response(
-            request, 429, "too many validations started; retry later",
+            request,
+            429,
+            "too many validations started; retry later",
             headers={"Retry-After": retry_after(wait)},
-        )  # fmt: skip
+        )
 
     async def audit_starts(session: AsyncSession, accepted: list[int]) -> None:
-        await audit.create_many(  # one entry per run started, committed with the claims
-            session, action="registration.process", outcome="ok", actor=principal.username,
-            targets=[f"registration:{rid}" for rid in accepted],
-            client_ip=client_ip(request.scope, services.settings),
-        )  # fmt: skip
+        # one entry per run started, committed with the claims
+        targets = [f"registration:{rid}" for rid in accepted]
+        await trail.add_many(session, "registration.process", targets=targets)
 
     started_by = getattr(request.state, "principal_name", None)
-    result = await services.runner.submit_many(ids, started_by=started_by, on_claimed=audit_starts)
+    result = await runner.submit_many(ids, started_by=started_by, on_claimed=audit_starts)
     return BulkProcessResult(
         accepted=result.accepted,
         conflicts=[
@@ -204,7 +206,7 @@ async def process_many(
                 status=row.status,
                 in_progress=row.in_progress,
                 message=_why_not(row),
-            )  # fmt: skip
+            )
             for row in result.conflicts
         ],
         not_found=result.not_found,

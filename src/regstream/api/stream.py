@@ -2,8 +2,10 @@
 
 A plain ASGI endpoint rather than a FastAPI route with ``EventSourceResponse``: ``app.py`` sends
 the stream path here before any middleware, and with uvicorn's httptools protocol the hub writes
-pre-encoded chunks straight to the connection's transport (see ``realtime/hub.py`` for the
-measurements behind that). Everything else about the stream lives here:
+pre-encoded chunks straight to the connection's transport, taken over from uvicorn
+(``api/takeover.py``, the one module that touches uvicorn's internals, and ``realtime/hub.py``
+for the measurements behind that); elsewhere, or with ``REGSTREAM_STREAM_FAST_PATH=false``, the
+portable queued path. Everything else about the stream lives here:
 
 1. check the request (filter, last event id, limits, credentials) and answer errors as JSON;
 2. send the headers, a ``retry:`` hint and the seed's ``connected`` frame;
@@ -25,7 +27,6 @@ import contextlib
 import logging
 import math
 import random
-import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
@@ -37,20 +38,14 @@ from redis.exceptions import RedisError
 from regstream import metrics
 from regstream.api import errors, views
 from regstream.api.deps import Services
+from regstream.api.takeover import Takeover
 from regstream.auth.middleware import security_headers
 from regstream.db import registrations
 from regstream.db.engine import unavailable as database_unavailable
 from regstream.realtime import messages, positions
 from regstream.realtime.bus import Bus
 from regstream.realtime.history import Replay
-from regstream.realtime.hub import (
-    Hub,
-    QueuedStream,
-    RegistrationFilter,
-    Stream,
-    StreamProtocol,
-    TransportStream,
-)
+from regstream.realtime.hub import QueuedStream, RegistrationFilter, Stream, TransportStream
 from regstream.realtime.messages import EventKey, Parsed
 from regstream.realtime.positions import Position
 
@@ -72,10 +67,12 @@ MAX_IDS = 200  # registrations one stream may follow (a list page)
 
 
 class StreamEndpoint:
-    """The ASGI app for the stream path; ``services`` is read from ``app.state`` per request."""
+    """The ASGI app for the stream path; ``services`` is read from ``app.state`` per request;
+    ``takeover`` is the write path decided once for the app (``Takeover.decide``)."""
 
-    def __init__(self, services: Callable[[], Services]) -> None:
+    def __init__(self, services: Callable[[], Services], takeover: Takeover) -> None:
         self._services = services
+        self.takeover = takeover
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = self._services()
@@ -103,7 +100,8 @@ class StreamEndpoint:
                     await _defer(send, scope, retry_ms)
                     return
                 try:
-                    opened = await _open(scope, send, services, registration_id, not last_id)
+                    opened = await _open(scope, send, services, registration_id, not last_id,
+                                         self.takeover)  # fmt: skip
                 except Exception as exc:  # before the response head (credentials' reads)
                     if database_unavailable(exc):
                         errors.DATABASE_OUTAGE.failed(exc)  # as the API's routes answer it
@@ -124,7 +122,7 @@ class StreamEndpoint:
                 except Exception as exc:  # after the head: end the stream, the client resumes
                     _failed_after_head(stream, exc, retry_ms)
             if isinstance(stream, TransportStream):
-                handed_over = _hand_over(stream, services.hub)
+                handed_over = self.takeover.hand_over(stream, services.hub)
                 if not handed_over:
                     await _wait_disconnect(stream, receive)
             elif isinstance(stream, QueuedStream):
@@ -135,8 +133,9 @@ class StreamEndpoint:
 
 
 async def _open(
-    scope: Scope, send: Send, services: Services, rid: RegistrationFilter, fresh: bool
-) -> tuple[Stream, EventKey | WideStart | None] | None:
+    scope: Scope, send: Send, services: Services, rid: RegistrationFilter, fresh: bool,
+    takeover: Takeover,
+) -> tuple[Stream, EventKey | WideStart | None] | None:  # fmt: skip
     """Credentials and limits, then the response head: the stream, attached to the hub, and
     (``fresh``: no last event id) the history's position read before the head; None when the
     request was answered instead (refused, or a HEAD)."""
@@ -159,7 +158,12 @@ async def _open(
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return None
-    stream = _make_stream(send, rid, services.settings.sse_max_buffer_bytes, info)
+    max_buffer = services.settings.sse_max_buffer_bytes
+    transport = takeover.transport_of(send)
+    stream: Stream = (
+        TransportStream(rid, transport, chunked=True, max_buffer=max_buffer, info=info)
+        if transport is not None else QueuedStream(rid, max_buffer=max_buffer, info=info)
+    )  # fmt: skip
     bus = services.bus
     try:
         # the partitions it follows, subscribed and positioned before its start-up reads them
@@ -264,56 +268,6 @@ def _filter(values: list[str]) -> RegistrationFilter | str:
         ids.append(int(part))
     unique = tuple(sorted(set(ids)))
     return unique[0] if len(unique) == 1 else unique
-
-
-def _make_stream(send: Send, rid: RegistrationFilter, max_buffer: int, info: Any) -> Stream:
-    # uvicorn's httptools protocol passes the bound `RequestResponseCycle.send`; its transport
-    # and chunked flag are what we need to write frames without a framework call per frame.
-    cycle = getattr(send, "__self__", None)
-    transport = getattr(cycle, "transport", None)
-    chunked = getattr(cycle, "chunked_encoding", None)
-    if transport is not None and chunked is True and hasattr(transport, "get_write_buffer_size"):
-        _limit_kernel_buffer(transport)
-        return TransportStream(rid, transport, chunked=True, max_buffer=max_buffer, info=info)
-    return QueuedStream(rid, max_buffer=max_buffer, info=info)
-
-
-#: Kernel send buffer of a stream socket. Left to autotuning, Linux lets it grow to megabytes
-#: (4 MiB measured on loopback), so a client that stops reading is invisible to us for minutes:
-#: our own bounded buffer only starts to fill once the kernel's is full. SSE frames are small;
-#: 64 KiB holds hundreds of them.
-STREAM_SNDBUF = 64 * 1024
-
-
-def _limit_kernel_buffer(transport: Any) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
-
-
-class _HandedOver(Exception):
-    """Tells the HTTP server's protocol its connection now belongs to the stream."""
-
-
-def _hand_over(stream: TransportStream, hub: Hub) -> bool:
-    """Give the connection to a ``StreamProtocol`` and let the server forget it (see there).
-
-    uvicorn's protocol is told the connection is lost *with an exception*, which makes it drop
-    the connection from its books and end the request cycle without closing the transport; our
-    request task then returns. Only for uvicorn's httptools protocol, where this was measured
-    (about half of the per-stream memory); any other server keeps the connection.
-    """
-    transport = stream.transport
-    server_protocol = transport.get_protocol()
-    if transport.is_closing() or type(server_protocol).__module__ != _UVICORN_HTTPTOOLS:
-        return False
-    transport.set_protocol(StreamProtocol(stream, hub))
-    server_protocol.connection_lost(_HandedOver())
-    return True
-
-
-_UVICORN_HTTPTOOLS = "uvicorn.protocols.http.httptools_impl"
 
 
 async def _start(

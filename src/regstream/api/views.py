@@ -14,7 +14,7 @@ from regstream.api.schemas import (
 from regstream.db.registrations import to_log_event
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
 from regstream.domain.pii import mask_cif, mask_email, mask_last4, mask_phone
-from regstream.pipeline.runner import log_entry_view
+from regstream.pipeline.events import log_entry_view
 
 
 def _iso(value: datetime | None) -> str:

@@ -7,6 +7,16 @@ any 60 s is refused), on its redis-py storage built over a connection pool made 
 the service's other Redis clients, but its own small pool so a herd of stream resumes reading
 the history never delays a sign-in (and a sign-in never delays the publisher).
 
+On a Redis Cluster (``create_client`` returned redis-py's ``RedisCluster``: issue 18) the window
+lives in ``limits``' ``RedisClusterStorage`` (``implementation="redispy"``), which builds a
+``RedisCluster`` of its own from an ``async+redis+cluster://`` URI and the options it passes
+through to redis-py (``limits`` takes no ready client or pool in cluster mode): the URI names our
+client's startup nodes and the options are its credentials, TLS, timeouts, name and per-node
+pool size, so both reach the same nodes the same way. Each window is one key (one slot), so its
+script runs on one node; a failover (a replica promoted) is an outage of the slots that master
+served, answered as any other outage below, and redis-py's client follows the new slot map.
+``aclose()`` closes that client (``limits`` has no close of its own).
+
 While Redis does not answer, every limit falls back to ``limits``' in-memory storage at the same
 setting, so N instances allow at most N times the setting, never unlimited. Every event Redis
 allowed is also counted there, so an outage starts from this process's own recent count, not
@@ -31,23 +41,34 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from limits import RateLimitItem, RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.storage import MemoryStorage, RedisClusterStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
+from redis.exceptions import RedisClusterException, RedisError
 
 from regstream import metrics
+from regstream.realtime.connections import RedisClient
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 KEY_PREFIX = "regstream:limits"
-#: what a Redis that is down, slow or failing over raises through redis-py and ``limits``
-REDIS_FAILURES: tuple[type[BaseException], ...] = (StorageError, RedisError, OSError, TimeoutError)
+#: what a Redis that is down, slow or failing over raises through redis-py and ``limits`` (a
+#: cluster with no node to ask, or a slot nobody serves: ``RedisClusterException``, not a
+#: ``RedisError``, and not wrapped by ``limits``)
+REDIS_FAILURES: tuple[type[BaseException], ...] = (
+    StorageError, RedisError, RedisClusterException, OSError, TimeoutError,
+)  # fmt: skip
+#: the connection options of our cluster client that ``limits``' own client gets too
+_CLUSTER_OPTIONS = (
+    "username", "password", "client_name", "socket_timeout", "socket_connect_timeout",
+    "health_check_interval", "max_connections",
+)  # fmt: skip
 
 
 class Unavailable:
@@ -62,7 +83,7 @@ class LimitStore:
     this process's memory. ``shared(op)`` runs a Redis operation or returns ``UNAVAILABLE``."""
 
     def __init__(
-        self, redis: Redis | None, *, secret: bytes, timeout: float = 2.0,
+        self, redis: RedisClient | None, *, secret: bytes, timeout: float = 2.0,
         retry_interval: float = 2.0,
     ) -> None:  # fmt: skip
         self.redis = redis
@@ -71,7 +92,11 @@ class LimitStore:
         self.retry_interval = retry_interval
         self.memory = MovingWindowRateLimiter(MemoryStorage())
         self.shared_limiter: MovingWindowRateLimiter | None = None
-        if redis is not None:
+        self._cluster_storage: RedisClusterStorage | None = None
+        if isinstance(redis, RedisCluster):
+            self._cluster_storage = cluster_storage(redis)
+            self.shared_limiter = MovingWindowRateLimiter(self._cluster_storage)
+        elif redis is not None:
             # documented (``connection_pool``), though its options are typed as scalars
             storage = RedisStorage(
                 "async+redis://", implementation="redispy", wrap_exceptions=True,
@@ -91,6 +116,15 @@ class LimitStore:
     @property
     def down(self) -> bool:
         return self._down
+
+    async def aclose(self) -> None:
+        """Close ``limits``' own cluster client (the caller closes ``redis``)."""
+        storage, self._cluster_storage = self._cluster_storage, None
+        # ``bridge.storage``: the client ``limits`` built (public names, though not documented:
+        # ``limits`` itself never closes it)
+        client = getattr(getattr(storage, "bridge", None), "storage", None)
+        if isinstance(client, RedisCluster):
+            await client.aclose()
 
     async def shared(self, op: Callable[[], Awaitable[T]]) -> T | Unavailable:
         """``await op()`` against Redis within ``timeout``; ``UNAVAILABLE`` if Redis is out."""
@@ -175,6 +209,27 @@ class RateLimit:
             return 0.0
         stats = await limiter.get_window_stats(self.item, self.name, key)
         return max(0.001, stats.reset_time - time.time())
+
+
+def cluster_storage(redis: RedisCluster) -> RedisClusterStorage:
+    """``limits``' cluster storage reaching the nodes of ``redis`` with its options (credentials,
+    TLS, timeouts, name, pool size per node): ``limits`` builds a ``RedisCluster`` of its own."""
+    nodes = redis.get_nodes() or list(redis.nodes_manager.startup_nodes.values())
+    hosts = ",".join(f"[{n.host}]:{n.port}" if ":" in n.host else f"{n.host}:{n.port}"
+                     for n in nodes)  # fmt: skip
+    kwargs = redis.get_connection_kwargs()
+    options: dict[str, Any] = {k: kwargs[k] for k in _CLUSTER_OPTIONS if kwargs.get(k) is not None}
+    connection_class = kwargs.get("connection_class")
+    if isinstance(connection_class, type) and issubclass(connection_class, SSLConnection):
+        options["ssl"] = True
+        options.update(
+            (key, value) for key, value in kwargs.items()
+            if key.startswith("ssl_") and value is not None
+        )  # fmt: skip
+    return RedisClusterStorage(
+        f"async+redis+cluster://{hosts}", implementation="redispy", wrap_exceptions=True,
+        key_prefix=KEY_PREFIX, **options,
+    )  # fmt: skip
 
 
 def retry_after(seconds: float) -> str:

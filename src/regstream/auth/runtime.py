@@ -1,20 +1,20 @@
 """Auth state of one app instance: rate limits, the argon2 turns and the stream guard.
 
 Built by ``app``'s lifespan with the limits' Redis client (``AuthRuntime(settings, redis=…,
-secret=…)``); with ``redis=None`` every limit counts in this process only.
+secret=…)``: one Redis, a Sentinel service's primary or a Redis Cluster) and closed by it
+(``aclose()``); with ``redis=None`` every limit counts in this process only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
-
 from regstream.auth.limits import LimitStore, RateLimit
 from regstream.auth.passwords import HashingTurns
 from regstream.auth.stream_slots import StreamSlots
 from regstream.auth.streams import StreamGuard
 from regstream.config import Settings
+from regstream.realtime.connections import RedisClient
 
 #: refusals by unauthenticated clients audited per address and minute (so nobody floods the
 #: audit table by hammering the API without credentials)
@@ -37,7 +37,7 @@ def slot_ttl(interval: float) -> float:
 @dataclass
 class AuthRuntime:
     settings: Settings
-    redis: Redis | None = None
+    redis: RedisClient | None = None
     secret: bytes = b""
     store: LimitStore = field(init=False)
     process_limit: RateLimit = field(init=False)
@@ -71,3 +71,9 @@ class AuthRuntime:
         if self.redis is not None:
             slots = StreamSlots(self.store, cap=s.streams_per_user, ttl=slot_ttl(interval))
         self.guard = StreamGuard(per_user=s.streams_per_user, interval=interval, slots=slots)
+
+    async def aclose(self) -> None:
+        """Close the limits' Redis clients (``limits``' own on a cluster, then ``redis``)."""
+        await self.store.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()

@@ -9,6 +9,11 @@ its stream leaves the hub (``Hub``'s ``on_detach`` hook), so a dead instance's s
 within ``ttl`` (30 s with the defaults: three renewals) and a closed stream's slot is free for
 the user's next stream on any instance.
 
+On a Redis Cluster (issue 18) the same code runs on redis-py's ``RedisCluster``: the script
+touches one key (one user's set, one slot), and ``release``/``renew`` are pipelines without a
+transaction, which redis-py splits by node (users' sets live on every shard). A master lost
+mid-call is an outage like any other (below) until its replica is promoted.
+
 While Redis does not answer, ``acquire`` returns ``None`` and the guard counts this process's
 streams at the same cap (per process: at most N × the cap over N instances). When Redis is back
 the next renewal adds the slots of streams admitted meanwhile, and those a restarted Redis lost

@@ -1,18 +1,29 @@
 """Engine and session factory, and migrations (at start, or by ``regstream migrate``; see
 "migrations" below for the lock that lets instances start together).
 
-SQLite notes: we run WAL mode and start every transaction with ``BEGIN IMMEDIATE``. A deferred
-SQLite transaction that reads and then writes gets ``SQLITE_BUSY`` at once (no busy wait) when
-another writer got there first; taking the write lock up front makes concurrent runs queue for it
-instead (SQLAlchemy's documented pysqlite recipe). Statements run on the event loop and a busy
-lock is waited for with ``asyncio.sleep`` (``sqlite_inline``), up to ``SQLITE_BUSY_TIMEOUT_S``.
+SQLite runs on SQLAlchemy's ``sqlite+aiosqlite`` dialect as shipped: each connection's statements
+run on aiosqlite's thread, so a statement or a wait for the write lock never blocks the event
+loop. We run WAL mode and start every transaction with ``BEGIN IMMEDIATE``: a deferred SQLite
+transaction that reads and then writes gets ``SQLITE_BUSY`` at once (no busy wait) when another
+writer got there first; taking the write lock up front makes concurrent transactions queue for it
+instead (SQLAlchemy's documented pysqlite/aiosqlite recipe), each for up to
+``SQLITE_BUSY_TIMEOUT_S`` (SQLite's own busy timeout, on the connection's thread).
+
+Sessions are SQLAlchemy's as shipped (``expire_on_commit=False``). ``async_sessionmaker.begin()``
+commits and closes in a task of its own (shielded from cancellation), one event-loop turn after
+the block ends; on SQLite that turn is spent holding the write lock, and under load every
+transaction then waited a turn for the one before it (a lock convoy, 9d530a7: the soak test
+accepted its 1,000 clicks in 89 s instead of 35 s). The hot path (``group_commit``) therefore
+uses ``transaction(sessions)``: ``AsyncSession.begin()`` commits in the caller's own step, and
+only the close (the connection back to the pool, the transaction already over) is SQLAlchemy's
+shielded task.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +44,6 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from regstream.db import sqlite_inline
-
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -49,9 +58,8 @@ def create_engine(
     a locked table or an unreachable server gives a quick error (answered 503) instead of
     requests that hang. Migrations lift it for their own transaction (``migrate``)."""
     if url.startswith("sqlite"):
-        creator = sqlite_inline.connector(SQLITE_BUSY_TIMEOUT_S)
         engine = create_async_engine(
-            url, connect_args={"async_creator_fn": creator},
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
             pool_size=pool_size, max_overflow=pool_size,
         )  # fmt: skip
         _configure_sqlite(engine)
@@ -84,42 +92,21 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-class Session(AsyncSession):
-    """Closes *inline* as the ``async with`` block ends.
-
-    SQLAlchemy's ``AsyncSession.__aexit__`` (and ``async_sessionmaker.begin()``'s) run the
-    commit/rollback and the close in a task of their own, shielded from cancellation: the
-    transaction stays open one more event-loop turn. On SQLite that turn is spent holding the
-    database's write turn (``sqlite_inline``), so under load every transaction waited a loop turn
-    for the one before it (a lock convoy: ~40 requests queued for seconds; the soak test with a
-    busy core accepted its 1,000 clicks in 89 s, 35 s without). Here the session closes in the
-    caller's own step; SQLAlchemy's shielded close is kept as the cleanup when that is
-    interrupted (cancelled while a PostgreSQL rollback is in flight).
-    """
-
-    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
-        try:
-            await self.close()
-        except BaseException:
-            await super().__aexit__(type_, value, traceback)
-            raise
-
-
-class SessionFactory(async_sessionmaker[AsyncSession]):
-    """``async_sessionmaker`` whose ``begin()`` commits inline too (see ``Session``)."""
-
-    def begin(self) -> AbstractAsyncContextManager[AsyncSession]:  # type: ignore[override]
-        return _transaction(self)
-
-
-@asynccontextmanager
-async def _transaction(factory: SessionFactory) -> AsyncIterator[AsyncSession]:
-    async with factory() as session, session.begin():
-        yield session
+#: What ``create_session_factory`` makes.
+SessionFactory = async_sessionmaker[AsyncSession]
 
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:
-    return SessionFactory(engine, class_=Session, expire_on_commit=False)
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def transaction(sessions: SessionFactory) -> AsyncIterator[AsyncSession]:
+    """A session in a transaction that commits (or rolls back) in the caller's own step as the
+    block ends, unlike ``sessions.begin()`` (see the module doc): for transactions that run
+    back to back under load."""
+    async with sessions() as session, session.begin():
+        yield session
 
 
 # --- migrations --------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from regstream.db.engine import transaction
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -108,7 +110,7 @@ class GroupCommit:
     async def _commit(self, batch: list[_Entry[Any]]) -> None:
         outcomes: list[tuple[bool, Any]] = []  # (raised, result or exception) per step
         try:
-            async with self._sessions.begin() as session:
+            async with transaction(self._sessions) as session:
                 for entry in batch:
                     try:
                         outcomes.append((False, await entry.step(session)))
@@ -134,7 +136,7 @@ class GroupCommit:
 
     async def _alone(self, entry: _Entry[Any]) -> None:
         try:
-            async with self._sessions.begin() as session:
+            async with transaction(self._sessions) as session:
                 result = await entry.step(session)
         except (Exception, asyncio.CancelledError) as exc:
             _reraise_if_cancelled(exc)

@@ -8,9 +8,6 @@ expired) can never write a second final status.
 
 from __future__ import annotations
 
-import functools
-import json
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,22 +17,25 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    Executable,
+    Integer,
     Row,
     String,
     Table,
     and_,
     bindparam,
     func,
+    insert,
     or_,
     select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from regstream.db import driver
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
 
 _REGISTRATIONS: Table = RegistrationRequest.__table__  # type: ignore[assignment]
+_LOG: Table = ProcessLogEntry.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,15 @@ Event = tuple[str | None, str | None, str, str, dict[str, Any] | None]
 
 class RunLost(Exception):
     """The runner no longer owns the run (its lease expired and someone else took over)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """A statement built once with this call's parameters, handed to another data function to
+    run in its transaction (``users.matching``, ``users.enrolment`` with ``append_events``)."""
+
+    statement: Executable
+    params: dict[str, Any]
 
 
 async def create(session: AsyncSession, **fields: Any) -> RegistrationRequest:
@@ -276,27 +285,25 @@ async def append_events(
     now_ms: int,
     lease_ms: int,
     final: tuple[str, dict[str, Any]] | None = None,
-    also: driver.Bound | None = None,
+    also: Bound | None = None,
 ) -> list[LogEvent]:
     """Append events ``(stage, stage_status, status, message, details)`` to the log, in order.
 
     Numbers them with the registration's next ``seq`` values and renews the lease. With ``final``
     (``(status, result)``), also ends the run in the same statement. ``also`` is a write that
-    belongs with these entries (the enrolment that goes with APPROVED): on PostgreSQL it is part
-    of the same statement, one round trip. Raises ``RunLost`` when the runner no longer owns the
-    run (the caller's transaction then rolls back, ``also`` with it).
+    belongs with these entries (the enrolment that goes with APPROVED), run first in the same
+    transaction. Raises ``RunLost`` when the runner no longer owns the run (the caller's
+    transaction then rolls back, ``also`` with it).
     """
-    logged, _ = await _append(
-        session, registration_id, run_id, run, events, now_ms, lease_ms, final, also, guard=False
-    )
-    assert logged is not None  # no guard
-    return logged
+    if also is not None:
+        await session.execute(also.statement, also.params)
+    return await _append(session, registration_id, run_id, run, events, now_ms, lease_ms, final)
 
 
 async def append_events_unless(
     session: AsyncSession,
     *,
-    unless: driver.Bound,
+    unless: Bound,
     registration_id: int,
     run_id: str,
     run: int,
@@ -305,12 +312,14 @@ async def append_events_unless(
     lease_ms: int,
 ) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
     """``append_events`` only if the query ``unless`` finds no rows (the duplicate check's common
-    case: no enrolled user matches, so log that, in the query's round trip on PostgreSQL).
-    Returns ``(entries, [])`` when it appended, ``(None, rows)`` when the query found ``rows``
-    and nothing was written."""
-    return await _append(
-        session, registration_id, run_id, run, events, now_ms, lease_ms, None, unless, guard=True
-    )
+    case: no enrolled user matches, so log that in the same transaction). Returns
+    ``(entries, [])`` when it appended, ``(None, rows)`` when the query found ``rows`` and
+    nothing was written."""
+    found = [tuple(row) for row in await session.execute(unless.statement, unless.params)]
+    if found:
+        return None, found
+    logged = await _append(session, registration_id, run_id, run, events, now_ms, lease_ms, None)
+    return logged, []
 
 
 async def _append(
@@ -322,52 +331,31 @@ async def _append(
     now_ms: int,
     lease_ms: int,
     final: tuple[str, dict[str, Any]] | None,
-    extra: driver.Bound | None,
-    *,
-    guard: bool,
-) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
-    assert events, "nothing to append"
-    count = len(events)
-    current_stage = next((e[0] for e in reversed(events) if e[0] is not None), None)
-    db = await driver.of(session)
-    # JSON as text, as SQLAlchemy's JSON type writes it (a missing ``details`` is JSON null)
-    details_json = [json.dumps(e[4]) for e in events]
-    head = (registration_id, run_id, count, now_ms + lease_ms, current_stage)
-    tail = () if final is None else (final[0], json.dumps(final[1]))
-    statement = _statement(final is not None, None if extra is None else extra.statement, guard)
-    found: list[tuple[Any, ...]] = []  # the guard query's rows (then nothing was written)
-    if db.postgres:  # one statement: ``extra``, the run's row, its log rows (one round trip)
-        columns = tuple(list(c) for c in zip(*events, strict=True))[:4]
-        args = (*head, run, now_ms, *columns, details_json, *tail)
-        rows = await db.fetch_all(statement, args if extra is None else args + extra.args)
-        if guard:  # (seq or NULL, true, extra's columns) per row found; (seq, NULL, …) if none
-            found = [row[2:] for row in rows if row[1]]
-        seq = rows[0][0] if rows else None
-    else:
-        if extra is not None:
-            extra_rows = await db.fetch_all(extra.statement, extra.args)
-            if guard:
-                found = extra_rows
-        seq = None
-        if not found:
-            row = await db.fetch_one(statement, head + tail)
-            seq = None if row is None else row[0]
-    if found:
-        return None, found
+) -> list[LogEvent]:
+    if not events:
+        raise ValueError("nothing to append")
+    params: dict[str, Any] = {
+        "rid": registration_id, "owner": run_id, "count": len(events),
+        "lease": now_ms + lease_ms,
+        "stage": next((e[0] for e in reversed(events) if e[0] is not None), None),
+    }  # fmt: skip
+    if final is not None:
+        params["final_status"], params["final_result"] = final
+    seq = (await session.execute(_ADVANCE if final is None else _FINISH, params)).scalar()
     if seq is None:
         raise RunLost(f"registration {registration_id}: run {run_id} is no longer ours")
-    out = numbered(events, registration_id=registration_id, run=run, last_seq=int(seq),
+    out = numbered(events, registration_id=registration_id, run=run, last_seq=seq,
                    timestamp_ms=now_ms)  # fmt: skip
-    if not db.postgres:
-        await db.execute_many(
-            _INSERT_LOG,
-            [
-                (registration_id, e.seq, run, e.stage, e.stage_status, e.status, e.message,
-                 text, now_ms)
-                for e, text in zip(out, details_json, strict=True)
-            ],
-        )  # fmt: skip
-    return out, []
+    await session.execute(
+        _INSERT_LOG,
+        [
+            {"registration_id": registration_id, "seq": e.seq, "run": run, "stage": e.stage,
+             "stage_status": e.stage_status, "status": e.status, "message": e.message,
+             "details": e.details, "timestamp_ms": now_ms}
+            for e in out
+        ],
+    )  # fmt: skip
+    return out
 
 
 def numbered(
@@ -397,71 +385,33 @@ def numbered(
     ]
 
 
-# Appending a step's log entries is the pipeline's most frequent write (twice per validation):
-# hand-written on the driver (``db.driver`` says why, with the numbers). Each statement renews the
-# lease, moves ``seq`` on by the number of entries and returns it, and matches no row when the
-# run is no longer ours; ``updated_at``/``completed_at`` as the ORM columns' defaults would set
-# them. On PostgreSQL the log rows are inserted by the same statement (a data-modifying CTE).
-_RUN_SET = (
-    "current_stage = coalesce({stage}, current_stage), seq = seq + {count}, "
-    "lease_expires_ms = {lease}, updated_at = {now}"
-)
-_FINISH_SET = ", status = {status}, result = {result}, in_progress = {false}, completed_at = {now}"
-_RUN_WHERE = "WHERE id = {rid} AND run_id = {owner} AND in_progress"
-_PG = {
-    "rid": "$1::bigint", "owner": "$2::varchar", "count": "$3::int", "lease": "$4::bigint",
-    "stage": "$5::varchar", "status": "$13::varchar", "result": "$14::json", "false": "false",
-    "now": "now()",
-}  # fmt: skip
-_PG_APPEND = (
-    "WITH {extra}run AS (UPDATE registration_requests SET {set} " + _RUN_WHERE + "{guard} "
-    "RETURNING seq), "
-    "log AS (INSERT INTO process_log (registration_id, seq, run, stage, stage_status, status, "
-    "message, details, timestamp_ms) "
-    "SELECT {rid}, run.seq - {count} + e.n, $6::int, e.stage, e.stage_status, e.status, "
-    "e.message, e.details::json, $7::bigint FROM run, unnest($8::varchar[], $9::varchar[], "
-    "$10::varchar[], $11::varchar[], $12::text[]) WITH ORDINALITY "
-    "AS e(stage, stage_status, status, message, details, n)) "
-    "{returns}"
-)
-_SQLITE = {
-    "rid": "?1", "owner": "?2", "count": "?3", "lease": "?4", "stage": "?5", "status": "?6",
-    "result": "?7", "false": "0", "now": "CURRENT_TIMESTAMP",
-}  # fmt: skip
-_SQLITE_ADVANCE = "UPDATE registration_requests SET {set} " + _RUN_WHERE + " RETURNING seq"
-
-
-@functools.cache
-def _statement(final: bool, extra: driver.Sql | None, guard: bool) -> driver.Sql:
-    """The append (``final``: and the end of the run) for both drivers. On PostgreSQL, ``extra``
-    is a member of the statement (its placeholders follow ours) and, with ``guard``, the run's
-    row is updated (so the log rows inserted) only if ``extra`` finds no rows; then the result
-    is the new ``seq`` or NULL, ``true`` and ``extra``'s columns per row found, or one row of
-    the ``seq`` and NULLs. On SQLite, the caller runs ``extra`` first, on its own (no round trip
-    to save)."""
-    run_set = _RUN_SET + _FINISH_SET if final else _RUN_SET
-    base = _PG_APPEND.format(set=run_set.format(**_PG), extra="", guard="", returns="", **_PG)
-    ours = max(int(n) for n in re.findall(r"\$(\d+)", base))  # ``extra``'s placeholders follow
-    postgres = _PG_APPEND.format(
-        set=run_set.format(**_PG),
-        extra="" if extra is None else f"extra AS ({driver.shifted(extra.postgres, ours)}), ",
-        guard=" AND NOT EXISTS (SELECT FROM extra)" if guard else "",
-        returns=(
-            "SELECT r.seq, e.* FROM (SELECT (SELECT seq FROM run) AS seq) AS r "
-            "LEFT JOIN (SELECT true AS found, * FROM extra) AS e ON true"
-            if guard
-            else "SELECT seq FROM run"
-        ),
-        **_PG,
-    )
-    return driver.Sql(postgres, _SQLITE_ADVANCE.format(set=run_set.format(**_SQLITE), **_SQLITE))
-
-
-_INSERT_LOG = driver.sql(  # SQLite only: on PostgreSQL the statements above insert the rows
-    "INSERT INTO process_log (registration_id, seq, run, stage, stage_status, status, message, "
-    "details, timestamp_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-)
+# Appending a step's log entries is the pipeline's most frequent write (twice per validation).
+# The statements are built once (building one per call was ~3 % of a click's CPU, profiled) and
+# SQLAlchemy's compiled cache keeps their SQL. The run's row: renew the lease, move ``seq`` on by
+# the number of entries and return it, matching no row when the run is no longer ours
+# (``updated_at`` follows from the column's ``onupdate``); the entries: one executemany.
 _reg = _REGISTRATIONS.c
+_ADVANCE = (
+    update(_REGISTRATIONS)
+    .where(
+        _reg.id == bindparam("rid", BigInteger()),
+        _reg.run_id == bindparam("owner", String()),
+        _reg.in_progress.is_(True),
+    )
+    .values(
+        current_stage=func.coalesce(bindparam("stage", String()), _reg.current_stage),
+        seq=_reg.seq + bindparam("count", Integer()),
+        lease_expires_ms=bindparam("lease", BigInteger()),
+    )
+    .returning(_reg.seq)
+)
+_FINISH = _ADVANCE.values(  # and end the run
+    status=bindparam("final_status", String()),
+    result=bindparam("final_result", _reg.result.type),
+    in_progress=False,
+    completed_at=func.now(),
+)
+_INSERT_LOG = insert(_LOG)  # details: a missing one is JSON null, as the ORM writes it
 # every click runs it (single clicks too: building it per call was ~3 % of a click's CPU)
 _CLAIM = (
     update(_REGISTRATIONS)

@@ -21,7 +21,7 @@ that died meanwhile with committed updates in its outbox may never be restarted.
 Order: an update is skipped when its seq is not above the last one Redis saw, so a later update
 published before the catch-up queued the earlier ones would leave those out. The publisher holds
 an overflowed registration's new updates until its catch-up is queued, and a run taken over from
-a dead instance first queues the run's committed entries again (``runner._run`` on resume), so
+a dead instance first queues the run's committed entries again (``recovery.resume_run``), so
 a survivor's later updates never overtake what the dead instance committed. Left: entries of an
 *earlier* run of a registration whose new run starts before any catch-up ran (they stay in the
 process log and the API; the history lacks them).
@@ -48,7 +48,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 from regstream import metrics
 from regstream.db import registrations
 from regstream.db.registrations import LogEvent
-from regstream.pipeline.runner import Publisher, event_to_update, log_entry_view
+from regstream.pipeline.events import log_entry_view, to_update
+from regstream.pipeline.persist import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ async def _updates(
     if events:
         metrics.CATCH_UP_REPUBLISHED.inc(len(events))
     return [
-        event_to_update(event, finals.get((event.registration_id, event.run))) for event in events
+        to_update(event, finals.get((event.registration_id, event.run))) for event in events
     ]
 
 

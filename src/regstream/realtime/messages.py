@@ -1,8 +1,10 @@
 """The wire contract: channel names, update messages and SSE frames, encoded once.
 
-Messages keep exactly the seed's fields (``registrationId``, ``status``, ``timestamp`` in ms,
+Update messages keep the seed's fields (``registrationId``, ``status``, ``timestamp`` in ms,
 ``stage``, ``message``, ``details``, ``processLog``) and add ``seq`` (per registration, 1, 2, 3 ...
-without gaps), ``stageStatus`` and ``eventId`` (added by the publish script, see ``publisher``).
+without gaps), ``stageStatus``, ``final`` and ``eventId`` (added by the publish script, see
+``publisher``). ``stage_update`` and ``final_update`` are the only places that build them, and they
+check the statuses (``ValueError`` naming the bad value and the allowed ones).
 
 Event ids are ``<epoch>_<stream id>``: the epoch changes when Redis loses its history (flush, new
 server), so an id from an older epoch is recognisably meaningless; the stream id (``ms-n``) is
@@ -15,10 +17,13 @@ the hot path); JSON never contains a raw newline, so it is a single ``data:`` li
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, NamedTuple
 
 import orjson
+
+from regstream.domain.enums import RegistrationStatus, StageStatus
 
 
 class ServiceChannel(StrEnum):
@@ -86,28 +91,53 @@ def snapshot_id(position: EventKey, seq: int) -> str:
     return f"{position}~{seq}"
 
 
+# --- update messages ---------------------------------------------------------------------------
+#
+# The two kinds of update, built only here (the runner, the catch-up and ``RegistrationPubSub``
+# call these). Field by field, as README "Messages and frames" lists them:
+#   stage update: registrationId, status ("PENDING"), timestamp, stage, stageStatus, message,
+#                 details (only when the step has some), seq
+#   final:        registrationId, status (a final status), timestamp, message, details (always;
+#                 {} when none), processLog (when given), seq, final (true); never a stage
+# ``seq`` is left out when the caller has none (the publish script numbers such a message);
+# ``eventId`` is added by the publish script. ``registrationId`` comes first: the script reads
+# it from the message's first bytes.
+
+#: a stage's state, as the seed's ``publishStageUpdate`` takes it
+STAGE_STATUSES: tuple[str, ...] = tuple(s.value for s in StageStatus)
+#: the status a final update ends a run with
+FINAL_STATUSES: tuple[str, ...] = tuple(s.value for s in RegistrationStatus if s.is_terminal)
+#: the status every stage update carries (the registration is PENDING while it runs)
+RUNNING_STATUS: str = RegistrationStatus.PENDING.value
+
+
 def stage_update(
     registration_id: int,
     stage: str,
     stage_status: str,
     message: str,
     *,
-    seq: int,
-    timestamp: int,
-    status: str = "PENDING",
-    details: dict[str, Any] | None = None,
+    seq: int | None = None,
+    timestamp: int | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A stage's progress. Raises ``ValueError`` for a stage status not in ``STAGE_STATUSES``."""
+    _check_id(registration_id)
+    if not isinstance(stage, str) or not stage:
+        raise ValueError(f"stage must be a non-empty string, not {stage!r}")
+    _check_status("stage status", stage_status, STAGE_STATUSES)
     update: dict[str, Any] = {
         "registrationId": registration_id,
-        "status": status,
-        "timestamp": timestamp,
+        "status": RUNNING_STATUS,
+        "timestamp": now_ms() if timestamp is None else timestamp,
         "stage": stage,
         "stageStatus": stage_status,
         "message": message,
-        "seq": seq,
     }
     if details:
-        update["details"] = details
+        update["details"] = dict(details)
+    if seq is not None:
+        update["seq"] = seq
     return update
 
 
@@ -116,23 +146,75 @@ def final_update(
     status: str,
     message: str,
     *,
-    seq: int,
-    timestamp: int,
-    details: dict[str, Any] | None = None,
+    seq: int | None = None,
+    timestamp: int | None = None,
+    details: Mapping[str, Any] | None = None,
     process_log: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """The end of a run. Raises ``ValueError`` for a status not in ``FINAL_STATUSES``."""
+    _check_id(registration_id)
+    _check_status("final status", status, FINAL_STATUSES)
     update: dict[str, Any] = {
         "registrationId": registration_id,
         "status": status,
-        "timestamp": timestamp,
+        "timestamp": now_ms() if timestamp is None else timestamp,
         "message": message,
-        "details": details or {},
-        "seq": seq,
-        "final": True,
+        "details": dict(details) if details else {},
     }
     if process_log is not None:
         update["processLog"] = process_log
+    if seq is not None:
+        update["seq"] = seq
+    update["final"] = True
     return update
+
+
+def process_log_entry(
+    *,
+    seq: int,
+    stage: str | None,
+    status: str,
+    message: str,
+    timestamp: int,
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One entry of a final update's ``processLog`` (and of the API's): ``status`` is the
+    stage's state (``started``/``completed``/``failed``), or the final status."""
+    entry: dict[str, Any] = {
+        "seq": seq,
+        "stage": stage,
+        "status": status,
+        "message": message,
+        "timestamp": timestamp,
+    }
+    if details:
+        entry["details"] = dict(details)
+    return entry
+
+
+def check_update(update: Mapping[str, Any]) -> None:
+    """Check an update built elsewhere (the seed's ``publishUpdate``) like the builders do: a
+    stage update (it names a ``stage``) carries status PENDING and a known ``stageStatus``; any
+    other is a final and carries a final status."""
+    if not isinstance(update, Mapping):
+        raise TypeError(f"an update is a JSON object (a dict), not {type(update).__name__}")
+    _check_id(update.get("registrationId"))
+    if update.get("stage") is not None:
+        _check_status("stage update status", update.get("status"), (RUNNING_STATUS,))
+        if "stageStatus" in update:
+            _check_status("stage status", update["stageStatus"], STAGE_STATUSES)
+    else:
+        _check_status("final status", update.get("status"), FINAL_STATUSES)
+
+
+def _check_id(registration_id: object) -> None:
+    if not isinstance(registration_id, int) or isinstance(registration_id, bool):
+        raise TypeError(f"registrationId must be an int, not {registration_id!r}")
+
+
+def _check_status(what: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r} is not one of: {', '.join(allowed)}")
 
 
 def encode(update: dict[str, Any]) -> bytes:

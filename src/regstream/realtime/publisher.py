@@ -57,7 +57,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from redis.asyncio import Redis, RedisCluster
@@ -66,7 +66,12 @@ from redis.exceptions import RedisError, ResponseError
 from regstream import metrics
 from regstream.realtime import messages
 from regstream.realtime.broker import Broker
-from regstream.realtime.connections import RedisClient
+from regstream.realtime.connections import (
+    RedisClient,
+    RedisTarget,
+    create_client,
+    create_subscriber_client,
+)
 from regstream.realtime.history import REGISTRATIONS_OF_LUA
 from regstream.realtime.messages import ServiceChannel
 from regstream.realtime.partitions import Layout, Partition
@@ -318,24 +323,61 @@ class RegistrationPubSub:
         #: instance may have died meanwhile with committed updates in its outbox)
         self.back = asyncio.Event()
         self._checked_once = False
+        # what ``from_url`` made and ``subscribe`` started: ``aclose`` ends them
+        self._owned: Redis | None = None
+        self._subscriptions: set[Subscription] = set()
 
     # --- the seed's verbs ----------------------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str, *, name: str = "regstream-pubsub", **options: Any) -> Self:
+        """A publisher (and subscriber) for the Redis at ``url`` (``redis://``, ``rediss://``,
+        ``unix://``, ``redis+sentinel://``), on connections of its own that ``aclose`` closes:
+
+            pubsub = RegistrationPubSub.from_url("redis://localhost:6379/0")
+            await pubsub.publish_stage_update(42, "duplicate_check", "started")
+            await pubsub.aclose()
+
+        ``options`` are the constructor's (``channel``, ``history_maxlen``, ...)."""
+        target = RedisTarget.from_url(url)
+        commands = create_client(target, name=name)
+        assert isinstance(commands, Redis)  # a URL alone never names a Redis Cluster
+        pubsub = cls(
+            commands, **options,
+            subscriber=lambda: create_subscriber_client(target, name=f"{name}-sub"),
+        )  # fmt: skip
+        pubsub._owned = commands
+        return pubsub
+
+    async def publish_update(self, update: dict[str, Any]) -> None:
+        """Publish an update built by the caller; checked like the builders of ``messages``
+        (``ValueError`` for an unknown status). Without ``seq``, Redis numbers it."""
+        messages.check_update(update)
+        self.enqueue_update(update)
 
     async def publish_stage_update(
         self,
         registration_id: int,
         stage: str,
-        stage_status: str,
-        message: str,
+        status: str,
+        details: str | dict[str, Any] | None = None,
         *,
-        seq: int,
+        message: str | None = None,
+        seq: int | None = None,
         timestamp: int | None = None,
-        details: dict[str, Any] | None = None,
     ) -> None:
+        """A stage's progress; ``status`` is ``started``, ``completed`` or ``failed``.
+
+        ``details`` as the seed passes it: its text for the step (the seed's ``details || error``)
+        is the message's ``message``; a dict is its ``details``. Without either ``message`` or a
+        text, the message is ``"<status>: <stage>"``. Without ``seq``, Redis numbers it."""
+        if isinstance(details, str):
+            message, details = message if message is not None else details, None
         await self.publish_update(
             messages.stage_update(
-                registration_id, stage, stage_status, message, seq=seq,
-                timestamp=timestamp or messages.now_ms(), details=details,
+                registration_id, stage, status,
+                f"{status}: {stage}" if message is None else message,
+                seq=seq, timestamp=timestamp, details=details,
             )
         )  # fmt: skip
 
@@ -344,21 +386,19 @@ class RegistrationPubSub:
         registration_id: int,
         status: str,
         message: str,
-        *,
-        seq: int,
         details: dict[str, Any] | None = None,
         process_log: list[dict[str, Any]] | None = None,
+        *,
+        seq: int | None = None,
         timestamp: int | None = None,
     ) -> None:
+        """A run's end; ``status`` is APPROVED, COMPLETED, DUPLICATE or FAILED."""
         await self.publish_update(
             messages.final_update(
-                registration_id, status, message, seq=seq, details=details,
-                process_log=process_log, timestamp=timestamp or messages.now_ms(),
+                registration_id, status, message, seq=seq, timestamp=timestamp, details=details,
+                process_log=process_log,
             )
         )  # fmt: skip
-
-    async def publish_update(self, update: dict[str, Any]) -> None:
-        self.enqueue_update(update)
 
     def enqueue_update(self, update: dict[str, Any]) -> None:
         """``publish_update`` without an await: queued at once (the runner calls it right after
@@ -383,7 +423,9 @@ class RegistrationPubSub:
         task = asyncio.create_task(broker.run(), name="registration-subscription")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(broker.connected.wait(), ready_timeout)
-        return Subscription(broker, task)
+        subscription = Subscription(broker, task)
+        self._subscriptions.add(subscription)
+        return subscription
 
     # --- mechanics -----------------------------------------------------------------------------
 
@@ -711,6 +753,12 @@ class RegistrationPubSub:
             log.warning(
                 "%d updates were not published (Redis unreachable at shutdown)", len(self._outbox)
             )
+        for subscription in self._subscriptions:
+            await subscription.aclose()
+        self._subscriptions.clear()
+        if self._owned is not None:
+            await self._owned.aclose()
+            self._owned = None
 
 
 class PartlySent(RedisError):

@@ -154,13 +154,18 @@ async def _services(
     # check that `regstream migrate` did them (REGSTREAM_MIGRATE_ON_START=false)
     await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)
     sessions = create_session_factory(engine)
-    redis = create_client(target, name=f"regstream-pub-{os.getpid()}")
+    # a cluster: a pool per node, and no waiting for a free connection (redis-py's cluster
+    # client refuses instead): room for every partition's calls at once
+    per_node = len(layout) + 4 if target.cluster else 0
+    redis = create_client(target, name=f"regstream-pub-{os.getpid()}",
+                          max_connections=max(8, per_node))  # fmt: skip
     # The publisher, the control work (readiness, the subscription's probe and catch-up) and
     # stream resumes each have their own client and pool: a resume herd never makes a publish
     # or a readiness check wait for a connection (api/admission.py bounds the herd itself).
     control = create_client(
-        target, name=f"regstream-ctl-{os.getpid()}", socket_timeout=2.0, max_connections=4
-    )
+        target, name=f"regstream-ctl-{os.getpid()}", socket_timeout=2.0,
+        max_connections=max(4, per_node),  # (a cluster: every partition's probe at once)
+    )  # fmt: skip
     resumes = create_client(
         target, name=f"regstream-resume-{os.getpid()}",
         max_connections=settings.resume_concurrency,  # one per admitted start-up: none waits

@@ -209,6 +209,9 @@ async def test_master_killed_mid_bulk_every_registration_ends_once_and_streams_c
 
                     await wait_until(lambda: finals() >= 6, timeout=60, what="the bulk under way")
                     resume_from = everything.last_event_id()
+                    owner = cluster.master_of(victim_partition.epoch_key)
+                    with redis_sync.Redis(port=owner.port) as node:
+                        epoch_before = node.get(victim_partition.epoch_key)
                     killed = cluster.kill_master_of(victim_partition.history_key)
                     promoted = await cluster.wait_promoted(killed, timeout=60)
                     assert promoted.port != killed.port
@@ -235,6 +238,13 @@ async def test_master_killed_mid_bulk_every_registration_ends_once_and_streams_c
                     missing = {w.name: uncovered(w, log)[:10] for w in watched}
                     assert missing == {w.name: [] for w in watched}
                 assert final_rows(live, rids) == dict.fromkeys(rids, 1)
+                # the promoted replica's history began a new epoch (what the dead master had
+                # not replicated is in no history: streams were told to re-sync, not left short)
+                with redis_sync.Redis(port=promoted.port) as node:
+                    epoch_after = node.get(victim_partition.epoch_key)
+                assert epoch_before and epoch_after and epoch_after != epoch_before
+                assert any(f.type == "snapshot" and (f.data or {}).get("resync")
+                           for f in everything.frames)  # fmt: skip
                 # followed the new topology without a restart: a new stream gets new updates
                 assert (await http.get("/readyz")).status_code == 200
                 late = await _create(http, 1, 7_400)

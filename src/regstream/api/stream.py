@@ -359,16 +359,18 @@ async def _replay_wide(
             continue  # nothing published there, or nothing since
         if after is not None and (after.epoch != until.epoch or after > until):
             return False  # another epoch (a failover), or ahead of this instance: re-sync
-        history = bus.histories[index]
         ids = None if wanted is None else tuple(r for r in wanted if r % len(bus.layout) == index)
-        reads.append((index, until, history.since(after) if ids is None or after is None
-                      else history.since_for(after, ids)))  # fmt: skip
+        reads.append((index, until, after, ids))
     try:
-        replays = await asyncio.gather(*(read for _, _, read in reads))
+        replays = await asyncio.gather(*(
+            bus.histories[index].since(after) if ids is None or after is None
+            else bus.histories[index].since_for(after, ids)
+            for index, _, after, ids in reads
+        ))  # fmt: skip
     except (RedisError, OSError):
         return False
     merged: list[tuple[int, int, int, Parsed]] = []
-    for (index, until, _), replay in zip(reads, replays, strict=True):
+    for (index, until, _, _), replay in zip(reads, replays, strict=True):
         if not replay.complete or _resynced(replay, wanted):
             return False
         for parsed in replay.entries:

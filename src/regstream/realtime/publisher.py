@@ -572,6 +572,7 @@ class RegistrationPubSub:
     async def _replication_id(self, partition: Partition) -> str | bytes | None:
         """The replication id of the primary holding the partition's keys."""
         if isinstance(self._redis, RedisCluster):
+            await self._redis.initialize()  # (the slot map; once)
             node = self._redis.get_node_from_key(partition.epoch_key)
             info = await self._redis.info("replication", target_nodes=node)
         else:

@@ -11,6 +11,7 @@ instead of counting them per process.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -89,6 +90,21 @@ async def test_the_moving_window_is_shared_by_two_instances_on_a_cluster(
             assert 0 < refused <= 60
             assert _window_length(redis_cluster, limit_a, identifier) == 3
         assert (a.down, b.down) == (False, False)
+
+
+async def test_a_burst_past_the_pool_waits_its_turn_instead_of_counting_per_process(
+    redis_cluster: PrivateCluster,
+) -> None:
+    """redis-py's cluster pools refuse a 17th connection to a node at once (no blocking pool):
+    a burst of 200 concurrent decisions on one key must neither fail over to per-process
+    counting nor let more than the setting through."""
+    async with _instances(redis_cluster, "h5-burst", count=1) as (store,):
+        limit = RateLimit(store, "burst", 50)
+        fallbacks = _sample("regstream_limit_fallbacks_total")
+        waits = await asyncio.gather(*(limit.hit("h5-burst-key") for _ in range(200)))
+        assert (sum(1 for w in waits if w == 0.0), store.down) == (50, False)
+        assert _sample("regstream_limit_fallbacks_total") == fallbacks
+        assert _window_length(redis_cluster, limit, "h5-burst-key") == 50
 
 
 async def test_stream_slots_cap_holds_across_two_instances_on_a_cluster(

@@ -16,7 +16,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
+import httpx
 from prometheus_client import REGISTRY
 from redis.asyncio.cluster import RedisCluster
 
@@ -25,7 +28,8 @@ from regstream.auth.stream_slots import KEY_PREFIX as SLOTS_PREFIX
 from regstream.auth.stream_slots import StreamSlots
 from regstream.realtime.connections import RedisTarget, create_client
 from tests.cluster_support import PrivateCluster
-from tests.support import TEST_SECRET_KEY, wait_until
+from tests.conftest import SettingsFactory
+from tests.support import TEST_SECRET_KEY, serve_app, wait_until
 
 
 @asynccontextmanager
@@ -90,6 +94,25 @@ async def test_the_moving_window_is_shared_by_two_instances_on_a_cluster(
             assert 0 < refused <= 60
             assert _window_length(redis_cluster, limit_a, identifier) == 3
         assert (a.down, b.down) == (False, False)
+
+
+async def test_two_instances_of_the_app_share_the_sign_in_throttle_on_a_cluster(
+    make_settings: SettingsFactory, redis_cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    """REDIS_URL names one node and REDIS_CLUSTER is unset: the app finds out (INFO cluster)."""
+    wrong = {"username": "h5-kim", "password": "not-the-password-1"}
+
+    def settings(name: str) -> Any:
+        return make_settings(redis_url=redis_cluster.url, data_dir=tmp_path / name,
+                             login_attempts_per_minute=3)  # fmt: skip
+
+    with serve_app(settings("a")) as a, serve_app(settings("b")) as b:
+        assert isinstance(a.app.state.auth.redis, RedisCluster)
+        codes = []
+        for i in range(4):
+            async with httpx.AsyncClient(base_url=[a.url, b.url][i % 2], timeout=10) as client:
+                codes.append((await client.post("/api/auth/login", json=wrong)).status_code)
+        assert codes == [401, 401, 401, 429]
 
 
 async def test_a_burst_past_the_pool_waits_its_turn_instead_of_counting_per_process(

@@ -11,11 +11,15 @@ instead of counting them per process.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
+import httpx
 from prometheus_client import REGISTRY
 from redis.asyncio.cluster import RedisCluster
 
@@ -24,7 +28,8 @@ from regstream.auth.stream_slots import KEY_PREFIX as SLOTS_PREFIX
 from regstream.auth.stream_slots import StreamSlots
 from regstream.realtime.connections import RedisTarget, create_client
 from tests.cluster_support import PrivateCluster
-from tests.support import TEST_SECRET_KEY, wait_until
+from tests.conftest import SettingsFactory
+from tests.support import TEST_SECRET_KEY, serve_app, wait_until
 
 
 @asynccontextmanager
@@ -89,6 +94,40 @@ async def test_the_moving_window_is_shared_by_two_instances_on_a_cluster(
             assert 0 < refused <= 60
             assert _window_length(redis_cluster, limit_a, identifier) == 3
         assert (a.down, b.down) == (False, False)
+
+
+async def test_two_instances_of_the_app_share_the_sign_in_throttle_on_a_cluster(
+    make_settings: SettingsFactory, redis_cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    """REDIS_URL names one node and REDIS_CLUSTER is unset: the app finds out (INFO cluster)."""
+    wrong = {"username": "h5-kim", "password": "not-the-password-1"}
+
+    def settings(name: str) -> Any:
+        return make_settings(redis_url=redis_cluster.url, data_dir=tmp_path / name,
+                             login_attempts_per_minute=3)  # fmt: skip
+
+    with serve_app(settings("a")) as a, serve_app(settings("b")) as b:
+        assert isinstance(a.app.state.auth.redis, RedisCluster)
+        codes = []
+        for i in range(4):
+            async with httpx.AsyncClient(base_url=[a.url, b.url][i % 2], timeout=10) as client:
+                codes.append((await client.post("/api/auth/login", json=wrong)).status_code)
+        assert codes == [401, 401, 401, 429]
+
+
+async def test_a_burst_past_the_pool_waits_its_turn_instead_of_counting_per_process(
+    redis_cluster: PrivateCluster,
+) -> None:
+    """redis-py's cluster pools refuse a 17th connection to a node at once (no blocking pool):
+    a burst of 200 concurrent decisions on one key must neither fail over to per-process
+    counting nor let more than the setting through."""
+    async with _instances(redis_cluster, "h5-burst", count=1) as (store,):
+        limit = RateLimit(store, "burst", 50)
+        fallbacks = _sample("regstream_limit_fallbacks_total")
+        waits = await asyncio.gather(*(limit.hit("h5-burst-key") for _ in range(200)))
+        assert (sum(1 for w in waits if w == 0.0), store.down) == (50, False)
+        assert _sample("regstream_limit_fallbacks_total") == fallbacks
+        assert _window_length(redis_cluster, limit, "h5-burst-key") == 50
 
 
 async def test_stream_slots_cap_holds_across_two_instances_on_a_cluster(

@@ -101,8 +101,10 @@ def documented_fields() -> dict[str, tuple[set[str], set[str]]]:
     for line in README.read_text().splitlines():
         row = re.fullmatch(r"\| (stage update|final) \| (.*) \| (.*) \|", line)
         if row:
-            names = [set(re.findall(r"`([a-zA-Z]+)`(?: \(|,)", cell + ",")) for cell in row.groups()[1:]]
-            table[row[1]] = (names[0], names[1])
+            always, sometimes = (
+                set(re.findall(r"`([a-zA-Z]+)`(?: \(|,)", cell + ",")) for cell in row.groups()[1:]
+            )
+            table[row[1]] = (always, sometimes)
     assert set(table) == {"stage update", "final"}, "README lost its table of message fields"
     return table
 

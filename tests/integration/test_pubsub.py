@@ -92,7 +92,8 @@ async def test_the_seeds_calls_on_a_publisher_from_url(redis_server: EmbeddedRed
         }
     finally:
         await pubsub.aclose()
-    assert [(m["stage"], m["stageStatus"], m["message"], m.get("details")) for m in received[:3]] == [
+    stages = [(m["stage"], m["stageStatus"], m["message"], m.get("details")) for m in received[:3]]
+    assert stages == [
         ("test_stage", "started", "started: test_stage", None),
         ("test_stage", "completed", "Found 2 accounts", None),
         ("t24_lookup", "completed", "completed: t24_lookup", {"accountsFound": 2}),
@@ -122,7 +123,8 @@ async def test_seq_is_assigned_when_the_caller_gives_none(redis_server: Embedded
         await wait_until(lambda: len(received) == 4, what="four updates")
     finally:
         await pubsub.aclose()
-    assert [(m["registrationId"], m["seq"]) for m in received] == [(42, 1), (42, 2), (42, 3), (7, 1)]
+    seqs = [(m["registrationId"], m["seq"]) for m in received]
+    assert seqs == [(42, 1), (42, 2), (42, 3), (7, 1)]
 
 
 @pytest.mark.parametrize(

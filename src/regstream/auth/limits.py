@@ -15,7 +15,11 @@ client's startup nodes and the options are its credentials, TLS, timeouts, name 
 pool size, so both reach the same nodes the same way. Each window is one key (one slot), so its
 script runs on one node; a failover (a replica promoted) is an outage of the slots that master
 served, answered as any other outage below, and redis-py's client follows the new slot map.
-``aclose()`` closes that client (``limits`` has no close of its own).
+``aclose()`` closes that client (``limits`` has no close of its own). redis-py's cluster pools
+do not wait for a free connection (past ``max_connections`` per node a command fails at once
+with ``MaxConnectionsError``), so in cluster mode the store lets at most that many operations
+run at a time and the others wait their turn within ``timeout``, as the blocking pool makes
+them wait on one Redis: a burst of sign-ins is never taken for an outage.
 
 While Redis does not answer, every limit falls back to ``limits``' in-memory storage at the same
 setting, so N instances allow at most N times the setting, never unlimited. Every event Redis
@@ -93,8 +97,10 @@ class LimitStore:
         self.memory = MovingWindowRateLimiter(MemoryStorage())
         self.shared_limiter: MovingWindowRateLimiter | None = None
         self._cluster_storage: RedisClusterStorage | None = None
+        self._turns: asyncio.Semaphore | None = None  # cluster mode: the pool's blocking wait
         if isinstance(redis, RedisCluster):
             self._cluster_storage = cluster_storage(redis)
+            self._turns = asyncio.Semaphore(_pool_size(redis))
             self.shared_limiter = MovingWindowRateLimiter(self._cluster_storage)
         elif redis is not None:
             # documented (``connection_pool``), though its options are typed as scalars
@@ -133,7 +139,11 @@ class LimitStore:
             return UNAVAILABLE
         try:
             async with asyncio.timeout(self.timeout):
-                result = await op()
+                if self._turns is None:
+                    result = await op()
+                else:
+                    async with self._turns:
+                        result = await op()
         except REDIS_FAILURES as exc:
             self._retry_at = time.monotonic() + self.retry_interval
             metrics.LIMIT_FALLBACKS.inc()
@@ -230,6 +240,11 @@ def cluster_storage(redis: RedisCluster) -> RedisClusterStorage:
         f"async+redis+cluster://{hosts}", implementation="redispy", wrap_exceptions=True,
         key_prefix=KEY_PREFIX, **options,
     )  # fmt: skip
+
+
+def _pool_size(redis: RedisCluster) -> int:
+    size = redis.get_connection_kwargs().get("max_connections")
+    return size if isinstance(size, int) and size > 0 else 16
 
 
 def retry_after(seconds: float) -> str:

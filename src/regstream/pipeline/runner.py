@@ -1,6 +1,6 @@
 """Runs validations in the background: takes submissions, holds the runs' tasks, gives them back.
 
-The path of one click (docs/architecture.md, "The pipeline"): ``api/registrations.py`` calls
+The path of one click (docs/architecture.md, "One way through"): ``api/registrations.py`` calls
 ``Runner.submit``, which claims the run in a group-commit transaction (``db/group_commit.py``)
 and, right after that commit (the step's ``then``), starts its task here when a pipeline slot is
 free; the task (``_guarded``) waits for a slot and for room in the publisher's outbox, then
@@ -15,10 +15,10 @@ another one did: LISTEN/NOTIFY on PostgreSQL) or when slots free while the queue
 in both cases once it has room for a batch (a quarter of its slots, 16 at most), and at least
 every poll interval. Taken runs of a dead instance are resumed (``recovery``).
 
-Leases: renewed at every step and every half lease for every run this instance holds
-(``renew_leases``). At shutdown (``drain``) runs not started go back to the queue at once, and
-those still running after the grace period too, so the others resume them without waiting for
-the heartbeat timeout.
+Leases (``leases``): renewed at every step and every half lease for every run this instance
+holds (``renew_leases``). At shutdown (``drain``) runs not started go back to the queue at once,
+and those still running after the grace period too, so the others resume them without waiting
+for the heartbeat timeout.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from regstream.db.registrations import RunLost
 from regstream.db.tables import RegistrationRequest
 from regstream.domain.errors import ValidationFailure
 from regstream.domain.pii import NationalIdKeys
+from regstream.pipeline import leases
 from regstream.pipeline.fleet import FleetMember
 from regstream.pipeline.persist import Publisher, Recorder, Run, now_ms
 from regstream.pipeline.recovery import run_through_outages
@@ -206,16 +207,8 @@ class Runner:
     async def renew_leases(self) -> int:
         """Renew the lease of every run this process holds, including runs still waiting for a
         pipeline slot, so a live process's runs are never taken for lost (the backstop)."""
-        runs = list(self._tasks.values())
-        renewed = 0
-        for start in range(0, len(runs), 500):
-            chunk = runs[start : start + 500]
-            async with self._sessions.begin() as session:
-                renewed += await registrations.renew_leases(
-                    session, runs=[(r.registration_id, r.run_id) for r in chunk],
-                    lease_until_ms=now_ms() + self._lease_ms,
-                )  # fmt: skip
-        return renewed
+        return await leases.renew(self._sessions, list(self._tasks.values()),
+                                  lease_ms=self._lease_ms)  # fmt: skip
 
     async def drain(self, grace: float) -> int:
         """Stop accepting and taking runs. Runs waiting for a pipeline slot go back to the
@@ -307,22 +300,7 @@ class Runner:
         return self._more
 
     async def _release(self, runs: list[Run]) -> None:
-        if not runs:
-            return
-        try:
-            async with self._sessions.begin() as session:
-                released = await work_queue.release(
-                    session, instance_id=self.fleet.instance_id,
-                    runs=[(r.registration_id, r.run_id) for r in runs],
-                )  # fmt: skip
-                await work_queue.announce(session)
-        except Exception as exc:  # noqa: BLE001 - they are taken over after the timeout
-            log.warning(
-                "could not give %d runs back to the queue: %s", len(runs), type(exc).__name__
-            )
-            return
-        metrics.RUNS_RELEASED.inc(released)
-        log.info("gave %d runs back to the shared queue", released)
+        await leases.release(self._sessions, runs, instance_id=self.fleet.instance_id)
 
     async def _renew_loop(self) -> None:
         while True:

@@ -1,4 +1,7 @@
-"""Gap-free delivery (issue 3): resume with Last-Event-ID, snapshots for late joiners, the seam."""
+"""Gap-free delivery (issue 3): resume with Last-Event-ID, snapshots for late joiners, the seam.
+
+Each runs on both write paths (``stream_path``: taken over from uvicorn, or the portable queued
+path; ``api/takeover.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import httpx
 
 from regstream.core_banking.simulator.server import RunningSimulator
 from tests.conftest import SettingsFactory
-from tests.support import StreamClient, auth_headers, serve_app
+from tests.support import StreamClient, auth_headers, on_write_path, serve_app, wait_until
 
 
 async def _slow(sim: RunningSimulator, latency_ms: float) -> None:
@@ -30,10 +33,11 @@ def _view(updates: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 
 
 async def test_resume_after_a_cut_gets_exactly_the_missed_updates(
-    make_settings: SettingsFactory, t24_private: RunningSimulator
+    make_settings: SettingsFactory, t24_private: RunningSimulator, stream_path: str
 ) -> None:
     await _slow(t24_private, 400)
-    with serve_app(make_settings(t24_base_url=t24_private.base_url)) as live:
+    fast = stream_path == "transport"
+    with serve_app(make_settings(t24_base_url=t24_private.base_url, stream_fast_path=fast)) as live:
         ids = await live.load_demo()
         hdr = auth_headers(live, "admin")
         rid = ids["approved"]
@@ -48,6 +52,7 @@ async def test_resume_after_a_cut_gets_exactly_the_missed_updates(
             async with StreamClient(
                 live.url, registration_id=rid, last_event_id=last_id, headers=hdr
             ) as second:
+                await wait_until(lambda: on_write_path(live, stream_path), what=stream_path)
                 await second.wait_final(rid)
                 resumed = second.updates(rid)
                 assert not any(f.type == "snapshot" for f in second.frames)
@@ -60,8 +65,10 @@ async def test_resume_after_a_cut_gets_exactly_the_missed_updates(
         assert combined[-1]["status"] == row["status"] == "APPROVED"
 
 
-async def test_resume_by_query_parameter_and_unfiltered(make_settings: SettingsFactory) -> None:
-    with serve_app(make_settings()) as live:
+async def test_resume_by_query_parameter_and_unfiltered(
+    make_settings: SettingsFactory, stream_path: str
+) -> None:
+    with serve_app(make_settings(stream_fast_path=stream_path == "transport")) as live:
         ids = await live.load_demo()
         hdr = auth_headers(live, "admin")
         async with (
@@ -84,6 +91,7 @@ async def test_resume_by_query_parameter_and_unfiltered(make_settings: SettingsF
             await asyncio.sleep(1.0)
             async with client.stream("GET", "/api/registrations/updates/stream",
                                      params={"lastEventId": last_id}) as response:  # fmt: skip
+                await wait_until(lambda: on_write_path(live, stream_path), what=stream_path)
                 text = ""
                 async for chunk in response.aiter_text():
                     text += chunk
@@ -94,8 +102,10 @@ async def test_resume_by_query_parameter_and_unfiltered(make_settings: SettingsF
         assert text.count('"type":"update"') == 7
 
 
-async def test_unknown_or_old_epoch_id_gets_a_snapshot(make_settings: SettingsFactory) -> None:
-    with serve_app(make_settings()) as live:
+async def test_unknown_or_old_epoch_id_gets_a_snapshot(
+    make_settings: SettingsFactory, stream_path: str
+) -> None:
+    with serve_app(make_settings(stream_fast_path=stream_path == "transport")) as live:
         ids = await live.load_demo()
         hdr = auth_headers(live, "admin")
         rid = ids["kyc_mismatch"]
@@ -112,6 +122,7 @@ async def test_unknown_or_old_epoch_id_gets_a_snapshot(make_settings: SettingsFa
             await filtered.wait_for(
                 lambda fs: any(f.type == "snapshot" for f in fs), what="snapshot"
             )
+            await wait_until(lambda: on_write_path(live, stream_path), what=stream_path)
             snap = next(f for f in filtered.frames if f.type == "snapshot")
             assert snap.data is not None and snap.id is not None and snap.id.endswith("~5")
             assert snap.data["data"]["id"] == rid
@@ -127,11 +138,12 @@ async def test_unknown_or_old_epoch_id_gets_a_snapshot(make_settings: SettingsFa
 
 
 async def test_late_joiner_seam_50_times(
-    make_settings: SettingsFactory, t24_private: RunningSimulator
+    make_settings: SettingsFactory, t24_private: RunningSimulator, stream_path: str
 ) -> None:
     """Open a filtered stream mid-run while updates keep coming: snapshot + live, no gap/dup."""
     await _slow(t24_private, 30)
-    with serve_app(make_settings(t24_base_url=t24_private.base_url)) as live:
+    fast = stream_path == "transport"
+    with serve_app(make_settings(t24_base_url=t24_private.base_url, stream_fast_path=fast)) as live:
         hdr = auth_headers(live, "admin")
         async with httpx.AsyncClient(base_url=live.url, timeout=20, headers=hdr) as http:
             rids = []
@@ -154,6 +166,8 @@ async def test_late_joiner_seam_50_times(
                         )
 
                     await sse.wait_for(ended, what=f"end of run {rid}")
+                    if i % 10 == 0:
+                        await wait_until(lambda: on_write_path(live, stream_path), what=stream_path)
                     state: list[int] = []
                     for frame in sse.frames:
                         if frame.type == "snapshot":

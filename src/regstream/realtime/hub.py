@@ -243,9 +243,20 @@ class StreamProtocol(asyncio.Protocol):
 
 
 class QueuedStream(Stream):
-    """Portable mode: a bounded buffer drained by the request's own ``send``."""
+    """Portable mode: a bounded buffer drained by the request's own ``send``.
 
-    __slots__ = ("_queue", "_size", "_wake", "_final")
+    The queue is the client's backlog only while the pump waits inside ``send`` (the server
+    waits for its transport to drain: the client is not reading). Otherwise frames wait for the
+    pump's next turn on the event loop, so a burst of updates (the broker dispatches a batch in
+    one go) may queue past ``limit`` without a slow client: the stream is cut then only past
+    ``BURST`` times the limit, which bounds its memory. A cut while the pump waits inside
+    ``send`` cancels that wait: the request ends (the server closes the connection) and the
+    stream leaves the hub."""
+
+    __slots__ = ("_queue", "_size", "_wake", "_final", "_pump", "_sending")
+
+    #: how far past ``limit`` a burst may queue while the pump is not waiting on the client
+    BURST = 4
 
     def __init__(
         self, registration_id: RegistrationFilter, *, max_buffer: int, info: Any = None
@@ -255,9 +266,12 @@ class QueuedStream(Stream):
         self._size = 0
         self._wake = asyncio.Event()
         self._final = b""
+        self._pump: asyncio.Task[Any] | None = None  # the task running ``pump``
+        self._sending = False  # the pump waits inside ``send``
 
     def write(self, frame: bytes, chunk: bytes) -> None:
-        if self._size + len(frame) > self.limit:
+        size = self._size + len(frame)
+        if size > self.limit and (self._sending or size > self.limit * self.BURST):
             _cut(self, "buffer limit")
             return
         self._queue.append(frame)
@@ -274,24 +288,42 @@ class QueuedStream(Stream):
 
     def abort(self) -> None:
         self._queue.clear()
+        self._size = 0
         self.close()
+        if self._sending and self._pump is not None:
+            self._pump.cancel()  # the client is not reading: stop waiting for it (``pump``)
 
     async def pump(self, send: Send) -> None:
-        """Write queued frames until closed; the endpoint runs this as the request's task."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                frame = self._queue.popleft()
-                self._size -= len(frame)
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
-            if self.closed:
-                if self._final:
-                    await send(
-                        {"type": "http.response.body", "body": self._final, "more_body": True}
-                    )
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
+        """Write queued frames until closed; the endpoint runs this as the request's task.
+        Returns early (the response unfinished) when ``abort`` ended a wait inside ``send``."""
+        self._pump = asyncio.current_task()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    frame = self._queue.popleft()
+                    self._size -= len(frame)
+                    await self._send(send, frame, more=True)
+                if self.closed:
+                    if self._final:
+                        await self._send(send, self._final, more=True)
+                    await self._send(send, b"", more=False)
+                    return
+        except asyncio.CancelledError:
+            task = self._pump
+            if not self.closed or task is None or task.cancelling() != 1:
+                raise  # not (only) our abort's
+            task.uncancel()
+        finally:
+            self._pump = None
+
+    async def _send(self, send: Send, body: bytes, *, more: bool) -> None:
+        self._sending = True
+        try:
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+        finally:
+            self._sending = False
 
 
 def _ids(filter_: int | tuple[int, ...]) -> tuple[int, ...]:

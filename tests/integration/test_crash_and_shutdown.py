@@ -194,12 +194,14 @@ def rows_cif(rows: dict[int, dict[str, Any]], rid: int) -> str:
 
 
 async def test_sigterm_drains(
-    tmp_path: Path, redis_server: EmbeddedRedis, t24_private: RunningSimulator
+    tmp_path: Path, redis_server: EmbeddedRedis, t24_private: RunningSimulator, stream_path: str
 ) -> None:
+    """On both stream write paths (api/takeover.py)."""
     await _sim(t24_private, "config", {"latency_ms": 800})
     env = _env(
         tmp_path, redis_server, t24_private, REGSTREAM_SHUTDOWN_GRACE="10",
         REGSTREAM_DRAIN_DELAY="0.5", SSE_RETRY_MS="1000",
+        REGSTREAM_STREAM_FAST_PATH=str(stream_path == "transport").lower(),
     )  # fmt: skip
     port, log = free_port(), tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
@@ -221,6 +223,7 @@ async def test_sigterm_drains(
                 assert sse.raw.endswith(b"retry: %d\n\n" % last.retry)
         exit_code = await asyncio.to_thread(server.wait, 30)
     assert exit_code == 0, log.read_text()[-2000:]
+    assert f"streams are written on the {stream_path} path" in log.read_text()
     # the running validation finished within the grace period: nothing left in progress
     from regstream.db import registrations
     from regstream.db.engine import create_engine, create_session_factory

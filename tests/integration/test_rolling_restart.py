@@ -54,14 +54,16 @@ def _closing_hint(reader: SseReader) -> int:
 
 
 async def test_sigterm_serves_through_the_delay_then_closes_streams_over_the_spread(
-    tmp_path: Path, redis_server: EmbeddedRedis, t24: RunningSimulator
+    tmp_path: Path, redis_server: EmbeddedRedis, t24: RunningSimulator, stream_path: str
 ) -> None:
+    """On both stream write paths (api/takeover.py)."""
     delay, spread, grace = 3.0, 2.0, 5.0
     env = _env(
         tmp_path, redis_server, t24, REGSTREAM_DRAIN_DELAY=str(delay),
         REGSTREAM_DRAIN_SPREAD=str(spread), REGSTREAM_SHUTDOWN_GRACE=str(grace),
         SSE_RETRY_MS=str(RETRY_MS), REGSTREAM_STREAMS_PER_USER="100",
         REGSTREAM_METRICS_PUBLIC="true",
+        REGSTREAM_STREAM_FAST_PATH=str(stream_path == "transport").lower(),
     )  # fmt: skip
     port, log = free_port(), tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
@@ -92,6 +94,7 @@ async def test_sigterm_serves_through_the_delay_then_closes_streams_over_the_spr
                     assert (await fresh.get("/healthz")).status_code == 200
                     metrics = (await fresh.get("/metrics")).text
                     assert "regstream_shutdown_phase 1.0" in metrics
+                    assert f'regstream_sse_stream_write_path{{path="{stream_path}"}} 1.0' in metrics
                     started = await fresh.post(f"/api/registrations/{rid}/process")
                     assert started.status_code == 202
                 await late_reader.wait_final(rid, timeout=5)

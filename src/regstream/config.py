@@ -357,6 +357,15 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_SENTINELS: set either REDIS_URL or REDIS_SENTINELS, not both")
         if self.redis_sentinels and not self.redis_sentinel_service:
             raise ValueError("REDIS_SENTINEL_SERVICE: required with REDIS_SENTINELS")
+        if self.redis_cluster and (
+            self.redis_sentinels or url.startswith(("unix://", "redis+sentinel", "rediss+sentinel"))
+        ):
+            raise ValueError(
+                "REDIS_CLUSTER: a Redis Cluster is named by one node's redis:// or rediss:// URL "
+                "(no Sentinel, no unix socket)"
+            )
+        if self.redis_cluster and not (url or self.redis_host):
+            raise ValueError("REDIS_CLUSTER: needs REDIS_URL (or REDIS_HOST) naming a node")
         if (self.redis_tls_cert is None) != (self.redis_tls_key is None):
             raise ValueError("REDIS_TLS_CERT and REDIS_TLS_KEY: a client certificate needs both")
         files = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)

@@ -31,6 +31,7 @@ from regstream.core_banking.simulator.server import serve_in_thread
 from regstream.realtime import positions
 from regstream.realtime.messages import ServiceChannel
 from regstream.realtime.partitions import Layout
+from regstream.realtime.publisher import RegistrationPubSub
 from tests.cluster_support import PrivateCluster
 from tests.stream_coverage import Watched, final_rows, process_log, uncovered
 from tests.support import (
@@ -252,3 +253,54 @@ async def test_master_killed_mid_bulk_every_registration_ends_once_and_streams_c
                     await _process(http, late)
                     final = await after.wait_final(late[0])
                     assert final["registrationId"] == late[0]
+
+
+async def test_a_shard_failing_over_holds_only_its_partitions_and_publishes_each_once(
+    fresh_redis_cluster: PrivateCluster,
+) -> None:
+    """``RegistrationPubSub.from_url(cluster=True)`` with the seed's calls: while one master is
+    dead, the other shards' partitions are published (the dead shard's calls fail alone,
+    ``PartlySent``); the dead shard's updates wait in the outbox and go out after the
+    promotion, each once, in seq order, numbered by Redis (the seed's calls give no seq), and
+    the subscriber receives them: the publish script begins the promoted replica's epoch
+    itself, so a retried call that lands there first is not lost to a later check."""
+    cluster = fresh_redis_cluster
+    pubsub = RegistrationPubSub.from_url(cluster.url, cluster=True, hold_max=1.0)
+    received: list[dict[str, Any]] = []
+    subscription = await pubsub.subscribe(received.append)
+    try:
+        layout = pubsub.layout
+        victim = cluster.master_of(layout.partitions[0].history_key)
+        on_victim = [p.index for p in layout.partitions
+                     if cluster.master_of(p.history_key).port == victim.port]  # fmt: skip
+        assert 0 < len(on_victim) < 16
+        cluster.kill_master_of(victim.slots[0][0])
+
+        def refused() -> bool:
+            try:
+                with redis_sync.Redis(port=victim.port, socket_connect_timeout=0.2) as node:
+                    node.ping()
+            except redis_sync.ConnectionError:
+                return True
+            return False
+
+        await wait_until(refused, timeout=10, what="the master to be gone")
+        rids = list(range(1, 33))  # two registrations per partition
+        for rid in rids:
+            await pubsub.publish_stage_update(rid, "duplicate_check", "started")
+        elsewhere = [rid for rid in rids if rid % 16 not in on_victim]
+        await wait_until(lambda: {u["registrationId"] for u in received} >= set(elsewhere),
+                         timeout=20, what="the live shards' updates")  # fmt: skip
+        await cluster.wait_promoted(victim, timeout=60)
+        for rid in rids:
+            await pubsub.publish_final_status(rid, "APPROVED", "done")
+        await wait_until(lambda: {u["registrationId"] for u in received if u.get("final")}
+                         == set(rids), timeout=60, what="every final")  # fmt: skip
+        await asyncio.sleep(0.5)
+        by_rid: dict[int, list[int]] = {}
+        for update in received:
+            by_rid.setdefault(update["registrationId"], []).append(update["seq"])
+        assert by_rid == {rid: [1, 2] for rid in rids}
+        assert len(subscription.brokers) == 16
+    finally:
+        await pubsub.aclose()

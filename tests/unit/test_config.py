@@ -171,6 +171,14 @@ def test_sentinels_from_their_own_variables(monkeypatch: pytest.MonkeyPatch) -> 
                      "REDIS_URL: TLS options go in REDIS_TLS", id="ssl-query"),
         pytest.param({"REDIS_TLS": "true"}, "REDIS_TLS: TLS needs a Redis to talk to",
                      id="tls-without-redis"),
+        pytest.param({"REDIS_CLUSTER": "true", "REDIS_SENTINELS": "s1:26379",
+                      "REDIS_SENTINEL_SERVICE": "m"}, "REDIS_CLUSTER: a Redis Cluster is named",
+                     id="cluster-sentinel"),
+        pytest.param({"REDIS_CLUSTER": "true", "REDIS_URL": "unix:///run/redis.sock"},
+                     "REDIS_CLUSTER: a Redis Cluster is named", id="cluster-unix"),
+        pytest.param({"REDIS_CLUSTER": "true"}, "REDIS_CLUSTER: needs REDIS_URL",
+                     id="cluster-without-redis"),
+        pytest.param({"REGSTREAM_PARTITIONS": "65"}, "REGSTREAM_PARTITIONS", id="partitions"),
     ],
 )  # fmt: skip
 def test_bad_sentinel_and_tls_settings_are_one_line(
@@ -178,7 +186,7 @@ def test_bad_sentinel_and_tls_settings_are_one_line(
 ) -> None:
     pem = tmp_path / "client.pem"
     pem.write_text("not checked here: redis-py reads it at connect\n")
-    for name in ("REDIS_URL", "REDIS_HOST", "REDIS_SENTINELS", "REDIS_TLS"):
+    for name in ("REDIS_URL", "REDIS_HOST", "REDIS_SENTINELS", "REDIS_TLS", "REDIS_CLUSTER"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value.format(file=pem))

@@ -179,9 +179,13 @@ class Broker:
         if self._on_resync is not None:
             self._on_resync(())
         if replay.epoch is not None and replay.epoch != last.epoch:
-            fresh = await self._history.since(None)  # the new epoch is all new to us
-            for parsed in fresh.entries:
+            # the new epoch is all new to us: from its start, then live. Positioned by what was
+            # dispatched, never by a later read of the newest entry (an update published
+            # between the two reads would arrive live and be taken for a duplicate).
+            self._position(EventKey(replay.epoch, 0, 0))
+            for parsed in (await self._history.since(None)).entries:
                 self._dispatch(parsed)
+            return
         latest = await self._history.latest()
         if latest is not None:
             self._position(latest)

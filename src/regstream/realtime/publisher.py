@@ -52,15 +52,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, Self
 
 import orjson
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from regstream import metrics
@@ -70,6 +73,7 @@ from regstream.realtime.connections import (
     RedisClient,
     RedisTarget,
     create_client,
+    create_node_subscriber_client,
     create_subscriber_client,
 )
 from regstream.realtime.history import REGISTRATIONS_OF_LUA
@@ -85,14 +89,16 @@ _Entry = tuple[int | None, int | None, bytes]
 Recover = Callable[[list[int]], Awaitable[list[dict[str, Any]]]]
 _RECOVER_PAGE = 500
 
-# KEYS: history, epoch, index state prefix, index key prefix (``history.py``: the index), all of
-# one partition (``partitions.py``: one hash tag in cluster mode, so one slot).
+# KEYS: history, epoch, index state prefix, index key prefix (``history.py``: the index), the
+# primary's replication id, all of one partition (``partitions.py``: one hash tag in cluster
+# mode, so one slot).
 # ARGV: history MAXLEN, channel, MINID to trim to (or ''), max age in ms, '1' to publish with
 # SPUBLISH (a cluster's shard channel) else '', a channel to also PUBLISH every message on (the
 # seed's channel in cluster mode, when mirrored) or '', then per message its seq ('' for a
 # message without one) and the message. A message about one registration without a seq gets the
 # registration's next one (its last in this epoch + 1, spliced into the JSON): the seed's calls
-# leave seq out. Returns per message its event id, or '' when it was skipped: its seq is not
+# leave seq out. Returns 1 if it began a new epoch (``check_primary``'s rule) else 0, then per
+# message its event id, or '' when it was skipped: its seq is not
 # above the last seq published for its registration in this epoch (field ``s<registrationId>``
 # of the index state hash), so a batch the client sent again (a retry after a socket timeout
 # while Redis had queued the first call) or an update republished by the catch-up
@@ -101,6 +107,23 @@ _PUBLISH_SCRIPT = (
     REGISTRATIONS_OF_LUA
     + """
 local epoch = redis.call('GET', KEYS[2])
+-- The history is this primary's (``check_primary``, done here too, atomically with the
+-- publish): a write that reaches a promoted replica before anyone checked (redis-py retrying
+-- the call across the failover) must begin the new epoch, not land in the old one.
+local began = 0
+local ok, info = pcall(redis.call, 'INFO', 'replication')
+local replid = ok and string.match(info, 'master_replid:(%w+)') or nil
+if replid then
+  local known = redis.call('GET', KEYS[5])
+  if known ~= replid then
+    redis.call('SET', KEYS[5], replid)
+    if known and epoch then
+      redis.call('DEL', KEYS[1])
+      epoch = nil
+      began = 1
+    end
+  end
+end
 if not epoch then
   local t = redis.call('TIME')
   epoch = t[1] .. string.format('%06d', tonumber(t[2]))
@@ -116,7 +139,7 @@ if #top > 0 then top_id = top[1][1] end
 if redis.call('HGET', state, 'last') ~= top_id then
   redis.call('HSET', state, 'upto', top_id)
 end
-local ids, touched, id = {}, {}, nil
+local ids, touched, id = {began}, {}, nil
 local function add(payload)
   id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', payload)
   local rids = registrations_of(payload)
@@ -246,16 +269,19 @@ return 1
 
 
 class Subscription:
-    """What ``RegistrationPubSub.subscribe`` returns; ``await sub.aclose()`` unsubscribes."""
+    """What ``RegistrationPubSub.subscribe`` returns (a broker per partition of the bus: one on
+    one Redis); ``await sub.aclose()`` unsubscribes."""
 
-    def __init__(self, broker: Broker, task: asyncio.Task[None]) -> None:
-        self.broker = broker
-        self._task = task
+    def __init__(self, brokers: list[Broker], tasks: list[asyncio.Task[None]]) -> None:
+        self.brokers = brokers
+        self._tasks = tasks
 
     async def aclose(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 class RegistrationPubSub:
@@ -324,13 +350,18 @@ class RegistrationPubSub:
         self.back = asyncio.Event()
         self._checked_once = False
         # what ``from_url`` made and ``subscribe`` started: ``aclose`` ends them
-        self._owned: Redis | None = None
+        self._owned: RedisClient | None = None
+        self._target: RedisTarget | None = None  # (from_url: to reach a cluster's nodes)
+        self._name = "regstream-pubsub"
         self._subscriptions: set[Subscription] = set()
 
     # --- the seed's verbs ----------------------------------------------------------------------
 
     @classmethod
-    def from_url(cls, url: str, *, name: str = "regstream-pubsub", **options: Any) -> Self:
+    def from_url(
+        cls, url: str, *, name: str = "regstream-pubsub", cluster: bool = False,
+        partitions: int = 16, mirror: bool = False, **options: Any,
+    ) -> Self:  # fmt: skip
         """A publisher (and subscriber) for the Redis at ``url`` (``redis://``, ``rediss://``,
         ``unix://``, ``redis+sentinel://``), on connections of its own that ``aclose`` closes:
 
@@ -338,15 +369,22 @@ class RegistrationPubSub:
             await pubsub.publish_stage_update(42, "duplicate_check", "started")
             await pubsub.aclose()
 
-        ``options`` are the constructor's (``channel``, ``history_maxlen``, ...)."""
+        ``cluster=True``: ``url`` names a node of a Redis Cluster; the bus is ``partitions``
+        partitions (as the service's ``REGSTREAM_PARTITIONS``: publishers and subscribers of one
+        deployment must agree), ``mirror`` copies every update to the seed's channel. ``options``
+        are the constructor's (``channel``, ``history_maxlen``, ...)."""
         target = RedisTarget.from_url(url)
-        commands = create_client(target, name=name)
-        assert isinstance(commands, Redis)  # a URL alone never names a Redis Cluster
+        if cluster:
+            target = replace(target, cluster=True)
+            options.setdefault("layout", Layout.cluster(partitions, mirror=mirror))
+        commands = create_client(target, name=name, max_connections=max(8, partitions + 4))
         pubsub = cls(
             commands, **options,
             subscriber=lambda: create_subscriber_client(target, name=f"{name}-sub"),
         )  # fmt: skip
         pubsub._owned = commands
+        pubsub._target = target
+        pubsub._name = name
         return pubsub
 
     async def publish_update(self, update: dict[str, Any]) -> None:
@@ -415,17 +453,38 @@ class RegistrationPubSub:
         """Call ``callback`` with every update published from now on (decoded JSON objects)."""
         if self._subscriber is None:
             raise RuntimeError("RegistrationPubSub was built without a subscriber connection")
-        broker = Broker(
-            subscriber=self._subscriber, commands=self._redis, channel=self.channel,
-            on_update=lambda parsed: callback(orjson.loads(parsed.raw)),
-            on_connect=self.check_primary,
-        )  # fmt: skip
-        task = asyncio.create_task(broker.run(), name="registration-subscription")
+        brokers = [
+            Broker(
+                subscriber=self._subscriber_of(partition), commands=self._redis,
+                partition=partition, on_update=lambda parsed: callback(orjson.loads(parsed.raw)),
+                on_connect=functools.partial(self.check_primary, partition.index),
+            )  # fmt: skip
+            for partition in self.layout.partitions
+        ]
+        tasks = [asyncio.create_task(b.run(), name="registration-subscription") for b in brokers]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(broker.connected.wait(), ready_timeout)
-        subscription = Subscription(broker, task)
+            async with asyncio.timeout(ready_timeout):
+                await asyncio.gather(*(b.connected.wait() for b in brokers))
+        subscription = Subscription(brokers, tasks)
         self._subscriptions.add(subscription)
         return subscription
+
+    def _subscriber_of(self, partition: Partition) -> Callable[[], Redis]:
+        """The subscriber client factory of a partition: the given one on one Redis; in a
+        cluster, a client of the node owning the partition's slot (asked at each connect)."""
+        target, subscriber = self._target, self._subscriber
+        assert subscriber is not None
+        if not partition.sharded or target is None or not isinstance(self._redis, RedisCluster):
+            return subscriber
+        cluster, name = self._redis, f"{self._name}-sub"
+
+        def node_client() -> Redis:
+            node = cluster.get_node_from_key(partition.channel)
+            if node is None:
+                raise RedisConnectionError(f"no node serves partition {partition.index}'s slot")
+            return create_node_subscriber_client(target, node.host, int(node.port), name=name)
+
+        return node_client
 
     # --- mechanics -----------------------------------------------------------------------------
 
@@ -498,7 +557,7 @@ class RegistrationPubSub:
     async def _send_to(self, partition: Partition, entries: list[_Entry], minid: str) -> list[str]:
         result = await self._script(
             keys=[partition.history_key, partition.epoch_key, partition.index_state_prefix,
-                  partition.index_key_prefix],
+                  partition.index_key_prefix, partition.primary_key],
             args=[
                 self._maxlen, partition.channel, minid, self._max_age_ms, self._sharded,
                 self._mirror,
@@ -506,7 +565,9 @@ class RegistrationPubSub:
                                                                  payload)),
             ],
         )  # fmt: skip
-        ids = [r.decode() if isinstance(r, bytes) else str(r) for r in result]
+        if result[0]:
+            self._began(partition)
+        ids = [r.decode() if isinstance(r, bytes) else str(r) for r in result[1:]]
         skipped = ids.count("")
         if skipped:
             metrics.PUBLISH_DUPLICATES_SKIPPED.inc(skipped)
@@ -561,13 +622,17 @@ class RegistrationPubSub:
                 keys=[part.history_key, part.epoch_key, part.primary_key], args=[replid]
             ):
                 began = True
-                metrics.REDIS_EPOCHS_BEGUN.inc()
-                log.warning(
-                    "Redis is another primary's history now (failover or restart): began a new "
-                    "epoch%s; streams re-sync from the database",
-                    f" of partition {part.index}" if len(self.layout) > 1 else "",
-                )
+                self._began(part)
         return began
+
+    def _began(self, partition: Partition) -> None:
+        metrics.REDIS_EPOCHS_BEGUN.inc()
+        self.back.set()  # the catch-up compares the process log with the new history
+        log.warning(
+            "Redis is another primary's history now (failover or restart): began a new epoch%s; "
+            "streams re-sync from the database",
+            f" of partition {partition.index}" if len(self.layout) > 1 else "",
+        )
 
     async def _replication_id(self, partition: Partition) -> str | bytes | None:
         """The replication id of the primary holding the partition's keys."""

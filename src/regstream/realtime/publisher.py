@@ -324,7 +324,7 @@ class RegistrationPubSub:
         self.back = asyncio.Event()
         self._checked_once = False
         # what ``from_url`` made and ``subscribe`` started: ``aclose`` ends them
-        self._owned: Redis | None = None
+        self._owned: RedisClient | None = None
         self._subscriptions: set[Subscription] = set()
 
     # --- the seed's verbs ----------------------------------------------------------------------
@@ -341,7 +341,6 @@ class RegistrationPubSub:
         ``options`` are the constructor's (``channel``, ``history_maxlen``, ...)."""
         target = RedisTarget.from_url(url)
         commands = create_client(target, name=name)
-        assert isinstance(commands, Redis)  # a URL alone never names a Redis Cluster
         pubsub = cls(
             commands, **options,
             subscriber=lambda: create_subscriber_client(target, name=f"{name}-sub"),

@@ -3,8 +3,9 @@
 Appending is the pipeline's most frequent write (twice per validation). The portable form, for
 both databases: the run's row is advanced (``advance``: renew the lease, move ``seq`` on by the
 number of entries and return it, matching no row when the run is no longer ours; ``updated_at``
-from the column's ``onupdate``), then the entries are inserted (``INSERT_LOG``, one executemany),
-with the step's other statement (the duplicate check's query, the enrolment) run first.
+from the column's ``onupdate``), then the entries are inserted (``INSERT_LOG``, one executemany).
+The duplicate check's query guards the advance (``guarded``: ``… AND NOT EXISTS (query)``, so the
+usual outcome, no one enrolled, costs no statement of its own); the enrolment runs first.
 
 On PostgreSQL each of those is a network round trip and a pass through SQLAlchemy's execution
 layer, so there ``postgres`` joins them into one statement built from the same Core statements:
@@ -76,6 +77,14 @@ def advance(*, final: bool) -> ReturningUpdate[int]:
     """The run's row moved on (``final``: and the run ended); parameters ``rid``, ``owner``,
     ``count``, ``lease``, ``stage`` (and ``final_status``, ``final_result``)."""
     return _FINISH if final else _ADVANCE
+
+
+@functools.cache
+def guarded(final: bool, member: Executable) -> ReturningUpdate[int]:
+    """``advance`` only if the query ``member`` (built once: ``users.matching``) finds no rows:
+    the duplicate check's usual outcome logged in the query's statement. No row back means the
+    run is no longer ours or the query found someone (run it then to tell which)."""
+    return advance(final=final).where(~exists(member))  # type: ignore[arg-type]
 
 
 @functools.cache

@@ -358,14 +358,16 @@ async def _append(
         if guard:  # (seq or NULL, true, member's columns) per row found; (seq, NULL, …) if none
             found = [row[2:] for row in rows if row[1]]
         seq = rows[0][0] if rows else None
+    elif member is not None and guard:  # the query guards the advance: one statement usually
+        advance = log_append.guarded(final is not None, member.statement)
+        seq = (await session.execute(advance, {**params, **member.params})).scalar()
+        if seq is None:  # the run is lost, or the query found someone: which?
+            found = [tuple(row) for row in await session.execute(member.statement, member.params)]
     else:
         if member is not None:
-            result = await session.execute(member.statement, member.params)
-            if guard:
-                found = [tuple(row) for row in result]
-        if not found:
-            advance = log_append.advance(final=final is not None)
-            seq = (await session.execute(advance, params)).scalar()
+            await session.execute(member.statement, member.params)
+        advance = log_append.advance(final=final is not None)
+        seq = (await session.execute(advance, params)).scalar()
     if found:
         return None, found
     if seq is None:

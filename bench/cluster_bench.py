@@ -1,0 +1,212 @@
+"""Redis Cluster measured (issue 18, "Measured" a and c; b is sse_bench.py's regstream-cluster).
+
+Each rep starts a private Redis Cluster (tests/cluster_support.py: 3 masters + 3 replicas on
+loopback) and a private single redis-server, and measures, single and cluster back to back:
+
+(a) **Instance CPU per update of partitions its streams do not follow.** A `regstream serve`
+    with one filtered stream (registration 900,000: partition 0 of 16) while the bench publishes
+    ``--updates`` updates of other registrations (none of partition 0) through the service's
+    publisher (capacity_bench.publish). On one Redis the instance receives every one of them
+    (today's cost per update); on the cluster (``REDIS_CLUSTER=true``, 16 partitions) it is
+    SSUBSCRIBEd to partition 0 only. Server CPU (/proc, its process tree) minus its idle rate
+    (measured before and after, averaged) over the publishing window, per update. Afterwards 7
+    updates of registration 900,000 are published and must reach the stream (the subscription
+    is live, the saving is not a broken bus), and ``regstream_bus_partitions_subscribed`` is
+    read from /metrics.
+(c) **Redis CPU per update** with 1 and 10 subscribing instances: single (capacity_bench's
+    redis_cost: a connection SUBSCRIBEd per instance, INFO cpu) and cluster (an instance as it
+    is with an unfiltered stream: a connection per partition, SSUBSCRIBEd on the master owning
+    its slot; INFO cpu of all six nodes, masters + replicas, and of the busiest node).
+
+    .venv/bin/python bench/cluster_bench.py [--updates 40000] [--reps 3]
+
+Medians over --reps and the median of the per-rep ratios; every rep in
+bench/results/cluster_bench.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import httpx
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH)
+sys.path.insert(0, os.path.dirname(BENCH))  # the repository: tests.cluster_support
+import procs  # noqa: E402
+from capacity_bench import (  # noqa: E402
+    Subscribers,
+    open_streams,
+    publish,
+    redis_cost,
+    redis_cpu,
+    save,
+    start_service,
+)
+from tests.cluster_support import PrivateCluster  # noqa: E402
+
+from regstream.realtime.partitions import Layout  # noqa: E402
+
+PARTITIONS = 16
+FOLLOWED = 900_000  # open_streams' first stream; 900,000 % 16 == 0
+OWN = b'"registrationId":%d' % FOLLOWED
+
+
+def server_cpu(pid: int) -> float:
+    """On-CPU seconds of the process tree (schedstat, ns): ticks (10 ms) are too coarse here."""
+    return procs.cpu(procs.tree(pid))["sched"]
+
+
+def metric(base: str, token: str, name: str) -> float | None:
+    text = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {token}"}).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def instance_cost(
+    args: argparse.Namespace, logdir: str, redis_url: str, cluster: bool
+) -> dict[str, Any]:
+    """(a) µs of instance CPU per update of a partition none of its streams follows."""
+    extra = {"REDIS_URL": redis_url, "REDIS_CLUSTER": "true" if cluster else "false",
+             "REGSTREAM_PARTITIONS": str(PARTITIONS)}  # fmt: skip
+    child, base, env = start_service(args, logdir, 0, extra)
+    partitions = PARTITIONS if cluster else 0
+
+    def idle_rate(seconds: float) -> float:
+        start, t0 = server_cpu(child.pid), time.monotonic()
+        time.sleep(seconds)
+        return (server_cpu(child.pid) - start) / (time.monotonic() - t0)
+
+    async def own_updates_arrive(reader: asyncio.StreamReader) -> int:
+        await publish(redis_url, 7, FOLLOWED, partitions=partitions)
+        seen, buf, end = 0, b"", time.monotonic() + 10
+        while seen < 7 and time.monotonic() < end:
+            try:
+                buf += await asyncio.wait_for(reader.read(65536), end - time.monotonic())
+            except TimeoutError:
+                break
+            seen = buf.count(OWN)
+        return seen
+
+    try:
+        loop = asyncio.new_event_loop()
+        ((reader, writer),) = loop.run_until_complete(open_streams(base, env["_token"], 1))
+        time.sleep(2)
+        subscribed = metric(base, env["_token"], "regstream_bus_partitions_subscribed")
+        idle_before = idle_rate(args.idle)
+        before, t0 = server_cpu(child.pid), time.monotonic()
+        seconds = loop.run_until_complete(
+            publish(redis_url, args.updates, 1_000_000, partitions=partitions,
+                    skip=lambda rid: rid % PARTITIONS == FOLLOWED % PARTITIONS)
+        )  # fmt: skip
+        time.sleep(1.0)  # the subscription drains what is in flight
+        spent, window = server_cpu(child.pid) - before, time.monotonic() - t0
+        idle_after = idle_rate(args.idle)
+        idle = (idle_before + idle_after) / 2
+        delivered = loop.run_until_complete(own_updates_arrive(reader))
+        writer.close()
+        loop.close()
+        return {
+            "us_per_update": round((spent - idle * window) / args.updates * 1e6, 3),
+            "busy_us_per_update": round(spent / args.updates * 1e6, 3),
+            "idle_cpu_pct": round(idle * 100, 3),
+            "publish_updates_per_s": round(args.updates / seconds),
+            "partitions_subscribed": subscribed,
+            "own_updates_delivered_of_7": delivered,
+        }
+    finally:
+        child.stop()
+
+
+def node_cpu(cluster: PrivateCluster) -> dict[int, float]:
+    return {port: redis_cpu(port) for port in cluster.alive()}
+
+
+def cluster_redis_cost(
+    args: argparse.Namespace, cluster: PrivateCluster, counts: tuple[int, ...] = (1, 10)
+) -> dict[str, float]:
+    """(c) Redis CPU per update on the cluster, n instances each SSUBSCRIBEd to all partitions."""
+    layout = Layout.cluster(PARTITIONS)
+    owner = {p.channel: cluster.master_of(p.channel).port for p in layout.partitions}
+    masters = {node.port for node in cluster.masters()}
+    out: dict[str, float] = {}
+    first = 2_000_000
+    for n in counts:
+        subs = Subscribers(0, 0, [(owner[p.channel], p.channel) for p in layout.partitions] * n)
+        try:
+            time.sleep(0.3)
+            before = node_cpu(cluster)
+            asyncio.run(publish(cluster.url, args.updates, first, partitions=PARTITIONS))
+            time.sleep(0.3)
+            used = {port: cpu - before[port] for port, cpu in node_cpu(cluster).items()}
+        finally:
+            subs.close()
+        first += args.updates
+        per = {port: used[port] / args.updates * 1e6 for port in used}
+        out[f"cluster_us_per_update_{n}_instances"] = round(sum(per.values()), 2)
+        out[f"cluster_masters_us_per_update_{n}_instances"] = round(
+            sum(v for port, v in per.items() if port in masters), 2
+        )
+        out[f"cluster_busiest_node_us_per_update_{n}_instances"] = round(max(per.values()), 2)
+    return out
+
+
+def one_rep(args: argparse.Namespace, logdir: str) -> dict[str, Any]:
+    rec: dict[str, Any] = {}
+    cluster = PrivateCluster()
+    redis, rport = procs.start_redis(logdir, None)
+    try:
+        cluster.start()
+        single = instance_cost(args, logdir, f"redis://127.0.0.1:{rport}/0", cluster=False)
+        clustered = instance_cost(args, logdir, cluster.url, cluster=True)
+        rec["a_single"], rec["a_cluster"] = single, clustered
+        rec["a_ratio"] = round(clustered["us_per_update"] / single["us_per_update"], 4)
+        rec["c_single"] = redis_cost(args, logdir, (1, 10))
+        rec["c_cluster"] = cluster_redis_cost(args, cluster)
+    finally:
+        redis.stop()
+        cluster.stop()
+    return rec
+
+
+def flat(rec: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in rec.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in flat(value).items()})
+        elif isinstance(value, int | float) and value is not None:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--updates", type=int, default=40_000)
+    ap.add_argument("--idle", type=float, default=3.0, help="seconds of idle CPU, before/after")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(BENCH, "results", "cluster_bench.jsonl"))
+    args = ap.parse_args(argv)
+    args.database_url = None  # start_service's: the instance on SQLite
+    if not (1000 <= args.updates <= 200_000 and 1 <= args.reps <= 10 and args.idle <= 30):
+        ap.error("bounds: 1000 <= updates <= 200000, reps <= 10, idle <= 30")
+    logdir = tempfile.mkdtemp(prefix="cluster-bench-")
+    reps = []
+    for _ in range(args.reps):
+        rec = one_rep(args, logdir)
+        reps.append(rec)
+        print(json.dumps(rec), flush=True)
+    save(args, reps, [flat(r) for r in reps])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,15 +8,18 @@ loopback) and a private single redis-server, and measures, single and cluster ba
     ``--updates`` updates of other registrations (none of partition 0) through the service's
     publisher (capacity_bench.publish). On one Redis the instance receives every one of them
     (today's cost per update); on the cluster (``REDIS_CLUSTER=true``, 16 partitions) it is
-    SSUBSCRIBEd to partition 0 only. Server CPU (/proc, its process tree) minus its idle rate
-    (measured before and after, averaged) over the publishing window, per update. Afterwards 7
+    SSUBSCRIBEd to partition 0 only. Server CPU (/proc schedstat, its process tree) minus its
+    idle rate (measured before) over the window, per update; the window ends 1 s after the
+    instance counted every update received (regstream_redis_messages_received_total; on the
+    cluster at once: it should receive none, and the count says so). Afterwards 7
     updates of registration 900,000 are published and must reach the stream (the subscription
     is live, the saving is not a broken bus), and ``regstream_bus_partitions_subscribed`` is
     read from /metrics.
 (c) **Redis CPU per update** with 1 and 10 subscribing instances: single (capacity_bench's
     redis_cost: a connection SUBSCRIBEd per instance, INFO cpu) and cluster (an instance as it
     is with an unfiltered stream: a connection per partition, SSUBSCRIBEd on the master owning
-    its slot; INFO cpu of all six nodes, masters + replicas, and of the busiest node).
+    its slot; INFO cpu of all six nodes, masters + replicas, and of the busiest node; "net":
+    minus the six nodes' idle rate, their timers and cluster-bus gossip, measured before).
 
     .venv/bin/python bench/cluster_bench.py [--updates 40000] [--reps 3]
 
@@ -30,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -57,6 +61,7 @@ from regstream.realtime.partitions import Layout  # noqa: E402
 PARTITIONS = 16
 FOLLOWED = 900_000  # open_streams' first stream; 900,000 % 16 == 0
 OWN = b'"registrationId":%d' % FOLLOWED
+RECEIVED = "regstream_redis_messages_received_total"
 
 
 def server_cpu(pid: int) -> float:
@@ -101,17 +106,25 @@ def instance_cost(
         loop = asyncio.new_event_loop()
         ((reader, writer),) = loop.run_until_complete(open_streams(base, env["_token"], 1))
         time.sleep(2)
-        subscribed = metric(base, env["_token"], "regstream_bus_partitions_subscribed")
-        idle_before = idle_rate(args.idle)
+        token = env["_token"]
+        subscribed = metric(base, token, "regstream_bus_partitions_subscribed")
+        idle = idle_rate(args.idle)
+        received = metric(base, token, RECEIVED) or 0.0
         before, t0 = server_cpu(child.pid), time.monotonic()
         seconds = loop.run_until_complete(
             publish(redis_url, args.updates, 1_000_000, partitions=partitions,
                     skip=lambda rid: rid % PARTITIONS == FOLLOWED % PARTITIONS)
         )  # fmt: skip
-        time.sleep(1.0)  # the subscription drains what is in flight
+        # the window ends once the instance has taken in all it will get (a loaded machine
+        # lags: one Redis, every update; the cluster, none of them), then one more second
+        end = time.monotonic() + 60
+        while not cluster and time.monotonic() < end:
+            if (metric(base, token, RECEIVED) or 0.0) - received >= args.updates:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
         spent, window = server_cpu(child.pid) - before, time.monotonic() - t0
-        idle_after = idle_rate(args.idle)
-        idle = (idle_before + idle_after) / 2
+        received = (metric(base, token, RECEIVED) or 0.0) - received
         delivered = loop.run_until_complete(own_updates_arrive(reader))
         writer.close()
         loop.close()
@@ -119,6 +132,8 @@ def instance_cost(
             "us_per_update": round((spent - idle * window) / args.updates * 1e6, 3),
             "busy_us_per_update": round(spent / args.updates * 1e6, 3),
             "idle_cpu_pct": round(idle * 100, 3),
+            "window_s": round(window, 2),
+            "messages_received": received,
             "publish_updates_per_s": round(args.updates / seconds),
             "partitions_subscribed": subscribed,
             "own_updates_delivered_of_7": delivered,
@@ -139,20 +154,29 @@ def cluster_redis_cost(
     owner = {p.channel: cluster.master_of(p.channel).port for p in layout.partitions}
     masters = {node.port for node in cluster.masters()}
     out: dict[str, float] = {}
+    before, t0 = node_cpu(cluster), time.monotonic()
+    time.sleep(args.idle)  # the nodes' own timers and cluster-bus gossip, no load
+    idle = {port: (cpu - before[port]) / (time.monotonic() - t0)
+            for port, cpu in node_cpu(cluster).items()}  # fmt: skip
+    out["cluster_idle_cpu_pct_all_nodes"] = round(100 * sum(idle.values()), 2)
     first = 2_000_000
     for n in counts:
         subs = Subscribers(0, 0, [(owner[p.channel], p.channel) for p in layout.partitions] * n)
         try:
             time.sleep(0.3)
-            before = node_cpu(cluster)
+            before, t0 = node_cpu(cluster), time.monotonic()
             asyncio.run(publish(cluster.url, args.updates, first, partitions=PARTITIONS))
             time.sleep(0.3)
             used = {port: cpu - before[port] for port, cpu in node_cpu(cluster).items()}
+            window = time.monotonic() - t0
         finally:
             subs.close()
         first += args.updates
         per = {port: used[port] / args.updates * 1e6 for port in used}
         out[f"cluster_us_per_update_{n}_instances"] = round(sum(per.values()), 2)
+        out[f"cluster_net_us_per_update_{n}_instances"] = round(
+            sum(per.values()) - sum(idle.values()) * window / args.updates * 1e6, 2
+        )
         out[f"cluster_masters_us_per_update_{n}_instances"] = round(
             sum(v for port, v in per.items() if port in masters), 2
         )
@@ -191,13 +215,15 @@ def flat(rec: dict[str, Any]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--updates", type=int, default=40_000)
-    ap.add_argument("--idle", type=float, default=3.0, help="seconds of idle CPU, before/after")
+    ap.add_argument("--idle", type=float, default=3.0, help="seconds of idle CPU measured")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(BENCH, "results", "cluster_bench.jsonl"))
     args = ap.parse_args(argv)
     args.database_url = None  # start_service's: the instance on SQLite
     if not (1000 <= args.updates <= 200_000 and 1 <= args.reps <= 10 and args.idle <= 30):
         ap.error("bounds: 1000 <= updates <= 200000, reps <= 10, idle <= 30")
+    # a background job ignores SIGINT: SIGTERM unwinds too, so every process is stopped by PID
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"terminated by {signum}"))
     logdir = tempfile.mkdtemp(prefix="cluster-bench-")
     reps = []
     for _ in range(args.reps):

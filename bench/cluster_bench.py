@@ -20,6 +20,8 @@ loopback) and a private single redis-server, and measures, single and cluster ba
     is with an unfiltered stream: a connection per partition, SSUBSCRIBEd on the master owning
     its slot; INFO cpu of all six nodes, masters + replicas, and of the busiest node; "net":
     minus the six nodes' idle rate, their timers and cluster-bus gossip, measured before).
+(d) inputs: what the bus keeps in Redis after the rep's publishes (``redis_memory``): histories,
+    index lists, the seq-check state (bytes per registration), single and cluster.
 
     .venv/bin/python bench/cluster_bench.py [--updates 40000] [--reps 3]
 
@@ -45,6 +47,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 sys.path.insert(0, os.path.dirname(BENCH))  # the repository: tests.cluster_support
 import procs  # noqa: E402
+import redis as redis_sync  # noqa: E402
 from capacity_bench import (  # noqa: E402
     Subscribers,
     open_streams,
@@ -56,6 +59,7 @@ from capacity_bench import (  # noqa: E402
 )
 from tests.cluster_support import PrivateCluster  # noqa: E402
 
+from regstream.realtime import messages  # noqa: E402
 from regstream.realtime.partitions import Layout  # noqa: E402
 
 PARTITIONS = 16
@@ -184,6 +188,36 @@ def cluster_redis_cost(
     return out
 
 
+def redis_memory(ports: list[int]) -> dict[str, float]:
+    """What the bus keeps in Redis (the masters' keys, MEMORY USAGE of each, SCAN): the capped
+    histories, the per-registration index lists (they expire) and the seq-check state hashes
+    (a field per registration, per partition and epoch), in bytes, and per registration."""
+    size = {"history": 0, "index_lists": 0, "seq_state": 0, "other": 0}
+    lists = fields = 0
+    for port in ports:
+        with redis_sync.Redis(port=port, socket_timeout=10) as client:
+            for key in client.scan_iter(count=1000):
+                name = key.decode()
+                used = int(client.memory_usage(key, samples=0) or 0)
+                if messages.INDEX_KEY_SUFFIX in name:
+                    kind, lists = "index_lists", lists + 1
+                elif messages.INDEX_SUFFIX in name:
+                    kind = "seq_state"
+                    fields += sum(1 for f in client.hkeys(key) if f.startswith(b"s"))
+                elif name.endswith(messages.HISTORY_SUFFIX):
+                    kind = "history"
+                else:
+                    kind = "other"
+                size[kind] += used
+    return {
+        **{f"{kind}_mib": round(used / 2**20, 2) for kind, used in size.items()},
+        "index_lists": lists,
+        "index_list_bytes_each": round(size["index_lists"] / lists) if lists else 0,
+        "seq_state_registrations": fields,
+        "seq_state_bytes_per_registration": round(size["seq_state"] / fields) if fields else 0,
+    }
+
+
 def one_rep(args: argparse.Namespace, logdir: str) -> dict[str, Any]:
     rec: dict[str, Any] = {}
     cluster = PrivateCluster()
@@ -196,6 +230,8 @@ def one_rep(args: argparse.Namespace, logdir: str) -> dict[str, Any]:
         rec["a_ratio"] = round(clustered["us_per_update"] / single["us_per_update"], 4)
         rec["c_single"] = redis_cost(args, logdir, (1, 10))
         rec["c_cluster"] = cluster_redis_cost(args, cluster)
+        rec["memory_single"] = redis_memory([rport])
+        rec["memory_cluster"] = redis_memory([node.port for node in cluster.masters()])
     finally:
         redis.stop()
         cluster.stop()

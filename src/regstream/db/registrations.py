@@ -30,6 +30,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from regstream.db import log_append
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
@@ -294,8 +295,8 @@ async def append_events(
     of the same statement (``log_append``), one round trip. Raises ``RunLost`` when the runner
     no longer owns the run (the caller's transaction then rolls back, ``also`` with it).
     """
-    logged, _ = await _append(
-        session, registration_id, run_id, run, events, now_ms, lease_ms, final, also, guard=False
+    logged, _ = await session.run_sync(
+        _append, registration_id, run_id, run, events, now_ms, lease_ms, final, also, guard=False
     )
     assert logged is not None  # no guard
     return logged
@@ -316,13 +317,13 @@ async def append_events_unless(
     case: no enrolled user matches, so log that, in the query's round trip on PostgreSQL).
     Returns ``(entries, [])`` when it appended, ``(None, rows)`` when the query found ``rows``
     and nothing was written."""
-    return await _append(
-        session, registration_id, run_id, run, events, now_ms, lease_ms, None, unless, guard=True
+    return await session.run_sync(
+        _append, registration_id, run_id, run, events, now_ms, lease_ms, None, unless, guard=True
     )
 
 
-async def _append(
-    session: AsyncSession,
+def _append(
+    session: Session,
     registration_id: int,
     run_id: str,
     run: int,
@@ -334,6 +335,8 @@ async def _append(
     *,
     guard: bool,
 ) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
+    """The append's statements, run in one ``run_sync``: one hop into SQLAlchemy's greenlet for
+    the whole append instead of one per statement (~40 us of CPU each, measured on PostgreSQL)."""
     if not events:
         raise ValueError("nothing to append")
     params: dict[str, Any] = {
@@ -354,20 +357,20 @@ async def _append(
         statement = log_append.postgres(
             final is not None, None if member is None else member.statement, guard
         )
-        rows = [tuple(row) for row in await session.execute(statement, params)]
+        rows = [tuple(row) for row in session.execute(statement, params)]
         if guard:  # (seq or NULL, true, member's columns) per row found; (seq, NULL, …) if none
             found = [row[2:] for row in rows if row[1]]
         seq = rows[0][0] if rows else None
     elif member is not None and guard:  # the query guards the advance: one statement usually
         advance = log_append.guarded(final is not None, member.statement)
-        seq = (await session.execute(advance, {**params, **member.params})).scalar()
+        seq = session.execute(advance, {**params, **member.params}).scalar()
         if seq is None:  # the run is lost, or the query found someone: which?
-            found = [tuple(row) for row in await session.execute(member.statement, member.params)]
+            found = [tuple(row) for row in session.execute(member.statement, member.params)]
     else:
         if member is not None:
-            await session.execute(member.statement, member.params)
+            session.execute(member.statement, member.params)
         advance = log_append.advance(final=final is not None)
-        seq = (await session.execute(advance, params)).scalar()
+        seq = session.execute(advance, params).scalar()
     if found:
         return None, found
     if seq is None:
@@ -375,7 +378,7 @@ async def _append(
     out = numbered(events, registration_id=registration_id, run=run, last_seq=int(seq),
                    timestamp_ms=now_ms)  # fmt: skip
     if not postgres:
-        await session.execute(
+        session.execute(
             log_append.INSERT_LOG,
             [
                 {"registration_id": registration_id, "seq": e.seq, "run": run, "stage": e.stage,

@@ -20,7 +20,9 @@ an instance subscribes with ``SSUBSCRIBE`` to the partitions its streams follow,
 master owning the partition's slot: the ``CLIENT KILL`` finds instance 2's subscriber
 connections on every master, as many as it says it follows (its
 ``regstream_bus_partitions_subscribed``), each master holding one per followed partition whose
-slot it serves, and kills them all.
+slot it serves, and kills them all. The instances connect to the cluster as an ACL user with
+exactly the rules docs/operations.md gives ("Redis Cluster", ``ACL SETUSER regstream``), and at
+the end no node's ``ACL LOG`` holds a refusal.
 
 Unfiltered and filtered streams follow along like ``EventSource`` (reconnect with
 ``Last-Event-ID`` after the ``retry:`` hint). At the end each stream must hold exactly the
@@ -61,6 +63,7 @@ from tests.fleet_support import (
     EventSourceClient,
     Instance,
     admin_token,
+    documented_acl,
     make_cert,
     nginx_binary,
     regstream_cli,
@@ -81,6 +84,7 @@ ENV_DROP = ("REDIS_URL", "REDIS_HOST", "DATABASE_URL", "T24_BASE_URL", "REGSTREA
             "REGSTREAM_SEED_CHANNEL_MIRROR")  # fmt: skip
 SUBSCRIBED = "regstream_bus_partitions_subscribed"
 PARTITIONS = 16  # REGSTREAM_PARTITIONS's default (a cluster; one Redis has one partition)
+ACL_USER, ACL_PASSWORD = "regstream", "fleet-acl-" + "p" * 16
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,15 @@ class FleetRedis:
         assert all(count <= served.get(port, 0) for port, count in per_node.items()), (
             per_node, served)  # fmt: skip
 
+    async def acl_refusals(self) -> list[dict[str, Any]]:
+        """What the nodes' ``ACL LOG`` holds (a cluster: the service's user is the documented
+        one; one Redis: the default user, nothing to refuse)."""
+        refusals = []
+        for port in self.nodes():
+            async with Redis(host="127.0.0.1", port=port, decode_responses=True) as node:
+                refusals += [{"node": port, **entry} for entry in await node.acl_log()]
+        return refusals
+
 
 @pytest.fixture(params=["redis", "cluster"])
 def fleet_redis(request: pytest.FixtureRequest) -> FleetRedis:
@@ -117,7 +130,12 @@ def fleet_redis(request: pytest.FixtureRequest) -> FleetRedis:
         port = server.port
         return FleetRedis(server.url, lambda: [port])
     cluster: PrivateCluster = request.getfixturevalue("fresh_redis_cluster")
-    return FleetRedis(cluster.url, cluster.alive, cluster)
+    rules = documented_acl(ACL_PASSWORD)
+    for port in cluster.alive():  # ACLs are per node: replicas too
+        with cluster.client(port) as node:
+            node.execute_command("ACL", "SETUSER", ACL_USER, *rules)
+    url = cluster.url.replace("redis://", f"redis://{ACL_USER}:{ACL_PASSWORD}@", 1)
+    return FleetRedis(url, cluster.alive, cluster)
 
 
 def _fleet_env(tmp: Path, redis: FleetRedis, sim: RunningSimulator, db: str) -> dict[str, str]:
@@ -369,6 +387,9 @@ async def test_fleet_behind_nginx_loses_nothing(
         for instance in fleet:
             instance.stop()
         await engine.dispose()
+    # every command the fleet ran, its drain included, was allowed (the documented ACL suffices)
+    refusals = await fleet_redis.acl_refusals()
+    assert not refusals, sorted({(r["reason"], r["context"], r["object"]) for r in refusals})
 
     by_rid: dict[int, list[Any]] = {rid: [] for rid in rids}
     for entry in log_rows:

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -54,16 +55,20 @@ STREAM_PATH = "/api/registrations/updates/stream"
 
 
 class Subscribers:
-    """``n`` connections SUBSCRIBEd to the channel, read (and discarded) by one thread."""
+    """``n`` connections SUBSCRIBEd to the channel, read (and discarded) by one thread; or, with
+    ``shards``, a connection per (node port, shard channel) SSUBSCRIBEd to it (a cluster)."""
 
-    def __init__(self, port: int, n: int) -> None:
+    def __init__(self, port: int, n: int, shards: list[tuple[int, str]] | None = None) -> None:
         self.socks: list[socket.socket] = []
         self.sel = selectors.DefaultSelector()
         self.received = 0
         self._stop = threading.Event()
-        for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(CHANNEL), CHANNEL.encode()))
+        conns = [(port, "SUBSCRIBE", CHANNEL)] * n if shards is None else [
+            (node, "SSUBSCRIBE", channel) for node, channel in shards
+        ]  # fmt: skip
+        for node, verb, channel in conns:
+            s = socket.create_connection(("127.0.0.1", node))
+            s.sendall(procs.resp(verb, channel))
             s.setblocking(False)
             self.sel.register(s, selectors.EVENT_READ)
             self.socks.append(s)
@@ -89,20 +94,41 @@ def redis_cpu(port: int) -> float:
     return float(fields["used_cpu_user"]) + float(fields["used_cpu_sys"])
 
 
-async def publish(redis_url: str, updates: int, first_id: int) -> float:
-    """Publish ``updates`` stage updates (``updates // 7`` registrations, 7 each, as a validation
-    does) through the service's publisher; returns the seconds it took."""
-    from regstream.realtime import messages
+def service_publisher(redis_url: str, partitions: int, outbox_max: int) -> tuple[Any, Any]:
+    """The service's publisher (its Lua script, ids, history) and its client, as ``serve`` makes
+    them: ``partitions`` > 0 means the URL names a node of a Redis Cluster and the bus has that
+    many partitions (SPUBLISH, one script call per partition per batch)."""
+    from dataclasses import replace
+
     from regstream.realtime.connections import RedisTarget, create_client
+    from regstream.realtime.partitions import Layout
     from regstream.realtime.publisher import RegistrationPubSub
 
-    redis = create_client(RedisTarget.from_url(redis_url), name="bench-publisher")
-    publisher = RegistrationPubSub(redis, outbox_max=max(20_000, 2 * updates))
+    target = replace(RedisTarget.from_url(redis_url), cluster=partitions > 0)
+    redis = create_client(target, name="bench-publisher", max_connections=max(8, partitions + 4))
+    layout = Layout.cluster(partitions) if partitions else None
+    return redis, RegistrationPubSub(redis, layout=layout, outbox_max=outbox_max)
+
+
+async def publish(
+    redis_url: str, updates: int, first_id: int, *, partitions: int = 0,
+    skip: Callable[[int], bool] | None = None,
+) -> float:  # fmt: skip
+    """Publish ``updates`` stage updates (``updates // 7`` registrations, 7 each, as a validation
+    does) through the service's publisher; returns the seconds it took. ``partitions`` > 0: the
+    URL names a node of a Redis Cluster, the bus has that many partitions (the service's layout
+    and pool size); registrations for which ``skip(id)`` is true are left out."""
+    from regstream.realtime import messages
+
+    redis, publisher = service_publisher(redis_url, partitions, max(20_000, 2 * updates))
     started = time.perf_counter()
     try:
         sent = 0
         rid = first_id
         while sent < updates:
+            if skip is not None and skip(rid):
+                rid += 1
+                continue
             for seq in range(1, 8):
                 publisher.enqueue_update(
                     messages.stage_update(
@@ -122,10 +148,12 @@ async def publish(redis_url: str, updates: int, first_id: int) -> float:
         await redis.aclose()
 
 
-def redis_cost(args: argparse.Namespace, logdir: str) -> dict[str, float]:
+def redis_cost(
+    args: argparse.Namespace, logdir: str, counts: tuple[int, ...] = (1, 10, 50)
+) -> dict[str, float]:
     """Redis µs of CPU per published update, by number of subscribing instances."""
     out: dict[str, float] = {}
-    for n in (1, 10, 50):
+    for n in counts:
         redis, port = procs.start_redis(logdir, None)
         subs = Subscribers(port, n)
         try:
@@ -208,10 +236,13 @@ def receive_cost(args: argparse.Namespace, logdir: str) -> dict[str, float]:
         redis.stop()
 
 
-async def open_streams(base: str, token: str, n: int) -> list[asyncio.StreamWriter]:
-    """``n`` idle filtered streams (a registration that does not exist yet: no snapshot)."""
+async def open_streams(
+    base: str, token: str, n: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``n`` idle filtered streams (a registration that does not exist yet: no snapshot), stream
+    i following registration 900,000 + i (900,000 % 16 == 0: partition 0 of 16)."""
     host, port = base.removeprefix("http://").split(":")
-    writers = []
+    opened = []
     for i in range(n):
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(
@@ -222,8 +253,8 @@ async def open_streams(base: str, token: str, n: int) -> list[asyncio.StreamWrit
         if not head.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(f"stream {i} refused: {head[:80]!r}")
         await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)  # connected
-        writers.append(writer)
-    return writers
+        opened.append((reader, writer))
+    return opened
 
 
 def memory_cost(args: argparse.Namespace, logdir: str) -> dict[str, float]:
@@ -236,10 +267,10 @@ def memory_cost(args: argparse.Namespace, logdir: str) -> dict[str, float]:
         async def measure() -> float:
             await asyncio.sleep(1)
             before = procs.rss_kib([child.pid])
-            writers = await open_streams(base, env["_token"], args.streams)
+            opened = await open_streams(base, env["_token"], args.streams)
             await asyncio.sleep(2)
             after = procs.rss_kib([child.pid])
-            for w in writers:
+            for _, w in opened:
                 w.close()
             return (after - before) / args.streams
 
@@ -323,14 +354,19 @@ def main(argv: list[str] | None = None) -> int:
             rec.update(postgres_connections(args, logdir))
         reps.append(rec)
         print(json.dumps(rec), flush=True)
-    median = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+    save(args, reps, reps)
+    return 0
+
+
+def save(args: argparse.Namespace, reps: list[Any], figures: list[dict[str, float]]) -> None:
+    """Median of each figure over the reps: printed, and appended with every rep to --out."""
+    median = {k: statistics.median(r[k] for r in figures) for k in figures[0]}
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args), "reps": reps,
               "median": median}  # fmt: skip
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps({"median": median}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

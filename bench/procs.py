@@ -202,18 +202,19 @@ def wait_port(port: int, child: Child, timeout: float) -> None:
 # ------------------------------------------------------------------------------------ redis
 
 
+def resp(*args: str) -> bytes:
+    """One command in Redis's protocol (RESP2)."""
+    out = [b"*%d\r\n" % len(args)]
+    for x in args:
+        b = x.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
 def redis_cmd(port: int, *args: str, timeout: float = 5.0) -> object:
     """One command on a fresh connection named bench-ctl (excluded from the counts)."""
-
-    def enc(*a: str) -> bytes:
-        out = [b"*%d\r\n" % len(a)]
-        for x in a:
-            b = x.encode()
-            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        return b"".join(out)
-
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(enc("CLIENT", "SETNAME", "bench-ctl") + enc(*args))
+        s.sendall(resp("CLIENT", "SETNAME", "bench-ctl") + resp(*args))
         f = s.makefile("rb")
 
         def read() -> object:

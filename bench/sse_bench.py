@@ -5,6 +5,11 @@
 Targets: regstream (the service), baseline (FastAPI + sse-starlette, baseline_app.py), nchan
 (nginx + nchan, C) and floor (floor_app.py: the cheapest pure-Python fan-out, asyncio + uvloop and
 one pre-encoded chunk written to every stream; what one Python process can do at best here).
+regstream-cluster is the service on a private Redis Cluster (tests/cluster_support.py: 3 masters +
+3 replicas, CPU 1; REDIS_CLUSTER=true, 16 partitions), published through the service's own
+publisher (the Lua script, SPUBLISH per partition); `--publisher script` publishes the other
+targets' messages that way too, so `--targets regstream,regstream-cluster --publisher script`
+compares the two Redis modes like for like (ratio regstream-cluster/regstream).
 
 For every rep and every target (targets interleaved within a rep) one run: start a private
 redis-server (CPU 1) and the target (CPU 0), open N SSE streams from --workers client processes
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import asyncio
 import contextlib
 import json
 import os
@@ -32,21 +38,31 @@ import statistics
 import string
 import sys
 import tempfile
+import threading
 import time
 import traceback
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
+sys.path.insert(0, os.path.dirname(BENCH))  # the repository: tests.cluster_support
 
+import orjson  # noqa: E402
 import procs  # noqa: E402
+from capacity_bench import service_publisher  # noqa: E402
 from loadgen import LoadGen  # noqa: E402
+from tests.cluster_support import PrivateCluster  # noqa: E402
 
 CHANNEL = "service:registration-updates"
 STREAM = "/api/registrations/updates/stream"
 RID_BASE = 100_000
 CLIENT_BOUND_PCT = 70.0
 SERVER_CPUS, LOAD_CPUS = {0}, {1}
-TARGETS = ("regstream", "baseline", "nchan", "floor")
+TARGETS = ("regstream", "baseline", "nchan", "floor", "regstream-cluster")
+SERVICE = ("regstream", "regstream-cluster")  # the service (auth, --server-env, tokens)
+PARTITIONS = 16
+T = TypeVar("T")
 NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
 MSG = (
     b'{"registrationId":%d,"status":"PENDING","timestamp":%d,"stage":"duplicate_check",'
@@ -115,6 +131,44 @@ class RedisPublisher(Publisher):
         )
 
 
+class ScriptPublisher:
+    """The service's publisher (capacity_bench.service_publisher: the Lua script, event ids, the
+    history; SPUBLISH per partition on a cluster) on an asyncio loop in a thread of its own.
+    ``send`` queues one update (the send time is taken then); ``finish`` waits for the flush."""
+
+    def __init__(self, redis_url: str, partitions: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.redis, self.pubsub = self._run(self._make(redis_url, partitions), 10)
+        self.sent = 0
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _make(self, redis_url: str, partitions: int) -> tuple[Any, Any]:
+        return service_publisher(redis_url, partitions, outbox_max=100_000)
+
+    def send(self, rid: int, seq: int) -> None:
+        # seq + 1: the script skips an update whose seq is not above the registration's last
+        # (none yet: 0), and the service's seqs start at 1
+        update = orjson.loads(payload(rid, seq + 1))
+        self.loop.call_soon_threadsafe(self.pubsub.enqueue_update, update)
+        self.sent += 1
+
+    def read_replies(self) -> None:
+        pass
+
+    def finish(self, expect: int, timeout: float) -> dict[str, int]:
+        flushed = self._run(self.pubsub.wait_flushed(timeout), timeout + 5)
+        pending = self.pubsub.pending
+        self._run(self.pubsub.aclose(), 10)
+        self._run(self.redis.aclose(), 10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        return {"published": self.sent - pending, "flushed": int(flushed)}
+
+
 class HttpPublisher(Publisher):
     """nchan: POST /pub/<rid>; the body is the whole frame data {"type":"update","data":...}."""
 
@@ -145,7 +199,9 @@ def start_target(name: str, args, port: int, redis_port: int, logdir: str) -> pr
     env = {"REDIS_URL": redis_url}
     if args.ping_interval:
         env["SSE_PING_INTERVAL"] = str(args.ping_interval)
-    if name == "regstream":
+    if name in SERVICE:
+        if name == "regstream-cluster":  # redis_port: a master of the private cluster
+            env.update(REDIS_CLUSTER="true", REGSTREAM_PARTITIONS=str(PARTITIONS))
         env.update(args.server_env)
         exe = os.path.join(os.path.dirname(sys.executable), "regstream")
         exe = exe if os.path.exists(exe) else "regstream"
@@ -311,16 +367,26 @@ def run_once(target: str, args, rep: int) -> dict:
     load_cpus = LOAD_CPUS if args.pin else None
     children: list[procs.Child] = []
     lg: LoadGen | None = None
+    cluster: PrivateCluster | None = None
     try:
-        redis, redis_port = procs.start_redis(logdir, load_cpus)
-        children.append(redis)
+        if target == "regstream-cluster":
+            cluster = PrivateCluster()
+            cluster.start()
+            redis_pids = [node.pid for node in cluster.nodes() if node.pid is not None]
+            for pid in redis_pids:
+                os.sched_setaffinity(pid, load_cpus or range(os.cpu_count() or 1))
+            redis_port = cluster.masters()[0].port
+        else:
+            redis, redis_port = procs.start_redis(logdir, load_cpus)
+            children.append(redis)
+            redis_pids = [redis.pid]
         port = args.port or procs.free_port()
         args.token = None
         server = start_target(target, args, port, redis_port, logdir)
         children.append(server)
         auth = args.auth_header
         if auth == "auto":  # the token --setup-cmd printed (regstream only)
-            auth = f"Bearer {args.token}" if target == "regstream" and args.token else None
+            auth = f"Bearer {args.token}" if target in SERVICE and args.token else None
         procs.wait_port(port, server, args.start_timeout)
         warm_up(port, auth, args.start_timeout)
         time.sleep(args.settle)
@@ -390,12 +456,15 @@ def run_once(target: str, args, rep: int) -> dict:
         spids = procs.tree(server.pid)
         wpids = lg.pids
         lg.send("reset")
-        pub = None
-        if schedule:
+        pub: RedisPublisher | HttpPublisher | ScriptPublisher | None = None
+        if schedule and (target == "regstream-cluster" or args.publisher == "script"):
+            pub = ScriptPublisher(f"redis://127.0.0.1:{redis_port}/0",
+                                  PARTITIONS if cluster is not None else 0)  # fmt: skip
+        elif schedule:
             pub = HttpPublisher(port) if target == "nchan" else RedisPublisher(redis_port)
         cpu0 = (
             procs.cpu(spids),
-            procs.cpu([redis.pid]),
+            procs.cpu(redis_pids),
             [procs.cpu([p]) for p in wpids],
             procs.cpu([os.getpid()]),
             procs.core_times(),
@@ -430,7 +499,7 @@ def run_once(target: str, args, rep: int) -> dict:
         wall = time.monotonic() - t0
         cpu1 = (
             procs.cpu(spids),
-            procs.cpu([redis.pid]),
+            procs.cpu(redis_pids),
             [procs.cpu([p]) for p in wpids],
             procs.cpu([os.getpid()]),
             procs.core_times(),
@@ -535,6 +604,8 @@ def run_once(target: str, args, rep: int) -> dict:
             left = c.stop()
             if left:
                 rec.setdefault("warnings", []).append(f"{c.name}: SIGKILLed {left}")
+        if cluster is not None:
+            cluster.stop()
 
 
 # ------------------------------------------------------------------------------------ report
@@ -664,13 +735,15 @@ def ratios(recs: list[dict], targets: list[str], reps: int) -> str:
     """Per-rep ratios (runs of one rep ran back to back) of each target to baseline and nchan,
     and to floor (×floor: how many times the pure-Python floor's cost; floor is never the
     numerator)."""
-    pairs = [
+    pairs: list[tuple[str, str]] = [
         (t, ref)
         for ref in ("baseline", "nchan", "floor")
         if ref in targets
         for t in targets
         if t not in (ref, "floor") and (t, ref) != ("baseline", "nchan")
     ]
+    if "regstream" in targets and "regstream-cluster" in targets:
+        pairs.append(("regstream-cluster", "regstream"))
     if not pairs:
         return ""
     ok = {
@@ -702,7 +775,15 @@ def parse(argv: list[str] | None):
     ap.add_argument(
         "--targets",
         default="regstream,baseline",
-        help="comma list of regstream, baseline, nchan, floor (default %(default)s)",
+        help="comma list of regstream, baseline, nchan, floor, regstream-cluster "
+        "(default %(default)s)",
+    )
+    ap.add_argument(
+        "--publisher",
+        choices=["raw", "script"],
+        default="raw",
+        help="raw: PUBLISH the message on the seed's channel (nchan: POST); script: through the "
+        "service's publisher, its Lua script and ids (regstream-cluster always does)",
     )
     ap.add_argument(
         "--scenario",
@@ -801,7 +882,7 @@ def parse(argv: list[str] | None):
     if a.auth_header and a.auth_header.lower().startswith("authorization:"):
         a.auth_header = a.auth_header.split(":", 1)[1].strip()
     # default for regstream (auth is on): create an admin token per run and send it
-    a.auto_auth = "regstream" in a.targets and not a.auth_header and not a.no_auth
+    a.auto_auth = bool(set(SERVICE) & set(a.targets)) and not a.auth_header and not a.no_auth
     if a.auto_auth:
         a.auth_header = "auto"
     bad = [t for t in a.targets if t not in TARGETS]

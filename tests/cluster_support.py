@@ -25,7 +25,9 @@ tails. Processes are stopped by their PIDs, also when ``start()`` fails.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -74,6 +76,7 @@ class PrivateCluster:
         self.replicas = replicas
         self.directory: Path | None = None
         self.servers: dict[int, EmbeddedRedis] = {}  # by data port, in start order
+        self.paused: set[int] = set()  # ports of nodes stopped by SIGSTOP (``pause``)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -111,6 +114,7 @@ class PrivateCluster:
 
     def stop(self) -> None:
         """Stop every node by its PID (SIGTERM, then SIGKILL) and remove the temp dir."""
+        self.resume(*self.paused)  # a stopped process would sit on SIGTERM until SIGKILL
         for server in self.servers.values():
             server.stop()
         self.servers.clear()
@@ -250,6 +254,26 @@ class PrivateCluster:
         victim = self.master_of(key_or_slot)
         self.servers[victim.port].kill()
         return victim
+
+    def pause(self, *ports: int) -> None:
+        """SIGSTOP these nodes (by PID): a paused replica cannot take over, so a test decides
+        when a failover may begin (``resume``) instead of racing the node timeout."""
+        for port in ports:
+            process = self.servers[port].process
+            if process is not None and process.poll() is None:
+                os.kill(process.pid, signal.SIGSTOP)
+                self.paused.add(port)
+
+    def resume(self, *ports: int) -> None:
+        """SIGCONT nodes ``pause`` stopped."""
+        for port in ports:
+            process = self.servers[port].process
+            if port in self.paused and process is not None and process.poll() is None:
+                os.kill(process.pid, signal.SIGCONT)
+            self.paused.discard(port)
+
+    def replicas_of(self, master: NodeInfo) -> list[NodeInfo]:
+        return [node for node in self.nodes() if node.master_id == master.node_id]
 
     async def wait_promoted(self, killed: NodeInfo, timeout: float = 30.0) -> NodeInfo:
         """Wait (bounded) until one of ``killed``'s replicas serves all its slots as a master and

@@ -11,6 +11,8 @@
 * ``EventSourceClient`` reads a stream until the server ends it, waits its last ``retry:`` hint
   and reconnects with ``Last-Event-ID``, as a browser's ``EventSource`` does; what it saw is kept
   by a ``Viewer`` (``tests/integration/viewer.py``: duplicates, gaps, snapshots, resyncs).
+* ``documented_acl`` reads the Redis ACL rules the service needs from ``docs/operations.md``
+  ("Redis Cluster", the ``ACL SETUSER regstream`` block), so the tests use the documented ones.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -39,6 +42,8 @@ from tests.integration.viewer import Viewer
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
+OPERATIONS = REPO / "docs" / "operations.md"
+ACL_PASSWORD_PLACEHOLDER = ">CHANGE-ME"
 NGINX_DIR = DEPLOY / "nginx"
 STREAM_PATH = "/api/registrations/updates/stream"
 
@@ -73,6 +78,24 @@ def make_cert(directory: Path) -> TestCert:
         check=True, capture_output=True, timeout=30,
     )  # fmt: skip
     return TestCert(cert, key)
+
+
+# --- the documented Redis ACL -------------------------------------------------------------------
+
+
+def documented_acl(password: str) -> list[str]:
+    """The rules of ``ACL SETUSER regstream`` in docs/operations.md's shell block (its line
+    continuations joined, its quoting undone), with ``password`` for the placeholder."""
+    blocks = re.findall(r"^```sh\n(.*?)^```", OPERATIONS.read_text(), re.M | re.S)
+    found = [b for b in blocks if "ACL SETUSER regstream" in b]
+    if len(found) != 1:
+        raise AssertionError(f"docs/operations.md: expected one ACL SETUSER regstream block, "
+                             f"found {len(found)}; update tests/fleet_support.py")  # fmt: skip
+    words = shlex.split(found[0].replace("\\\n", " "))
+    rules = words[words.index("SETUSER") + 2 :]
+    if ACL_PASSWORD_PLACEHOLDER not in rules:
+        raise AssertionError(f"docs/operations.md: no {ACL_PASSWORD_PLACEHOLDER!r} in the ACL")
+    return [f">{password}" if rule == ACL_PASSWORD_PLACEHOLDER else rule for rule in rules]
 
 
 # --- rendering the shipped configuration ---------------------------------------------------------

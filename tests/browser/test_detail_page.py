@@ -42,7 +42,8 @@ CASES = [
     pytest.param("duplicate", "DUPLICATE", UPDATE_PATH, ["Existing user: #"], True, id="duplicate"),
     pytest.param(
         "kyc_mismatch", "FAILED",
-        [("duplicate_check", "completed"), ("t24_lookup", "failed")],
+        [("duplicate_check", "completed"), ("t24_lookup", "failed"),
+         ("status_update", "completed")],
         ["Error code: KYC_MISMATCH", "Mismatched fields: dateOfBirth"], False, id="failed",
     ),
 ]  # fmt: skip

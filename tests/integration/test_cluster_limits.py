@@ -34,10 +34,13 @@ from tests.support import TEST_SECRET_KEY, serve_app, wait_until
 
 @asynccontextmanager
 async def _instances(
-    cluster: PrivateCluster, name: str, *, count: int = 2, timeout: float = 2.0,
-    retry_interval: float = 2.0,
+    cluster: PrivateCluster, name: str, *, count: int = 2, retry_interval: float = 2.0,
 ) -> AsyncIterator[list[LimitStore]]:  # fmt: skip
-    """``count`` stores, each with a cluster client of its own (as the app's limits client)."""
+    """``count`` stores, each with a cluster client of its own (as the app's limits client).
+
+    Their ``timeout`` is 5 s (a client's first command learns the slot map and loads a script:
+    slow on a loaded machine); a test that kills a node shortens it once its clients are warm.
+    """
     target = replace(RedisTarget.from_url(cluster.url), cluster=True)
     stores: list[LimitStore] = []
     try:
@@ -45,7 +48,7 @@ async def _instances(
             client = create_client(target, name=f"{name}-{i}", retries=0, socket_timeout=2.0,
                                    max_connections=16)  # fmt: skip
             assert isinstance(client, RedisCluster)
-            stores.append(LimitStore(client, secret=TEST_SECRET_KEY.encode(), timeout=timeout,
+            stores.append(LimitStore(client, secret=TEST_SECRET_KEY.encode(), timeout=5.0,
                                      retry_interval=retry_interval))  # fmt: skip
         yield stores
     finally:
@@ -186,16 +189,17 @@ async def test_aclose_closes_the_cluster_client_limits_built(
 async def test_a_master_killed_mid_test_limits_count_per_process_then_fleet_wide_again(
     fresh_redis_cluster: PrivateCluster,
 ) -> None:
-    """The worst master to lose: the one ``REDIS_URL`` names (every client's startup node)."""
+    """The worst master to lose: the one ``REDIS_URL`` names (every client's startup node). Its
+    replica is paused until the per-process decisions are checked, so none of them can be taken
+    after a promotion, however slow the machine."""
     cluster = fresh_redis_cluster
-    async with _instances(
-        cluster, "h5-failover", count=3, timeout=0.5, retry_interval=0.3
-    ) as (a, b, cold):  # fmt: skip
+    async with _instances(cluster, "h5-failover", count=3, retry_interval=0.3) as (a, b, cold):
         limit_a, limit_b = RateLimit(a, "process", 2), RateLimit(b, "process", 2)
         limit_cold = RateLimit(cold, "process", 2)
         slots_a = StreamSlots(a, cap=1, ttl=30.0)
         victim_port = int(cluster.url.rsplit(":", 1)[1])
         before = cluster.name_per_master("h5-kill", lambda n: _window_key(limit_a, n))[victim_port]
+        before_key = _window_key(limit_a, before)
         user = _user(cluster.name_per_master("h5-user", _slots_key)[victim_port])
         # a and b are running instances: both have counted in Redis (and mirrored in memory)
         assert [await limit_a.hit(before), await limit_b.hit(before)] == [0.0, 0.0]
@@ -203,8 +207,12 @@ async def test_a_master_killed_mid_test_limits_count_per_process_then_fleet_wide
         with cluster.client(victim_port) as node:  # both replicated before the kill
             assert node.execute_command("WAIT", 1, 5000) == 1
         fallbacks = _sample("regstream_limit_fallbacks_total")
+        for store in (a, b, cold):  # warm: an outage answers within 0.5 s
+            store.timeout = 0.5
+        replicas = [node.port for node in cluster.replicas_of(cluster.master_of(before_key))]
+        cluster.pause(*replicas)
 
-        killed = cluster.kill_master_of(_window_key(limit_a, before))
+        killed = cluster.kill_master_of(before_key)
         assert killed.port == victim_port
         # per process, at the same setting, each from its own count: one more each
         assert [await limit_a.hit(before), await limit_b.hit(before)] == [0.0, 0.0]
@@ -218,6 +226,7 @@ async def test_a_master_killed_mid_test_limits_count_per_process_then_fleet_wide
         assert _sample("regstream_limit_fallbacks_total") >= fallbacks + 7
         assert await slots_a.acquire(user, "a:2") is None  # the guard counts per process
 
+        cluster.resume(*replicas)
         promoted = await cluster.wait_promoted(killed)
         probe_a, probe_b = RateLimit(a, "probe", 10_000), RateLimit(b, "probe", 10_000)
 

@@ -81,7 +81,9 @@ async def test_200_registrations_processed_concurrently(
                 row = (await http.get(f"/api/registrations/{rid}")).json()
                 stages = [(e["stage"], e["status"]) for e in row["processLog"] if e["stage"]]
                 assert stages == [("duplicate_check", "started"), ("duplicate_check", "completed"),
-                                  ("t24_lookup", "started"), ("t24_lookup", "failed")]  # fmt: skip
+                                  ("t24_lookup", "started"), ("t24_lookup", "failed"),
+                                  ("status_update", "started"),
+                                  ("status_update", "completed")]  # fmt: skip
                 seqs = [u["seq"] for u in sse.updates(rid)]
                 assert seqs == list(range(1, row["seq"] + 1))
 

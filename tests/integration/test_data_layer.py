@@ -263,6 +263,10 @@ async def test_a_step_s_query_or_insert_runs_with_its_append(database_url: str) 
             assert row is not None and (row.status, row.seq, row.in_progress) == (
                 "APPROVED", 3, False,
             )  # fmt: skip
+            # the registration's own columns are not the statements' parameters of those names
+            assert (row.customer_number, row.phone, row.first_name) == (
+                "410001", FIELDS["phone"], FIELDS["first_name"],
+            )  # fmt: skip
             user = await users.get_by_customer_number(session, customer_number="410001")
             assert user is not None
             assert (user.registration_id, user.date_of_birth, user.phone, user.email) == (

@@ -9,8 +9,20 @@ few hundred registrations runs:
 
 * instance 0 is SIGKILLed (not restarted): its runs are taken over by the others;
 * instance 1 gets SIGTERM (it drains), then is started again on the same port;
-* instance 2's subscription connection is killed with ``CLIENT KILL`` (found by its client
-  name, ``regstream-sub-<pid>``): it resubscribes and catches up from the history.
+* instance 2's subscription connections are killed with ``CLIENT KILL`` (found by their
+  client name, ``regstream-sub-<pid>``, one per partition it follows): it resubscribes and
+  catches up from the history.
+
+The scenario runs twice: on one private redis-server, and on a private Redis Cluster (three
+masters, three replicas; ``REDIS_URL`` names one master, cluster mode is detected, as a new
+user would set it up). In the cluster the bus has 16 partitions (``realtime/partitions.py``),
+an instance subscribes with ``SSUBSCRIBE`` to the partitions its streams follow, each on the
+master owning the partition's slot: the ``CLIENT KILL`` finds instance 2's subscriber
+connections on every master, as many as it says it follows (its
+``regstream_bus_partitions_subscribed``), each master holding one per followed partition whose
+slot it serves, and kills them all. The instances connect to the cluster as an ACL user with
+exactly the rules docs/operations.md gives ("Redis Cluster", ``ACL SETUSER regstream``), and at
+the end no node's ``ACL LOG`` holds a refusal.
 
 Unfiltered and filtered streams follow along like ``EventSource`` (reconnect with
 ``Last-Event-ID`` after the ``retry:`` hint). At the end each stream must hold exactly the
@@ -30,22 +42,28 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from regstream.core_banking.simulator.dataset import load_applicant
 from regstream.core_banking.simulator.server import RunningSimulator
 from regstream.realtime.embedded import EmbeddedRedis
+from regstream.realtime.partitions import Layout
+from tests.cluster_support import PrivateCluster
 from tests.conftest import unavailable
 from tests.fleet_support import (
     EventSourceClient,
     Instance,
     admin_token,
+    documented_acl,
     make_cert,
     nginx_binary,
     regstream_cli,
@@ -62,10 +80,65 @@ TAKEOVER_TARGET_S = 15.0  # issue 15: a dead instance's runs taken over within 1
 # the taking instance's first step of a taken run: a scheduling allowance on a busy 2-core VM
 STEP_ALLOWANCE_S = 2.0
 ENV_DROP = ("REDIS_URL", "REDIS_HOST", "DATABASE_URL", "T24_BASE_URL", "REGSTREAM_SECRET_KEY",
-            "REGSTREAM_DATA_DIR")  # fmt: skip
+            "REGSTREAM_DATA_DIR", "REDIS_CLUSTER", "REGSTREAM_PARTITIONS",
+            "REGSTREAM_SEED_CHANNEL_MIRROR")  # fmt: skip
+SUBSCRIBED = "regstream_bus_partitions_subscribed"
+PARTITIONS = 16  # REGSTREAM_PARTITIONS's default (a cluster; one Redis has one partition)
+ACL_USER, ACL_PASSWORD = "regstream", "fleet-acl-" + "p" * 16
 
 
-def _fleet_env(tmp: Path, redis: EmbeddedRedis, sim: RunningSimulator, db: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class FleetRedis:
+    """The fleet's Redis: one redis-server, or a Redis Cluster named by one master's URL."""
+
+    url: str
+    nodes: Callable[[], list[int]]  # the ports to look for an instance's connections on
+    cluster: PrivateCluster | None = None
+
+    def check_placement(self, per_node: dict[int, int]) -> None:
+        """An instance's subscriber connections per node: one Redis, the one; a cluster, one per
+        followed partition on the master serving its slot (all of them followed: exactly as
+        many as the master serves partitions, else at most)."""
+        if self.cluster is None:
+            assert per_node == {port: 1 for port in self.nodes()}, per_node
+            return
+        served: dict[int, int] = {}
+        for partition in Layout.cluster(PARTITIONS).partitions:
+            port = self.cluster.master_of(partition.channel).port
+            served[port] = served.get(port, 0) + 1
+        if sum(per_node.values()) == PARTITIONS:
+            assert per_node == served, (per_node, served)
+        assert all(count <= served.get(port, 0) for port, count in per_node.items()), (
+            per_node, served)  # fmt: skip
+
+    async def acl_refusals(self) -> list[dict[str, Any]]:
+        """What the nodes' ``ACL LOG`` holds (a cluster: the service's user is the documented
+        one; one Redis: the default user, nothing to refuse)."""
+        refusals = []
+        for port in self.nodes():
+            async with Redis(host="127.0.0.1", port=port, decode_responses=True) as node:
+                refusals += [{"node": port, **entry} for entry in await node.acl_log()]
+        return refusals
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def fleet_redis(request: pytest.FixtureRequest) -> FleetRedis:
+    """The scenario on one redis-server, then on a private 3+3 Redis Cluster."""
+    if request.param == "redis":
+        server: EmbeddedRedis = request.getfixturevalue("redis_server")
+        assert server.port is not None
+        port = server.port
+        return FleetRedis(server.url, lambda: [port])
+    cluster: PrivateCluster = request.getfixturevalue("fresh_redis_cluster")
+    rules = documented_acl(ACL_PASSWORD)
+    for port in cluster.alive():  # ACLs are per node: replicas too
+        with cluster.client(port) as node:
+            node.execute_command("ACL", "SETUSER", ACL_USER, *rules)
+    url = cluster.url.replace("redis://", f"redis://{ACL_USER}:{ACL_PASSWORD}@", 1)
+    return FleetRedis(url, cluster.alive, cluster)
+
+
+def _fleet_env(tmp: Path, redis: FleetRedis, sim: RunningSimulator, db: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
     env.update(
         DATABASE_URL=db, REDIS_URL=redis.url, T24_BASE_URL=sim.base_url,
@@ -88,15 +161,73 @@ async def _sim_config(sim: RunningSimulator, body: dict[str, Any]) -> None:
         (await http.post(f"{sim.control_url}/config", json=body)).raise_for_status()
 
 
-async def _subscription_id(redis: Redis, pid: int) -> str | None:
-    clients = await redis.client_list()
-    ids = [c["id"] for c in clients if c.get("name") == f"regstream-sub-{pid}"]
-    assert len(ids) <= 1, ids
-    return ids[0] if ids else None
+async def _subscriptions(redis: FleetRedis, pid: int) -> dict[int, set[str]]:
+    """The instance's subscriber connections (``regstream-sub-<pid>``): node port → client ids."""
+    found: dict[int, set[str]] = {}
+    for port in redis.nodes():
+        async with Redis(host="127.0.0.1", port=port, decode_responses=True) as node:
+            clients = await node.client_list()
+        ids = {c["id"] for c in clients if c.get("name") == f"regstream-sub-{pid}"}
+        if ids:
+            found[port] = ids
+    return found
+
+
+def _flat(found: dict[int, set[str]]) -> frozenset[tuple[int, str]]:
+    """(node port, client id) pairs: a client id is a node's own counter."""
+    return frozenset((port, client_id) for port, ids in found.items() for client_id in ids)
+
+
+async def _kill(found: dict[int, set[str]]) -> int:
+    killed = 0
+    for port, ids in found.items():
+        async with Redis(host="127.0.0.1", port=port, decode_responses=True) as node:
+            for client_id in ids:
+                killed += await node.client_kill_filter(_id=client_id)
+    return killed
+
+
+async def _partitions_subscribed(instance: Instance, auth: dict[str, str]) -> int:
+    """What the instance says it follows: its ``regstream_bus_partitions_subscribed``."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        response = await http.get(f"http://127.0.0.1:{instance.port}/metrics", headers=auth)
+    response.raise_for_status()
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == SUBSCRIBED:
+                return int(sample.value)
+    raise AssertionError(f"{instance.name}: no {SUBSCRIBED} in /metrics")
+
+
+async def _settled_subscriptions(
+    redis: FleetRedis, instance: Instance, auth: dict[str, str], *,
+    avoid: frozenset[tuple[int, str]] = frozenset(),
+) -> dict[int, set[str]]:  # fmt: skip
+    """The instance's subscriber connections once there is one per partition it follows (none of
+    ``avoid``, the ones killed), on the node that serves the partition's slot."""
+    found: dict[int, set[str]] = {}
+    said = [0]  # what the instance said it follows, last time asked
+
+    async def settled() -> bool:
+        found.clear()
+        found.update(await _subscriptions(redis, instance.pid))
+        ids = _flat(found)
+        said[0] = await _partitions_subscribed(instance, auth)
+        return said[0] > 0 and len(ids) == said[0] and not ids & avoid
+
+    try:
+        await wait_until(settled, timeout=20, interval=0.2,
+                         what=f"{instance.name}: a subscriber per partition")  # fmt: skip
+    except AssertionError as exc:
+        log = [line for line in instance.tail(200_000).splitlines() if "access" not in line]
+        raise AssertionError(f"{exc}: it follows {said[0]}, found {found} (killed: {avoid})\n"
+                             + "\n".join(log[-40:])) from None  # fmt: skip
+    redis.check_placement({port: len(ids) for port, ids in found.items()})
+    return found
 
 
 async def test_fleet_behind_nginx_loses_nothing(
-    tmp_path: Path, redis_server: EmbeddedRedis, postgres_url: str, t24_private: RunningSimulator
+    tmp_path: Path, fleet_redis: FleetRedis, postgres_url: str, t24_private: RunningSimulator
 ) -> None:
     if nginx_binary() is None:
         unavailable("nginx (Debian package nginx)")
@@ -105,7 +236,7 @@ async def test_fleet_behind_nginx_loses_nothing(
     from regstream.db.tables import MobileUser, ProcessLogEntry, RegistrationRequest
 
     await _sim_config(t24_private, {"latency_ms": 100})
-    env = _fleet_env(tmp_path, redis_server, t24_private, postgres_url)
+    env = _fleet_env(tmp_path, fleet_redis, t24_private, postgres_url)
     await asyncio.to_thread(regstream_cli, env, "migrate")
     token = await asyncio.to_thread(admin_token, env, "fleet-admin")
     auth = {"Authorization": f"Bearer {token}"}
@@ -120,7 +251,6 @@ async def test_fleet_behind_nginx_loses_nothing(
                         http_port=free_port(), https_port=https_port, cert=cert)  # fmt: skip
     engine = create_engine(postgres_url)
     sessions = create_session_factory(engine)
-    redis = Redis.from_url(redis_server.url, decode_responses=True)
     loop = asyncio.get_running_loop()
     events: dict[str, tuple[int, int]] = {}  # what happened → (wall ms, registrations final)
     try:
@@ -218,16 +348,13 @@ async def test_fleet_behind_nginx_loses_nothing(
                 mark("SIGTERM", await at_progress(0.25))
                 restarting = asyncio.create_task(restart(restarted))
                 await at_progress(0.45)
-                sub_id = await _subscription_id(redis, resubscribed.pid)
-                assert sub_id is not None, "no regstream-sub-<pid> client: the name changed?"
-                assert await redis.client_kill_filter(_id=sub_id) == 1
+                subs = await _settled_subscriptions(fleet_redis, resubscribed, auth)
+                sub_ids = _flat(subs)
+                assert await _kill(subs) == len(sub_ids)
                 mark("CLIENT KILL", await finished())
-
-                async def resubscribed_again() -> bool:
-                    new = await _subscription_id(redis, resubscribed.pid)
-                    return new is not None and new != sub_id
-
-                await wait_until(resubscribed_again, timeout=20, what="subscription rebuilt")
+                killed_subs = {str(port): len(ids) for port, ids in subs.items()}
+                # every one rebuilt, one per partition again, none of the killed ones left
+                await _settled_subscriptions(fleet_redis, resubscribed, auth, avoid=sub_ids)
                 await restarting
                 await _wait_all_final(finished, len(rids), timeout=45)
                 mark("all final", len(rids))
@@ -259,8 +386,10 @@ async def test_fleet_behind_nginx_loses_nothing(
                 instance.proc.send_signal(signal.SIGTERM)
         for instance in fleet:
             instance.stop()
-        await redis.aclose()
         await engine.dispose()
+    # every command the fleet ran, its drain included, was allowed (the documented ACL suffices)
+    refusals = await fleet_redis.acl_refusals()
+    assert not refusals, sorted({(r["reason"], r["context"], r["object"]) for r in refusals})
 
     by_rid: dict[int, list[Any]] = {rid: [] for rid in rids}
     for entry in log_rows:
@@ -270,7 +399,8 @@ async def test_fleet_behind_nginx_loses_nothing(
     took = {rid: (by_rid[rid][-1].timestamp_ms - killed_ms) / 1000 for rid in held}
     summaries = [stream_summary(f) for f in followers]
     (tmp_path / "fleet.json").write_text(
-        json.dumps({"events": events, "took": took, "streams": summaries}, indent=1)
+        json.dumps({"events": events, "took": took, "streams": summaries,
+                    "subscriptions killed": killed_subs}, indent=1)  # fmt: skip
     )
 
     # --- the database: one final status each, nobody twice, no repeated lookup ---------------

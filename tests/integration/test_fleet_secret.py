@@ -195,6 +195,8 @@ async def test_a_user_enrolled_under_the_previous_key_is_still_a_duplicate(
         assert [(e["stage"], e["status"]) for e in final["processLog"]] == [
             ("duplicate_check", "started"),
             ("duplicate_check", "failed"),
+            ("status_update", "started"),
+            ("status_update", "completed"),
         ]
         # the person registering again: recognised (the identity check matches the old hash),
         # nothing about them changed, and their hash moves to the current key

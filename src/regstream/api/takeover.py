@@ -117,13 +117,23 @@ class Takeover:
         _export(self.path)
 
     def transport_of(self, send: Callable[..., Any]) -> asyncio.WriteTransport | None:
-        """The connection's transport when this stream can take the fast path (its response
-        head sent, chunked), else None: the stream is queued."""
+        """The connection's transport when this stream can take the fast path, else None: the
+        stream is queued.
+
+        Called before the response head or after it (``api/stream.py`` makes the stream before
+        sending the head). uvicorn's cycle settles its framing when the head goes out: with the
+        tested version, a head without ``Content-Length`` (ours) to anything but a HEAD request
+        is chunked, so ``chunked_encoding`` is still None before the head and True after it.
+        """
         if self._cycle is None:
             return None
         cycle = getattr(send, "__self__", None)
-        if not isinstance(cycle, self._cycle) or cycle.chunked_encoding is not True:
-            self._falling_back(type(cycle).__module__ if cycle is not None else repr(send))
+        if not isinstance(cycle, self._cycle):
+            self._falling_back(f"{type(cycle).__module__ if cycle is not None else send!r}, not "
+                               "uvicorn's httptools protocol")  # fmt: skip
+            return None
+        if cycle.chunked_encoding is False or cycle.scope["method"] == "HEAD":
+            self._falling_back("a response that is not chunked")
             return None
         transport: asyncio.WriteTransport = cycle.transport
         sock = transport.get_extra_info("socket")
@@ -147,11 +157,10 @@ class Takeover:
         server_protocol.connection_lost(_HandedOver())
         return True
 
-    def _falling_back(self, server: str) -> None:
+    def _falling_back(self, why: str) -> None:
         if not self._fell_back:
             self._fell_back = True
-            log.warning("a stream is served by %s, not uvicorn's httptools protocol: streams "
-                        "fall back to the queued path", server)  # fmt: skip
+            log.warning("a stream is served by %s: streams fall back to the queued path", why)
             _export("queued")
 
 

@@ -8,6 +8,7 @@ expired) can never write a second final status.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,24 +19,23 @@ from sqlalchemy import (
     BigInteger,
     ColumnElement,
     Executable,
-    Integer,
     Row,
     String,
     Table,
     and_,
     bindparam,
     func,
-    insert,
     or_,
     select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
+from regstream.db import log_append
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
 
 _REGISTRATIONS: Table = RegistrationRequest.__table__  # type: ignore[assignment]
-_LOG: Table = ProcessLogEntry.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,13 +291,15 @@ async def append_events(
 
     Numbers them with the registration's next ``seq`` values and renews the lease. With ``final``
     (``(status, result)``), also ends the run in the same statement. ``also`` is a write that
-    belongs with these entries (the enrolment that goes with APPROVED), run first in the same
-    transaction. Raises ``RunLost`` when the runner no longer owns the run (the caller's
-    transaction then rolls back, ``also`` with it).
+    belongs with these entries (the enrolment that goes with APPROVED): on PostgreSQL it is part
+    of the same statement (``log_append``), one round trip. Raises ``RunLost`` when the runner
+    no longer owns the run (the caller's transaction then rolls back, ``also`` with it).
     """
-    if also is not None:
-        await session.execute(also.statement, also.params)
-    return await _append(session, registration_id, run_id, run, events, now_ms, lease_ms, final)
+    logged, _ = await session.run_sync(
+        _append, registration_id, run_id, run, events, now_ms, lease_ms, final, also, guard=False
+    )
+    assert logged is not None  # no guard
+    return logged
 
 
 async def append_events_unless(
@@ -312,18 +314,16 @@ async def append_events_unless(
     lease_ms: int,
 ) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
     """``append_events`` only if the query ``unless`` finds no rows (the duplicate check's common
-    case: no enrolled user matches, so log that in the same transaction). Returns
-    ``(entries, [])`` when it appended, ``(None, rows)`` when the query found ``rows`` and
-    nothing was written."""
-    found = [tuple(row) for row in await session.execute(unless.statement, unless.params)]
-    if found:
-        return None, found
-    logged = await _append(session, registration_id, run_id, run, events, now_ms, lease_ms, None)
-    return logged, []
+    case: no enrolled user matches, so log that, in the query's round trip on PostgreSQL).
+    Returns ``(entries, [])`` when it appended, ``(None, rows)`` when the query found ``rows``
+    and nothing was written."""
+    return await session.run_sync(
+        _append, registration_id, run_id, run, events, now_ms, lease_ms, None, unless, guard=True
+    )
 
 
-async def _append(
-    session: AsyncSession,
+def _append(
+    session: Session,
     registration_id: int,
     run_id: str,
     run: int,
@@ -331,7 +331,12 @@ async def _append(
     now_ms: int,
     lease_ms: int,
     final: tuple[str, dict[str, Any]] | None,
-) -> list[LogEvent]:
+    member: Bound | None,
+    *,
+    guard: bool,
+) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
+    """The append's statements, run in one ``run_sync``: one hop into SQLAlchemy's greenlet for
+    the whole append instead of one per statement (~40 us of CPU each, measured on PostgreSQL)."""
     if not events:
         raise ValueError("nothing to append")
     params: dict[str, Any] = {
@@ -341,21 +346,48 @@ async def _append(
     }  # fmt: skip
     if final is not None:
         params["final_status"], params["final_result"] = final
-    seq = (await session.execute(_ADVANCE if final is None else _FINISH, params)).scalar()
+    postgres = session.get_bind().dialect.name == "postgresql"
+    found: list[tuple[Any, ...]] = []  # the guard query's rows (then nothing was written)
+    seq: Any = None  # the run's seq after the append; None: the run is no longer ours
+    if postgres:  # one statement: ``member``, the run's row, its log rows (one round trip)
+        params.update(member.params if member is not None else {}, run=run, ts=now_ms)
+        for i, name in enumerate(("stage", "stage_status", "status", "message")):
+            params[f"log_{name}"] = [e[i] for e in events]
+        params["log_details"] = [json.dumps(e[4]) for e in events]  # JSON text, cast there
+        statement = log_append.postgres(
+            final is not None, None if member is None else member.statement, guard
+        )
+        rows = [tuple(row) for row in session.execute(statement, params)]
+        if guard:  # (seq or NULL, true, member's columns) per row found; (seq, NULL, …) if none
+            found = [row[2:] for row in rows if row[1]]
+        seq = rows[0][0] if rows else None
+    elif member is not None and guard:  # the query guards the advance: one statement usually
+        advance = log_append.guarded(final is not None, member.statement)
+        seq = session.execute(advance, {**params, **member.params}).scalar()
+        if seq is None:  # the run is lost, or the query found someone: which?
+            found = [tuple(row) for row in session.execute(member.statement, member.params)]
+    else:
+        if member is not None:
+            session.execute(member.statement, member.params)
+        advance = log_append.advance(final=final is not None)
+        seq = session.execute(advance, params).scalar()
+    if found:
+        return None, found
     if seq is None:
         raise RunLost(f"registration {registration_id}: run {run_id} is no longer ours")
-    out = numbered(events, registration_id=registration_id, run=run, last_seq=seq,
+    out = numbered(events, registration_id=registration_id, run=run, last_seq=int(seq),
                    timestamp_ms=now_ms)  # fmt: skip
-    await session.execute(
-        _INSERT_LOG,
-        [
-            {"registration_id": registration_id, "seq": e.seq, "run": run, "stage": e.stage,
-             "stage_status": e.stage_status, "status": e.status, "message": e.message,
-             "details": e.details, "timestamp_ms": now_ms}
-            for e in out
-        ],
-    )  # fmt: skip
-    return out
+    if not postgres:
+        session.execute(
+            log_append.INSERT_LOG,
+            [
+                {"registration_id": registration_id, "seq": e.seq, "run": run, "stage": e.stage,
+                 "stage_status": e.stage_status, "status": e.status, "message": e.message,
+                 "details": e.details, "timestamp_ms": now_ms}
+                for e in out
+            ],
+        )  # fmt: skip
+    return out, []
 
 
 def numbered(
@@ -385,33 +417,7 @@ def numbered(
     ]
 
 
-# Appending a step's log entries is the pipeline's most frequent write (twice per validation).
-# The statements are built once (building one per call was ~3 % of a click's CPU, profiled) and
-# SQLAlchemy's compiled cache keeps their SQL. The run's row: renew the lease, move ``seq`` on by
-# the number of entries and return it, matching no row when the run is no longer ours
-# (``updated_at`` follows from the column's ``onupdate``); the entries: one executemany.
 _reg = _REGISTRATIONS.c
-_ADVANCE = (
-    update(_REGISTRATIONS)
-    .where(
-        _reg.id == bindparam("rid", BigInteger()),
-        _reg.run_id == bindparam("owner", String()),
-        _reg.in_progress.is_(True),
-    )
-    .values(
-        current_stage=func.coalesce(bindparam("stage", String()), _reg.current_stage),
-        seq=_reg.seq + bindparam("count", Integer()),
-        lease_expires_ms=bindparam("lease", BigInteger()),
-    )
-    .returning(_reg.seq)
-)
-_FINISH = _ADVANCE.values(  # and end the run
-    status=bindparam("final_status", String()),
-    result=bindparam("final_result", _reg.result.type),
-    in_progress=False,
-    completed_at=func.now(),
-)
-_INSERT_LOG = insert(_LOG)  # details: a missing one is JSON null, as the ORM writes it
 # every click runs it (single clicks too: building it per call was ~3 % of a click's CPU)
 _CLAIM = (
     update(_REGISTRATIONS)
@@ -423,11 +429,11 @@ _CLAIM = (
     .values(
         in_progress=True,
         status="PENDING",
-        run_id=bindparam("claim_run_id", String()),
+        run_id=bindparam("claim_run_id", type_=String()),
         run_count=_reg.run_count + 1,
-        lease_expires_ms=bindparam("claim_lease", BigInteger()),
-        started_by=bindparam("claim_started_by", String()),
-        instance_id=bindparam("claim_instance", String()),
+        lease_expires_ms=bindparam("claim_lease", type_=BigInteger()),
+        started_by=bindparam("claim_started_by", type_=String()),
+        instance_id=bindparam("claim_instance", type_=String()),
         current_stage=None,
         result=None,
         completed_at=None,

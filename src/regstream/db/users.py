@@ -32,17 +32,34 @@ class Match(NamedTuple):
 
 _USERS: Table = MobileUser.__table__  # type: ignore[assignment]
 _u = _USERS.c
-# The duplicate check and the enrolment run once per validation, each in the transaction that
-# appends the step's log entries (``registrations.append_events``); built once, like those.
+# The duplicate check and the enrolment run once per validation, each with the append of the
+# step's log entries (``registrations.append_events``; on PostgreSQL in its statement); built
+# once, like those.
 _MATCHING = select(_u.id, _u.customer_number, _u.phone, _u.national_id_hash).where(
     or_(
-        _u.customer_number == bindparam("customer_number", String()),
-        _u.phone == bindparam("phone", String()),
+        _u.customer_number == bindparam("match_customer_number", type_=String()),
+        _u.phone == bindparam("match_phone", type_=String()),
         # one per key (current and previous, key rotation: ``NationalIdKeys.hashes``)
-        _u.national_id_hash.in_(bindparam("hashes", expanding=True)),
+        _u.national_id_hash.in_(bindparam("match_hashes", expanding=True)),
     )
 )
-_CREATE = insert(_USERS).returning(_u.id)  # status: the column's default, ACTIVE
+_ENROLLED = (
+    "customer_number", "first_name", "last_name", "phone", "email", "date_of_birth",
+    "national_id_hash", "national_id_last4", "device_id", "registration_id",
+)  # fmt: skip
+# named values (not per-call ones), so it can be a member of the append's statement
+# (``log_append.postgres``), where no Python-side column default is filled in: status given.
+# Parameter names must not be column names of the tables the append updates: SQLAlchemy turns
+# an execution parameter named like a column into a SET of that column in an UPDATE (of the
+# append's ``run`` CTE too), hence the ``match_``/``new_`` prefixes.
+_CREATE = (
+    insert(_USERS)
+    .values({
+        **{name: bindparam(f"new_{name}", type_=_u[name].type) for name in _ENROLLED},
+        "status": "ACTIVE",
+    })
+    .returning(_u.id)
+)
 
 
 def matching(
@@ -52,8 +69,8 @@ def matching(
     under any of the keys, ``NationalIdKeys.hashes``); its rows make ``Match``es."""
     if not national_id_hashes:
         raise ValueError("at least one national-id hash is needed")
-    params = {"customer_number": customer_number, "phone": phone,
-              "hashes": list(national_id_hashes)}  # fmt: skip
+    params = {"match_customer_number": customer_number, "match_phone": phone,
+              "match_hashes": list(national_id_hashes)}  # fmt: skip
     return Bound(_MATCHING, params)
 
 
@@ -73,10 +90,11 @@ def enrolment(
     """The insert that enrols a user (returns its id); it raises ``IntegrityError`` when the
     CIF, phone or national id is enrolled already."""
     params = {
-        "customer_number": customer_number, "first_name": first_name, "last_name": last_name,
-        "phone": phone, "email": email, "date_of_birth": date_of_birth,
-        "national_id_hash": national_id_hash, "national_id_last4": national_id_last4,
-        "device_id": device_id, "registration_id": registration_id,
+        "new_customer_number": customer_number, "new_first_name": first_name,
+        "new_last_name": last_name, "new_phone": phone, "new_email": email,
+        "new_date_of_birth": date_of_birth, "new_national_id_hash": national_id_hash,
+        "new_national_id_last4": national_id_last4, "new_device_id": device_id,
+        "new_registration_id": registration_id,
     }  # fmt: skip
     return Bound(_CREATE, params)
 

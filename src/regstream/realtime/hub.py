@@ -12,7 +12,7 @@ each stream's transport costs about what nchan does. So:
 * a stream whose client stopped reading is cut off once its transport buffer passes
   ``max_buffer`` bytes, or stays non-empty for ``send_timeout`` seconds (also once we closed
   it, so a stalled client cannot hold a closed stream's connection); it never slows others
-  (the kernel's send buffer per stream is capped in ``api/stream.py`` so this shows up soon). A
+  (the kernel's send buffer per stream is capped in ``api/takeover.py`` so this shows up soon). A
   stream's start-up burst (a replay of up to the whole history) is exempt: the limit is lifted
   while starting and lowered back once the client has read the backlog;
 * one shared timer sends pings and checks stalls for all streams;
@@ -29,10 +29,11 @@ each stream's transport costs about what nchan does. So:
   delivery were ~10 % of the server's CPU per delivery, the rest being the kernel's ``write()``.
 
 A stream has two writing modes: ``TransportStream`` writes to the asyncio transport under the
-server (uvicorn hands its transport to us through the bound ``send``; see ``api/stream.py``);
-``QueuedStream`` is the portable fallback for any other ASGI server (bounded deque + the
-request's own ``send``). During start-up a stream is *pending*: live updates are held while the
-handler writes the replay or snapshot, then released without duplicates (``go_live``).
+server (taken over from uvicorn: ``api/takeover.py``, with the versions it was tested with);
+``QueuedStream`` is the portable fallback for any other ASGI server, other uvicorn versions, or
+``REGSTREAM_STREAM_FAST_PATH=false`` (bounded deque + the request's own ``send``). During
+start-up a stream is *pending*: live updates are held while the handler writes the replay or
+snapshot, then released without duplicates (``go_live``).
 
 The hub never touches the database or Redis.
 """
@@ -206,7 +207,7 @@ class TransportStream(Stream):
 
 
 class StreamProtocol(asyncio.Protocol):
-    """Owns a stream's connection once the HTTP server has handed it over (``api/stream.py``).
+    """Owns a stream's connection once the HTTP server has handed it over (``api/takeover.py``).
 
     After the response head and the first frames, an SSE connection only ever receives our
     writes and, one day, its end. Keeping the HTTP server's per-connection machinery alive for

@@ -20,6 +20,8 @@ loopback) and a private single redis-server, and measures, single and cluster ba
     is with an unfiltered stream: a connection per partition, SSUBSCRIBEd on the master owning
     its slot; INFO cpu of all six nodes, masters + replicas, and of the busiest node; "net":
     minus the six nodes' idle rate, their timers and cluster-bus gossip, measured before).
+    To tell why a cluster costs more: one Redis with a replica (primary and replica CPU), and
+    the cluster with one partition (every update to one master, large batches).
 (d) inputs: what the bus keeps in Redis after the rep's publishes (``redis_memory``): histories,
     index lists, the seq-check state (bytes per registration), single and cluster.
 
@@ -151,11 +153,12 @@ def node_cpu(cluster: PrivateCluster) -> dict[int, float]:
 
 
 def cluster_redis_cost(
-    args: argparse.Namespace, cluster: PrivateCluster, counts: tuple[int, ...] = (1, 10)
-) -> dict[str, float]:
-    """(c) Redis CPU per update on the cluster, n instances each SSUBSCRIBEd to all partitions."""
-    layout = Layout.cluster(PARTITIONS)
-    owner = {p.channel: cluster.master_of(p.channel).port for p in layout.partitions}
+    args: argparse.Namespace, cluster: PrivateCluster,
+    cases: tuple[tuple[int, int], ...] = ((PARTITIONS, 1), (PARTITIONS, 10), (1, 1)),
+) -> dict[str, float]:  # fmt: skip
+    """(c) Redis CPU per update on the cluster, per case (K partitions, n instances each
+    SSUBSCRIBEd to all of them). K = 1 (every update to one partition, one master, batches as
+    large as on one Redis) tells the cost of the cluster itself from that of smaller batches."""
     masters = {node.port for node in cluster.masters()}
     out: dict[str, float] = {}
     before, t0 = node_cpu(cluster), time.monotonic()
@@ -164,12 +167,14 @@ def cluster_redis_cost(
             for port, cpu in node_cpu(cluster).items()}  # fmt: skip
     out["cluster_idle_cpu_pct_all_nodes"] = round(100 * sum(idle.values()), 2)
     first = 2_000_000
-    for n in counts:
-        subs = Subscribers(0, 0, [(owner[p.channel], p.channel) for p in layout.partitions] * n)
+    for k, n in cases:
+        layout = Layout.cluster(k)
+        shards = [(cluster.master_of(p.channel).port, p.channel) for p in layout.partitions]
+        subs = Subscribers(0, 0, shards * n)
         try:
             time.sleep(0.3)
             before, t0 = node_cpu(cluster), time.monotonic()
-            asyncio.run(publish(cluster.url, args.updates, first, partitions=PARTITIONS))
+            asyncio.run(publish(cluster.url, args.updates, first, partitions=k))
             time.sleep(0.3)
             used = {port: cpu - before[port] for port, cpu in node_cpu(cluster).items()}
             window = time.monotonic() - t0
@@ -177,15 +182,48 @@ def cluster_redis_cost(
             subs.close()
         first += args.updates
         per = {port: used[port] / args.updates * 1e6 for port in used}
-        out[f"cluster_us_per_update_{n}_instances"] = round(sum(per.values()), 2)
-        out[f"cluster_net_us_per_update_{n}_instances"] = round(
+        case = f"{n}_instances" if k == PARTITIONS else f"{n}_instances_{k}_partition"
+        out[f"cluster_us_per_update_{case}"] = round(sum(per.values()), 2)
+        out[f"cluster_net_us_per_update_{case}"] = round(
             sum(per.values()) - sum(idle.values()) * window / args.updates * 1e6, 2
         )
-        out[f"cluster_masters_us_per_update_{n}_instances"] = round(
+        out[f"cluster_masters_us_per_update_{case}"] = round(
             sum(v for port, v in per.items() if port in masters), 2
         )
-        out[f"cluster_busiest_node_us_per_update_{n}_instances"] = round(max(per.values()), 2)
+        out[f"cluster_busiest_node_us_per_update_{case}"] = round(max(per.values()), 2)
     return out
+
+
+def replicated_cost(args: argparse.Namespace, logdir: str) -> dict[str, float]:
+    """(c) One Redis with a replica (as a cluster's shard is), 1 subscribing instance: the
+    primary's and the replica's CPU per update, to compare with a cluster master's."""
+    primary, port = procs.start_redis(logdir, None)
+    replica, rport = procs.start_redis(logdir, None)
+    try:
+        procs.redis_cmd(rport, "REPLICAOF", "127.0.0.1", str(port))
+        end = time.monotonic() + 20
+        while "master_link_status:up" not in str(procs.redis_cmd(rport, "INFO", "replication")):
+            if time.monotonic() > end:
+                raise RuntimeError("the replica did not sync within 20 s")
+            time.sleep(0.1)
+        subs = Subscribers(port, 1)
+        try:
+            time.sleep(0.3)
+            before = redis_cpu(port), redis_cpu(rport)
+            asyncio.run(publish(f"redis://127.0.0.1:{port}/0", args.updates, 1))
+            time.sleep(0.3)
+            after = redis_cpu(port), redis_cpu(rport)
+        finally:
+            subs.close()
+    finally:
+        replica.stop()
+        primary.stop()
+    return {
+        "replicated_primary_us_per_update_1_subscriber": round(
+            (after[0] - before[0]) / args.updates * 1e6, 2),
+        "replicated_replica_us_per_update_1_subscriber": round(
+            (after[1] - before[1]) / args.updates * 1e6, 2),
+    }  # fmt: skip
 
 
 def redis_memory(ports: list[int]) -> dict[str, float]:
@@ -229,6 +267,7 @@ def one_rep(args: argparse.Namespace, logdir: str) -> dict[str, Any]:
         rec["a_single"], rec["a_cluster"] = single, clustered
         rec["a_ratio"] = round(clustered["us_per_update"] / single["us_per_update"], 4)
         rec["c_single"] = redis_cost(args, logdir, (1, 10))
+        rec["c_single"].update(replicated_cost(args, logdir))
         rec["c_cluster"] = cluster_redis_cost(args, cluster)
         rec["memory_single"] = redis_memory([rport])
         rec["memory_cluster"] = redis_memory([node.port for node in cluster.masters()])

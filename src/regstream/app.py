@@ -215,7 +215,7 @@ async def _services(
         )  # fmt: skip
 
     bus = Bus(layout, hub=hub, make_broker=make_broker, resumes=resumes,
-              history_max=settings.history_maxlen)  # fmt: skip
+              history_max=settings.history_maxlen, linger=settings.partition_linger)  # fmt: skip
     core = T24Client(
         T24ClientConfig(
             base_url=settings.t24_base_url,

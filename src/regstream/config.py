@@ -213,6 +213,10 @@ class Settings(BaseSettings):
     seed_channel_mirror: bool = Field(
         False, validation_alias=_env("REGSTREAM_SEED_CHANNEL_MIRROR")
     )
+    # a partition no stream of this instance follows any more is unsubscribed after this long
+    partition_linger: PositiveFloat = Field(
+        30.0, validation_alias=_env("REGSTREAM_PARTITION_LINGER")
+    )
     history_max_age: PositiveFloat = Field(
         3600.0, validation_alias=_env("REGSTREAM_HISTORY_MAX_AGE")
     )

@@ -156,6 +156,31 @@ async def test_cluster_mode_partitions_streams_and_exact_resume(
                 assert (await http.get("/readyz")).status_code == 200
 
 
+async def test_partitions_nobody_follows_are_unsubscribed_after_the_linger(
+    cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    with serve_in_thread(SimulatorConfig(latency_ms=5)) as t24:
+        settings = _settings(cluster, tmp_path, t24.base_url, partition_linger=0.5)
+        with serve_app(settings) as live:
+            bus = live.services.bus
+            partition = LAYOUT.of(3)
+
+            def subscribers() -> int:
+                owner = cluster.master_of(partition.channel)
+                with redis_sync.Redis(port=owner.port) as node:
+                    counts = node.execute_command("PUBSUB", "SHARDNUMSUB", partition.channel)
+                return int(counts[1])
+
+            async with _stream(live, registration_id=3):
+                assert bus.subscribed == (3,) and subscribers() == 1
+                assert bus.brokers[3].connected.is_set()
+            # gone from this instance, and from the shard: it costs nothing any more
+            await wait_until(lambda: bus.subscribed == (), timeout=10, what="unsubscribed")
+            await wait_until(lambda: subscribers() == 0, timeout=10, what="SSUBSCRIBE gone")
+            async with _stream(live, registration_id=3):  # and back on demand
+                assert bus.subscribed == (3,) and subscribers() == 1
+
+
 async def test_seed_channel_mirror_when_switched_on(
     cluster: PrivateCluster, tmp_path: Path
 ) -> None:

@@ -231,7 +231,7 @@ def _parse_block(block: str) -> Frame:
 class StreamClient:
     """``async with StreamClient(url, params) as sse:`` opens a stream and reads it live."""
 
-    def __init__(self, base_url: str, *, registration_id: int | None = None,
+    def __init__(self, base_url: str, *, registration_id: int | str | None = None,
                  last_event_id: str | None = None, headers: dict[str, str] | None = None,
                  wait_connected: bool = True) -> None:  # fmt: skip
         self._client = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(10, read=None))

@@ -168,7 +168,9 @@ async def _services(
     )  # fmt: skip
     resumes = create_client(
         target, name=f"regstream-resume-{os.getpid()}",
-        max_connections=settings.resume_concurrency,  # one per admitted start-up: none waits
+        # one per admitted start-up: none waits (a cluster: a stream of several partitions reads
+        # them all at once, and redis-py's cluster pools refuse past their cap rather than wait)
+        max_connections=settings.resume_concurrency * (len(layout) if target.cluster else 1),
     )  # fmt: skip
 
     async def recover(registration_ids: list[int]) -> list[dict[str, Any]]:

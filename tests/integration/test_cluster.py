@@ -156,6 +156,50 @@ async def test_cluster_mode_partitions_streams_and_exact_resume(
                 assert (await http.get("/readyz")).status_code == 200
 
 
+async def test_list_page_and_filtered_streams_resume_exactly(
+    cluster: PrivateCluster, tmp_path: Path
+) -> None:
+    """A list page (registrations of three partitions) and a stream of one registration: each
+    resumes from the id it last got, mid-run, with exactly the rest."""
+    with serve_in_thread(SimulatorConfig(latency_ms=30)) as t24:
+        with serve_app(_settings(cluster, tmp_path, t24.base_url)) as live:
+            operator = auth_headers(live, "operator")
+            async with httpx.AsyncClient(base_url=live.url, headers=operator, timeout=10) as http:
+                rids = await _create(http, 6, 7_500)
+                page = (rids[0], rids[1], rids[2])  # three partitions (consecutive ids)
+                ids = ",".join(str(r) for r in page)
+                async with _stream(live, registration_id=ids) as first, _stream(
+                    live, registration_id=rids[0]
+                ) as single, _stream(live) as everything:
+                    await _process(http, [rids[0], rids[1]])
+                    await first.wait_for(lambda fs: len(first.updates()) >= 3, what="a start")
+                    await single.wait_for(lambda fs: len(single.updates()) >= 2, what="a start")
+                    page_id, single_id = first.last_event_id(), single.last_event_id()
+                    got_page, got_single = len(first.updates()), len(single.updates())
+                    assert page_id is not None and positions.is_position(page_id)
+                    assert single_id is not None and not positions.is_position(single_id)
+                    await _process(http, [rids[2], rids[3]])
+                    for rid in (rids[0], rids[1], rids[2], rids[3]):
+                        await everything.wait_final(rid)
+                    async with _stream(live, registration_id=ids, last_event_id=page_id) as page2, \
+                            _stream(live, registration_id=rids[0],
+                                    last_event_id=single_id) as single2:  # fmt: skip
+                        for rid in page:
+                            await page2.wait_final(rid)
+                        await single2.wait_final(rids[0])
+                        await asyncio.sleep(0.3)
+                        rest = first.updates()[got_page:]
+                        for rid in page:  # in seq order per registration (not across partitions)
+                            assert _seqs(page2, rid) == [
+                                u["seq"] for u in rest if u["registrationId"] == rid
+                            ]
+                        assert rids[3] not in {u["registrationId"] for u in page2.updates()}
+                        assert [u["seq"] for u in single2.updates()] == [
+                            u["seq"] for u in single.updates()[got_single:]
+                        ]
+                        assert not [f for f in page2.frames + single2.frames if f.type == "snapshot"]
+
+
 async def test_partitions_nobody_follows_are_unsubscribed_after_the_linger(
     cluster: PrivateCluster, tmp_path: Path
 ) -> None:

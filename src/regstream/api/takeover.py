@@ -3,10 +3,12 @@
 The only module that touches uvicorn's and httptools' internals. Why it exists: the 1k
 broadcast (``bench/sse_bench.py``, bench/RESULTS.md runs 13-15) costs 0.78-0.89x nchan's CPU
 per delivery when the hub writes each pre-encoded HTTP chunk straight to the connection's
-transport (``realtime/hub.py``: ``TransportStream``, direct streams); through the ASGI ``send``
-with a queue and a task per stream it cost ~4x (the sse-starlette baseline: 4.3-5x). Handing
-the connection over to a ``StreamProtocol`` also drops uvicorn's per-connection state (parser,
-request cycle, the ASGI task): most of the ~12 KiB an idle stream cost.
+transport (``realtime/hub.py``: ``TransportStream``, direct streams). The portable queued path
+(the same hub, each frame through the ASGI ``send``) cost 1.4x that (3x the user CPU) and fell
+behind 20,000 deliveries/s on the shared 2-core VM; the sse-starlette baseline (a queue and a
+task per stream) 4.3-5x (bench/RESULTS.md, "Stream write paths"). Handing the connection over
+to a ``StreamProtocol`` also drops uvicorn's per-connection state (parser, request cycle, the
+ASGI task): half the memory of an idle stream (10.5 vs 19.8 KiB in the same bench).
 
 What it relies on, none of it uvicorn's public API:
 

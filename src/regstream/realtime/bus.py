@@ -52,6 +52,7 @@ class Bus:
         self._refs = [0] * len(layout)
         self._idle_since: dict[int, float] = {}
         self._streams: dict[int, tuple[int, ...]] = {}  # id(stream) -> the partitions it holds
+        self._late: dict[int, asyncio.Task[None]] = {}  # started before their partition was ready
         metrics.REDIS_SUBSCRIPTION_HEALTHY.set_function(lambda: float(self.healthy))
 
     @property
@@ -95,8 +96,26 @@ class Bus:
             async with asyncio.timeout(self._ready_timeout):
                 await asyncio.gather(*waits)
         except TimeoutError:
+            # Redis does not answer: the stream starts without the hub knowing where those
+            # partitions are, and their first subscription starts live from wherever it is then.
+            # What was published in between would be missed silently: the streams following
+            # such a partition are told to re-sync once it is connected.
+            for index in indexes:
+                broker = self.brokers[index]
+                if not broker.connected.is_set() and index not in self._late:
+                    self._late[index] = asyncio.get_running_loop().create_task(
+                        self._resync_when_connected(index, broker)
+                    )
             return False
         return True
+
+    async def _resync_when_connected(self, index: int, broker: Broker) -> None:
+        try:
+            await broker.connected.wait()
+        finally:
+            self._late.pop(index, None)
+        if self.brokers.get(index) is broker:
+            self._hub.resync((), partition=index)
 
     def release(self, stream: Stream) -> None:
         """``stream`` left: its partitions may go once nobody follows them (after ``linger``)."""
@@ -151,5 +170,7 @@ class Bus:
                         del self._idle_since[index]
                         await self._stop(index)
         finally:
+            for task in list(self._late.values()):
+                task.cancel()
             for index in list(self._tasks):
                 await self._stop(index)

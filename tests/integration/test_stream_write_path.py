@@ -53,6 +53,21 @@ async def test_the_portable_path_when_told(
             await wait_until(lambda: on_write_path(live, "queued"), what="a queued stream")
 
 
+async def test_another_http_protocol_falls_back_per_request(
+    make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Decided for the fast path, served by uvicorn's h11 protocol: queued, said once."""
+    caplog.set_level(logging.INFO, logger="regstream.api.takeover")
+    with serve_app(make_settings(), http="h11") as live:
+        assert _path_metric("transport") == 1.0
+        headers = auth_headers(live, "admin")
+        async with StreamClient(live.url, headers=headers), StreamClient(live.url, headers=headers):
+            await wait_until(lambda: len(live.services.hub) == 2, what="two streams")
+            assert on_write_path(live, "queued")
+        assert (_path_metric("transport"), _path_metric("queued")) == (0.0, 1.0)
+        assert caplog.text.count("streams fall back to the queued path") == 1
+
+
 async def test_every_stream_counts_against_the_stream_limit(
     make_settings: SettingsFactory, stream_path: str
 ) -> None:

@@ -451,3 +451,29 @@ async def test_a_resume_across_a_resync_starts_with_a_snapshot(
                 assert frames[1]["data"] == {"registrationIds": [rid]}
                 assert frames[2]["data"]["seq"] == 5
             assert str(last) in text or expected == "snapshot"
+
+
+async def test_a_history_that_cannot_be_inspected_proves_nothing(redis_server: EmbeddedRedis) -> None:
+    """A Redis user without XINFO (a managed Redis that renamed it, a tight ACL): whether the
+    history was trimmed cannot be told, so neither read may call a resume complete (it was
+    reported complete, and a client resuming from before a trim silently missed updates)."""
+    client, publisher, history = await _publisher(redis_server)
+    limited = create_client(
+        redis_server.url.replace("redis://", "redis://reader:reader-password@"), name="limited"
+    )
+    try:
+        start = await history.position()
+        for seq in range(1, 4):
+            await _publish(publisher, 7, seq)
+        assert await publisher.wait_flushed(10)
+        await client.acl_setuser("reader", enabled=True, passwords=["+reader-password"],
+                                 keys=["*"], commands=["+@all", "-xinfo"])  # fmt: skip
+        await client.xtrim(publisher.history_key, maxlen=1, approximate=False)
+        blind = History(limited, channel=publisher.channel)
+        assert (await history.since(start)).complete is False  # XINFO allowed: trimmed, seen
+        assert (await blind.since(start)).complete is False
+        assert (await blind.since_for(start, (7,))).complete is False
+    finally:
+        await publisher.aclose()
+        await limited.aclose()
+        await client.aclose()

@@ -29,7 +29,6 @@ PACKAGE = ROOT / "src" / "regstream"
 #: The named hot-path modules: the only places that may touch third-party private parts.
 HOT_PATH = {
     "src/regstream/api/takeover.py",  # the streams' take-over from uvicorn (docstring: versions)
-    "src/regstream/realtime/broker.py",  # lead removes: being rewritten onto redis-py's public API
 }
 PUBLIC_BY_DESIGN = {"_replace", "_asdict", "_fields", "_make", "_field_defaults"}
 PUBLIC_BY_DESIGN_ON = {("os", "_exit"), ("logging", "_srcfile")}

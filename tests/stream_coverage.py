@@ -4,13 +4,14 @@ snapshot; and exactly one final status per registration in the database."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
 
 from regstream.db.tables import ProcessLogEntry
-from tests.support import Frame, SseReader, run_in_db
+from tests.support import Frame, SseReader, run_in_db, wait_until
 
 
 @dataclass
@@ -84,3 +85,26 @@ def final_rows(live: Any, rids: list[int]) -> dict[int, int]:
     return counts
 
 
+
+
+async def assert_all_ended_and_covered(
+    live: Any, http: Any, rids: list[int], watched: list[Watched], *, timeout: float
+) -> None:
+    """Wait (bounded) until every run of ``rids`` ended, then until every watched stream holds
+    or was told to re-read each of their process log entries; assert so, naming what is
+    missing per stream, and exactly one final status per registration in the database."""
+    wanted = set(rids)
+
+    async def all_ended() -> bool:
+        response = await http.get("/api/registrations", params={"pageSize": 200})
+        mine = [row for row in response.json()["items"] if row["id"] in wanted]
+        return len(mine) == len(wanted) and not any(row["inProgress"] for row in mine)
+
+    await wait_until(all_ended, timeout=timeout, interval=0.25, what="every run to end")
+    log = process_log(live, rids)
+    with contextlib.suppress(AssertionError):  # the assert below says what is missing
+        await wait_until(lambda: all(not uncovered(w, log) for w in watched), timeout=30,
+                         what="every stream complete or re-synced")  # fmt: skip
+    missing = {w.name: uncovered(w, log)[:10] for w in watched}
+    assert missing == {w.name: [] for w in watched}
+    assert final_rows(live, rids) == dict.fromkeys(rids, 1)

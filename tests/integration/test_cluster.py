@@ -33,7 +33,7 @@ from regstream.realtime.messages import ServiceChannel
 from regstream.realtime.partitions import Layout
 from regstream.realtime.publisher import RegistrationPubSub
 from tests.cluster_support import PrivateCluster
-from tests.stream_coverage import Watched, final_rows, process_log, uncovered
+from tests.stream_coverage import Watched, assert_all_ended_and_covered
 from tests.support import (
     TEST_SECRET_KEY,
     LiveServer,
@@ -291,23 +291,7 @@ async def test_master_killed_mid_bulk_every_registration_ends_once_and_streams_c
                     )
                     watched.append(Watched("resumed", resumed, None))
 
-                    async def all_ended() -> bool:
-                        rows = (await http.get("/api/registrations",
-                                               params={"pageSize": 200})).json()["items"]  # fmt: skip
-                        mine = [row for row in rows if row["id"] in set(rids)]
-                        return len(mine) == bulk and not any(row["inProgress"] for row in mine)
-
-                    await wait_until(all_ended, timeout=120, interval=0.25, what="every run ended")
-                    log = process_log(live, rids)
-
-                    def complete() -> bool:
-                        return all(not uncovered(w, log) for w in watched)
-
-                    with contextlib.suppress(AssertionError):
-                        await wait_until(complete, timeout=30, what="every stream complete")
-                    missing = {w.name: uncovered(w, log)[:10] for w in watched}
-                    assert missing == {w.name: [] for w in watched}
-                assert final_rows(live, rids) == dict.fromkeys(rids, 1)
+                    await assert_all_ended_and_covered(live, http, rids, watched, timeout=120)
                 # the promoted replica's history began a new epoch (what the dead master had
                 # not replicated is in no history: streams were told to re-sync, not left short)
                 with redis_sync.Redis(port=promoted.port) as node:

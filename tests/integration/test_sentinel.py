@@ -41,7 +41,7 @@ from regstream.realtime.connections import RedisTarget, create_client, create_su
 from regstream.realtime.embedded import EmbeddedRedis, find_server_binary
 from regstream.realtime.publisher import RegistrationPubSub
 from tests.conftest import unavailable
-from tests.stream_coverage import Watched, final_rows, process_log, uncovered
+from tests.stream_coverage import Watched, assert_all_ended_and_covered
 from tests.support import (
     StreamClient,
     auth_headers,
@@ -280,25 +280,7 @@ async def _fail_over_mid_bulk(live: Any, topology: SentinelSet) -> None:
                 watched.append(Watched(name, reader, None if rid_filter is None else {rid_filter},
                                        earlier=list(earlier)))  # fmt: skip
 
-            async def all_ended() -> bool:
-                rows = (await http.get("/api/registrations",
-                                       params={"pageSize": 200})).json()["items"]  # fmt: skip
-                mine = [row for row in rows if row["id"] in set(rids)]
-                return len(mine) == BULK_SIZE and not any(row["inProgress"] for row in mine)
-
-            await wait_until(all_ended, timeout=90, interval=0.25, what="every run to end")
-            log = process_log(live, rids)
-
-            def complete() -> bool:
-                return all(not uncovered(w, log) for w in watched)
-
-            with contextlib.suppress(AssertionError):  # the assert below says what is missing
-                await wait_until(complete, timeout=20, what="every stream complete or re-synced")
-            missing = {w.name: uncovered(w, log)[:10] for w in watched}
-            assert missing == {w.name: [] for w in watched}
-
-            # exactly one final status per registration, in the database
-            assert final_rows(live, rids) == dict.fromkeys(rids, 1)
+            await assert_all_ended_and_covered(live, http, rids, watched, timeout=90)
             # the service followed the promotion without a restart
             assert (await http.get("/readyz")).status_code == 200
             with redis_sync.Redis(port=replica_port) as primary:

@@ -94,7 +94,9 @@ def redis_cpu(port: int) -> float:
     return float(fields["used_cpu_user"]) + float(fields["used_cpu_sys"])
 
 
-def service_publisher(redis_url: str, partitions: int, outbox_max: int) -> tuple[Any, Any]:
+def service_publisher(
+    redis_url: str, partitions: int, outbox_max: int, batch_max: int = 256
+) -> tuple[Any, Any]:
     """The service's publisher (its Lua script, ids, history) and its client, as ``serve`` makes
     them: ``partitions`` > 0 means the URL names a node of a Redis Cluster and the bus has that
     many partitions (SPUBLISH, one script call per partition per batch)."""
@@ -107,20 +109,23 @@ def service_publisher(redis_url: str, partitions: int, outbox_max: int) -> tuple
     target = replace(RedisTarget.from_url(redis_url), cluster=partitions > 0)
     redis = create_client(target, name="bench-publisher", max_connections=max(8, partitions + 4))
     layout = Layout.cluster(partitions) if partitions else None
-    return redis, RegistrationPubSub(redis, layout=layout, outbox_max=outbox_max)
+    return redis, RegistrationPubSub(redis, layout=layout, outbox_max=outbox_max,
+                                     batch_max=batch_max)  # fmt: skip
 
 
 async def publish(
     redis_url: str, updates: int, first_id: int, *, partitions: int = 0,
-    skip: Callable[[int], bool] | None = None,
+    skip: Callable[[int], bool] | None = None, batch_max: int = 256,
 ) -> float:  # fmt: skip
     """Publish ``updates`` stage updates (``updates // 7`` registrations, 7 each, as a validation
     does) through the service's publisher; returns the seconds it took. ``partitions`` > 0: the
     URL names a node of a Redis Cluster, the bus has that many partitions (the service's layout
-    and pool size); registrations for which ``skip(id)`` is true are left out."""
+    and pool size); registrations for which ``skip(id)`` is true are left out; ``batch_max``:
+    the most updates per script call (the service's 256; 1 is a fleet of many publishers)."""
     from regstream.realtime import messages
 
-    redis, publisher = service_publisher(redis_url, partitions, max(20_000, 2 * updates))
+    redis, publisher = service_publisher(redis_url, partitions, max(20_000, 2 * updates),
+                                         batch_max)  # fmt: skip
     started = time.perf_counter()
     try:
         sent = 0
@@ -272,7 +277,7 @@ def memory_cost(args: argparse.Namespace, logdir: str) -> dict[str, float]:
             after = procs.rss_kib([child.pid])
             for _, w in opened:
                 w.close()
-            return (after - before) / args.streams
+            return float((after - before) / args.streams)
 
         return {"kib_per_idle_stream": round(asyncio.run(measure()), 2)}
     finally:

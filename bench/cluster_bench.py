@@ -21,7 +21,8 @@ loopback) and a private single redis-server, and measures, single and cluster ba
     its slot; INFO cpu of all six nodes, masters + replicas, and of the busiest node; "net":
     minus the six nodes' idle rate, their timers and cluster-bus gossip, measured before).
     To tell why a cluster costs more: one Redis with a replica (primary and replica CPU), and
-    the cluster with one partition (every update to one master, large batches).
+    the cluster with one partition (every update to one master, large batches); and both with
+    one update per script call (a fleet of many publishers, each sending small batches).
 (d) inputs: what the bus keeps in Redis after the rep's publishes (``redis_memory``): histories,
     index lists, the seq-check state (bytes per registration), single and cluster.
 
@@ -154,11 +155,13 @@ def node_cpu(cluster: PrivateCluster) -> dict[int, float]:
 
 def cluster_redis_cost(
     args: argparse.Namespace, cluster: PrivateCluster,
-    cases: tuple[tuple[int, int], ...] = ((PARTITIONS, 1), (PARTITIONS, 10), (1, 1)),
+    cases: tuple[tuple[int, int, int], ...] = (
+        (PARTITIONS, 1, 256), (PARTITIONS, 10, 256), (1, 1, 256), (PARTITIONS, 1, 1)),
 ) -> dict[str, float]:  # fmt: skip
     """(c) Redis CPU per update on the cluster, per case (K partitions, n instances each
-    SSUBSCRIBEd to all of them). K = 1 (every update to one partition, one master, batches as
-    large as on one Redis) tells the cost of the cluster itself from that of smaller batches."""
+    SSUBSCRIBEd to all of them, the most updates per script call). K = 1 (every update to one
+    partition, one master, batches as large as on one Redis) tells the cost of the cluster
+    itself from that of smaller batches; one update per call is a fleet of many publishers."""
     masters = {node.port for node in cluster.masters()}
     out: dict[str, float] = {}
     before, t0 = node_cpu(cluster), time.monotonic()
@@ -167,14 +170,14 @@ def cluster_redis_cost(
             for port, cpu in node_cpu(cluster).items()}  # fmt: skip
     out["cluster_idle_cpu_pct_all_nodes"] = round(100 * sum(idle.values()), 2)
     first = 2_000_000
-    for k, n in cases:
+    for k, n, batch in cases:
         layout = Layout.cluster(k)
         shards = [(cluster.master_of(p.channel).port, p.channel) for p in layout.partitions]
         subs = Subscribers(0, 0, shards * n)
         try:
             time.sleep(0.3)
             before, t0 = node_cpu(cluster), time.monotonic()
-            asyncio.run(publish(cluster.url, args.updates, first, partitions=k))
+            asyncio.run(publish(cluster.url, args.updates, first, partitions=k, batch_max=batch))
             time.sleep(0.3)
             used = {port: cpu - before[port] for port, cpu in node_cpu(cluster).items()}
             window = time.monotonic() - t0
@@ -183,6 +186,7 @@ def cluster_redis_cost(
         first += args.updates
         per = {port: used[port] / args.updates * 1e6 for port in used}
         case = f"{n}_instances" if k == PARTITIONS else f"{n}_instances_{k}_partition"
+        case += "_batch_1" if batch == 1 else ""
         out[f"cluster_us_per_update_{case}"] = round(sum(per.values()), 2)
         out[f"cluster_net_us_per_update_{case}"] = round(
             sum(per.values()) - sum(idle.values()) * window / args.updates * 1e6, 2
@@ -207,23 +211,25 @@ def replicated_cost(args: argparse.Namespace, logdir: str) -> dict[str, float]:
                 raise RuntimeError("the replica did not sync within 20 s")
             time.sleep(0.1)
         subs = Subscribers(port, 1)
+        out: dict[str, float] = {}
         try:
-            time.sleep(0.3)
-            before = redis_cpu(port), redis_cpu(rport)
-            asyncio.run(publish(f"redis://127.0.0.1:{port}/0", args.updates, 1))
-            time.sleep(0.3)
-            after = redis_cpu(port), redis_cpu(rport)
+            for batch, case in ((256, ""), (1, "_batch_1")):
+                time.sleep(0.3)
+                before = redis_cpu(port), redis_cpu(rport)
+                asyncio.run(publish(f"redis://127.0.0.1:{port}/0", args.updates,
+                                    10_000_000 * batch, batch_max=batch))  # fmt: skip
+                time.sleep(0.3)
+                after = redis_cpu(port), redis_cpu(rport)
+                for name, i in (("primary", 0), ("replica", 1)):
+                    out[f"replicated_{name}_us_per_update_1_subscriber{case}"] = round(
+                        (after[i] - before[i]) / args.updates * 1e6, 2
+                    )
         finally:
             subs.close()
     finally:
         replica.stop()
         primary.stop()
-    return {
-        "replicated_primary_us_per_update_1_subscriber": round(
-            (after[0] - before[0]) / args.updates * 1e6, 2),
-        "replicated_replica_us_per_update_1_subscriber": round(
-            (after[1] - before[1]) / args.updates * 1e6, 2),
-    }  # fmt: skip
+    return out
 
 
 def redis_memory(ports: list[int]) -> dict[str, float]:

@@ -30,7 +30,6 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from regstream import __version__, logs
 from regstream.api import audit as audit_routes
@@ -61,6 +60,7 @@ from regstream.pipeline.runner import Runner
 from regstream.realtime.broker import Broker
 from regstream.realtime.bus import Bus
 from regstream.realtime.connections import (
+    REDIS_ERRORS,
     RedisTarget,
     create_client,
     create_node_subscriber_client,
@@ -108,12 +108,16 @@ async def _redis_target(settings: Settings) -> RedisTarget | None:
     if settings.effective_redis_url is None:
         return None
     target = RedisTarget.from_settings(settings)
-    try:
-        return await resolve_cluster(target, settings.redis_cluster)
-    except (RedisError, OSError) as exc:
-        log.warning("Redis did not answer at start (%s); assuming one Redis, not a cluster "
-                    "(set REDIS_CLUSTER to say)", type(exc).__name__)  # fmt: skip
-        return target
+    for attempt in range(10):  # asked for about 5 s: Redis may be starting beside us
+        try:
+            return await resolve_cluster(target, settings.redis_cluster)
+        except REDIS_ERRORS as exc:
+            if attempt == 9:
+                log.warning("Redis did not answer at start (%s); assuming one Redis, not a "
+                            "cluster (set REDIS_CLUSTER to say)", type(exc).__name__)  # fmt: skip
+            else:
+                await asyncio.sleep(0.5)
+    return target
 
 
 def _auth_runtime(settings: Settings, target: RedisTarget | None) -> AuthRuntime:
@@ -211,7 +215,7 @@ async def _services(
             on_update=hub.publish,
             on_resync=lambda ids: hub.resync(ids, partition=index),
             # after a failover: a new epoch before catch-up
-            on_connect=lambda: publisher.check_primary(index),
+            on_connect=lambda reconnected: publisher.check_primary(index, reconnected=reconnected),
             on_position=lambda key: hub.set_position(index, key),
             probe_interval=settings.probe_interval, history_max=settings.history_maxlen,
         )  # fmt: skip

@@ -300,7 +300,10 @@ async def test_master_killed_mid_bulk_every_registration_ends_once_and_streams_c
                 assert any(f.type == "snapshot" and (f.data or {}).get("resync")
                            for f in everything.frames)  # fmt: skip
                 # followed the new topology without a restart: a new stream gets new updates
-                assert (await http.get("/readyz")).status_code == 200
+                async def ready() -> bool:
+                    return (await http.get("/readyz")).status_code == 200
+
+                await wait_until(ready, timeout=30, interval=0.5, what="ready on the new topology")
                 late = await _create(http, 1, 7_400)
                 async with _stream(live) as after:
                     await _process(http, late)

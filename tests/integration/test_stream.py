@@ -59,7 +59,7 @@ async def test_stream_headers_and_first_frame(live_on_path: LiveServer, stream_p
 
 
 @pytest.mark.parametrize(
-    "value", ["abc", "-1", "0", "1.5", "9" * 40, str(2**53 + 1)], ids=lambda v: v[:12]
+    "value", ["abc", "-1", "0", "1.5", "9" * 40, str(2**53 + 1), "²", "1,²"], ids=lambda v: v[:12]
 )
 async def test_stream_rejects_bad_registration_id(live: LiveServer, value: str) -> None:
     async with httpx.AsyncClient(base_url=live.url, headers=auth_headers(live, "admin")) as http:

@@ -81,3 +81,13 @@ def test_an_update_without_an_integer_registration_id_is_refused(update: dict[st
 def test_the_updates_the_builders_make_pass_the_check() -> None:
     messages.check_update(messages.stage_update(1, "status_update", "failed", "m", seq=3))
     messages.check_update(messages.final_update(1, "FAILED", "m", details={"error": "X"}))
+
+
+@pytest.mark.parametrize("value", ["1_1-²", "1²_1-1", "1_1-1~²", "1_١-1", "1_1-1~١٢"])
+def test_ids_with_digits_int_refuses_are_unknown_not_an_error(value: str) -> None:
+    """``str.isdigit`` takes ``²`` and Arabic-Indic digits; ``int`` refuses ``²``: such an id
+    (a Last-Event-ID header read as latin-1) is unknown (a snapshot), never an exception after
+    the response head (the browser would reconnect with it forever)."""
+    assert messages.parse_resume_id(value) == (None, 0)
+    if "~" not in value:
+        assert messages.parse_event_id(value) is None

@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs
 
 import orjson
-from redis.exceptions import RedisError
 
 from regstream import metrics
 from regstream.api import errors, views
@@ -44,6 +43,7 @@ from regstream.db import registrations
 from regstream.db.engine import unavailable as database_unavailable
 from regstream.realtime import messages, positions
 from regstream.realtime.bus import Bus
+from regstream.realtime.connections import REDIS_ERRORS
 from regstream.realtime.history import Replay
 from regstream.realtime.hub import QueuedStream, RegistrationFilter, Stream, TransportStream
 from regstream.realtime.messages import EventKey, Parsed
@@ -263,7 +263,7 @@ def _filter(values: list[str]) -> RegistrationFilter | str:
         return _INVALID
     ids = []
     for part in parts:
-        if not part.isdigit() or len(part) > 16 or not 1 <= int(part) <= MAX_ID:
+        if not (part.isascii() and part.isdigit()) or len(part) > 16 or not 1 <= int(part) <= MAX_ID:
             return _INVALID
         ids.append(int(part))
     unique = tuple(sorted(set(ids)))
@@ -326,7 +326,9 @@ async def _start_wide(
     bus = services.bus
     fields: dict[str, Any] = {}
     if not last_id:
-        fields["lastEventId"] = positions.encode(start.attached)
+        # where the replay below starts: a client that drops before it resumes from there
+        fields["lastEventId"] = positions.encode(start.head if start.head is not None
+                                                 else start.attached)  # fmt: skip
     hello = b"retry: %d\n" % retry_ms + messages.control_frame("connected", **fields)
     stream.write(hello, messages.chunk(hello))
     wanted = None if rid is None else (rid if isinstance(rid, tuple) else (rid,))
@@ -355,6 +357,8 @@ async def _replay_wide(
     reads = []
     for index in indexes:
         after, until = base[index], upto[index]
+        if until is None and after is not None:
+            return False  # this instance knows no history there (lost?): nothing is proved
         if until is None or after == until:
             continue  # nothing published there, or nothing since
         if after is not None and (after.epoch != until.epoch or after > until):
@@ -367,7 +371,7 @@ async def _replay_wide(
             else bus.histories[index].since_for(after, ids)
             for index, _, after, ids in reads
         ))  # fmt: skip
-    except (RedisError, OSError):
+    except REDIS_ERRORS:
         return False
     merged: list[tuple[int, int, int, Parsed]] = []
     for (index, until, _, _), replay in zip(reads, replays, strict=True):
@@ -416,7 +420,7 @@ async def _replay(
             replay = await history.since(key)
         else:  # only these registrations' entries are read (history.py: the index)
             replay = await history.since_for(key, wanted)
-    except (RedisError, OSError):
+    except REDIS_ERRORS:
         return False
     if not replay.complete or _resynced(replay, wanted):
         return False
@@ -466,7 +470,7 @@ async def _latest(services: Services, rid: RegistrationFilter) -> EventKey | Non
     history = bus.history_of(rid) if isinstance(rid, int) else bus.histories[0]
     try:
         return await history.position()
-    except (RedisError, OSError):
+    except REDIS_ERRORS:
         return None
 
 

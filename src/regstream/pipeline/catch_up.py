@@ -40,7 +40,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -50,6 +49,7 @@ from regstream.db import registrations
 from regstream.db.registrations import LogEvent
 from regstream.pipeline.events import log_entry_view, to_update
 from regstream.pipeline.persist import Publisher
+from regstream.realtime.connections import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ async def run(
     while True:
         started = time.perf_counter()
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type((RedisError, OSError, SQLAlchemyError)),
+            retry=retry_if_exception_type((*REDIS_ERRORS, SQLAlchemyError)),
             wait=wait_exponential_jitter(initial=0.5, max=10.0),
             reraise=True,
         ):

@@ -43,11 +43,10 @@ from typing import Any
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from regstream import metrics
 from regstream.realtime import messages
-from regstream.realtime.connections import RedisClient
+from regstream.realtime.connections import REDIS_ERRORS, RedisClient
 from regstream.realtime.history import History
 from regstream.realtime.messages import EventKey, Parsed, ServiceChannel
 from regstream.realtime.partitions import Layout, Partition
@@ -66,7 +65,7 @@ class Broker:
         commands: RedisClient,
         on_update: Callable[[Parsed], None],
         on_resync: Callable[[tuple[int, ...]], None] | None = None,
-        on_connect: Callable[[], Awaitable[object]] | None = None,
+        on_connect: Callable[[bool], Awaitable[object]] | None = None,
         on_position: Callable[[EventKey], None] | None = None,
         channel: str = ServiceChannel.REGISTRATION_UPDATES,
         partition: Partition | None = None,
@@ -94,6 +93,11 @@ class Broker:
             # Read at scrape time, so the metric turns red as soon as probes stop coming back,
             # even while the loop itself is stuck waiting on a silent server.
             metrics.REDIS_SUBSCRIPTION_HEALTHY.set_function(lambda: float(self.healthy))
+
+    @property
+    def ever_connected(self) -> bool:
+        """It has been subscribed once: from then on its reconnects catch up from the history."""
+        return self._subscribed_once
 
     @property
     def healthy(self) -> bool:
@@ -125,8 +129,8 @@ class Broker:
                     metrics.REDIS_RECONNECTS.labels("subscriber").inc()
                     log.info("re-subscribed to %s", self.channel.decode())
                 first = False
-                if self._on_connect is not None:
-                    await self._on_connect()
+                if self._on_connect is not None:  # (True: reconnected, not the first time)
+                    await self._on_connect(self._subscribed_once)
                 await self._catch_up()
                 self.connected.set()
                 self._last_probe_seen = time.monotonic()
@@ -134,7 +138,7 @@ class Broker:
                 await self._read(pubsub)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("subscription lost (%s); reconnecting", _reason(exc))
             except Exception:  # a bug must not end the only subscription: log it, rebuild
                 log.exception("subscription loop failed; rebuilding")

@@ -88,10 +88,13 @@ class Bus:
             self._idle_since.pop(index, None)
             if index not in self.brokers:
                 self._start(index)
-        waits = [self.brokers[i].connected.wait() for i in indexes
-                 if not self.brokers[i].connected.is_set()]  # fmt: skip
-        if not waits:
+        # Only a subscription that was never connected is waited for: one that is reconnecting
+        # catches up from the history by itself (and one Redis keeps the behaviour it had
+        # before partitions: a stream never waits for its one subscription).
+        late = [i for i in indexes if not self.brokers[i].ever_connected]
+        if not late or not self.partitioned:
             return True
+        waits = [self.brokers[i].connected.wait() for i in late]
         try:
             async with asyncio.timeout(self._ready_timeout):
                 await asyncio.gather(*waits)
@@ -100,9 +103,9 @@ class Bus:
             # partitions are, and their first subscription starts live from wherever it is then.
             # What was published in between would be missed silently: the streams following
             # such a partition are told to re-sync once it is connected.
-            for index in indexes:
+            for index in late:
                 broker = self.brokers[index]
-                if not broker.connected.is_set() and index not in self._late:
+                if not broker.ever_connected and index not in self._late:
                     self._late[index] = asyncio.get_running_loop().create_task(
                         self._resync_when_connected(index, broker)
                     )
@@ -113,7 +116,8 @@ class Bus:
         try:
             await broker.connected.wait()
         finally:
-            self._late.pop(index, None)
+            if self._late.get(index) is asyncio.current_task():
+                del self._late[index]
         if self.brokers.get(index) is broker:
             self._hub.resync((), partition=index)
 
@@ -149,6 +153,9 @@ class Bus:
 
     async def _stop(self, index: int) -> None:
         self.brokers.pop(index, None)
+        late = self._late.pop(index, None)
+        if late is not None:
+            late.cancel()
         task = self._tasks.pop(index, None)
         metrics.BUS_PARTITIONS_SUBSCRIBED.set(len(self.brokers))
         if task is not None:

@@ -38,6 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from regstream.config import SENTINEL_SCHEMES, SentinelAddress, Settings, parse_sentinel_url
@@ -46,6 +47,10 @@ CONNECT_TIMEOUT = 2.0
 
 #: a client for commands: one Redis (or a Sentinel service's primary), or a Redis Cluster
 RedisClient = Redis | RedisCluster
+
+#: what a Redis that is down, slow, failing over or refusing raises through redis-py: its cluster
+#: client's ``RedisClusterUnreachableError``/``SlotNotCoveredError`` are no ``RedisError``
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 
 
 @dataclass(frozen=True)

@@ -379,6 +379,7 @@ class Hub:
         self.partitions = partitions
         self.keys: list[EventKey | None] = [None] * partitions
         self._components = [""] * partitions
+        self._wide_groups = 0  # streams of several registrations (they get position ids too)
 
     def __len__(self) -> int:
         return self._count
@@ -390,6 +391,8 @@ class Hub:
         else:
             for one in _ids(rid):
                 self._by_rid.setdefault(one, set()).add(stream)
+            if isinstance(rid, tuple):
+                self._wide_groups += 1
         self._count += 1
         metrics.STREAMS_CONNECTED.inc()
 
@@ -413,6 +416,8 @@ class Hub:
                         del self._by_rid[one]
             if not found:
                 return
+            if isinstance(rid, tuple):
+                self._wide_groups -= 1
         self._count -= 1
         metrics.STREAMS_CONNECTED.dec()
         if self._on_detach is not None:
@@ -452,8 +457,9 @@ class Hub:
             index = rid % self.partitions
             self.keys[index] = parsed.key
             self._components[index] = positions.component(parsed.key)
-            wide = messages.update_frame(parsed, event_id=positions.join(self._components))
-            wide_chunk = messages.chunk(wide)
+            if self._all or self._direct or self._wide_groups:  # (anyone to get it)
+                wide = messages.update_frame(parsed, event_id=positions.join(self._components))
+                wide_chunk = messages.chunk(wide)
         for direct in self._direct:  # the hot loop: see the module docstring
             transport = direct.transport
             if not transport.is_closing():  # (a write to a lost connection logs a warning)

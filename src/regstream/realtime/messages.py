@@ -60,13 +60,18 @@ class EventKey(NamedTuple):
         return f"{self.epoch}_{self.ms}-{self.n}"
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes ``²`` and other digits ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_event_id(value: str | None) -> EventKey | None:
     """Parse ``<epoch>_<ms>-<n>``; anything else is None (treated as unknown by callers)."""
     if not value or len(value) > 80:
         return None
     epoch, sep, stream_id = value.strip().partition("_")
     ms, sep2, n = stream_id.partition("-")
-    if not sep or not sep2 or not epoch.isdigit() or not ms.isdigit() or not n.isdigit():
+    if not sep or not sep2 or not all(_digits(f) for f in (epoch, ms, n)):
         return None
     return EventKey(epoch, int(ms), int(n))
 
@@ -82,7 +87,7 @@ def parse_resume_id(value: str | None) -> tuple[EventKey | None, int]:
         return None, 0
     head, sep, tail = value.partition("~")
     key = parse_event_id(head)
-    if key is None or (sep and not tail.isdigit()) or len(tail) > 16:
+    if key is None or (sep and not _digits(tail)) or len(tail) > 16:
         return None, 0
     return key, int(tail) if sep else 0
 

@@ -70,6 +70,7 @@ from regstream import metrics
 from regstream.realtime import messages
 from regstream.realtime.broker import Broker
 from regstream.realtime.connections import (
+    REDIS_ERRORS,
     RedisClient,
     RedisTarget,
     create_client,
@@ -348,7 +349,6 @@ class RegistrationPubSub:
         #: service's catch-up task then compares the process log with Redis again (another
         #: instance may have died meanwhile with committed updates in its outbox)
         self.back = asyncio.Event()
-        self._checked_once = False
         # what ``from_url`` made and ``subscribe`` started: ``aclose`` ends them
         self._owned: RedisClient | None = None
         self._target: RedisTarget | None = None  # (from_url: to reach a cluster's nodes)
@@ -457,7 +457,7 @@ class RegistrationPubSub:
             Broker(
                 subscriber=self._subscriber_of(partition), commands=self._redis,
                 partition=partition, on_update=lambda parsed: callback(orjson.loads(parsed.raw)),
-                on_connect=functools.partial(self.check_primary, partition.index),
+                on_connect=functools.partial(self._check_partition, partition.index),
             )  # fmt: skip
             for partition in self.layout.partitions
         ]
@@ -468,6 +468,9 @@ class RegistrationPubSub:
         subscription = Subscription(brokers, tasks)
         self._subscriptions.add(subscription)
         return subscription
+
+    async def _check_partition(self, index: int, reconnected: bool) -> None:
+        await self.check_primary(index, reconnected=reconnected)
 
     def _subscriber_of(self, partition: Partition) -> Callable[[], Redis]:
         """The subscriber client factory of a partition: the given one on one Redis; in a
@@ -524,7 +527,7 @@ class RegistrationPubSub:
             else:
                 ids.extend(result)
         if error is not None:
-            if not isinstance(error, RedisError | OSError):
+            if not isinstance(error, REDIS_ERRORS):
                 raise error
             raise PartlySent(unsent) from error
         return ids
@@ -593,18 +596,18 @@ class RegistrationPubSub:
             out.update({rid: int(v) for rid, v in zip(rids, values, strict=True) if v})
         return out
 
-    async def check_primary(self, partition: int | None = None) -> bool:
-        """After a reconnect: begin a new epoch if Redis is now another primary's history.
+    async def check_primary(self, partition: int | None = None, *, reconnected: bool = False) -> bool:
+        """After a (re)connect: begin a new epoch if Redis is now another primary's history.
 
-        ``partition``: that partition's (its broker reconnected); None: every partition's.
-        Returns True when this call began one. Raises ``RedisError``/``OSError`` like any
-        command (callers retry after reconnecting). Without ``INFO`` (a managed Redis that
-        renamed it) failovers are not detected: logged once. Every call after the first (a
-        reconnect) also sets ``back``.
+        ``partition``: that partition's (its broker connected); None: every partition's.
+        Returns True when this call began one. Raises ``REDIS_ERRORS`` like any command
+        (callers retry after reconnecting). Without ``INFO`` (a managed Redis that renamed it)
+        failovers are not detected: logged once. ``reconnected`` (a subscription that was
+        connected before came back, not one subscribed on demand) also sets ``back``: the
+        service's catch-up then compares the process log with Redis.
         """
-        if self._checked_once:
+        if reconnected:
             self.back.set()
-        self._checked_once = True
         parts = self.layout.partitions if partition is None else (
             self.layout.partitions[partition],)  # fmt: skip
         began = False
@@ -702,8 +705,9 @@ class RegistrationPubSub:
             # taken before the await: registrations that overflow meanwhile go to the next one
             announced, self._overflowed = self._overflowed, set()
             try:
-                if self._failing:  # reconnected: maybe to another primary (check_primary)
-                    await self.check_primary()
+                # (after a failure: whether Redis is now another primary's is checked by the
+                # publish script itself, per partition, so a shard that is still down holds up
+                # only its own partitions)
                 if announced:
                     resync = {
                         "type": "resync",
@@ -736,9 +740,11 @@ class RegistrationPubSub:
                 self._outbox.extendleft(reversed(batch))  # shutdown: aclose() reports them
                 self._overflowed |= announced
                 raise
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # Redis's (REDIS_ERRORS), or a bug: the batch is kept
                 # Put the batch back in front, in order (only the partitions that failed, when
                 # others took theirs); what no longer fits is announced later.
+                if not isinstance(exc, REDIS_ERRORS):
+                    log.exception("publishing failed unexpectedly; keeping the updates")
                 self._overflowed |= announced
                 unsent = exc.unsent if isinstance(exc, PartlySent) and batch else batch
                 self._outbox.extendleft(reversed(unsent))

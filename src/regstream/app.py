@@ -161,7 +161,9 @@ async def _services(
     # a cluster: a pool per node, and no waiting for a free connection (redis-py's cluster
     # client refuses instead): room for every partition's calls at once
     per_node = len(layout) + 4 if target.cluster else 0
-    redis = create_client(target, name=f"regstream-pub-{os.getpid()}",
+    # retries=0: the publisher's flusher retries, and its retry asks the publish script to
+    # check the primary first (a retry may reach a promoted replica: publisher.py)
+    redis = create_client(target, name=f"regstream-pub-{os.getpid()}", retries=0,
                           max_connections=max(8, per_node))  # fmt: skip
     # The publisher, the control work (readiness, the subscription's probe and catch-up) and
     # stream resumes each have their own client and pool: a resume herd never makes a publish

@@ -253,7 +253,7 @@ def _cluster_client(
         target.url, client_name=name, decode_responses=False, socket_timeout=socket_timeout,
         socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=15,
         max_connections=max_connections,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), max(retries, 3)),
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
         **tls,
     )  # fmt: skip
 

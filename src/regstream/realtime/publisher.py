@@ -93,8 +93,9 @@ _RECOVER_PAGE = 500
 # KEYS: history, epoch, index state prefix, index key prefix (``history.py``: the index), the
 # primary's replication id, all of one partition (``partitions.py``: one hash tag in cluster
 # mode, so one slot).
-# ARGV: history MAXLEN, channel, MINID to trim to (or ''), max age in ms, '1' to publish with
-# SPUBLISH (a cluster's shard channel) else '', a channel to also PUBLISH every message on (the
+# ARGV: history MAXLEN, channel, MINID to trim to (or ''), max age in ms, flags ('s': publish
+# with SPUBLISH, a cluster's shard channel; 'c': check the primary first), a channel to also
+# PUBLISH every message on (the
 # seed's channel in cluster mode, when mirrored) or '', then per message its seq ('' for a
 # message without one) and the message. A message about one registration without a seq gets the
 # registration's next one (its last in this epoch + 1, spliced into the JSON): the seed's calls
@@ -109,11 +110,17 @@ _PUBLISH_SCRIPT = (
     + """
 local epoch = redis.call('GET', KEYS[2])
 -- The history is this primary's (``check_primary``, done here too, atomically with the
--- publish): a write that reaches a promoted replica before anyone checked (redis-py retrying
--- the call across the failover) must begin the new epoch, not land in the old one.
+-- publish): a batch sent again after a failure may reach a promoted replica before anyone
+-- checked, and must begin the new epoch there, not land in the old one. INFO costs ~15-25 us,
+-- so it is asked for only on a partition's first call and after a failed one (the publisher's
+-- client does not retry by itself: every retry is the flusher's, and asks for the check).
+local sharded = string.find(ARGV[5], 's', 1, true) ~= nil
 local began = 0
-local ok, info = pcall(redis.call, 'INFO', 'replication')
-local replid = ok and string.match(info, 'master_replid:(%w+)') or nil
+local replid = nil
+if string.find(ARGV[5], 'c', 1, true) then  -- asked for: the partition's first call, or a retry
+  local ok, info = pcall(redis.call, 'INFO', 'replication')
+  replid = ok and string.match(info, 'master_replid:(%w+)') or nil
+end
 if replid then
   local known = redis.call('GET', KEYS[5])
   if known ~= replid then
@@ -160,7 +167,7 @@ local function add(payload)
     end
   end
   local msg = string.sub(payload, 1, -2) .. ',"eventId":"' .. epoch .. '_' .. id .. '"}'
-  if ARGV[5] == '1' then
+  if sharded then
     redis.call('SPUBLISH', ARGV[2], msg)
   else
     redis.call('PUBLISH', ARGV[2], msg)
@@ -317,7 +324,10 @@ class RegistrationPubSub:
         self._maxlen = str(history_maxlen)
         self._max_age_ms = int(history_max_age * 1000)
         self._script = redis.register_script(_PUBLISH_SCRIPT)
-        self._sharded = b"1" if self.layout.sharded else b""
+        self._sharded = "s" if self.layout.sharded else ""
+        #: partitions whose next call checks the primary in the script: all at first, and any
+        #: whose call failed (its retry may reach a promoted replica)
+        self._verify = set(range(len(self.layout)))
         self._mirror = (self.layout.mirror or "").encode()
         self.primary_key = first.primary_key
         self._primary_script = redis.register_script(_PRIMARY_SCRIPT)
@@ -377,7 +387,8 @@ class RegistrationPubSub:
         if cluster:
             target = replace(target, cluster=True)
             options.setdefault("layout", Layout.cluster(partitions, mirror=mirror))
-        commands = create_client(target, name=name, max_connections=max(8, partitions + 4))
+        commands = create_client(target, name=name, retries=0,  # (the flusher retries: _send_to)
+                                 max_connections=max(8, partitions + 4))  # fmt: skip
         pubsub = cls(
             commands, **options,
             subscriber=lambda: create_subscriber_client(target, name=f"{name}-sub"),
@@ -558,16 +569,15 @@ class RegistrationPubSub:
         return out
 
     async def _send_to(self, partition: Partition, entries: list[_Entry], minid: str) -> list[str]:
-        result = await self._script(
-            keys=[partition.history_key, partition.epoch_key, partition.index_state_prefix,
-                  partition.index_key_prefix, partition.primary_key],
-            args=[
-                self._maxlen, partition.channel, minid, self._max_age_ms, self._sharded,
-                self._mirror,
-                *(arg for _, seq, payload in entries for arg in (b"" if seq is None else seq,
-                                                                 payload)),
-            ],
-        )  # fmt: skip
+        check = partition.index in self._verify
+        flags = (self._sharded + ("c" if check else "")).encode()
+        try:
+            result = await self._call(partition, entries, minid, flags)
+        except BaseException:
+            self._verify.add(partition.index)
+            raise
+        if check:
+            self._verify.discard(partition.index)
         if result[0]:
             self._began(partition)
         ids = [r.decode() if isinstance(r, bytes) else str(r) for r in result[1:]]
@@ -575,6 +585,21 @@ class RegistrationPubSub:
         if skipped:
             metrics.PUBLISH_DUPLICATES_SKIPPED.inc(skipped)
         return ids
+
+    async def _call(
+        self, partition: Partition, entries: list[_Entry], minid: str, flags: bytes
+    ) -> list[Any]:
+        result = await self._script(
+            keys=[partition.history_key, partition.epoch_key, partition.index_state_prefix,
+                  partition.index_key_prefix, partition.primary_key],
+            args=[
+                self._maxlen, partition.channel, minid, self._max_age_ms, flags,
+                self._mirror,
+                *(arg for _, seq, payload in entries for arg in (b"" if seq is None else seq,
+                                                                 payload)),
+            ],
+        )  # fmt: skip
+        return list(result)
 
     async def published_seqs(self, registration_ids: list[int]) -> dict[int, int]:
         """The last seq published in this epoch per registration (absent: none; all of them

@@ -25,7 +25,7 @@ ALIASES = {
     "EngineDep": "engine",
     "SessionsDep": "sessions",
     "RedisDep": "redis",
-    "BrokerDep": "broker",
+    "BusDep": "bus",
     "HubDep": "hub",
     "RunnerDep": "runner",
 }

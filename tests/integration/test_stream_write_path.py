@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 
 import httpx
 import pytest
@@ -117,11 +116,11 @@ async def test_shutdown_closes_taken_over_streams_and_waits_for_them(
             live.server.should_exit = True  # a shutdown without a signal: no drain delay
             await asyncio.sleep(1.5)
             assert live.thread.is_alive(), "the server exited with a stream's bytes unsent"
-            started, received = time.monotonic(), bytearray()
+            received = bytearray()
             while chunk := await asyncio.to_thread(slow.recv, 65536):
                 received.extend(chunk)
             await asyncio.to_thread(live.thread.join, 20)
-            assert not live.thread.is_alive() and time.monotonic() - started < 15
+            assert not live.thread.is_alive()  # it ended once the client had read everything
         finally:
             slow.close()
     assert received.count(b'"type":"update"') == count

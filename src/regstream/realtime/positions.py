@@ -53,7 +53,7 @@ def join(components: list[str]) -> str:
 
 
 def is_position(value: str | None) -> bool:
-    return bool(value) and value.startswith(PREFIX)  # type: ignore[union-attr]
+    return value is not None and value.startswith(PREFIX)
 
 
 def decode(value: str | None, count: int) -> Position | None:

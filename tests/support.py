@@ -12,8 +12,8 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,6 +266,18 @@ class StreamClient:
                 pass
         await self._cm.__aexit__(None, None, None)
         await self._client.aclose()
+
+
+@asynccontextmanager
+async def open_stream(
+    live: LiveServer, headers: dict[str, str] | None = None, **kwargs: Any
+) -> AsyncIterator[SseReader]:
+    """A stream of ``live`` that must be accepted (200) and connected: ``StreamClient``'s
+    ``registration_id`` / ``last_event_id``; as a new admin unless ``headers`` are given."""
+    client = StreamClient(live.url, headers=headers or auth_headers(live, "admin"), **kwargs)
+    async with client as reader:
+        assert reader.response.status_code == 200, reader.response.status_code
+        yield reader
 
 
 REGISTRATION = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,9 @@ from tests.cluster_support import PrivateCluster
 from tests.stream_coverage import Watched, assert_all_ended_and_covered
 from tests.support import (
     TEST_SECRET_KEY,
-    LiveServer,
     SseReader,
-    StreamClient,
     auth_headers,
+    open_stream,
     serve_app,
     wait_until,
 )
@@ -66,16 +65,6 @@ def _settings(cluster: PrivateCluster, tmp_path: Path, t24_url: str, **extra: An
     }  # fmt: skip
     values.update(extra)
     return Settings(**values)
-
-
-@contextlib.asynccontextmanager
-async def _stream(live: LiveServer, **kwargs: Any) -> AsyncIterator[SseReader]:
-    client = StreamClient(live.url, headers=auth_headers(live, "admin"), **kwargs)
-    reader = await client.__aenter__()
-    try:
-        yield reader
-    finally:
-        await client.__aexit__(None, None, None)
 
 
 async def _create(http: httpx.AsyncClient, count: int, first: int) -> list[int]:
@@ -109,12 +98,12 @@ async def test_cluster_mode_partitions_streams_and_exact_resume(
                 one = rids[5]
                 # nobody follows anything yet: no subscription at all
                 assert bus.subscribed == ()
-                async with _stream(live, registration_id=one) as filtered:
+                async with open_stream(live, registration_id=one) as filtered:
                     assert bus.subscribed == (one % 16,)  # only its registration's partition
                     with redis_sync.Redis(port=cluster.masters()[0].port) as node:
                         seed = node.pubsub()
                         seed.subscribe(ServiceChannel.REGISTRATION_UPDATES)
-                        async with _stream(live) as everything:
+                        async with open_stream(live) as everything:
                             assert bus.subscribed == tuple(range(16))
                             await _process(http, rids[:12])
                             for rid in rids[:12]:
@@ -138,7 +127,7 @@ async def test_cluster_mode_partitions_streams_and_exact_resume(
                             assert [m for m in mirrored if m and m["type"] == "message"] == []
                             seed.close()
                         # a resume from the middle: exactly what came after it
-                        async with _stream(live, last_event_id=middle) as resumed:
+                        async with open_stream(live, last_event_id=middle) as resumed:
                             for rid in rids[12:]:
                                 await resumed.wait_final(rid)
                             await asyncio.sleep(0.3)
@@ -168,9 +157,11 @@ async def test_list_page_and_filtered_streams_resume_exactly(
                 rids = await _create(http, 6, 7_500)
                 page = (rids[0], rids[1], rids[2])  # three partitions (consecutive ids)
                 ids = ",".join(str(r) for r in page)
-                async with _stream(live, registration_id=ids) as first, _stream(
-                    live, registration_id=rids[0]
-                ) as single, _stream(live) as everything:
+                async with (
+                    open_stream(live, registration_id=ids) as first,
+                    open_stream(live, registration_id=rids[0]) as single,
+                    open_stream(live) as everything,
+                ):
                     await _process(http, [rids[0], rids[1]])
                     await first.wait_for(lambda fs: len(first.updates()) >= 3, what="a start")
                     await single.wait_for(lambda fs: len(single.updates()) >= 2, what="a start")
@@ -181,9 +172,12 @@ async def test_list_page_and_filtered_streams_resume_exactly(
                     await _process(http, [rids[2], rids[3]])
                     for rid in (rids[0], rids[1], rids[2], rids[3]):
                         await everything.wait_final(rid)
-                    async with _stream(live, registration_id=ids, last_event_id=page_id) as page2, \
-                            _stream(live, registration_id=rids[0],
-                                    last_event_id=single_id) as single2:  # fmt: skip
+                    async with (
+                        open_stream(live, registration_id=ids, last_event_id=page_id) as page2,
+                        open_stream(
+                            live, registration_id=rids[0], last_event_id=single_id
+                        ) as single2,
+                    ):
                         for rid in page:
                             await page2.wait_final(rid)
                         await single2.wait_final(rids[0])
@@ -197,7 +191,9 @@ async def test_list_page_and_filtered_streams_resume_exactly(
                         assert [u["seq"] for u in single2.updates()] == [
                             u["seq"] for u in single.updates()[got_single:]
                         ]
-                        assert not [f for f in page2.frames + single2.frames if f.type == "snapshot"]
+                        assert not [
+                            f for f in page2.frames + single2.frames if f.type == "snapshot"
+                        ]
 
 
 async def test_partitions_nobody_follows_are_unsubscribed_after_the_linger(
@@ -215,13 +211,13 @@ async def test_partitions_nobody_follows_are_unsubscribed_after_the_linger(
                     counts = node.execute_command("PUBSUB", "SHARDNUMSUB", partition.channel)
                 return int(counts[1])
 
-            async with _stream(live, registration_id=3):
+            async with open_stream(live, registration_id=3):
                 assert bus.subscribed == (3,) and subscribers() == 1
                 assert bus.brokers[3].connected.is_set()
             # gone from this instance, and from the shard: it costs nothing any more
             await wait_until(lambda: bus.subscribed == (), timeout=10, what="unsubscribed")
             await wait_until(lambda: subscribers() == 0, timeout=10, what="SSUBSCRIBE gone")
-            async with _stream(live, registration_id=3):  # and back on demand
+            async with open_stream(live, registration_id=3):  # and back on demand
                 assert bus.subscribed == (3,) and subscribers() == 1
 
 
@@ -267,10 +263,12 @@ async def test_master_killed_mid_bulk_every_registration_ends_once_and_streams_c
                 victim_partition = LAYOUT.of(rids[0])
                 followed = [rids[0], rids[bulk // 2], rids[-1]]
                 async with contextlib.AsyncExitStack() as stack:
-                    everything = await stack.enter_async_context(_stream(live))
+                    everything = await stack.enter_async_context(open_stream(live))
                     watched = [Watched("unfiltered", everything, None)]
                     for rid in followed:
-                        reader = await stack.enter_async_context(_stream(live, registration_id=rid))
+                        reader = await stack.enter_async_context(
+                            open_stream(live, registration_id=rid)
+                        )
                         watched.append(Watched(f"filtered-{rid}", reader, {rid}))
                     await _process(http, rids)
 
@@ -287,7 +285,7 @@ async def test_master_killed_mid_bulk_every_registration_ends_once_and_streams_c
                     assert promoted.port != killed.port
                     # a stream that comes back with the id it had before the kill
                     resumed = await stack.enter_async_context(
-                        _stream(live, last_event_id=resume_from)
+                        open_stream(live, last_event_id=resume_from)
                     )
                     watched.append(Watched("resumed", resumed, None))
 
@@ -299,13 +297,14 @@ async def test_master_killed_mid_bulk_every_registration_ends_once_and_streams_c
                 assert epoch_before and epoch_after and epoch_after != epoch_before
                 assert any(f.type == "snapshot" and (f.data or {}).get("resync")
                            for f in everything.frames)  # fmt: skip
+
                 # followed the new topology without a restart: a new stream gets new updates
                 async def ready() -> bool:
                     return (await http.get("/readyz")).status_code == 200
 
                 await wait_until(ready, timeout=30, interval=0.5, what="ready on the new topology")
                 late = await _create(http, 1, 7_400)
-                async with _stream(live) as after:
+                async with open_stream(live) as after:
                     await _process(http, late)
                     final = await after.wait_final(late[0])
                     assert final["registrationId"] == late[0]

@@ -6,10 +6,8 @@ server."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -25,6 +23,7 @@ from tests.support import (
     SseReader,
     StreamClient,
     auth_headers,
+    open_stream,
     serve_app,
     wait_until,
 )
@@ -38,30 +37,6 @@ SECURITY = {"x-content-type-options": "nosniff", "x-frame-options": "DENY",
 
 def _snapshots(frames: list[Frame]) -> list[Frame]:
     return [f for f in frames if f.type == "snapshot"]
-
-
-@contextlib.asynccontextmanager
-async def _stream(
-    live: LiveServer, headers: dict[str, str], *, ids: str | None = None,
-    last_event_id: str | None = None,
-) -> AsyncIterator[SseReader]:  # fmt: skip
-    """A stream of one or several registrations (``ids`` as the query has them)."""
-    params = {"registrationId": ids} if ids else {}
-    extra = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    async with (
-        httpx.AsyncClient(base_url=live.url, timeout=httpx.Timeout(10, read=None)) as http,
-        http.stream("GET", STREAM, params=params, headers={**headers, **extra}) as response,
-    ):
-        assert response.status_code == 200
-        reader = SseReader(response)
-        reader.task = asyncio.create_task(reader._run())
-        try:
-            await reader.wait_for(lambda fs: any(f.type == "connected" for f in fs), 10)
-            yield reader
-        finally:
-            reader.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader.task
 
 
 async def _run(live: LiveServer, rid: int, watcher: SseReader) -> dict[str, Any]:
@@ -91,8 +66,8 @@ async def test_a_last_event_id_ahead_of_the_history_gets_a_snapshot_then_live_up
         assert key is not None
         ahead = f"{key.epoch}_{key.ms + 10**9}-0"
         async with (
-            _stream(live, admin, ids=str(a), last_event_id=ahead) as filtered,
-            _stream(live, admin, last_event_id=ahead) as unfiltered,
+            open_stream(live, admin, registration_id=str(a), last_event_id=ahead) as filtered,
+            open_stream(live, admin, last_event_id=ahead) as unfiltered,
         ):
             await filtered.wait_for(lambda fs: bool(_snapshots(fs)), what="filtered snapshot")
             await unfiltered.wait_for(lambda fs: bool(_snapshots(fs)), what="resync marker")
@@ -133,7 +108,7 @@ async def test_a_resume_of_several_registrations_from_another_epoch_gets_each_on
         old = everything.last_event_id()
     await _new_epoch(live)
     following = f"{a},{b},{c}"  # c never validated: nothing to show
-    async with _stream(live, admin, ids=following, last_event_id=old) as resumed:
+    async with open_stream(live, admin, registration_id=following, last_event_id=old) as resumed:
         await resumed.wait_for(lambda fs: len(_snapshots(fs)) >= 2, what="two snapshots")
         await asyncio.sleep(0.3)  # (nothing else may follow)
         snaps = _snapshots(resumed.frames)
@@ -155,7 +130,7 @@ async def test_a_resume_of_several_registrations_from_another_epoch_gets_each_on
     async with StreamClient(live.url, headers=admin) as everything:
         await _run(live, others[0], everything)
     # positioned: resuming after it replays (nothing of these), no snapshot again, then live
-    async with _stream(live, admin, ids=following, last_event_id=position) as again:
+    async with open_stream(live, admin, registration_id=following, last_event_id=position) as again:
         async with StreamClient(live.url, headers=admin) as everything:
             await _run(live, b, everything)  # a FAILED run may be re-run
         await again.wait_for(lambda fs: any(f.type == "update" for f in fs), what="live")
@@ -178,9 +153,9 @@ async def test_open_filtered_streams_get_their_state_when_a_new_epoch_begins(
         await _run(live, a, everything)
         await _run(live, b, everything)
     async with (
-        _stream(live, admin, ids=str(a)) as one,
-        _stream(live, admin, ids=f"{a},{b}") as several,
-        _stream(live, admin) as unfiltered,
+        open_stream(live, admin, registration_id=str(a)) as one,
+        open_stream(live, admin, registration_id=f"{a},{b}") as several,
+        open_stream(live, admin) as unfiltered,
     ):
         assert [s.data["data"]["id"] for s in _snapshots(one.frames) if s.data] == [a]
         before = (len(one.frames), len(several.frames))
@@ -246,11 +221,11 @@ async def test_every_error_answer_of_the_stream_path_has_a_request_id_and_securi
                 await http.get(STREAM, params={"registrationId": "x"}, headers=admin), 422
             )
             _assert_error(await http.post(STREAM, headers=admin), 405)
-            async with _stream(live, viewer, ids=str(rid)):
+            async with open_stream(live, viewer, registration_id=str(rid)):
                 _assert_error(
                     await http.get(STREAM, params={"registrationId": rid}, headers=viewer), 429
                 )
-                async with _stream(live, admin):
+                async with open_stream(live, admin):
                     other = auth_headers(live, "admin")
                     _assert_error(await http.get(STREAM, headers=other), 503)  # too many streams
             # busy: the start-up gate (1 at once, no queue) held by a start-up of the test's

@@ -23,25 +23,31 @@ travels the same shard); if none came back for three intervals, ``healthy`` turn
 (readiness goes red, a metric says so) and the subscriber is rebuilt. ``CancelledError`` is
 always re-raised.
 
-Messages are read with redis-py's public ``PubSub.get_message``. A reader of our own on
-redis-py's private connection internals cost 4x less subscriber CPU per message (~16 vs ~64 µs
-in bursts), but a message is read once per instance and written to every stream that wants it:
-at the 1k broadcast that is under 1 % of the CPU per delivery (bench/RESULTS.md, run 16), not
-worth owning a Redis reply reader.
+Messages are read with redis-py's public connection API: the ``PubSub``'s ``connection`` and its
+``read_response`` (every redis-py connection class has it, ``AbstractConnection``), under one
+deadline per probe interval (``asyncio.timeout``), every reply already buffered handled in the
+same wake-up. That is what ``PubSub.get_message`` does per message, without its per-message
+deadline, health-check ``PING`` (not configured here: the probes are ours), retry wrapper (a
+silent reconnect inside it would re-subscribe without the history catch-up; here any connection
+error rebuilds the subscription through step 1), observability hooks and message dict: ~1.6-1.9x
+less CPU per received message (``bench/broker_bench.py``). Replies are the server's
+``[kind, channel, data]``; with RESP3 a message is a push, handed back the same way
+(``push_request=True``). A reader of our own on redis-py's private internals is not needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from regstream import metrics
@@ -200,40 +206,60 @@ class Broker:
 
     async def _read(self, pubsub: PubSub) -> None:
         publish = self._commands.spublish if self.partition.sharded else self._commands.publish
+        connection = pubsub.connection
+        if connection is None:  # (subscribe connected it; a closed PubSub has none)
+            raise RedisConnectionError("the subscription has no connection")
         while True:
             now = time.monotonic()
             await publish(self.probe_channel, b"probe")
             if now - self._last_probe_seen > 3 * self._probe_interval:
                 log.error("probe did not come back through Redis; rebuilding the subscriber")
                 return
-            deadline = now + self._probe_interval
-            while (remaining := deadline - time.monotonic()) > 0:
-                message = await pubsub.get_message(timeout=remaining)
-                if message is not None:
-                    self._on_message(message)
+            # One deadline per probe interval, not one per read (module docstring).
+            window = asyncio.timeout(self._probe_interval)
+            try:
+                async with window:
+                    await self._drain(connection)
+            except TimeoutError:
+                if not window.expired():
+                    raise
 
-    def _on_message(self, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        if kind in _GONE:
+    async def _drain(self, connection: Connection) -> None:
+        """Read and handle replies until cancelled (the probe window's deadline) or an error.
+
+        ``Connection.read_response`` with ``timeout=math.inf`` reads with no deadline of its own
+        (the window's is around it); ``disconnect_on_error=False`` as ``PubSub`` reads: a read
+        cancelled by the deadline leaves the connection as it was (unread bytes stay buffered);
+        ``push_request=True``: with RESP3 a message is a push, handed back like a reply."""
+        read = connection.read_response
+        on_reply = self._on_reply
+        while True:
+            on_reply(await read(timeout=math.inf, disconnect_on_error=False, push_request=True))
+
+    def _on_reply(self, reply: object) -> None:
+        """One raw reply of the subscribed connection: ``[kind, channel, data]``."""
+        if not isinstance(reply, list) or len(reply) != 3:
+            return  # a pong, or anything unexpected
+        kind, channel, data = reply
+        if kind in _DATA:
+            if channel == self.probe_channel:
+                self._last_probe_seen = time.monotonic()
+                return
+            if not isinstance(data, bytes):
+                return
+            parsed = messages.parse_message(data)
+            if parsed is None:
+                return
+            if parsed.resync is not None:
+                if self._on_resync is not None:
+                    self._on_resync(parsed.resync)
+                return
+            self._dispatch(parsed)
+        elif kind in _GONE:
             # the server dropped a subscription we did not give up (a shard channel whose slot
             # moved to another node): subscribe again where it lives now
             raise RedisConnectionError(f"the server ended the subscription ({kind!r})")
-        if kind not in _DATA:
-            return  # subscribe confirmations, pongs
-        if message.get("channel") == self.probe_channel:
-            self._last_probe_seen = time.monotonic()
-            return
-        data = message.get("data")
-        if not isinstance(data, bytes):
-            return
-        parsed = messages.parse_message(data)
-        if parsed is None:
-            return
-        if parsed.resync is not None:
-            if self._on_resync is not None:
-                self._on_resync(parsed.resync)
-            return
-        self._dispatch(parsed)
+        # else: subscribe confirmations
 
     def _dispatch(self, parsed: Parsed) -> None:
         key = parsed.key

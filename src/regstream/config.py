@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -94,8 +95,11 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     )  # fmt: skip
 
 
-def parse_host_list(text: str, *, default_port: int = 26379) -> tuple[tuple[str, int], ...]:
-    """``host:port,host:port`` (``[v6]:port`` too; the port defaults to Sentinel's 26379)."""
+def parse_host_list(
+    text: str, *, default_port: int = 26379, kind: str = "sentinel"
+) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` (``[v6]:port`` too; the port defaults to Sentinel's 26379);
+    ``kind`` names an item in the errors (``sentinel``, ``node``)."""
     hosts = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -103,20 +107,20 @@ def parse_host_list(text: str, *, default_port: int = 26379) -> tuple[tuple[str,
         if item.startswith("["):
             host, bracket, tail = item[1:].partition("]")
             if not bracket or (tail and not tail.startswith(":")):
-                raise ValueError("an IPv6 sentinel is written [address]:port")
+                raise ValueError(f"an IPv6 {kind} is written [address]:port")
             port_text = tail[1:]
         else:
             host, _, port_text = item.partition(":")
         if not host or any(c in host for c in "/@?# "):
-            raise ValueError("a sentinel is host:port, separated by commas")
+            raise ValueError(f"a {kind} is host:port, separated by commas")
         if port_text and not port_text.isdigit():
-            raise ValueError("a sentinel's port is a number")
+            raise ValueError(f"a {kind}'s port is a number")
         port = int(port_text) if port_text else default_port
         if not 0 < port < 65536:
-            raise ValueError("a sentinel's port is between 1 and 65535")
+            raise ValueError(f"a {kind}'s port is between 1 and 65535")
         hosts.append((host, port))
     if not hosts:
-        raise ValueError("needs at least one sentinel as host:port")
+        raise ValueError(f"needs at least one {kind} as host:port")
     return tuple(hosts)
 
 
@@ -209,6 +213,12 @@ class Settings(BaseSettings):
     # each a hash-tagged channel + history published with SPUBLISH; the seed's channel then gets
     # a copy of every update only with REGSTREAM_SEED_CHANNEL_MIRROR (a cluster-wide broadcast).
     redis_cluster: bool | None = Field(None, validation_alias=_env("REDIS_CLUSTER"))
+    # more startup nodes (host:port,...) besides REDIS_URL's: a client asks the next one when one
+    # is down (at start, at detection, at each refresh of the slot map); REDIS_URL still gives
+    # the scheme, credentials and TLS (without it: redis:// to the first node)
+    redis_cluster_nodes: Annotated[tuple[tuple[str, int], ...], NoDecode] = Field(
+        (), validation_alias=_env("REDIS_CLUSTER_NODES")
+    )
     partitions: int = Field(16, ge=1, le=64, validation_alias=_env("REGSTREAM_PARTITIONS"))
     seed_channel_mirror: bool = Field(
         False, validation_alias=_env("REGSTREAM_SEED_CHANNEL_MIRROR")
@@ -331,13 +341,15 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("redis_sentinels", mode="before")
+    @field_validator("redis_sentinels", "redis_cluster_nodes", mode="before")
     @classmethod
-    def _check_redis_sentinels(cls, value: object) -> tuple[tuple[str, int], ...]:
+    def _check_host_list(cls, value: object, info: ValidationInfo) -> tuple[tuple[str, int], ...]:
         if value is None or value == "":
             return ()
         if not isinstance(value, str):
             return tuple(value)  # type: ignore[arg-type]  # already parsed (model_copy, tests)
+        if info.field_name == "redis_cluster_nodes":
+            return parse_host_list(value, default_port=6379, kind="node")
         return parse_host_list(value)
 
     @field_validator(
@@ -361,15 +373,23 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_SENTINELS: set either REDIS_URL or REDIS_SENTINELS, not both")
         if self.redis_sentinels and not self.redis_sentinel_service:
             raise ValueError("REDIS_SENTINEL_SERVICE: required with REDIS_SENTINELS")
-        if self.redis_cluster and (
-            self.redis_sentinels or url.startswith(("unix://", "redis+sentinel", "rediss+sentinel"))
-        ):
+        not_a_node = self.redis_sentinels or url.startswith(
+            ("unix://", "redis+sentinel", "rediss+sentinel")
+        )
+        if self.redis_cluster and not_a_node:
             raise ValueError(
                 "REDIS_CLUSTER: a Redis Cluster is named by one node's redis:// or rediss:// URL "
                 "(no Sentinel, no unix socket)"
             )
-        if self.redis_cluster and not (url or self.redis_host):
-            raise ValueError("REDIS_CLUSTER: needs REDIS_URL (or REDIS_HOST) naming a node")
+        if self.redis_cluster_nodes and (not_a_node or self.redis_cluster is False):
+            raise ValueError(
+                "REDIS_CLUSTER_NODES: the nodes of a Redis Cluster (not with Sentinel, a unix "
+                "socket or REDIS_CLUSTER=false)"
+            )
+        if self.redis_cluster and not (url or self.redis_host or self.redis_cluster_nodes):
+            raise ValueError(
+                "REDIS_CLUSTER: needs REDIS_URL, REDIS_HOST or REDIS_CLUSTER_NODES naming a node"
+            )
         if (self.redis_tls_cert is None) != (self.redis_tls_key is None):
             raise ValueError("REDIS_TLS_CERT and REDIS_TLS_KEY: a client certificate needs both")
         files = (self.redis_tls_ca, self.redis_tls_cert, self.redis_tls_key)
@@ -380,10 +400,12 @@ class Settings(BaseSettings):
         ):
             raise ValueError("REDIS_TLS: false contradicts rediss:// or REDIS_TLS_* files")
         tls = self.redis_tls or any(f is not None for f in files)
-        if tls and not (url or self.redis_host or self.redis_sentinels):
+        if tls and not (
+            url or self.redis_host or self.redis_sentinels or self.redis_cluster_nodes
+        ):
             raise ValueError(
-                "REDIS_TLS: TLS needs a Redis to talk to (REDIS_URL, REDIS_HOST or "
-                "REDIS_SENTINELS); the embedded one is a local socket"
+                "REDIS_TLS: TLS needs a Redis to talk to (REDIS_URL, REDIS_HOST, REDIS_SENTINELS "
+                "or REDIS_CLUSTER_NODES); the embedded one is a local socket"
             )
         return self
 
@@ -562,20 +584,18 @@ class Settings(BaseSettings):
                     secret = quote(self.redis_password.get_secret_value(), safe="")
                     url = f"{scheme}://{user}:{secret}@{rest}"
             return url
+        auth = ""
+        if self.redis_password is not None:
+            user = quote(self.redis_username or "", safe="")
+            auth = f"{user}:{quote(self.redis_password.get_secret_value(), safe='')}@"
         if self.redis_sentinels:
-            auth = ""
-            if self.redis_password is not None:
-                user = quote(self.redis_username or "", safe="")
-                auth = f"{user}:{quote(self.redis_password.get_secret_value(), safe='')}@"
             hosts = ",".join(_host_port(host, port) for host, port in self.redis_sentinels)
             service = quote(self.redis_sentinel_service or "", safe="")
             return f"redis+sentinel://{auth}{hosts}/{service}/0"
         if self.redis_host:
-            auth = ""
-            if self.redis_password is not None:
-                user = quote(self.redis_username or "", safe="")
-                auth = f"{user}:{quote(self.redis_password.get_secret_value(), safe='')}@"
             return f"redis://{auth}{self.redis_host}:{self.redis_port}/0"
+        if self.redis_cluster_nodes:  # (REDIS_TLS: TLS on this redis:// URL, as with REDIS_HOST)
+            return f"redis://{auth}{_host_port(*self.redis_cluster_nodes[0])}/0"
         return None
 
     @property

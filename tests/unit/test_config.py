@@ -190,6 +190,10 @@ def test_bad_sentinel_and_tls_settings_are_one_line(
         ("REDIS_CLUSTER=true REDIS_URL=unix:///run/redis.sock",
          "REDIS_CLUSTER: a Redis Cluster is named"),
         ("REDIS_CLUSTER=true", "REDIS_CLUSTER: needs REDIS_URL"),
+        ("REDIS_CLUSTER_NODES=n1:7000,n2:x", "REDIS_CLUSTER_NODES: a node's port is a number"),
+        ("REDIS_CLUSTER_NODES=n1:7000 REDIS_CLUSTER=false", "REDIS_CLUSTER_NODES: the nodes"),
+        ("REDIS_CLUSTER_NODES=n1:7000 REDIS_URL=unix:///run/redis.sock",
+         "REDIS_CLUSTER_NODES: the nodes"),
         ("REGSTREAM_PARTITIONS=65", "REGSTREAM_PARTITIONS"),
     ],
 )  # fmt: skip
@@ -204,7 +208,8 @@ def test_bad_cluster_settings_are_one_line(
 
 def _refused(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> str:
     """The one-line ConfigError of ``load_settings`` with ``env`` set and no other Redis named."""
-    for name in ("REDIS_URL", "REDIS_HOST", "REDIS_SENTINELS", "REDIS_TLS", "REDIS_CLUSTER"):
+    for name in ("REDIS_URL", "REDIS_HOST", "REDIS_SENTINELS", "REDIS_TLS", "REDIS_CLUSTER",
+                 "REDIS_CLUSTER_NODES"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

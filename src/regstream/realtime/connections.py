@@ -17,7 +17,10 @@ Redis Cluster (``RedisTarget.cluster``, from ``REDIS_CLUSTER`` or detected by ``
 ``create_client`` returns redis-py's ``RedisCluster`` (it follows ``MOVED``/``ASK`` and refreshes
 the slot map after a failover); the subscription of one partition is a plain client of the node
 that owns the partition's slot (``create_node_subscriber_client``), made again on every
-reconnect from the cluster client's current slot map (``realtime/broker.py``).
+reconnect from the cluster client's current slot map (``realtime/broker.py``). The URL's node and
+``RedisTarget.nodes`` (``REDIS_CLUSTER_NODES``) are redis-py's ``startup_nodes``: a client (and
+the detection) asks the next one while one is down, so one dead node never leaves an instance
+started meanwhile without Redis.
 
 redis-py's own ``Retry`` with exponential backoff and jitter reconnects single commands; the
 subscriber's reconnect loop lives in ``broker`` (it must also re-subscribe and catch up).
@@ -32,7 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
@@ -91,11 +94,13 @@ class RedisTarget:
     sentinel_password: str | None = field(default=None, repr=False)
     #: a Redis Cluster (``url`` names one of its nodes; the others are discovered)
     cluster: bool = False
+    #: more startup nodes of a cluster (``host``, ``port``) besides the URL's, asked in turn
+    nodes: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if (self.url is None) == (self.sentinel is None):
             raise ValueError("a RedisTarget has either a url or a sentinel address")
-        if self.cluster and (self.url is None or self.is_unix):
+        if (self.cluster or self.nodes) and (self.url is None or self.is_unix):
             raise ValueError("a Redis Cluster is reached by a redis:// or rediss:// node URL")
 
     @classmethod
@@ -124,7 +129,8 @@ class RedisTarget:
             )  # fmt: skip
         target = cls.from_url(url, tls=tls)
         if target.sentinel is None:
-            return replace(target, cluster=True) if settings.redis_cluster else target
+            nodes = settings.redis_cluster_nodes
+            return replace(target, cluster=bool(settings.redis_cluster), nodes=nodes)
         secret = settings.redis_sentinel_password
         return cls(
             sentinel=target.sentinel, tls=tls,
@@ -136,6 +142,25 @@ class RedisTarget:
     def is_unix(self) -> bool:
         return self.url is not None and self.url.startswith("unix://")
 
+    @property
+    def startup_nodes(self) -> tuple[tuple[str, int], ...]:
+        """The URL's node, then ``nodes`` (once each): where a cluster client starts."""
+        if self.url is None or self.is_unix:
+            return ()
+        parts = urlsplit(self.url)
+        found = [(parts.hostname or "localhost", parts.port or 6379)]
+        found += [node for node in self.nodes if node not in found]
+        return tuple(found)
+
+    def node_url(self, host: str, port: int) -> str:
+        """The URL of one node: this target's scheme, credentials and query, that address."""
+        assert self.url is not None
+        parts = urlsplit(self.url)
+        netloc = parts.netloc.rpartition("@")
+        auth = netloc[0] + "@" if netloc[1] else ""
+        where = f"[{host}]" if ":" in host else host
+        return parts._replace(netloc=f"{auth}{where}:{port}", path="").geturl()
+
     def describe(self) -> str:
         """``redis://host:port/db`` / ``unix:///path`` / ``sentinel mymaster (3 sentinels)``."""
         tls = " (TLS)" if self.tls is not None else ""
@@ -145,22 +170,32 @@ class RedisTarget:
         parts = urlsplit(self.url or "")
         where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
         cluster = " (Redis Cluster)" if self.cluster else ""
+        if self.nodes:
+            more = len(self.startup_nodes) - 1
+            cluster += f" (+{more} startup node{'s' if more != 1 else ''})"
         return f"{parts.scheme}://{where}{tls}{cluster}"
 
 
 async def resolve_cluster(target: RedisTarget, setting: bool | None = None) -> RedisTarget:
     """The target in cluster mode when ``setting`` (``REDIS_CLUSTER``) says so, or, unset, when
-    the server says ``cluster_enabled:1`` (``INFO cluster``). Raises ``RedisError``/``OSError``
-    when the server cannot be asked."""
+    the server says ``cluster_enabled:1`` (``INFO cluster``): the URL's node is asked, then each
+    of ``nodes`` while none answered. Raises ``RedisError``/``OSError`` when none can be asked."""
     if setting is not None or target.sentinel is not None or target.is_unix:
         return replace(target, cluster=bool(setting)) if setting is not None else target
-    probe = create_client(replace(target, cluster=False), name="regstream-probe", retries=0,
-                          max_connections=1)  # fmt: skip
-    try:
-        info = await probe.info("cluster")
-    finally:
-        await probe.aclose()
-    return replace(target, cluster=str(info.get("cluster_enabled", 0)) == "1")
+    failure: BaseException | None = None
+    for host, port in target.startup_nodes:
+        node = replace(target, url=target.node_url(host, port), cluster=False, nodes=())
+        probe = create_client(node, name="regstream-probe", retries=0, max_connections=1)
+        try:
+            info = await probe.info("cluster")
+        except REDIS_ERRORS as exc:
+            failure = exc  # the next node
+            continue
+        finally:
+            await probe.aclose()
+        return replace(target, cluster=str(info.get("cluster_enabled", 0)) == "1")
+    assert failure is not None
+    raise failure
 
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -231,26 +266,24 @@ def create_subscriber_client(target: RedisTarget | str, *, name: str) -> Redis:
 def create_node_subscriber_client(target: RedisTarget, host: str, port: int, *, name: str) -> Redis:
     """A subscriber client of one cluster node (its shard channels): the target's credentials and
     TLS, that node's address."""
-    assert target.url is not None
-    parts = urlsplit(target.url)
-    netloc = parts.netloc.rpartition("@")
-    auth = netloc[0] + "@" if netloc[1] else ""
-    where = f"[{host}]" if ":" in host else host
-    url = parts._replace(netloc=f"{auth}{where}:{port}", path="").geturl()
-    return create_subscriber_client(replace(target, url=url, cluster=False), name=name)
+    url = target.node_url(host, port)
+    return create_subscriber_client(replace(target, url=url, cluster=False, nodes=()), name=name)
 
 
 def _cluster_client(
     target: RedisTarget, *, name: str, retries: int, socket_timeout: float, max_connections: int
 ) -> RedisCluster:
     """redis-py's cluster client: a pool per node, ``MOVED``/``ASK`` followed, the slot map
-    refreshed after a node fails (its replica promoted)."""
+    refreshed after a node fails (its replica promoted); started from the URL's node and
+    ``target.nodes`` (redis-py's public ``startup_nodes``: it asks them in turn)."""
     assert target.url is not None
     tls = target.tls.connection_kwargs() if target.tls is not None else {}
     if tls and target.url.startswith("redis://"):
         tls["ssl"] = True  # REDIS_TLS=true with a redis:// URL
+    startup = [ClusterNode(host, port) for host, port in target.nodes] or None
     return RedisCluster.from_url(
-        target.url, client_name=name, decode_responses=False, socket_timeout=socket_timeout,
+        target.url, startup_nodes=startup, client_name=name, decode_responses=False,
+        socket_timeout=socket_timeout,
         socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=15,
         max_connections=max_connections,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),

@@ -6,7 +6,7 @@ exactly as before cluster mode existed.
 
 In a Redis Cluster the bus is ``REGSTREAM_PARTITIONS`` partitions (K) and an update goes to
 partition ``registrationId % K``. Each partition's keys (channel, history, epoch, index,
-primary, probe channels) share one hash tag, so the publish script and the history reads of a
+primary, seq keys, probe channels) share one hash tag, so the publish script and the history reads of a
 partition run in one slot on one shard, and updates are published with ``SPUBLISH`` on the
 partition's shard channel: only the shard that owns the slot (and its replicas) carries them,
 where classic ``PUBLISH`` copies every message to every node of the cluster.
@@ -32,6 +32,12 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from regstream.realtime import messages
 from regstream.realtime.messages import ServiceChannel
 
+#: beside the channel: the index state hash per epoch, and the seq check's keys (short: one
+#: per registration published within the age cap, ~150 B each; a key of up to 60 characters
+#: fits the allocator's 64-byte class)
+STATE_SUFFIX = ":history:state:"
+SEQ_SUFFIX = ":seq:"
+
 
 @dataclass(frozen=True, slots=True)
 class Partition:
@@ -55,7 +61,21 @@ class Partition:
 
     @property
     def index_state_prefix(self) -> str:
+        """The index state hash of an epoch (``last``, ``upto``): ``<prefix><epoch>``."""
+        return self.channel + STATE_SUFFIX
+
+    @property
+    def legacy_state_prefix(self) -> str:
+        """The index state hash of releases that kept the seq check in it (field ``s<id>``,
+        renewed by every batch, so never trimmed): read and written only while an instance of
+        such a release still publishes (``publisher.py``)."""
         return self.channel + messages.INDEX_SUFFIX + ":"
+
+    @property
+    def seq_key_prefix(self) -> str:
+        """The seq check: the last seq published per registration and epoch, one key each with
+        a TTL: ``<prefix><epoch>:<registrationId>``."""
+        return self.channel + SEQ_SUFFIX
 
     @property
     def index_key_prefix(self) -> str:

@@ -20,10 +20,26 @@ again, its updates above the last seq Redis saw are read from the process log an
 what it queued during that read (held meanwhile).
 
 Exactly once per ``(registrationId, seq)``: the script skips an update whose seq is not above the
-last one it published for the registration in this epoch (kept in the index state hash, which
-expires with the history's age cap after the last batch). A batch redis-py sends again (after
-its socket timeout, or after the connection died with the reply, while Redis ran the first call)
-and what a catch-up republishes go out once. Messages without a seq (``resync``) are not
+last one it published for the registration in this epoch. A batch sent again (after a socket
+timeout, or after the connection died with the reply, while Redis ran the first call) and what a
+catch-up republishes go out once. That last seq is a key per registration and epoch
+(``partitions.py``: ``<channel>:seq:<epoch>:<registrationId>``, in the partition's slot) set with
+a TTL of the history's age cap (``history_max_age``, ``REGSTREAM_HISTORY_MAX_AGE``) from the
+registration's last publish, so the state holds the registrations published within that window
+and no more (it was one hash field per registration whose expiry every batch renewed: +2.3 GB an
+hour at 10,000 validations/s, issue 18). Why the age cap and not the run lease: the longest any
+update can be offered again is the catch-up's window (``pipeline/catch_up.py`` republishes what
+the database committed within the age cap and Redis has not seen; the overflow recovery too),
+and an update is published after its commit, so a key that expired belongs to a registration
+whose every update is older than that window: nothing can be republished past it. The lease
+(60 s) covers only a taken-over run's re-queue and would let a restart's catch-up publish an
+hour's updates a second time. Rolling upgrade from a release that kept the seqs in the index
+state hash (``<channel>:history:index:<epoch>``, field ``s<id>``): while that hash exists (an
+instance of the old release published in this epoch within the age cap) the script reads it
+too (the higher seq wins) and writes each seq into it as well, without renewing its expiry, so
+old and new instances skip each other's updates; once no old instance publishes, it expires
+within the age cap. (The index state moved to ``<channel>:history:state:<epoch>`` for that: the
+old hash must stop being renewed.) Messages without a seq (``resync``) are not
 deduplicated. A new epoch (Redis lost its data, a failover) begins with no seqs: the catch-up
 then publishes the window's updates again in the new epoch, but for those older than an update
 of the same registration published there first (streams re-sync at a new epoch anyway).
@@ -91,8 +107,9 @@ Recover = Callable[[list[int]], Awaitable[list[dict[str, Any]]]]
 _RECOVER_PAGE = 500
 
 # KEYS: history, epoch, index state prefix, index key prefix (``history.py``: the index), the
-# primary's replication id, all of one partition (``partitions.py``: one hash tag in cluster
-# mode, so one slot).
+# primary's replication id, seq key prefix, the legacy index state prefix (the seq check of
+# releases before the seq keys), all of one partition (``partitions.py``: one hash tag in
+# cluster mode, so one slot).
 # ARGV: history MAXLEN, channel, MINID to trim to (or ''), max age in ms, flags ('s': publish
 # with SPUBLISH, a cluster's shard channel; 'c': check the primary first), a channel to also
 # PUBLISH every message on (the
@@ -101,8 +118,8 @@ _RECOVER_PAGE = 500
 # registration's next one (its last in this epoch + 1, spliced into the JSON): the seed's calls
 # leave seq out. Returns 1 if it began a new epoch (``check_primary``'s rule) else 0, then per
 # message its event id, or '' when it was skipped: its seq is not
-# above the last seq published for its registration in this epoch (field ``s<registrationId>``
-# of the index state hash), so a batch the client sent again (a retry after a socket timeout
+# above the last seq published for its registration in this epoch (key
+# ``<seq key prefix><epoch>:<registrationId>``), so a batch the client sent again (a retry after a socket timeout
 # while Redis had queued the first call) or an update republished by the catch-up
 # (``pipeline/catch_up.py``) goes out once.
 _PUBLISH_SCRIPT = (
@@ -177,10 +194,16 @@ local function add(payload)
   end
   return epoch .. '_' .. id
 end
--- Once per (registration, seq) in this epoch: the last seq published per registration, kept in
--- the index state (field s<id>; it lives as long as the state: the age cap after the last batch).
--- Read for the whole batch with HMGET and written back with one HSET (2 calls, not 2 per update).
-local rid_at, last, fields, assign = {}, {}, {}, {}
+-- Once per (registration, seq) in this epoch: the last seq published per registration is a key
+-- of its own, expiring the age cap after the registration's last publish (why that long: the
+-- module docstring), read for the whole batch with MGET. A release before these keys kept it
+-- as field s<id> of its index state hash (KEYS[7]); while that hash exists (such an instance
+-- published in this epoch: a rolling upgrade) it is read too, the higher seq winning.
+local max_age = tonumber(ARGV[4])
+local seq_prefix = KEYS[6] .. epoch .. ':'
+local legacy = KEYS[7] .. epoch
+local mixed = redis.call('EXISTS', legacy) == 1
+local rid_at, last, rids, assign = {}, {}, {}, {}
 for i = 7, #ARGV, 2 do
   local rid = string.match(ARGV[i + 1], '^{"registrationId":(%d+)[,}]')
   if ARGV[i] ~= '' then
@@ -191,14 +214,20 @@ for i = 7, #ARGV, 2 do
   rid_at[i] = rid
   if rid and not last[rid] then
     last[rid] = 0
-    fields[#fields + 1] = 's' .. rid
+    rids[#rids + 1] = rid
   end
 end
-for from = 1, #fields, 200 do
-  local part = {unpack(fields, from, math.min(from + 199, #fields))}
-  local values = redis.call('HMGET', state, unpack(part))
-  for k, field in ipairs(part) do
-    last[string.sub(field, 2)] = tonumber(values[k]) or 0
+for from = 1, #rids, 200 do
+  local part, keys, fields = {}, {}, {}
+  for k = from, math.min(from + 199, #rids) do
+    part[#part + 1] = rids[k]
+    keys[#keys + 1] = seq_prefix .. rids[k]
+    fields[#fields + 1] = 's' .. rids[k]
+  end
+  local values = redis.call('MGET', unpack(keys))
+  local old = mixed and redis.call('HMGET', legacy, unpack(fields)) or {}
+  for k, rid in ipairs(part) do
+    last[rid] = math.max(tonumber(values[k]) or 0, (mixed and tonumber(old[k])) or 0)
   end
 end
 local seen = {}
@@ -219,20 +248,24 @@ for i = 7, #ARGV, 2 do
     ids[#ids + 1] = add(ARGV[i + 1])
   end
 end
+-- (the legacy hash gets them too while it exists, for the old instances' checks; HSET keeps
+-- its expiry, so it still expires the age cap after the last old instance's batch)
 local pairs_out = {}
 for rid in pairs(seen) do
-  pairs_out[#pairs_out + 1] = 's' .. rid
-  pairs_out[#pairs_out + 1] = last[rid]
-  if #pairs_out >= 400 then
-    redis.call('HSET', state, unpack(pairs_out))
-    pairs_out = {}
+  redis.call('SET', seq_prefix .. rid, last[rid], 'PX', max_age)
+  if mixed then
+    pairs_out[#pairs_out + 1] = 's' .. rid
+    pairs_out[#pairs_out + 1] = last[rid]
+    if #pairs_out >= 400 then
+      redis.call('HSET', legacy, unpack(pairs_out))
+      pairs_out = {}
+    end
   end
 end
-if #pairs_out > 0 then redis.call('HSET', state, unpack(pairs_out)) end
+if #pairs_out > 0 then redis.call('HSET', legacy, unpack(pairs_out)) end
 if ARGV[3] ~= '' then
   redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
 end
-local max_age = tonumber(ARGV[4])
 if id then
   redis.call('HSET', state, 'last', id)
   redis.call('PEXPIRE', state, max_age)
@@ -591,7 +624,8 @@ class RegistrationPubSub:
     ) -> list[Any]:
         result = await self._script(
             keys=[partition.history_key, partition.epoch_key, partition.index_state_prefix,
-                  partition.index_key_prefix, partition.primary_key],
+                  partition.index_key_prefix, partition.primary_key, partition.seq_key_prefix,
+                  partition.legacy_state_prefix],
             args=[
                 self._maxlen, partition.channel, minid, self._max_age_ms, flags,
                 self._mirror,
@@ -602,23 +636,30 @@ class RegistrationPubSub:
         return list(result)
 
     async def published_seqs(self, registration_ids: list[int]) -> dict[int, int]:
-        """The last seq published in this epoch per registration (absent: none; all of them
-        when there is no epoch yet), from the index state the publish script keeps. Raises
-        ``RedisError``/``OSError`` like any command."""
+        """The last seq published in this epoch per registration (absent: none, or its key
+        expired: nothing of it within the age cap; all of them when there is no epoch yet), from
+        the seq keys the publish script keeps (MGET, one partition's keys at a time: one slot),
+        and the legacy hash while an older release's instance keeps it (the module docstring).
+        Raises ``RedisError``/``OSError`` like any command."""
         out: dict[int, int] = {}
         groups: dict[int, list[int]] = {}
         for rid in registration_ids:
             groups.setdefault(self.layout.of(rid).index, []).append(rid)
         for index, rids in groups.items():
             partition = self.layout.partitions[index]
-            epoch = await self._redis.get(partition.epoch_key)
-            if not epoch:
+            raw = await self._redis.get(partition.epoch_key)
+            if not raw:
                 continue
-            state = partition.index_state_prefix + (
-                epoch.decode() if isinstance(epoch, bytes) else epoch
-            )
-            values = await self._redis.hmget(state, [f"s{rid}" for rid in rids])
-            out.update({rid: int(v) for rid, v in zip(rids, values, strict=True) if v})
+            epoch = raw.decode() if isinstance(raw, bytes) else raw
+            values = await self._redis.mget([f"{partition.seq_key_prefix}{epoch}:{rid}"
+                                             for rid in rids])  # fmt: skip
+            legacy = partition.legacy_state_prefix + epoch
+            old = (await self._redis.hmget(legacy, [f"s{rid}" for rid in rids])
+                   if await self._redis.exists(legacy) else [None] * len(rids))  # fmt: skip
+            for rid, value, before in zip(rids, values, old, strict=True):
+                seq = max(int(value or 0), int(before or 0))
+                if seq:
+                    out[rid] = seq
         return out
 
     async def check_primary(self, partition: int | None = None, *, reconnected: bool = False) -> bool:

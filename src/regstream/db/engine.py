@@ -33,8 +33,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy import create_engine as create_sync_engine
+from sqlalchemy import event, make_url, text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
@@ -43,6 +44,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def create_engine(
             url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
             pool_size=pool_size, max_overflow=pool_size,
         )  # fmt: skip
-        _configure_sqlite(engine)
+        _configure_sqlite(engine.sync_engine)
         return engine
     options: dict[str, Any] = {}
     if statement_timeout is not None:
@@ -77,8 +79,8 @@ def create_engine(
     )
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
         cursor = dbapi_connection.cursor()
@@ -87,7 +89,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
@@ -98,6 +100,22 @@ SessionFactory = async_sessionmaker[AsyncSession]
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def threaded_sessions(sessions: SessionFactory) -> sessionmaker[Session] | None:
+    """SQLite: sessions of a synchronous engine (stock ``pysqlite``) on the same database file and
+    settings, for work that runs whole in a thread of its own (``GroupCommit.run_sync``: a batch
+    of steps, one thread hand-off, where aiosqlite hands off 3-4 times per statement); None on
+    other databases. Its engine belongs to the caller (``dispose`` it when done)."""
+    engine = sessions.kw.get("bind")
+    if not isinstance(engine, AsyncEngine) or engine.dialect.name != "sqlite":
+        return None
+    sync = create_sync_engine(
+        make_url(engine.url).set(drivername="sqlite"),
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},
+    )
+    _configure_sqlite(sync)
+    return sessionmaker(sync, expire_on_commit=False)
 
 
 @asynccontextmanager

@@ -22,11 +22,22 @@ A step whose caller was cancelled before the batch started is dropped; once its 
 commits or rolls back with the batch (as a transaction cancelled mid-commit may still commit).
 What must follow a commit (publishing what was written, starting a run) goes in ``then``: the
 worker calls it right after the commit, in commit order, whether or not the caller still waits.
+
+A step is async (``run``: it gets the ``AsyncSession``) or sync (``run_sync``: it gets the
+session's sync ``Session``, as ``AsyncSession.run_sync`` does). The hot steps are sync: the
+steps of a batch that follow one another run in one ``run_sync``, one hop into SQLAlchemy's
+greenlet for all of them. On SQLite, sync steps run whole in a thread (``threaded_sessions``: a
+stock ``pysqlite`` engine on the same file), one thread hand-off per batch where aiosqlite's
+connection hands every statement to its thread 3-4 times; a batch of both kinds then commits
+as consecutive transactions, one per kind (a transaction cannot span two connections), in
+order. A thread cannot be cancelled: a worker cancelled while its thread commits waits for it
+and settles that batch (the steps' ``then`` callbacks run) before it stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -34,20 +45,24 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
-from regstream.db.engine import transaction
+from regstream.db.engine import threaded_sessions, transaction
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Step = Callable[[AsyncSession], Awaitable[T]]
+SyncStep = Callable[[Session], T]
+_Outcomes = list[tuple[bool, Any]]  # (raised, result or exception) per step
 
 
 @dataclass(slots=True)
 class _Entry(Generic[T]):
-    step: Step[T]
+    step: Callable[[Any], Any]  # Step[T] (an AsyncSession) or, with ``sync``, SyncStep[T]
     then: Callable[[T], object] | None
     future: asyncio.Future[T]
+    sync: bool
 
 
 class _StepRaised(Exception):
@@ -64,6 +79,7 @@ class GroupCommit:
         decided: tuple[type[Exception], ...] = (),
     ) -> None:
         self._sessions = sessions
+        self._threaded = threaded_sessions(sessions)  # SQLite only
         self._max_batch = max_batch
         self._max_open = max_open
         self._decided = decided
@@ -74,16 +90,32 @@ class GroupCommit:
         """Run ``step`` in a transaction (shared with other steps) and return what it returned
         once that transaction committed; ``then(result)`` is called first, right after the
         commit, even if this caller was cancelled meanwhile (it must not block)."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Entry(step, then, future))
-        if len(self._workers) < self._max_open:
-            self._workers.add(asyncio.create_task(self._work(), name="group-commit"))
-        return await future
+        return await self._enqueue(_Entry(step, then, self._future(), False))
+
+    async def run_sync(self, step: SyncStep[T], then: Callable[[T], object] | None = None) -> T:
+        """``run`` for a sync step, given a sync ``Session`` (on SQLite, in a thread)."""
+        return await self._enqueue(_Entry(step, then, self._future(), True))
 
     async def idle(self, *, timeout: float) -> None:
         """Wait (bounded) until the batches being committed, if any, are done."""
         if self._workers:
             await asyncio.wait(set(self._workers), timeout=timeout)
+
+    def close(self) -> None:
+        """Close the connections of the sync steps' engine (SQLite), if any."""
+        if self._threaded is not None:
+            bind = self._threaded.kw["bind"]
+            bind.dispose()
+
+    @staticmethod
+    def _future() -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _enqueue(self, entry: _Entry[T]) -> T:
+        self._queue.append(entry)
+        if len(self._workers) < self._max_open:
+            self._workers.add(asyncio.create_task(self._work(), name="group-commit"))
+        return await entry.future
 
     async def _work(self) -> None:
         batch: list[_Entry[Any]] = []
@@ -94,8 +126,15 @@ class GroupCommit:
                     entry = self._queue.popleft()
                     if not entry.future.done():  # done: its caller was cancelled
                         batch.append(entry)
-                if batch:
-                    await self._commit(batch)
+                if not batch:
+                    continue
+                if self._threaded is None:
+                    await self._commit(batch, threaded=False)
+                    continue
+                for sync, group in itertools.groupby(batch, key=lambda e: e.sync):
+                    part = [entry for entry in group if not entry.future.done()]
+                    if part:
+                        await self._commit(part, threaded=sync)
         except BaseException:  # this worker was cancelled (shutdown): settle what it holds
             for entry in batch:
                 entry.future.cancel()
@@ -107,11 +146,18 @@ class GroupCommit:
         finally:  # at once, not in a done callback: a step queued meanwhile needs a worker
             self._workers.discard(asyncio.current_task())
 
-    async def _commit(self, batch: list[_Entry[Any]]) -> None:
-        outcomes: list[tuple[bool, Any]] = []  # (raised, result or exception) per step
-        try:
-            async with transaction(self._sessions) as session:
-                for entry in batch:
+    async def _transaction(self, batch: list[_Entry[Any]], *, threaded: bool) -> _Outcomes:
+        """Run ``batch`` in one transaction and commit; raises ``_StepRaised`` (rolled back)."""
+        if threaded:
+            return await self._in_thread(batch)
+        async with transaction(self._sessions) as session:
+            outcomes: _Outcomes = []
+            for sync, group in itertools.groupby(batch, key=lambda e: e.sync):
+                entries = list(group)
+                if sync:  # one hop into the greenlet for the consecutive sync steps
+                    outcomes += await session.run_sync(self._steps, entries)
+                    continue
+                for entry in entries:
                     try:
                         outcomes.append((False, await entry.step(session)))
                     except self._decided as exc:
@@ -119,13 +165,46 @@ class GroupCommit:
                     except (Exception, asyncio.CancelledError) as exc:
                         _reraise_if_cancelled(exc)
                         raise _StepRaised from exc
+            return outcomes
+
+    def _steps(self, session: Session, entries: list[_Entry[Any]]) -> _Outcomes:
+        outcomes: _Outcomes = []
+        for entry in entries:
+            try:
+                outcomes.append((False, entry.step(session)))
+            except self._decided as exc:
+                outcomes.append((True, exc))
+            except Exception as exc:
+                raise _StepRaised from exc
+        return outcomes
+
+    def _threaded_transaction(self, entries: list[_Entry[Any]]) -> _Outcomes:
+        assert self._threaded is not None
+        with self._threaded() as session, session.begin():
+            return self._steps(session, entries)
+
+    async def _in_thread(self, batch: list[_Entry[Any]]) -> _Outcomes:
+        task = asyncio.ensure_future(asyncio.to_thread(self._threaded_transaction, batch))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # the thread goes on and may commit: publish what it committed, then stop
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is None:
+                for entry, (failed, value) in zip(batch, task.result(), strict=True):
+                    _committed(entry, failed, value)
+            raise
+
+    async def _commit(self, batch: list[_Entry[Any]], *, threaded: bool) -> None:
+        try:
+            outcomes = await self._transaction(batch, threaded=threaded)
         except _StepRaised as raised:
             if len(batch) == 1:  # it ran alone already
                 _settle(batch[0].future, True, raised.__cause__)
                 return
             for entry in batch:
                 if not entry.future.done():  # done: its caller was cancelled meanwhile
-                    await self._alone(entry)
+                    await self._alone(entry, threaded=threaded)
             return
         except Exception as exc:  # the transaction itself failed (BEGIN, COMMIT, connection)
             for entry in batch:
@@ -134,15 +213,16 @@ class GroupCommit:
         for entry, (failed, value) in zip(batch, outcomes, strict=True):
             _committed(entry, failed, value)
 
-    async def _alone(self, entry: _Entry[Any]) -> None:
+    async def _alone(self, entry: _Entry[Any], *, threaded: bool) -> None:
         try:
-            async with transaction(self._sessions) as session:
-                result = await entry.step(session)
+            ((failed, value),) = await self._transaction([entry], threaded=threaded)
+        except _StepRaised as raised:
+            _settle(entry.future, True, raised.__cause__)
         except (Exception, asyncio.CancelledError) as exc:
             _reraise_if_cancelled(exc)
             _settle(entry.future, True, exc)
         else:
-            _committed(entry, False, result)
+            _committed(entry, failed, value)
 
 
 def _committed(entry: _Entry[Any], raised: bool, value: Any) -> None:

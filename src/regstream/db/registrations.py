@@ -287,6 +287,27 @@ async def append_events(
     final: tuple[str, dict[str, Any]] | None = None,
     also: Bound | None = None,
 ) -> list[LogEvent]:
+    """``append_events_sync`` in an ``AsyncSession`` (one hop into SQLAlchemy's greenlet)."""
+    return await session.run_sync(
+        lambda s: append_events_sync(
+            s, registration_id=registration_id, run_id=run_id, run=run, events=events,
+            now_ms=now_ms, lease_ms=lease_ms, final=final, also=also,
+        )
+    )  # fmt: skip
+
+
+def append_events_sync(
+    session: Session,
+    *,
+    registration_id: int,
+    run_id: str,
+    run: int,
+    events: Sequence[Event],
+    now_ms: int,
+    lease_ms: int,
+    final: tuple[str, dict[str, Any]] | None = None,
+    also: Bound | None = None,
+) -> list[LogEvent]:
     """Append events ``(stage, stage_status, status, message, details)`` to the log, in order.
 
     Numbers them with the registration's next ``seq`` values and renews the lease. With ``final``
@@ -295,8 +316,8 @@ async def append_events(
     of the same statement (``log_append``), one round trip. Raises ``RunLost`` when the runner
     no longer owns the run (the caller's transaction then rolls back, ``also`` with it).
     """
-    logged, _ = await session.run_sync(
-        _append, registration_id, run_id, run, events, now_ms, lease_ms, final, also, guard=False
+    logged, _ = _append(
+        session, registration_id, run_id, run, events, now_ms, lease_ms, final, also, guard=False
     )
     assert logged is not None  # no guard
     return logged
@@ -313,12 +334,29 @@ async def append_events_unless(
     now_ms: int,
     lease_ms: int,
 ) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
+    """``append_events_unless_sync`` in an ``AsyncSession``."""
+    return await session.run_sync(
+        _append, registration_id, run_id, run, events, now_ms, lease_ms, None, unless, guard=True
+    )
+
+
+def append_events_unless_sync(
+    session: Session,
+    *,
+    unless: Bound,
+    registration_id: int,
+    run_id: str,
+    run: int,
+    events: Sequence[Event],
+    now_ms: int,
+    lease_ms: int,
+) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
     """``append_events`` only if the query ``unless`` finds no rows (the duplicate check's common
     case: no enrolled user matches, so log that, in the query's round trip on PostgreSQL).
     Returns ``(entries, [])`` when it appended, ``(None, rows)`` when the query found ``rows``
     and nothing was written."""
-    return await session.run_sync(
-        _append, registration_id, run_id, run, events, now_ms, lease_ms, None, unless, guard=True
+    return _append(
+        session, registration_id, run_id, run, events, now_ms, lease_ms, None, unless, guard=True
     )
 
 
@@ -335,8 +373,10 @@ def _append(
     *,
     guard: bool,
 ) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
-    """The append's statements, run in one ``run_sync``: one hop into SQLAlchemy's greenlet for
-    the whole append instead of one per statement (~40 us of CPU each, measured on PostgreSQL)."""
+    """The append's statements, in a sync session: one hop into SQLAlchemy's greenlet (or one
+    thread, ``GroupCommit.run_sync``) for the whole append instead of one per statement (~40 us
+    of CPU each, measured on PostgreSQL). Core statements go to the session's ``Connection``:
+    the ORM's execute path adds nothing to them."""
     if not events:
         raise ValueError("nothing to append")
     params: dict[str, Any] = {
@@ -346,7 +386,8 @@ def _append(
     }  # fmt: skip
     if final is not None:
         params["final_status"], params["final_result"] = final
-    postgres = session.get_bind().dialect.name == "postgresql"
+    conn = session.connection()
+    postgres = conn.dialect.name == "postgresql"
     found: list[tuple[Any, ...]] = []  # the guard query's rows (then nothing was written)
     seq: Any = None  # the run's seq after the append; None: the run is no longer ours
     if postgres:  # one statement: ``member``, the run's row, its log rows (one round trip)
@@ -357,20 +398,20 @@ def _append(
         statement = log_append.postgres(
             final is not None, None if member is None else member.statement, guard
         )
-        rows = [tuple(row) for row in session.execute(statement, params)]
+        rows = [tuple(row) for row in conn.execute(statement, params)]
         if guard:  # (seq or NULL, true, member's columns) per row found; (seq, NULL, …) if none
             found = [row[2:] for row in rows if row[1]]
         seq = rows[0][0] if rows else None
     elif member is not None and guard:  # the query guards the advance: one statement usually
         advance = log_append.guarded(final is not None, member.statement)
-        seq = session.execute(advance, {**params, **member.params}).scalar()
+        seq = conn.execute(advance, {**params, **member.params}).scalar()
         if seq is None:  # the run is lost, or the query found someone: which?
-            found = [tuple(row) for row in session.execute(member.statement, member.params)]
+            found = [tuple(row) for row in conn.execute(member.statement, member.params)]
     else:
         if member is not None:
-            session.execute(member.statement, member.params)
+            conn.execute(member.statement, member.params)
         advance = log_append.advance(final=final is not None)
-        seq = session.execute(advance, params).scalar()
+        seq = conn.execute(advance, params).scalar()
     if found:
         return None, found
     if seq is None:
@@ -378,7 +419,7 @@ def _append(
     out = numbered(events, registration_id=registration_id, run=run, last_seq=int(seq),
                    timestamp_ms=now_ms)  # fmt: skip
     if not postgres:
-        session.execute(
+        conn.execute(
             log_append.INSERT_LOG,
             [
                 {"registration_id": registration_id, "seq": e.seq, "run": run, "stage": e.stage,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from datetime import date
 from typing import Any, NamedTuple
 
 from sqlalchemy import String, Table, bindparam, func, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from regstream.db.registrations import Bound
 from regstream.db.tables import MobileUser
+from regstream.domain.models import Applicant
 
 
 async def get_by_customer_number(
@@ -19,6 +22,11 @@ async def get_by_customer_number(
     return await session.scalar(
         select(MobileUser).where(MobileUser.customer_number == customer_number)
     )
+
+
+def find(session: Session, *, customer_number: str) -> MobileUser | None:
+    """``get_by_customer_number`` in a sync session (a group-commit step's)."""
+    return session.scalar(select(MobileUser).where(MobileUser.customer_number == customer_number))
 
 
 class Match(NamedTuple):
@@ -99,15 +107,31 @@ def enrolment(
     return Bound(_CREATE, params)
 
 
+def enrolment_of(
+    applicant: Applicant, *, national_id_hash: str, registration_id: int | None = None
+) -> Bound:
+    """The ``enrolment`` of what ``applicant`` submitted (its national id as ``national_id_hash``
+    and its last four characters)."""
+    return enrolment(
+        **{name: getattr(applicant, name) for name in _FROM_APPLICANT},
+        national_id_hash=national_id_hash, national_id_last4=applicant.national_id[-4:],
+        registration_id=registration_id,
+    )  # fmt: skip
+
+
+#: the enrolment's values an ``Applicant`` has under the same name
+_FROM_APPLICANT = tuple(n for n in _ENROLLED if n in {f.name for f in fields(Applicant)})
+
+
 async def create(session: AsyncSession, insert: Bound) -> int:
     """Run an ``enrolment``; returns the new user's id."""
     return int((await session.execute(insert.statement, insert.params)).scalar_one())
 
 
-async def update(session: AsyncSession, *, user: MobileUser, changes: dict[str, Any]) -> None:
+def update(session: Session, *, user: MobileUser, changes: dict[str, Any]) -> None:
     for name, value in changes.items():
         setattr(user, name, value)
-    await session.flush()
+    session.flush()
 
 
 async def count(session: AsyncSession) -> int:

@@ -13,11 +13,11 @@ never changes an outcome (the publisher keeps it for later and never raises).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from regstream import metrics
 from regstream.db import registrations
@@ -59,30 +59,34 @@ class Outcome:
 
 
 #: a step's work in the transaction: the entries to log before the final one, and the outcome
-Work = Callable[[AsyncSession], Awaitable[tuple[list[LogEntry], Outcome]]]
+Work = Callable[[Session], tuple[list[LogEntry], Outcome]]
 
 
 class Recorder:
-    """Commits a run's steps (``commit``, ``finish``) and publishes what they logged."""
+    """Commits a run's steps (``commit``, ``finish``) and publishes what they logged.
+
+    Steps are sync functions of a ``Session`` (``GroupCommit.run_sync``): the consecutive steps
+    of a batch run in one hop into SQLAlchemy's greenlet, and on SQLite in one thread."""
 
     def __init__(self, commits: GroupCommit, publisher: Publisher, *, lease_ms: int) -> None:
         self._commits = commits
         self._publisher = publisher
         self._lease_ms = lease_ms
 
-    async def append_unless(
-        self, session: AsyncSession, run: Run, entries: list[Event], *, unless: Bound
+    def append_unless(
+        self, session: Session, run: Run, entries: list[Event], *, unless: Bound
     ) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
         """``append`` only if the query ``unless`` finds no rows; else ``(None, rows)``
-        (``registrations.append_events_unless``; ``entries`` as ``events.rows`` makes them)."""
-        return await registrations.append_events_unless(
+        (``registrations.append_events_unless_sync``; ``entries`` as ``events.rows`` makes
+        them)."""
+        return registrations.append_events_unless_sync(
             session, unless=unless, registration_id=run.registration_id, run_id=run.run_id,
             run=run.run, events=entries, now_ms=now_ms(), lease_ms=self._lease_ms,
         )  # fmt: skip
 
-    async def append(
+    def append(
         self,
-        session: AsyncSession,
+        session: Session,
         run: Run,
         entries: list[LogEntry],
         *,
@@ -90,14 +94,14 @@ class Recorder:
         also: Bound | None = None,
     ) -> list[LogEvent]:
         """Write ``entries`` in ``session`` (numbered by the database; the lease renewed)."""
-        return await registrations.append_events(
+        return registrations.append_events_sync(
             session, registration_id=run.registration_id, run_id=run.run_id, run=run.run,
             events=events.rows(entries), now_ms=now_ms(), lease_ms=self._lease_ms, final=final,
             also=also,
         )  # fmt: skip
 
     async def commit(
-        self, run: Run, step: Callable[[AsyncSession], Awaitable[tuple[list[LogEvent], T]]]
+        self, run: Run, step: Callable[[Session], tuple[list[LogEvent], T]]
     ) -> T:
         """Run ``step`` in a group-commit transaction; once committed, what it logged joins the
         run's log and is queued for publication. Returns the step's other result."""
@@ -106,7 +110,7 @@ class Recorder:
             run.logged.extend(result[0])
             self.publish(result[0])
 
-        _, value = await self._commits.run(step, then=publish)
+        _, value = await self._commits.run_sync(step, then=publish)
         return value
 
     async def finish(self, run: Run, work: Work, *, also: Bound | None = None) -> None:
@@ -114,10 +118,10 @@ class Recorder:
         that commits with them: the enrolment that goes with APPROVED) in one transaction; the
         final message carries the run's stages as ``processLog``."""
 
-        async def step(session: AsyncSession) -> tuple[list[LogEvent], Outcome]:
-            entries, outcome = await work(session)
+        def step(session: Session) -> tuple[list[LogEvent], Outcome]:
+            entries, outcome = work(session)
             result = {"message": outcome.message, "details": outcome.details}
-            logged = await self.append(
+            logged = self.append(
                 session, run, [*entries, events.final(outcome.status, outcome.message,
                                                       outcome.details)],
                 final=(outcome.status.value, result), also=also,
@@ -131,7 +135,7 @@ class Recorder:
             metrics.OUTCOMES.labels(status, error).inc()
             self.publish(logged, [events.log_entry_view(e) for e in run.logged if e.stage])
 
-        await self._commits.run(step, then=publish)
+        await self._commits.run_sync(step, then=publish)
 
     def publish(
         self, logged: list[LogEvent], process_log: list[dict[str, Any]] | None = None

@@ -233,6 +233,7 @@ class Runner:
         await self._commits.idle(timeout=1)
         await self._release(list(left.values()))
         await self.fleet.stop()
+        self._commits.close()
         return len(left)
 
     # --- the shared queue ----------------------------------------------------------------------

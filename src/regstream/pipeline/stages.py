@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from regstream.core_banking.client import CoreBanking
 from regstream.db import users
@@ -53,8 +53,8 @@ MUTABLE_FIELDS: dict[str, str] = {
 }
 
 
-async def update_user_info(
-    session: AsyncSession, user: MobileUser, applicant: Applicant, national_id_hashes: Sequence[str]
+def update_user_info(
+    session: Session, user: MobileUser, applicant: Applicant, national_id_hashes: Sequence[str]
 ) -> list[str]:
     """Update the mutable fields that differ; return their API names (never their values).
 
@@ -80,7 +80,7 @@ async def update_user_info(
             changes[column] = new
             updated.append(api_name)
     if changes:
-        await users.update(session, user=user, changes=changes)
+        users.update(session, user=user, changes=changes)
     return sorted(updated)
 
 

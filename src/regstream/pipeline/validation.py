@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from regstream import metrics
 from regstream.core_banking.client import CoreBanking
@@ -94,14 +94,14 @@ class Validator:
         """One transaction: the check, "started" logged with its result. True: the applicant
         is enrolled already (same CIF)."""
 
-        async def step(session: AsyncSession) -> tuple[list[LogEvent], bool]:
+        def step(session: Session) -> tuple[list[LogEvent], bool]:
             # Most applicants match no one: the query and that result's log entries are one
             # statement (one round trip to PostgreSQL); the rows, if any, are decided here.
             query = users.matching(
                 customer_number=applicant.customer_number, phone=applicant.phone,
                 national_id_hashes=nid_hashes,
             )  # fmt: skip
-            logged, rows = await self._recorder.append_unless(
+            logged, rows = self._recorder.append_unless(
                 session, run, _NO_DUPLICATE, unless=query
             )
             if logged is not None:
@@ -116,20 +116,18 @@ class Validator:
                 ),
                 events.started(Stage.UPDATE_USER_INFO),
             ]
-            return await self._recorder.append(session, run, entries), True
+            return self._recorder.append(session, run, entries), True
 
         return await self._recorder.commit(run, step)
 
     async def _update_existing(
         self, run: Run, applicant: Applicant, nid_hashes: tuple[str, ...]
     ) -> None:
-        async def work(session: AsyncSession) -> tuple[list[LogEntry], Outcome]:
-            user = await users.get_by_customer_number(
-                session, customer_number=applicant.customer_number
-            )
+        def work(session: Session) -> tuple[list[LogEntry], Outcome]:
+            user = users.find(session, customer_number=applicant.customer_number)
             if user is None:  # removed meanwhile: treat as a plain failure, re-validation works
                 raise ValidationFailure(ErrorCode.INTERNAL_ERROR)
-            updated = await stages.update_user_info(session, user, applicant, nid_hashes)
+            updated = stages.update_user_info(session, user, applicant, nid_hashes)
             if updated:
                 outcome = Outcome(
                     RegistrationStatus.COMPLETED, "User already exists - information updated",
@@ -162,17 +160,8 @@ class Validator:
             )
             before.insert(0, lookup)
 
-        enrolment = users.enrolment(
-            customer_number=applicant.customer_number,
-            first_name=applicant.first_name,
-            last_name=applicant.last_name,
-            phone=applicant.phone,
-            email=applicant.email,
-            date_of_birth=applicant.date_of_birth,
-            national_id_hash=nid_hash,
-            national_id_last4=applicant.national_id[-4:],
-            device_id=applicant.device_id,
-            registration_id=run.registration_id,
+        enrolment = users.enrolment_of(
+            applicant, national_id_hash=nid_hash, registration_id=run.registration_id
         )
         outcome = Outcome(
             RegistrationStatus.APPROVED,
@@ -181,7 +170,7 @@ class Validator:
         )
         approved = events.completed(Stage.STATUS_UPDATE, "Status set to APPROVED")
 
-        async def work(_session: AsyncSession) -> tuple[list[LogEntry], Outcome]:
+        def work(_session: Session) -> tuple[list[LogEntry], Outcome]:
             return [*before, approved], outcome
 
         try:
@@ -216,7 +205,7 @@ class Validator:
             entries.extend(events.status_set(RegistrationStatus.FAILED))
         outcome = Outcome(RegistrationStatus.FAILED, message, details)
 
-        async def work(_session: AsyncSession) -> tuple[list[LogEntry], Outcome]:
+        def work(_session: Session) -> tuple[list[LogEntry], Outcome]:
             return entries, outcome
 
         await self._recorder.finish(run, work)

@@ -275,25 +275,9 @@ async def renew_leases(
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-async def append_events(
-    session: AsyncSession,
-    *,
-    registration_id: int,
-    run_id: str,
-    run: int,
-    events: Sequence[Event],
-    now_ms: int,
-    lease_ms: int,
-    final: tuple[str, dict[str, Any]] | None = None,
-    also: Bound | None = None,
-) -> list[LogEvent]:
-    """``append_events_sync`` in an ``AsyncSession`` (one hop into SQLAlchemy's greenlet)."""
-    return await session.run_sync(
-        lambda s: append_events_sync(
-            s, registration_id=registration_id, run_id=run_id, run=run, events=events,
-            now_ms=now_ms, lease_ms=lease_ms, final=final, also=also,
-        )
-    )  # fmt: skip
+async def append_events(session: AsyncSession, **fields: Any) -> list[LogEvent]:
+    """``append_events_sync`` (its keyword arguments) in an ``AsyncSession``."""
+    return await session.run_sync(append_events_sync, **fields)
 
 
 def append_events_sync(
@@ -324,20 +308,10 @@ def append_events_sync(
 
 
 async def append_events_unless(
-    session: AsyncSession,
-    *,
-    unless: Bound,
-    registration_id: int,
-    run_id: str,
-    run: int,
-    events: Sequence[Event],
-    now_ms: int,
-    lease_ms: int,
+    session: AsyncSession, **fields: Any
 ) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
-    """``append_events_unless_sync`` in an ``AsyncSession``."""
-    return await session.run_sync(
-        _append, registration_id, run_id, run, events, now_ms, lease_ms, None, unless, guard=True
-    )
+    """``append_events_unless_sync`` (its keyword arguments) in an ``AsyncSession``."""
+    return await session.run_sync(append_events_unless_sync, **fields)
 
 
 def append_events_unless_sync(

@@ -7,15 +7,16 @@ publishes 7, and the instance that published them receives them back): the reply
 message parse, the broker's de-duplication and ``Hub.publish``. A private ``redis-server`` on a
 free port; per rep and per case, one receiver process per tree (the base revision's ``src`` from
 ``git archive``, and the working tree's), in alternating order: a real ``Broker`` on uvloop
-subscribed to the seed's channel, dispatching to a real ``Hub``. This process publishes
+subscribed to the seed's channel with the service's subscriber client
+(``create_subscriber_client``), dispatching to a real ``Hub``. This process publishes
 ``--count`` stage updates (~300 bytes, increasing event ids) in pipelined bursts of ``--burst``
 with a 2 ms pause between bursts, and the receiver reports its own process CPU from subscribed
 to the last message dispatched, per message. The publishing side is not counted.
 
 Cases: ``0`` streams (the pipeline's usual instance: nobody follows), ``4`` streams (one
 unfiltered, three filtered to registrations in the mix; in-memory streams that count bytes, so
-the kernel's writes are not measured). Medians over reps and the ratio of medians (now/base),
-with ``python -m timeit`` and the load average printed first (machine noise).
+the kernel's writes are not measured). Medians over reps and the ratio of medians (base/now: how
+many times less CPU now), with ``python -m timeit`` and the load average around it (noise).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ async def _receive(port: int, count: int, streams: int, timeout: float) -> dict[
     from redis.asyncio import Redis
 
     from regstream.realtime.broker import Broker
+    from regstream.realtime.connections import create_subscriber_client
     from regstream.realtime.hub import Hub, Stream
 
     class NullStream(Stream):
@@ -86,7 +88,7 @@ async def _receive(port: int, count: int, streams: int, timeout: float) -> dict[
         hub.attach(stream)
         stream.go_live()
     broker = Broker(
-        subscriber=lambda: Redis.from_url(url, socket_timeout=None),
+        subscriber=lambda: create_subscriber_client(url, name="bench-sub"),
         commands=commands, on_update=hub.publish, probe_interval=600.0,
     )  # fmt: skip
     task = asyncio.create_task(broker.run())

@@ -126,7 +126,7 @@ class Broker:
                     # a dead node, so the factory below finds the slot's current owner
                     await self._commands.exists(self.partition.epoch_key)
                 client = self._subscriber_factory()
-                pubsub = client.pubsub()
+                pubsub = client.pubsub(push_handler_func=_as_is)
                 if sharded:
                     await pubsub.ssubscribe(self.channel, self.probe_channel)
                 else:
@@ -278,6 +278,12 @@ class Broker:
         self.received += 1
         metrics.REDIS_MESSAGES_RECEIVED.inc()
         self._on_update(parsed)
+
+
+async def _as_is(reply: object) -> object:
+    """With RESP3 (redis-py 8's default) a message is a push; ``PubSub``'s own push handler logs
+    each at DEBUG (a ``getLogger`` per message) before handing it back. This only hands it back."""
+    return reply
 
 
 def _reason(exc: BaseException) -> str:

@@ -448,18 +448,24 @@ class Hub:
 
     def publish(self, parsed: Parsed) -> None:
         """Deliver one update to every matching stream (frame encoded once, twice with a
-        partitioned bus: with the update's id, and with the position after it)."""
-        frame = messages.update_frame(parsed)
-        chunk = messages.chunk(frame)
+        partitioned bus: with the update's id, and with the position after it). An update no
+        stream takes costs no frame."""
         rid = parsed.registration_id
-        wide, wide_chunk = frame, chunk
+        group = self._by_rid.get(rid) if rid is not None else None
+        wide_too = False
         if self.partitions > 1 and rid is not None and parsed.key is not None:
             index = rid % self.partitions
             self.keys[index] = parsed.key
             self._components[index] = positions.component(parsed.key)
-            if self._all or self._direct or self._wide_groups:  # (anyone to get it)
-                wide = messages.update_frame(parsed, event_id=positions.join(self._components))
-                wide_chunk = messages.chunk(wide)
+            wide_too = bool(self._all or self._direct or self._wide_groups)  # (anyone to get it)
+        if not (group or self._all or self._direct):
+            return
+        frame = messages.update_frame(parsed)
+        chunk = messages.chunk(frame)
+        wide, wide_chunk = frame, chunk
+        if wide_too:
+            wide = messages.update_frame(parsed, event_id=positions.join(self._components))
+            wide_chunk = messages.chunk(wide)
         for direct in self._direct:  # the hot loop: see the module docstring
             transport = direct.transport
             if not transport.is_closing():  # (a write to a lost connection logs a warning)
@@ -467,19 +473,17 @@ class Hub:
         for stream in self._all:
             stream.deliver(wide, wide_chunk, parsed)
         delivered = len(self._direct) + len(self._all)
-        if rid is not None:
-            group = self._by_rid.get(rid)
-            if group:
-                if wide is frame:
-                    for stream in group:
+        if group:
+            if wide is frame:
+                for stream in group:
+                    stream.deliver(frame, chunk, parsed)
+            else:
+                for stream in group:
+                    if isinstance(stream.registration_id, tuple):
+                        stream.deliver(wide, wide_chunk, parsed)
+                    else:
                         stream.deliver(frame, chunk, parsed)
-                else:
-                    for stream in group:
-                        if isinstance(stream.registration_id, tuple):
-                            stream.deliver(wide, wide_chunk, parsed)
-                        else:
-                            stream.deliver(frame, chunk, parsed)
-                delivered += len(group)
+            delivered += len(group)
         if delivered:
             metrics.FRAMES_DELIVERED.inc(delivered)
             if parsed.timestamp_ms is not None:

@@ -11,7 +11,10 @@ process (pinned to CPU 0, uvloop), sends GETs for load customers (``7nnnnnnnnn``
 - ``httpx``: ``httpx.AsyncClient.get`` + ``json.loads``, the same way (the library issue 17
   named first; run 14 shows why the client does not use it);
 - ``t24client``: ``T24Client.get_customer`` as the pipeline calls it (aiohttp, the breaker,
-  tenacity's retry loop, wire parsing, one log line and metrics per attempt).
+  tenacity's retry loop, wire parsing, one log line and metrics per attempt);
+- ``baseline`` (with ``--baseline TREE``): the same, with the ``T24Client`` of another source
+  tree (``git archive HEAD src/regstream/core_banking | tar -x -C TREE``), loaded as a
+  separate package: a change to the client measured against the code before it, in one run.
 
 ``time.process_time()`` around each rep gives this process's CPU per GET (the simulator's is not
 counted). Each variant checks its answers (status 200, the customer asked for). Prints per variant
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -33,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import httpx
@@ -47,6 +52,22 @@ HEADERS = {"Accept": "application/json", "companyId": "GB0010001"}
 
 def _customer(i: int) -> str:
     return f"7{i % 1_000_000_000:09d}"
+
+
+def _load_baseline(tree: str, into: str) -> Any:
+    """``T24Client`` of ``tree``'s ``src/regstream/core_banking``, as package ``t24_baseline``
+    (written under ``into``; its imports of ``regstream.core_banking`` rewritten to it)."""
+    source = os.path.join(tree, "src", "regstream", "core_banking")
+    package = os.path.join(into, "t24_baseline")
+    os.makedirs(package)
+    for name in os.listdir(source):
+        if name.endswith(".py"):
+            with open(os.path.join(source, name)) as f:
+                text = f.read().replace("regstream.core_banking", "t24_baseline")
+            with open(os.path.join(package, name), "w") as f:
+                f.write(text)
+    sys.path.insert(0, into)
+    return importlib.import_module("t24_baseline.client")
 
 
 async def _rep(get: Callable[[int], Awaitable[None]], n: int, concurrency: int) -> float:
@@ -65,7 +86,7 @@ async def _rep(get: Callable[[int], Awaitable[None]], n: int, concurrency: int) 
     return (time.process_time() - start) / n * 1e6
 
 
-async def _main(args: argparse.Namespace, base: str) -> dict[str, object]:
+async def _main(args: argparse.Namespace, base: str, old: Any) -> dict[str, object]:
     prefix = "/api/v1.0.0"
     session = httpx.AsyncClient(
         headers=HEADERS,
@@ -75,6 +96,11 @@ async def _main(args: argparse.Namespace, base: str) -> dict[str, object]:
         ),
     )
     t24 = T24Client(T24ClientConfig(base_url=base + prefix, max_connections=args.concurrency))
+    t24_old = (
+        old.T24Client(old.T24ClientConfig(base_url=base + prefix, max_connections=args.concurrency))
+        if old is not None
+        else None
+    )
     aio = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=args.concurrency),
         headers=HEADERS,
@@ -104,9 +130,19 @@ async def _main(args: argparse.Namespace, base: str) -> dict[str, object]:
         if customer.customer_id != _customer(i):
             raise SystemExit("wrong customer")
 
+    async def baseline(i: int) -> None:
+        assert t24_old is not None
+        customer = await t24_old.get_customer(_customer(i))
+        if customer.customer_id != _customer(i):
+            raise SystemExit("wrong customer")
+
     variants: dict[str, Callable[[int], Awaitable[None]]] = {
         "aiohttp": aiohttp_get, "httpx": httpx_get, "t24client": t24client,
     }  # fmt: skip
+    if t24_old is not None:
+        variants["baseline"] = baseline
+    if args.skip_httpx:
+        del variants["httpx"]
     for get in variants.values():  # warm-up: connections, caches
         await _rep(get, min(500, args.n), args.concurrency)
     results: dict[str, list[float]] = {name: [] for name in variants}
@@ -118,21 +154,29 @@ async def _main(args: argparse.Namespace, base: str) -> dict[str, object]:
     await session.aclose()
     await aio.close()
     await t24.aclose()
+    if t24_old is not None:
+        await t24_old.aclose()
 
     def ratio(a: str, b: str) -> float:
         return round(
             statistics.median(x / y for x, y in zip(results[a], results[b], strict=True)), 3
         )
 
+    ratios = {"t24client_over_aiohttp": ratio("t24client", "aiohttp")}
+    if "httpx" in results:
+        ratios["httpx_over_aiohttp"] = ratio("httpx", "aiohttp")
+    if "baseline" in results:
+        ratios["baseline_over_aiohttp"] = ratio("baseline", "aiohttp")
+        ratios["t24client_over_baseline"] = ratio("t24client", "baseline")
     return {
         "bench": "t24_http",
+        "baseline": args.baseline,
         "n": args.n,
         "concurrency": args.concurrency,
         "reps": args.reps,
         "us_per_get": {k: [round(x, 1) for x in v] for k, v in results.items()},
         "median_us_per_get": {k: round(statistics.median(v), 1) for k, v in results.items()},
-        "t24client_over_aiohttp": ratio("t24client", "aiohttp"),
-        "httpx_over_aiohttp": ratio("httpx", "aiohttp"),
+        **ratios,
     }
 
 
@@ -144,21 +188,26 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--concurrency", type=int, default=32, help="GETs in flight")
     ap.add_argument("--out", default="bench/results/t24_http.jsonl")
+    ap.add_argument("--baseline", metavar="TREE", help="also time TREE's T24Client (see above)")
+    ap.add_argument("--skip-httpx", action="store_true", help="leave the httpx variant out")
     args = ap.parse_args()
     # The service's logging (redaction filter, text format), written to /dev/null: the T24
     # client's log line per attempt is part of what t24client measures.
     logs.configure("INFO")
-    logging.getLogger().handlers[0].setStream(open(os.devnull, "w"))  # noqa: SIM115
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
     os.sched_setaffinity(0, {0})
     port = free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "regstream")
     with tempfile.TemporaryDirectory() as logdir:
+        old = _load_baseline(args.baseline, logdir) if args.baseline else None
         sim = Child(
             "t24-sim", [exe, "t24-sim", "--port", str(port), "--latency-ms", "0"], {1}, logdir
         )
         try:
             wait_port(port, sim, 30)
-            result = uvloop.run(_main(args, f"http://127.0.0.1:{port}"))
+            result = uvloop.run(_main(args, f"http://127.0.0.1:{port}", old))
         finally:
             sim.stop()
     print(json.dumps(result, indent=1))

@@ -13,6 +13,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter, Histogram
+
 from regstream.core_banking.errors import CircuitOpen, CoreBankingError, CoreTlsError
 from regstream.metrics import T24_CALL_LATENCY, T24_ERRORS
 
@@ -50,37 +52,56 @@ def observe(call: CallContext, status: int | None, exc: CoreBankingError | None)
         outcome, duration = "circuit_open", 0.0
     else:
         outcome = exc.code.value.lower()
-    t24_code = exc.t24_code if exc is not None else None
-    # a TLS failure says which one (an operator's first question); nothing else adds to the line
-    tls = f" tls={exc.detail}" if isinstance(exc, CoreTlsError) and exc.detail else ""
     if not isinstance(exc, CircuitOpen):
-        T24_CALL_LATENCY.labels(call.operation, outcome).observe(duration)
+        _latency(call.operation, outcome).observe(duration)
     if exc is not None:
         code = "CIRCUIT_OPEN" if isinstance(exc, CircuitOpen) else exc.code.value
-        T24_ERRORS.labels(call.operation, code).inc()
+        _errors(call.operation, code).inc()
+    level = logging.INFO if exc is None else logging.WARNING
+    if not logger.isEnabledFor(level):
+        return
+    t24_code = exc.t24_code if exc is not None else None
+    duration_ms = round(duration * 1000, 1)  # as printed: no long digit runs in the record
+    # a TLS failure says which one (an operator's first question); nothing else adds to the line
+    tls_detail = exc.detail if isinstance(exc, CoreTlsError) else None
+    extra: dict[str, object] = {
+        "t24_operation": call.operation,
+        "t24_page": call.page,
+        "t24_attempt": call.attempt,
+        "http_status": status,
+        "t24_code": t24_code,
+        "outcome": outcome,
+        "duration_ms": duration_ms,
+        "correlation_id": call.correlation_id,
+    }
+    if isinstance(exc, CoreTlsError):
+        extra["tls_error"] = tls_detail
+    # Formatted here, once (the level is enabled): the redaction filter reads the message
+    # anyway, and a record without arguments spares it a second formatting.
     logger.log(
-        logging.INFO if exc is None else logging.WARNING,
-        "t24 %s page=%s attempt=%d status=%s t24_code=%s outcome=%s duration_ms=%.1f "
-        "correlation_id=%s customer=%s%s",
-        call.operation,
-        call.page or "-",
-        call.attempt,
-        status if status is not None else "-",
-        t24_code or "-",
-        outcome,
-        round(duration * 1000, 1),  # as printed: no long digit runs in the record's arguments
-        call.correlation_id,
-        call.masked_id,
-        tls,
-        extra={
-            "t24_operation": call.operation,
-            "t24_page": call.page,
-            "t24_attempt": call.attempt,
-            "http_status": status,
-            "t24_code": t24_code,
-            "outcome": outcome,
-            "duration_ms": round(duration * 1000, 1),
-            "correlation_id": call.correlation_id,
-            **({"tls_error": exc.detail} if isinstance(exc, CoreTlsError) else {}),
-        },
+        level,
+        f"t24 {call.operation} page={call.page or '-'} attempt={call.attempt} "
+        f"status={status if status is not None else '-'} t24_code={t24_code or '-'} "
+        f"outcome={outcome} duration_ms={duration_ms:.1f} correlation_id={call.correlation_id} "
+        f"customer={call.masked_id}{f' tls={tls_detail}' if tls_detail else ''}",
+        extra=extra,
     )
+
+
+# Labelled metric children by label values: ``labels()`` takes a lock and builds a key per call.
+_LATENCY: dict[tuple[str, str], Histogram] = {}
+_ERRORS: dict[tuple[str, str], Counter] = {}
+
+
+def _latency(operation: str, outcome: str) -> Histogram:
+    child = _LATENCY.get((operation, outcome))
+    if child is None:
+        child = _LATENCY[operation, outcome] = T24_CALL_LATENCY.labels(operation, outcome)
+    return child
+
+
+def _errors(operation: str, code: str) -> Counter:
+    child = _ERRORS.get((operation, code))
+    if child is None:
+        child = _ERRORS[operation, code] = T24_ERRORS.labels(operation, code)
+    return child

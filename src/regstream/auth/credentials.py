@@ -55,32 +55,30 @@ def _principal(
     )  # fmt: skip
 
 
+# Whether a credential is valid (not revoked, not expired, operator not disabled) is decided in
+# one place, the SQL of ``accounts._valid``: the lookups below and ``live_credentials`` (open
+# streams, tickets) only return valid credentials, so nothing here checks any of it again.
+
+
 async def from_api_token(session: AsyncSession, token: str, *, at_ms: int) -> Principal | None:
     if not tokens.is_api_token(token):
         return None
-    found = await accounts.get_token_by_hash(session, token_hash=tokens.digest(token))
+    found = await accounts.get_token_by_hash(session, token_hash=tokens.digest(token), now_ms=at_ms)
     if found is None:
         return None
     row, operator = found
-    if operator.disabled or row.revoked_ms is not None:
-        return None
-    if row.expires_ms is not None and row.expires_ms <= at_ms:
-        return None
     return _principal(operator, "token", row.id, row.expires_ms)
 
 
 async def from_session(session: AsyncSession, session_id: str, *, at_ms: int) -> Principal | None:
     if not tokens.plausible_session_id(session_id):
         return None
-    found = await accounts.get_session_by_hash(session, session_hash=tokens.digest(session_id))
+    found = await accounts.get_session_by_hash(
+        session, session_hash=tokens.digest(session_id), now_ms=at_ms
+    )
     if found is None:
         return None
     row, operator = found
-    if (
-        operator.disabled or row.revoked_ms is not None
-        or row.expires_ms is None or row.expires_ms <= at_ms  # sessions always expire
-    ):  # fmt: skip
-        return None
     return _principal(operator, "session", row.id, row.expires_ms, row.csrf_token)
 
 

@@ -10,7 +10,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select, Table, bindparam, delete, func, null, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    bindparam,
+    delete,
+    func,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from regstream.db.tables import ApiToken, AuthSession, Operator, StreamTicket
@@ -87,11 +98,10 @@ async def create_token(
 
 
 class Credential(NamedTuple):
-    """An API token's or a session's row, as authenticating a request reads it."""
+    """A valid API token's or session's row, as authenticating a request reads it."""
 
     id: int
     expires_ms: int | None
-    revoked_ms: int | None
     csrf_token: str | None  # sessions only
 
 
@@ -104,41 +114,58 @@ class Owner(NamedTuple):
     disabled: bool
 
 
-# Every API request reads one of these: prebuilt Core statements (no statement building, no
-# cache-key walk and no ORM entity loading per request; they were ~10 % of a click's CPU).
 _OPERATOR: Table = Operator.__table__  # type: ignore[assignment]
 _TOKEN: Table = ApiToken.__table__  # type: ignore[assignment]
 _SESSION: Table = AuthSession.__table__  # type: ignore[assignment]
+_CREDENTIALS: dict[str, Table] = {"token": _TOKEN, "session": _SESSION}
+
+
+def _valid(kind: str, now: Any) -> tuple[ColumnElement[bool], ...]:
+    """THE credential validity rule, the only one: a ``kind`` (``"token"``/``"session"``)
+    credential joined to its operator is valid at ``now`` (epoch ms, or a bind parameter) while
+    it is not revoked, not expired (an API token may have no expiry; sessions always expire)
+    and its operator is not disabled.
+
+    It lives here, in SQL, and nowhere else: the open streams' re-check
+    (``live_credentials``) has to filter many credentials in one query, so the rule must be
+    SQL there; authenticating a request (``get_token_by_hash``/``get_session_by_hash``) adds
+    the same conditions to its lookup, so ``regstream.auth.credentials`` only ever sees valid
+    credentials and repeats no part of the rule. Both kinds share the revoked/disabled
+    conditions; they differ only in whether a missing expiry is allowed.
+    """
+    table = _CREDENTIALS[kind]
+    expires = table.c.expires_ms
+    not_expired = expires > now if kind == "session" else or_(expires.is_(None), expires > now)
+    return table.c.revoked_ms.is_(None), not_expired, _OPERATOR.c.disabled.is_(False)
+
+
+# Every API request reads one of these: prebuilt Core statements (no statement building, no
+# cache-key walk and no ORM entity loading per request; they were ~10 % of a click's CPU).
 _OWNER_COLUMNS = (_OPERATOR.c.id, _OPERATOR.c.username, _OPERATOR.c.role, _OPERATOR.c.disabled)
 _TOKEN_BY_HASH = (
-    select(_TOKEN.c.id, _TOKEN.c.expires_ms, _TOKEN.c.revoked_ms, null(), *_OWNER_COLUMNS)
+    select(_TOKEN.c.id, _TOKEN.c.expires_ms, null(), *_OWNER_COLUMNS)
     .join(_OPERATOR, _OPERATOR.c.id == _TOKEN.c.operator_id)
-    .where(_TOKEN.c.token_hash == bindparam("hash"))
+    .where(_TOKEN.c.token_hash == bindparam("hash"), *_valid("token", bindparam("now")))
 )
 _SESSION_BY_HASH = (
-    select(
-        _SESSION.c.id,
-        _SESSION.c.expires_ms,
-        _SESSION.c.revoked_ms,
-        _SESSION.c.csrf_token,
-        *_OWNER_COLUMNS,
-    )
+    select(_SESSION.c.id, _SESSION.c.expires_ms, _SESSION.c.csrf_token, *_OWNER_COLUMNS)
     .join(_OPERATOR, _OPERATOR.c.id == _SESSION.c.operator_id)
-    .where(_SESSION.c.session_hash == bindparam("hash"))
+    .where(_SESSION.c.session_hash == bindparam("hash"), *_valid("session", bindparam("now")))
 )
 
 
 async def _credential(
-    session: AsyncSession, statement: Select[Any], secret_hash: str
+    session: AsyncSession, statement: Select[Any], secret_hash: str, now_ms: int
 ) -> tuple[Credential, Owner] | None:
-    row = (await session.execute(statement, {"hash": secret_hash})).first()
-    return None if row is None else (Credential(*row[:4]), Owner(*row[4:]))
+    row = (await session.execute(statement, {"hash": secret_hash, "now": now_ms})).first()
+    return None if row is None else (Credential(*row[:3]), Owner(*row[3:]))
 
 
 async def get_token_by_hash(
-    session: AsyncSession, *, token_hash: str
+    session: AsyncSession, *, token_hash: str, now_ms: int
 ) -> tuple[Credential, Owner] | None:
-    return await _credential(session, _TOKEN_BY_HASH, token_hash)
+    """The API token with this hash and its operator, if it is valid at ``now_ms`` (``_valid``)."""
+    return await _credential(session, _TOKEN_BY_HASH, token_hash, now_ms)
 
 
 async def list_tokens(session: AsyncSession, *, operator_id: int) -> list[ApiToken]:
@@ -181,9 +208,10 @@ async def create_session(
 
 
 async def get_session_by_hash(
-    session: AsyncSession, *, session_hash: str
+    session: AsyncSession, *, session_hash: str, now_ms: int
 ) -> tuple[Credential, Owner] | None:
-    return await _credential(session, _SESSION_BY_HASH, session_hash)
+    """The session with this hash and its operator, if it is valid at ``now_ms`` (``_valid``)."""
+    return await _credential(session, _SESSION_BY_HASH, session_hash, now_ms)
 
 
 async def revoke_session(session: AsyncSession, *, session_hash: str, now_ms: int) -> int | None:
@@ -255,34 +283,17 @@ class CredentialState:
 async def live_credentials(
     session: AsyncSession, *, token_ids: Iterable[int], session_ids: Iterable[int], now_ms: int
 ) -> dict[tuple[str, int], CredentialState]:
-    """The credentials among those given that are still valid (not revoked/expired/disabled)."""
+    """The credentials among those given that are still valid at ``now_ms`` (``_valid``)."""
     out: dict[tuple[str, int], CredentialState] = {}
-    tokens = sorted(set(token_ids))
-    for start in range(0, len(tokens), 500):
-        rows = await session.execute(
-            select(ApiToken.id, ApiToken.expires_ms, Operator.role)
-            .join(Operator, Operator.id == ApiToken.operator_id)
-            .where(
-                ApiToken.id.in_(tokens[start : start + 500]),
-                ApiToken.revoked_ms.is_(None),
-                or_(ApiToken.expires_ms.is_(None), ApiToken.expires_ms > now_ms),
-                Operator.disabled.is_(False),
+    for kind, ids in (("token", token_ids), ("session", session_ids)):
+        table = _CREDENTIALS[kind]
+        wanted = sorted(set(ids))
+        for start in range(0, len(wanted), 500):
+            rows = await session.execute(
+                select(table.c.id, table.c.expires_ms, _OPERATOR.c.role)
+                .join(_OPERATOR, _OPERATOR.c.id == table.c.operator_id)
+                .where(table.c.id.in_(wanted[start : start + 500]), *_valid(kind, now_ms))
             )
-        )
-        for token_id, expires_ms, role in rows:
-            out[("token", token_id)] = CredentialState(role, expires_ms)
-    sessions_ = sorted(set(session_ids))
-    for start in range(0, len(sessions_), 500):
-        rows = await session.execute(
-            select(AuthSession.id, AuthSession.expires_ms, Operator.role)
-            .join(Operator, Operator.id == AuthSession.operator_id)
-            .where(
-                AuthSession.id.in_(sessions_[start : start + 500]),
-                AuthSession.revoked_ms.is_(None),
-                AuthSession.expires_ms > now_ms,
-                Operator.disabled.is_(False),
-            )
-        )
-        for session_id, expires_ms, role in rows:
-            out[("session", session_id)] = CredentialState(role, expires_ms)
+            for credential_id, expires_ms, role in rows:
+                out[(kind, credential_id)] = CredentialState(role, expires_ms)
     return out

@@ -1,7 +1,9 @@
-"""``Broker``'s hand-written read path against a real Redis (a private server per test).
+"""``Broker``'s read path (redis-py's public connection read) against a real Redis (a private
+server per test).
 
 A burst of several hundred messages arrives in a few socket reads, replies split across them: all
-must be dispatched in order, exactly once. A subscriber connection killed while it waits must
+must be dispatched in order, exactly once, on RESP3 (pushes) and RESP2 (replies), on the same
+connection throughout. A subscriber connection killed while it waits must
 reconnect through ``Broker.run``'s error path, and what was published meanwhile must arrive
 through the history catch-up.
 """
@@ -16,6 +18,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 
 from regstream.realtime import broker as broker_module
 from regstream.realtime.broker import Broker
@@ -56,21 +59,32 @@ async def _running(broker: Broker) -> AsyncIterator[asyncio.Task[None]]:
             await task
 
 
+def _subscriber(url: str, protocol: int) -> Redis:
+    """The service's subscriber client (redis-py 8's default protocol, RESP3: messages are
+    pushes), or one on RESP2 (messages are replies)."""
+    if protocol == 3:
+        return create_subscriber_client(url, name=SUB_NAME)
+    return Redis.from_url(url, protocol=protocol, client_name=SUB_NAME, socket_timeout=None)
+
+
+@pytest.mark.parametrize("protocol", [3, 2])
 async def test_burst_is_dispatched_in_order_exactly_once(
-    redis_server: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+    redis_server: EmbeddedRedis, caplog: pytest.LogCaptureFixture, protocol: int
 ) -> None:
     url = redis_server.url
     commands = create_client(url, name="test-broker-cmd")
+    admin = create_client(url, name="test-broker-admin")
     received: list[Parsed] = []
     resyncs: list[tuple[int, ...]] = []
     broker = Broker(
-        subscriber=lambda: create_subscriber_client(url, name=SUB_NAME), commands=commands,
+        subscriber=lambda: _subscriber(url, protocol), commands=commands,
         on_update=received.append, on_resync=resyncs.append, channel=CHANNEL, probe_interval=1.0,
     )  # fmt: skip
     reconnects = _reconnects()
     n = 2000  # ~600 kB: more than one read (256 kB), so replies split across reads
     try:
         async with _running(broker):
+            subscriber = await _subscriber_id(admin)
             pipe = commands.pipeline(transaction=False)
             for i in range(1, n + 1):
                 pipe.publish(CHANNEL, _message(i, event=i))
@@ -84,6 +98,8 @@ async def test_burst_is_dispatched_in_order_exactly_once(
             await wait_until(lambda: len(received) >= n + 1, what="the burst")
             await asyncio.sleep(2.5)  # two probe intervals more: probes keep it healthy
             assert broker.healthy
+            # the same connection all along: no read deadline or reconnect of redis-py's own
+            assert await _subscriber_id(admin) == subscriber
         seqs = [p.seq for p in received]
         assert seqs == [*range(1, 301), 0, *range(301, n + 1)]
         assert broker.received == n + 1
@@ -93,6 +109,7 @@ async def test_burst_is_dispatched_in_order_exactly_once(
         assert not [m for m in warnings if "subscri" in m or "probe" in m], warnings
     finally:
         await commands.aclose()
+        await admin.aclose()
 
 
 async def _subscriber_id(admin: RedisClient) -> str:

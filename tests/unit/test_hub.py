@@ -10,7 +10,7 @@ import orjson
 import pytest
 import uvloop
 
-from regstream.realtime import messages
+from regstream.realtime import messages, positions
 from regstream.realtime.hub import Hub, QueuedStream, StreamProtocol, TransportStream
 
 
@@ -110,6 +110,23 @@ async def test_routing_by_filter_and_resync_reach_multi_registration_streams() -
 
     hub.detach(several)
     assert len(hub) == 3 and 8 not in hub._by_rid and hub._by_rid[7] == {one}  # noqa: SLF001
+
+
+async def test_a_partition_s_position_moves_with_no_stream_and_streams_get_it_later() -> None:
+    """Nobody follows the update: no frame is built, but a partitioned hub's position still moves
+    (a stream attached later must start from it)."""
+    hub = Hub(partitions=4)
+    hub.publish(_update(6, 1, messages.EventKey("1", 100, 0)))
+    assert hub.position() == (None, None, messages.EventKey("1", 100, 0), None)
+    everything = QueuedStream(None, max_buffer=1 << 20)
+    hub.attach(everything)
+    everything.go_live()
+    hub.publish(_update(5, 1, messages.EventKey("1", 101, 0)))
+    [frame] = everything._queue  # noqa: SLF001 - the test reads what would be sent
+    head = frame.split(b"\n")[0].decode()
+    assert head.startswith("id: ") and b'"registrationId":5' in frame
+    k100, k101 = messages.EventKey("1", 100, 0), messages.EventKey("1", 101, 0)
+    assert positions.decode(head[4:], 4) == (None, k101, k100, None)  # both partitions' places
 
 
 def test_an_empty_history_s_position_is_no_floor() -> None:

@@ -3,7 +3,10 @@
 Code logs ids, stages, codes and durations only (DOMAIN.md section 6). In case something slips
 through (a library's message, an exception text), ``RedactingFilter`` masks, in every record:
 E.164 phone numbers, ISO dates (dates of birth), e-mail addresses, runs of 7+ digits (national
-ids, account numbers) and ``Authorization``/password values.
+ids, account numbers) and ``Authorization``/password values. It masks the formatted message
+(the arguments as the text shows them) and every field given with ``extra=`` (JSON lines print
+them), nested ones too (``redact_value``: dicts, lists, tuples, sets, bytes, exceptions, any
+other object as its text; bounded in depth and size, so a cycle or a huge value costs little).
 
 Access-log lines are not left to those masks: a query string is percent-encoded (``%2B2547…``,
 ``name%40example…``, ``02%2F04%2F1988``) and a search term can be a name, which no pattern
@@ -86,6 +89,88 @@ def redact(text: str) -> str:
     return _DIGITS.sub("*******", text)
 
 
+#: ``redact_value``'s bounds: containers nested deeper, and items past the budget (all levels
+#: together), are replaced by ``WITHHELD`` (never printed unmasked)
+MAX_DEPTH = 6
+MAX_ITEMS = 256
+WITHHELD = "…"
+_DIGITS_INT = 1_000_000  # an int of 7+ digits is masked as ``_DIGITS`` masks it in text
+
+
+def redact_value(value: object) -> object:
+    """``value`` with personal data masked, as ``redact`` masks text: a ``str`` masked; an ``int``
+    of 7 or more digits ``*******``; other numbers, booleans and ``None`` as they are; dict keys
+    and values, list, tuple and set items, recursively (a set becomes a list, bytes decoded
+    text); an exception ``Type: text`` and any other object its ``str``, masked. Containers past
+    ``MAX_DEPTH`` levels or ``MAX_ITEMS`` items in all become ``WITHHELD``."""
+    # the common fields (text, small numbers) without a walk: this runs for every extra field
+    if type(value) is str:
+        return redact(value)
+    if type(value) is int:
+        return value if -_DIGITS_INT < value < _DIGITS_INT else "*******"
+    if type(value) is float or type(value) is bool or value is None:
+        return value
+    return _Redaction().walk(value, 0)
+
+
+class _Redaction:
+    """One ``redact_value`` walk: counts the items seen against ``MAX_ITEMS``."""
+
+    __slots__ = ("budget",)
+
+    def __init__(self) -> None:
+        self.budget = MAX_ITEMS
+
+    def walk(self, value: object, depth: int) -> object:
+        if isinstance(value, str):
+            return redact(value)
+        if isinstance(value, bool | float) or value is None:
+            return value
+        if isinstance(value, int):
+            return value if -_DIGITS_INT < value < _DIGITS_INT else "*******"
+        if isinstance(value, bytes | bytearray | memoryview):
+            return redact(bytes(value).decode("utf-8", "backslashreplace"))
+        if isinstance(value, dict):
+            if depth >= MAX_DEPTH:
+                return WITHHELD
+            out: dict[object, object] = {}
+            for key, item in value.items():
+                if self.budget <= 0:
+                    out[WITHHELD] = WITHHELD
+                    break
+                self.budget -= 1
+                # a key is text (or a number) in a JSON line: masked like any other text
+                plain = isinstance(key, str | int | float | bool) or key is None
+                out[self.walk(key, depth) if plain else self._text(key)] = self.walk(
+                    item, depth + 1
+                )
+            return out
+        if isinstance(value, list | tuple | set | frozenset):
+            if depth >= MAX_DEPTH:
+                return WITHHELD
+            items: list[object] = []
+            for item in value:
+                if self.budget <= 0:
+                    items.append(WITHHELD)
+                    break
+                self.budget -= 1
+                items.append(self.walk(item, depth + 1))
+            return tuple(items) if isinstance(value, tuple) else items
+        return self._text(value)
+
+    @staticmethod
+    def _text(value: object) -> str:
+        """An exception as ``Type: text`` (python-json-logger's form), anything else as its
+        ``str``, masked (a broken ``__str__`` does not break the log line)."""
+        try:
+            text = str(value)
+        except Exception:  # noqa: BLE001
+            text = WITHHELD
+        if isinstance(value, BaseException):
+            text = f"{type(value).__name__}: {text}"
+        return redact(text)
+
+
 # Query parameters whose values are logged: enumerations and small numbers, never personal data
 # or credentials. Any other value (q, token, ticket, api_key, anything unknown) is logged as ***.
 _KEPT_QUERY_VALUES = {
@@ -126,11 +211,23 @@ class RedactingFilter(logging.Filter):
                 mask_query(arg) if i == 2 and isinstance(arg, str) else arg
                 for i, arg in enumerate(record.args)
             )
-        for name, value in record.__dict__.items():
-            # fields given with ``extra=`` reach JSON lines as they are: masked like the message
-            if name not in _RECORD_FIELDS and isinstance(value, str):
-                setattr(record, name, redact(value))
-        message = record.getMessage()
+        fields = record.__dict__
+        for name, value in fields.items():
+            # fields given with ``extra=`` reach JSON lines as they are: masked like the message,
+            # nested values too (replacing a key's value while iterating is allowed)
+            if name in _RECORD_FIELDS or value is None or type(value) is float:
+                continue
+            if type(value) is str:
+                fields[name] = redact(value)
+            elif not (type(value) is int and -_DIGITS_INT < value < _DIGITS_INT):
+                fields[name] = redact_value(value)
+        if not isinstance(record.msg, str):
+            # a dict msg: python-json-logger prints its fields; anything else: its text
+            record.msg = redact_value(record.msg)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - wrong arguments: logging's error report would print them
+            message = f"{record.msg} {redact_value(record.args)}"
         cleaned = redact(message)
         if cleaned != message or record.args:
             record.msg = cleaned

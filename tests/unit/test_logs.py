@@ -313,3 +313,116 @@ def test_json_lines_mask_personal_data_in_extra_fields_too() -> None:
     body = _json_line(record)
     assert "712345678" not in repr(body) and "1988-04-02" not in repr(body)
     assert "12345678" not in repr(body)
+
+
+# --- nested values: extra= fields and arguments, through real loggers and both formatters -----
+
+NATIONAL_ID, PHONE, EMAIL = "29876543", "+254712345678", "jane.doe@example.co.ke"
+SECRETS = (NATIONAL_ID, "712345678", EMAIL, "jane.doe")
+
+
+def _emit(json_format: bool, msg: object, *args: object, **extra: object) -> str:
+    """One line through a real logger, ``RedactingFilter`` and our formatter (as ``configure``)."""
+    import io
+
+    from regstream.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(
+        JsonFormatter() if json_format else TextFormatter("%(levelname)s %(name)s: %(message)s")
+    )
+    logger = logging.getLogger(f"regstream.test-nested-{json_format}")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info(msg, *args, extra=extra or None)
+    finally:
+        logger.handlers[:] = []
+    return stream.getvalue()
+
+
+def _leaks(line: str) -> list[str]:
+    return [secret for secret in SECRETS if secret in line]
+
+
+@pytest.mark.parametrize("json_format", [True, False], ids=["json", "text"])
+def test_personal_data_nested_in_arguments_is_masked(json_format: bool) -> None:
+    person = {"national_id": NATIONAL_ID, "contacts": [PHONE, {"email": EMAIL}]}
+    line = _emit(json_format, "lookup %s then %r and %s", person, [NATIONAL_ID, (PHONE,)],
+                 ValueError("no customer", {"email": EMAIL}))  # fmt: skip
+    assert _leaks(line) == [] and "lookup {" in line and "ValueError" not in line, line
+    # the bytes of a driver's error
+    assert _leaks(_emit(json_format, "raw %s", EMAIL.encode() + b" " + PHONE.encode())) == []
+
+
+def test_personal_data_nested_in_extra_fields_is_masked_in_json_lines() -> None:
+    import json
+
+    line = _emit(
+        True, "lookup done",
+        person={"national_id": NATIONAL_ID, "contacts": [PHONE, {"email": EMAIL}], "n": 3},
+        ids=[NATIONAL_ID, 12, int(NATIONAL_ID)], pair=(PHONE, 1.5), raw=EMAIL.encode(),
+        error=KeyError({"phone": PHONE}), tags={EMAIL}, keyed={PHONE: "x", 7: None},
+        stage="t24_lookup", attempt=2, duration_ms=51.2, ok=True, nothing=None,
+    )  # fmt: skip
+    assert _leaks(line) == [], line
+    body = json.loads(line)
+    # the shapes and the harmless values are kept
+    assert body["person"] == {"national_id": "*******", "n": 3,
+                              "contacts": ["+***…78", {"email": "***@***"}]}  # fmt: skip
+    assert body["ids"] == ["*******", 12, "*******"] and body["pair"] == ["+***…78", 1.5]
+    assert body["raw"] == "***@***" and body["tags"] == ["***@***"]
+    assert body["error"] == "KeyError: {'phone': '+***…78'}"
+    assert body["keyed"] == {"+***…78": "x", "7": None}
+    assert (body["stage"], body["attempt"], body["duration_ms"]) == ("t24_lookup", 2, 51.2)
+    assert (body["ok"], body["nothing"]) == (True, None)
+
+
+def test_a_dict_message_is_masked_in_json_lines() -> None:
+    line = _emit(True, {"event": "lookup", "who": {"phone": PHONE, "email": EMAIL}})
+    assert _leaks(line) == [] and "lookup" in line, line
+
+
+@pytest.mark.parametrize("json_format", [True, False], ids=["json", "text"])
+def test_wrong_arguments_are_masked_not_reported_by_logging(
+    json_format: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A format string and arguments that do not match: logging's own error report would print
+    the arguments to stderr; the filter logs them masked instead."""
+    line = _emit(json_format, "lookup %s %s", NATIONAL_ID)
+    assert _leaks(line) == [] and "lookup" in line, line
+    assert capsys.readouterr().err == ""
+
+
+def test_cycles_depth_and_size_are_bounded() -> None:
+    import json
+
+    from regstream.logs import MAX_DEPTH, MAX_ITEMS, WITHHELD, redact_value
+
+    loop: list[object] = [PHONE]
+    loop.append(loop)
+    ring: dict[str, object] = {"email": EMAIL}
+    ring["self"] = ring
+    deep: object = NATIONAL_ID
+    for _ in range(MAX_DEPTH + 5):
+        deep = [deep]
+    line = _emit(True, "bounded", loop=loop, ring=ring, deep=deep,
+                 many=[PHONE] * (MAX_ITEMS * 10))  # fmt: skip
+    assert _leaks(line) == [], line
+    body = json.loads(line)
+    assert len(body["many"]) == MAX_ITEMS + 1 and body["many"][-1] == WITHHELD
+    nested: object = WITHHELD
+    for _ in range(MAX_DEPTH):
+        nested = [nested]
+    assert body["deep"] == nested  # MAX_DEPTH levels, then withheld
+    assert WITHHELD in json.dumps([body["loop"], body["ring"]], ensure_ascii=False)
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError(PHONE)
+
+    assert redact_value(Unprintable()) == WITHHELD
+    assert redact_value({"a": Unprintable()}) == {"a": WITHHELD}

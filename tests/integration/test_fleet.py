@@ -80,7 +80,7 @@ TAKEOVER_TARGET_S = 15.0  # issue 15: a dead instance's runs taken over within 1
 # the taking instance's first step of a taken run: a scheduling allowance on a busy 2-core VM
 STEP_ALLOWANCE_S = 2.0
 ENV_DROP = ("REDIS_URL", "REDIS_HOST", "DATABASE_URL", "T24_BASE_URL", "REGSTREAM_SECRET_KEY",
-            "REGSTREAM_DATA_DIR", "REDIS_CLUSTER", "REGSTREAM_PARTITIONS",
+            "REGSTREAM_DATA_DIR", "REDIS_CLUSTER", "REDIS_CLUSTER_NODES", "REGSTREAM_PARTITIONS",
             "REGSTREAM_SEED_CHANNEL_MIRROR")  # fmt: skip
 SUBSCRIBED = "regstream_bus_partitions_subscribed"
 PARTITIONS = 16  # REGSTREAM_PARTITIONS's default (a cluster; one Redis has one partition)

@@ -27,6 +27,8 @@ def test_a_partitions_keys_and_channels_share_one_slot() -> None:
             partition.channel, partition.history_key, partition.epoch_key, partition.primary_key,
             partition.index_state_prefix + "1733500000000000",
             partition.index_key_prefix + "1733500000000000:42", partition.probe_channel("abc"),
+            partition.seq_key_prefix + "1733500000000000:42",
+            partition.legacy_state_prefix + "1733500000000000",
         ]  # fmt: skip
         slots = {key_slot(name.encode()) for name in names}
         assert len(slots) == 1, (partition.index, slots)

@@ -181,6 +181,7 @@ def _redis(tmp: str) -> tuple[subprocess.Popen[bytes], int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="HEAD", help="git revision to compare with")
+    parser.add_argument("--now", default=str(ROOT / "src"), help="the tree to compare (its src)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--count", type=int, default=20_000)
     parser.add_argument("--burst", type=int, default=50)
@@ -201,7 +202,7 @@ def main() -> None:
         archive = subprocess.run(["git", "archive", options.base, "src"], cwd=ROOT,
                                  check=True, capture_output=True).stdout  # fmt: skip
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        trees = {"base": Path(tmp) / "src", "now": ROOT / "src"}
+        trees = {"base": Path(tmp) / "src", "now": Path(options.now)}
         redis, port = _redis(tmp)
         results: dict[tuple[str, int], list[float]] = {(t, c): [] for t in trees for c in cases}
         try:

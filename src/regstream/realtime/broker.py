@@ -29,8 +29,9 @@ deadline per probe interval (``asyncio.timeout``), every reply already buffered 
 same wake-up. That is what ``PubSub.get_message`` does per message, without its per-message
 deadline, health-check ``PING`` (not configured here: the probes are ours), retry wrapper (a
 silent reconnect inside it would re-subscribe without the history catch-up; here any connection
-error rebuilds the subscription through step 1), observability hooks and message dict: ~1.6-1.9x
-less CPU per received message (``bench/broker_bench.py``). Replies are the server's
+error rebuilds the subscription through step 1), observability hooks and message dict: with the
+parse and the hub, 1.7-2.2x less CPU per received message in bursts of 7-50 (``bench/
+broker_bench.py``). Replies are the server's
 ``[kind, channel, data]``; with RESP3 a message is a push, handed back the same way
 (``push_request=True``). A reader of our own on redis-py's private internals is not needed.
 """

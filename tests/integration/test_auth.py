@@ -149,6 +149,8 @@ async def test_login_attempts_are_rate_limited(make_settings: SettingsFactory) -
             assert codes == [401, 401, 429]
             last = await client.post("/api/auth/login", json=body)
             assert int(last.headers["retry-after"]) >= 1
+            assert last.json()["error"] == "TOO_MANY_REQUESTS"
+            assert last.json()["message"] == "too many sign-in attempts; retry later"
 
 
 # --- tokens, roles, disabled users ------------------------------------------------------------
@@ -345,6 +347,8 @@ async def test_process_is_rate_limited_with_retry_after(make_settings: SettingsF
             response = await client.post("/api/registrations/999999/process")
             assert response.status_code == 429
             assert 1 <= int(response.headers["retry-after"]) <= 60
+            assert response.json()["error"] == "TOO_MANY_REQUESTS"
+            assert response.json()["message"] == "too many validations started; retry later"
 
 
 # --- the users CLI acts on the database serve uses ---------------------------------------------

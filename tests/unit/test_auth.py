@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from regstream.api.errors import too_many_requests
 from regstream.auth import http, passwords, tokens
 from regstream.auth.credentials import check_username, parse_role
 from regstream.auth.limits import LimitStore, RateLimit, retry_after
@@ -81,6 +82,9 @@ async def test_rate_limit_without_redis_counts_in_memory_and_reports_the_wait() 
     assert await limit.hit("b") == 0.0  # keys are independent
     assert await limit.hit("b", cost=2) > 0.0  # a bulk cost past what is left does not fit
     assert retry_after(0.2) == "1" and retry_after(29.1) == "30"
+    refusal = too_many_requests("slow down", 29.1)  # what every API limit raises
+    assert (refusal.status_code, refusal.detail) == (429, "slow down")
+    assert refusal.headers == {"Retry-After": "30"}
 
 
 def test_limit_keys_are_keyed_digests() -> None:

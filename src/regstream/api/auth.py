@@ -27,8 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from regstream.api.audit_trail import AuditTrail, record
 from regstream.api.deps import AuthDep, SessionsDep, SettingsDep
+from regstream.api.errors import too_many_requests
 from regstream.auth import credentials, http
-from regstream.auth.limits import retry_after
 from regstream.auth.principal import Principal, Role
 from regstream.auth.runtime import AuthRuntime
 from regstream.auth.tokens import same
@@ -211,9 +211,7 @@ async def process_slot(principal: OperatorPrincipal, auth: AuthDep) -> Principal
     """Operator, within ``REGSTREAM_PROCESS_RATE_PER_MINUTE`` validations a minute."""
     wait = await auth.process_limit.hit(f"operator:{principal.operator_id}")
     if wait:
-        raise HTTPException(
-            429, "too many validations started; retry later", {"Retry-After": retry_after(wait)}
-        )
+        raise too_many_requests("too many validations started; retry later", wait)
     return principal
 
 

@@ -28,9 +28,8 @@ from pydantic import Field
 from regstream import metrics
 from regstream.api.auth import AdminPrincipal, ViewerPrincipal
 from regstream.api.deps import AuthDep, HubDep, SessionDep
-from regstream.api.errors import error_response
+from regstream.api.errors import too_many_requests
 from regstream.api.schemas import CamelModel
-from regstream.auth.limits import retry_after
 from regstream.db import registrations
 
 router = APIRouter(prefix="/api", tags=["dashboard"])
@@ -144,12 +143,7 @@ async def report_latency(
     dashboard or the Prometheus histogram with made-up samples."""
     wait = await auth.latency_report_limit.hit(f"operator:{principal.operator_id}")
     if wait:
-        return error_response(
-            request,
-            429,
-            "too many latency reports; retry later",
-            headers={"Retry-After": retry_after(wait)},
-        )
+        raise too_many_requests("too many latency reports; retry later", wait)
     values = [max(0.0, float(v)) for v in body.samples if math.isfinite(v)]
     for value in values:
         metrics.BROWSER_LATENCY.observe(value / 1000)

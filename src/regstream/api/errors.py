@@ -17,12 +17,13 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from regstream.auth.limits import retry_after
 from regstream.db.engine import unavailable as database_unavailable
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,13 @@ def error_response(
     }
     body.update({k: v for k, v in extra.items() if v is not None})
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def too_many_requests(message: str, wait: float) -> HTTPException:
+    """What a request over a rate limit gets, to ``raise``: 429 with ``{error, message}`` and
+    ``Retry-After`` (``wait`` seconds rounded up, at least 1; ``wait`` as ``RateLimit.hit``
+    returns it). Every limit of the API answers through here."""
+    return HTTPException(429, message, {"Retry-After": retry_after(wait)})
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:

@@ -19,9 +19,9 @@ from regstream import metrics
 from regstream.api.audit_trail import record
 from regstream.api.auth import UNAUTHENTICATED, CallerAuditTrail, CurrentPrincipal, safe_next
 from regstream.api.deps import AuthDep, HubDep, SessionsDep, SettingsDep
+from regstream.api.errors import too_many_requests
 from regstream.api.schemas import CamelModel
 from regstream.auth import credentials, http
-from regstream.auth.limits import retry_after
 from regstream.auth.principal import Principal, Role
 from regstream.auth.runtime import AuthRuntime
 from regstream.auth.tokens import digest
@@ -187,9 +187,7 @@ async def _throttle_login(
                     client_ip=ip,
                     details={"reason": "throttled", "limit": which},
                 )
-            raise HTTPException(
-                429, "too many sign-in attempts; retry later", {"Retry-After": retry_after(wait)}
-            )
+            raise too_many_requests("too many sign-in attempts; retry later", wait)
 
 
 def _set_session_cookie(

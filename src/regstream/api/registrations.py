@@ -20,7 +20,7 @@ from regstream.api.auth import (
     ViewerPrincipal,
 )
 from regstream.api.deps import AuthDep, RunnerDep, SessionDep, ShutdownPhase, ShutdownPhaseDep
-from regstream.api.errors import error_response
+from regstream.api.errors import error_response, too_many_requests
 from regstream.api.schemas import (
     BulkConflict,
     BulkProcessRequest,
@@ -32,7 +32,6 @@ from regstream.api.schemas import (
     RegistrationPage,
     Storable,
 )
-from regstream.auth.limits import retry_after
 from regstream.db import registrations
 from regstream.db.tables import RegistrationRequest
 from regstream.domain.enums import RegistrationStatus
@@ -184,12 +183,7 @@ async def process_many(
         )
     wait = await auth.process_limit.hit(f"operator:{principal.operator_id}", cost=len(ids))
     if wait:
-        return error_response(
-            request,
-            429,
-            "too many validations started; retry later",
-            headers={"Retry-After": retry_after(wait)},
-        )
+        raise too_many_requests("too many validations started; retry later", wait)
 
     async def audit_starts(session: AsyncSession, accepted: list[int]) -> None:
         # one entry per run started, committed with the claims

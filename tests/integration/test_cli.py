@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import free_port
+from tests.support import TEST_SECRET_KEY, free_port
 
 ENV_DROP = ("REDIS_URL", "REDIS_HOST", "DATABASE_URL", "T24_BASE_URL", "REGSTREAM_SECRET_KEY")
 
@@ -155,3 +155,35 @@ def test_a_second_serve_on_the_same_data_dir_is_refused_in_one_line(tmp_path: Pa
             first.wait(30)
         finally:
             log.close()
+
+
+def test_database_commands_fail_with_one_line(tmp_path: Path) -> None:
+    """Every command that opens the database (``cli/database.py``) ends a failure with one line
+    on stderr and exit status 1, naming no secret: on a server that is not there, and on a
+    schema it may not migrate (``migrate`` and ``serve``: tests/integration/test_migrate.py)."""
+    env = _env(tmp_path / "var")
+    env.update(
+        DATABASE_URL=f"postgresql+asyncpg://regstream:pw-canary@127.0.0.1:{free_port()}/none",
+        REGSTREAM_SECRET_KEY=TEST_SECRET_KEY,
+    )  # fmt: skip
+    for command, what in ((["rotate-secret"], "rotate-secret"), (["users", "list"], "users list")):
+        done = subprocess.run(
+            [sys.executable, "-m", "regstream", *command],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 1, done
+        assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith(f"error: {what} failed: "), done.stderr
+        assert "pw-canary" not in done.stderr
+
+    env = _env(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    env["REGSTREAM_MIGRATE_ON_START"] = "false"
+    listed = subprocess.run(
+        [sys.executable, "-m", "regstream", "users", "list"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert listed.returncode == 1, listed
+    assert listed.stdout == "" and listed.stderr.count("\n") == 1, listed.stderr
+    assert listed.stderr.startswith("error: database schema is empty, this release needs ")
+    assert listed.stderr.endswith("(REGSTREAM_MIGRATE_ON_START=false)\n")

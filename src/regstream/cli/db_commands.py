@@ -7,16 +7,20 @@ exit status (docs/operations.md).
 
 from __future__ import annotations
 
-import asyncio
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
+from regstream.cli.database import run_on_database
 from regstream.cli.server_commands import settings_or_exit
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from regstream.db.key_rotation import Rotation
+
 out = Console(soft_wrap=True, highlight=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
@@ -24,34 +28,17 @@ def register(app: typer.Typer) -> None:
     app.command("rotate-secret")(rotate_secret)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def migrate() -> None:
     """Bring the database schema to this release's head (what a release pipeline runs once;
     safe while instances start or run: they take turns on a PostgreSQL advisory lock)."""
-    from regstream.db.engine import create_engine
     from regstream.db.engine import migrate as run_migrations
 
-    settings = settings_or_exit()
-
-    async def main() -> str:
-        engine = create_engine(settings.effective_database_url, pool_size=1)
-        try:
-            done = await run_migrations(engine)
-        finally:
-            await engine.dispose()
+    async def work(engine: AsyncEngine) -> str:
+        done = await run_migrations(engine)
         waited = " (after waiting for another process's migration)" if done.waited else ""
         return done.describe() + waited
 
-    try:
-        line = asyncio.run(main())
-    except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
-        err.print(f"[red]error:[/red] migration failed: {_one_line(exc)}")
-        raise typer.Exit(1) from None
-    out.print(line)
+    out.print(run_on_database(settings_or_exit(), work, failure="migration"))
 
 
 def rotate_secret(
@@ -60,27 +47,17 @@ def rotate_secret(
     """Re-hash enrolled users' national ids with REGSTREAM_SECRET_KEY (those that match under
     REGSTREAM_PREVIOUS_SECRET_KEYS). Exit status 0: every user is on the current key and the
     previous keys can be retired; 1: some users still need them (counts printed)."""
-    from regstream.db.engine import create_engine, create_session_factory, prepare_schema
-    from regstream.db.key_rotation import Rotation, rotate
+    from regstream.db.engine import create_session_factory, prepare_schema
+    from regstream.db.key_rotation import rotate
     from regstream.stack import national_id_keys
 
     settings = settings_or_exit()
 
-    async def main() -> Rotation:
-        engine = create_engine(settings.effective_database_url, pool_size=1)
-        try:
-            await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)
-            return await rotate(
-                create_session_factory(engine), national_id_keys(settings), batch=batch
-            )
-        finally:
-            await engine.dispose()
+    async def work(engine: AsyncEngine) -> Rotation:
+        await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)
+        return await rotate(create_session_factory(engine), national_id_keys(settings), batch=batch)
 
-    try:
-        done = asyncio.run(main())
-    except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
-        err.print(f"[red]error:[/red] rotate-secret failed: {_one_line(exc)}")
-        raise typer.Exit(1) from None
+    done = run_on_database(settings, work, failure="rotate-secret")
     out.print(
         f"re-hashed {done.rehashed} enrolled users with the current key "
         f"({done.current} were on it already)"

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import uvicorn
@@ -14,6 +13,9 @@ from rich.console import Console
 
 from regstream import logs
 from regstream.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -41,7 +43,7 @@ def serve(
     ] = False,
 ) -> None:
     """Run the service (embedded Redis and T24 simulator unless configured)."""
-    from regstream.db.engine import SchemaNotAtHead
+    from regstream.cli.database import run_on_database
     from regstream.stack import DataDirInUse, EmbeddedStack, national_id_keys
 
     settings = settings_or_exit()
@@ -69,11 +71,9 @@ def serve(
         key = national_id_keys(resolved).current
         if resolved.secret_key is None:  # the embedded default: generated into the data dir
             os.environ["REGSTREAM_SECRET_KEY"] = key.decode()
-        try:
-            asyncio.run(_prepare(resolved, key, demo))
-        except SchemaNotAtHead as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False)
-            raise typer.Exit(1) from None
+        run_on_database(
+            resolved, lambda engine: _prepare(engine, resolved, key, demo), failure="start-up"
+        )
         where = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         console.print(f"[bold green]regstream[/bold green] listening on [bold]{where}[/bold]"
                       f"  (API docs: {where}/docs, stream: {where}/api/registrations/updates/stream)",
@@ -100,45 +100,41 @@ def _exit_cleanly(_sig: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-async def _prepare(settings: Settings, key: bytes, demo: bool) -> None:
+async def _prepare(engine: AsyncEngine, settings: Settings, key: bytes, demo: bool) -> None:
     """Migrate once in the parent (workers then find the schema at head; or check it is at head
     with REGSTREAM_MIGRATE_ON_START=false) and load demo data."""
-    from regstream.db.engine import create_engine, create_session_factory, prepare_schema
+    from regstream.db.engine import create_session_factory, prepare_schema
 
-    engine = create_engine(settings.effective_database_url)
-    try:
-        await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)
-        if demo:
-            from regstream.demo import load_demo
+    await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)
+    if demo:
+        from regstream.demo import load_demo
 
-            rows = await load_demo(create_session_factory(engine), key)
-            for row in rows:
-                console.print(f"  demo registration [bold]{row.registration_id}[/bold]: {row.scenario}"
-                              f" → expect {row.expected_status}", highlight=False)  # fmt: skip
-            if not rows:
-                console.print("  demo data not loaded: the database already has registrations")
-            from regstream.cli.users_commands import ensure_demo_admin
+        rows = await load_demo(create_session_factory(engine), key)
+        for row in rows:
+            console.print(f"  demo registration [bold]{row.registration_id}[/bold]: {row.scenario}"
+                          f" → expect {row.expected_status}", highlight=False)  # fmt: skip
+        if not rows:
+            console.print("  demo data not loaded: the database already has registrations")
+        from regstream.cli.users_commands import ensure_demo_admin
 
-            async with create_session_factory(engine).begin() as session:
-                sign_in = await ensure_demo_admin(session)
-            if sign_in is not None:
-                # printed once: only the hash is stored (reset: regstream users passwd demo)
-                name, password, token = sign_in
-                console.print(
-                    f"  demo sign-in: user [bold]{name}[/bold]  password [bold]{password}[/bold]"
-                    "  (admin; shown once)",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-                console.print(
-                    f"  for the CLI: export REGSTREAM_TOKEN={token}",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-            else:
-                console.print("  demo sign-in not created: users exist (regstream users list)")
-    finally:
-        await engine.dispose()
+        async with create_session_factory(engine).begin() as session:
+            sign_in = await ensure_demo_admin(session)
+        if sign_in is not None:
+            # printed once: only the hash is stored (reset: regstream users passwd demo)
+            name, password, token = sign_in
+            console.print(
+                f"  demo sign-in: user [bold]{name}[/bold]  password [bold]{password}[/bold]"
+                "  (admin; shown once)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            console.print(
+                f"  for the CLI: export REGSTREAM_TOKEN={token}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        else:
+            console.print("  demo sign-in not created: users exist (regstream users list)")
 
 
 def t24_sim(

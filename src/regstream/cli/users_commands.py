@@ -10,7 +10,6 @@ server closes the user's open streams within one ping interval.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,18 +18,14 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from regstream.auth import credentials, passwords
 from regstream.auth.principal import Role
+from regstream.cli.database import run_on_database
 from regstream.config import Settings
 from regstream.db import accounts, audit
-from regstream.db.engine import (
-    SchemaNotAtHead,
-    create_engine,
-    create_session_factory,
-    prepare_schema,
-)
+from regstream.db.engine import create_session_factory, prepare_schema
 
 err = Console(stderr=True)
 out = Console()
@@ -50,22 +45,16 @@ def _settings() -> Settings:
     return settings_or_exit()
 
 
-def _run(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+def _run(command: str, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """``work`` in one transaction on the migrated (or checked) database, for ``users command``."""
     settings = _settings()
 
-    async def main() -> T:
-        engine = create_engine(settings.effective_database_url)
-        try:
-            await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)
-            async with create_session_factory(engine).begin() as session:
-                return await work(session)
-        finally:
-            await engine.dispose()
+    async def in_transaction(engine: AsyncEngine) -> T:
+        await prepare_schema(engine, migrate_on_start=settings.migrate_on_start)
+        async with create_session_factory(engine).begin() as session:
+            return await work(session)
 
-    try:
-        return asyncio.run(main())
-    except SchemaNotAtHead as exc:  # REGSTREAM_MIGRATE_ON_START=false and not migrated yet
-        raise _fail(str(exc)) from None
+    return run_on_database(settings, in_transaction, failure=f"users {command}")
 
 
 def _fail(message: str) -> typer.Exit:
@@ -121,7 +110,7 @@ def add(
         value, _ = await credentials.issue_api_token(session, operator=operator, label="cli")
         return value
 
-    value = _run(work)
+    value = _run("add", work)
     err.print(f"created user [bold]{username}[/bold] with role {parsed.value}", highlight=False)
     if value is not None:
         err.print("API token (shown once):")
@@ -139,7 +128,7 @@ def list_users() -> None:
             for o in await accounts.list_all(session)
         ]  # fmt: skip
 
-    rows = _run(work)
+    rows = _run("list", work)
     table = Table("user", "role", "status", "password")
     for row in rows:
         table.add_row(*row)
@@ -160,7 +149,7 @@ def disable(name: Annotated[str, typer.Argument(help="user name")]) -> None:
                            target=f"user:{operator.username}",
                            details={"disabled": True})  # fmt: skip
 
-    _run(work)
+    _run("disable", work)
     err.print(f"disabled [bold]{name.strip().lower()}[/bold]; its sessions and tokens are revoked",
               highlight=False)  # fmt: skip
 
@@ -182,7 +171,7 @@ def passwd(
         await audit.create(session, action="user.passwd", outcome="ok", actor="cli",
                            target=f"user:{operator.username}")  # fmt: skip
 
-    _run(work)
+    _run("passwd", work)
     err.print(f"password set for [bold]{name.strip().lower()}[/bold]", highlight=False)
 
 

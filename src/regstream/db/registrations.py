@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from regstream.db import log_append
+from regstream.db import compiled, log_append
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
 
 _REGISTRATIONS: Table = RegistrationRequest.__table__  # type: ignore[assignment]
@@ -358,10 +358,12 @@ def _append(
         "lease": now_ms + lease_ms,
         "stage": next((e[0] for e in reversed(events) if e[0] is not None), None),
     }  # fmt: skip
-    if final is not None:
-        params["final_status"], params["final_result"] = final
     conn = session.connection()
     postgres = conn.dialect.name == "postgresql"
+    if final is not None:
+        # the driver's form on PostgreSQL (``compiled.fetch``: JSON as text)
+        params["final_status"] = final[0]
+        params["final_result"] = json.dumps(final[1]) if postgres else final[1]
     found: list[tuple[Any, ...]] = []  # the guard query's rows (then nothing was written)
     seq: Any = None  # the run's seq after the append; None: the run is no longer ours
     if postgres:  # one statement: ``member``, the run's row, its log rows (one round trip)
@@ -372,7 +374,7 @@ def _append(
         statement = log_append.postgres(
             final is not None, None if member is None else member.statement, guard
         )
-        rows = [tuple(row) for row in conn.execute(statement, params)]
+        rows = compiled.fetch(conn, statement, params)
         if guard:  # (seq or NULL, true, member's columns) per row found; (seq, NULL, …) if none
             found = [row[2:] for row in rows if row[1]]
         seq = rows[0][0] if rows else None

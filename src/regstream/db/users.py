@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import fields
 from datetime import date
 from typing import Any, NamedTuple
 
-from sqlalchemy import String, Table, bindparam, func, insert, or_, select
+from sqlalchemy import Select, String, Table, bindparam, func, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -43,14 +44,21 @@ _u = _USERS.c
 # The duplicate check and the enrolment run once per validation, each with the append of the
 # step's log entries (``registrations.append_events``; on PostgreSQL in its statement); built
 # once, like those.
-_MATCHING = select(_u.id, _u.customer_number, _u.phone, _u.national_id_hash).where(
-    or_(
-        _u.customer_number == bindparam("match_customer_number", type_=String()),
-        _u.phone == bindparam("match_phone", type_=String()),
-        # one per key (current and previous, key rotation: ``NationalIdKeys.hashes``)
-        _u.national_id_hash.in_(bindparam("match_hashes", expanding=True)),
+@functools.cache
+def _matching(hashes: int) -> Select[tuple[int, str, str, str]]:
+    """The query for ``hashes`` national-id hashes (one per key, ``NationalIdKeys.hashes``), one
+    parameter each: a statement compiled once needs a fixed number (``db/compiled.py``)."""
+    return select(_u.id, _u.customer_number, _u.phone, _u.national_id_hash).where(
+        or_(
+            _u.customer_number == bindparam("match_customer_number", type_=String()),
+            _u.phone == bindparam("match_phone", type_=String()),
+            _u.national_id_hash.in_(
+                [bindparam(f"match_hash_{i}", type_=String()) for i in range(hashes)]
+            ),
+        )
     )
-)
+
+
 _ENROLLED = (
     "customer_number", "first_name", "last_name", "phone", "email", "date_of_birth",
     "national_id_hash", "national_id_last4", "device_id", "registration_id",
@@ -77,9 +85,9 @@ def matching(
     under any of the keys, ``NationalIdKeys.hashes``); its rows make ``Match``es."""
     if not national_id_hashes:
         raise ValueError("at least one national-id hash is needed")
-    params = {"match_customer_number": customer_number, "match_phone": phone,
-              "match_hashes": list(national_id_hashes)}  # fmt: skip
-    return Bound(_MATCHING, params)
+    params = {"match_customer_number": customer_number, "match_phone": phone}
+    params.update((f"match_hash_{i}", h) for i, h in enumerate(national_id_hashes))
+    return Bound(_matching(len(national_id_hashes)), params)
 
 
 def enrolment(

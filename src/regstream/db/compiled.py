@@ -1,0 +1,75 @@
+"""PostgreSQL: the hot Core statements compiled once and sent to asyncpg from a sync step.
+
+A validation's two appends (``registrations._append``: one statement each on PostgreSQL,
+``log_append.postgres``) cost ~220 us of CPU each through ``Connection.execute`` (the compiled
+cache's key, the execution context, bind and result processing, the adapter's cursor), ~160 us
+through ``exec_driver_sql`` and ~70 us on asyncpg itself (bench/RESULTS.md, issue 17 H1). So they
+stay Core statements built from ``db/tables.py`` (Alembic and the type checker see them), are
+compiled once per dialect (``statement.compile(dialect=…)``: its SQL and its positional order,
+``positiontup``), and go to the driver connection through SQLAlchemy's public
+``AdaptedConnection.run_async`` from inside the step's ``run_sync`` (no extra hop).
+
+The transaction: SQLAlchemy's asyncpg adapter sends ``BEGIN`` lazily, with a connection's first
+statement. A statement sent straight to asyncpg before that would run in autocommit, outside the
+group commit's transaction. So ``fetch`` asks asyncpg (``is_in_transaction``) and sends a
+transaction's first statement through ``exec_driver_sql``, which begins it
+(tests/integration/test_data_layer.py: rows written so roll back with the step).
+
+Errors are turned into SQLAlchemy's as its adapter would: a constraint violation into
+``IntegrityError`` (a unique violation fails the enrolment step), any other server error into
+``DBAPIError`` (its ``orig`` keeps the SQLSTATE, which ``engine.unavailable`` reads), and a lost
+connection into ``OperationalError`` after invalidating the pooled connection. No parameters
+in any of them: they are personal data.
+
+Parameters are given as the driver takes them: JSON values as JSON text (SQLAlchemy's asyncpg
+codec for ``json`` encodes text), dates as ``date``, arrays as lists.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+from sqlalchemy import Executable
+from sqlalchemy.engine import AdaptedConnection, Connection, Dialect
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.sql.compiler import SQLCompiler
+
+
+@functools.cache
+def _compiled(
+    statement: Executable, dialect: Dialect
+) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """The SQL, its parameters' names in order, and the values the statement holds (literals
+    the statement was built with, as ``in_progress=False``)."""
+    compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+    if not isinstance(compiled, SQLCompiler) or compiled.positiontup is None:
+        raise TypeError("a statement with positional parameters is needed")
+    return compiled.string, tuple(compiled.positiontup), dict(compiled.params)
+
+
+def fetch(
+    conn: Connection, statement: Executable, params: Mapping[str, Any]
+) -> list[tuple[Any, ...]]:
+    """``statement``'s rows for ``params`` (every bind parameter by name), in ``conn``'s
+    transaction (PostgreSQL on asyncpg, called inside ``run_sync``)."""
+    sql, names, held = _compiled(statement, conn.dialect)
+    args = [params[name] if name in params else held[name] for name in names]
+    adapted = conn.connection.dbapi_connection
+    if not isinstance(adapted, AdaptedConnection):
+        raise TypeError("an async driver's connection is needed")
+    driver: asyncpg.Connection = adapted.driver_connection
+    if not driver.is_in_transaction():  # SQLAlchemy's adapter begins with its first statement
+        return [tuple(row) for row in conn.exec_driver_sql(sql, tuple(args))]
+    try:
+        records = adapted.run_async(lambda connection: connection.fetch(sql, *args))
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        raise IntegrityError(sql, None, exc) from exc
+    except asyncpg.PostgresError as exc:
+        raise DBAPIError(sql, None, exc) from exc
+    except (asyncpg.InterfaceError, OSError) as exc:  # the connection is gone or unusable
+        conn.invalidate(exc)
+        raise OperationalError(sql, None, exc, connection_invalidated=True) from exc
+    return [tuple(record) for record in records]

@@ -501,6 +501,34 @@ async def test_headers_and_correlation_id(
     assert parse_qs(last.query) == {"page_size": ["25"], "page_start": ["1"]}
 
 
+@pytest.mark.parametrize(
+    "base_path",
+    ["/api/v1.0.0/", "/api/./v1.0.0", "/api/x/../v1.0.0"],
+    ids=["slash", "dot", "dotdot"],
+)
+async def test_request_urls_from_any_form_of_the_base_url(
+    make_client: ClientFactory, sim: RunningSimulator, base_path: str
+) -> None:
+    # Request URLs are assembled from the base URL's parsed parts (not parsed again per call):
+    # the same URLs whichever way the base path is written.
+    sent: list[SentRequest] = []
+    origin = sim.base_url.removesuffix("/api/v1.0.0")
+    client = make_client(base_url=origin + base_path, on_request=sent.append)
+    assert (await client.get_customer("100100")).customer_id == "100100"
+    assert len(await client.list_accounts("100200")) == 60  # three pages of 25
+    urls = [urlsplit(request.url) for request in sent]
+    assert [(url.scheme, url.netloc) for url in urls] == [("http", urlsplit(origin).netloc)] * 4
+    assert [url.path for url in urls] == ["/api/v1.0.0/party/customers/100100"] + [
+        "/api/v1.0.0/party/customers/100200/arrangements"
+    ] * 3
+    queries = [parse_qs(url.query) for url in urls]
+    assert queries[:2] == [{}, {"page_size": ["25"], "page_start": ["1"]}]
+    token = queries[2]["page_token"]
+    assert queries[2:] == [
+        {"page_size": ["25"], "page_start": [str(page)], "page_token": token} for page in (2, 3)
+    ]
+
+
 async def test_basic_auth(auth_simulator: RunningSimulator, make_client: ClientFactory) -> None:
     good = make_client(base_url=auth_simulator.base_url, username=USERNAME, password=PASSWORD)
     assert (await good.get_customer("100100")).customer_id == "100100"

@@ -2,7 +2,7 @@
 server per test).
 
 A burst of several hundred messages arrives in a few socket reads, replies split across them: all
-must be dispatched in order, exactly once, on RESP3 (pushes) and RESP2 (replies), on the same
+must be dispatched in order, exactly once, on RESP2 (replies) and RESP3 (pushes), on the same
 connection throughout. A subscriber connection killed while it waits must
 reconnect through ``Broker.run``'s error path, and what was published meanwhile must arrive
 through the history catch-up.
@@ -60,14 +60,14 @@ async def _running(broker: Broker) -> AsyncIterator[asyncio.Task[None]]:
 
 
 def _subscriber(url: str, protocol: int) -> Redis:
-    """The service's subscriber client (redis-py 8's default protocol, RESP3: messages are
-    pushes), or one on RESP2 (messages are replies)."""
-    if protocol == 3:
+    """The service's subscriber client (RESP2: messages are replies), or one on RESP3 (redis-py
+    8's default: messages are pushes)."""
+    if protocol == 2:
         return create_subscriber_client(url, name=SUB_NAME)
     return Redis.from_url(url, protocol=protocol, client_name=SUB_NAME, socket_timeout=None)
 
 
-@pytest.mark.parametrize("protocol", [3, 2])
+@pytest.mark.parametrize("protocol", [2, 3])
 async def test_burst_is_dispatched_in_order_exactly_once(
     redis_server: EmbeddedRedis, caplog: pytest.LogCaptureFixture, protocol: int
 ) -> None:

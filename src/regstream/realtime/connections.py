@@ -247,13 +247,18 @@ def create_client(
 
 
 def create_subscriber_client(target: RedisTarget | str, *, name: str) -> Redis:
-    """A client for the subscription: no socket timeout (it waits for messages)."""
+    """A client for the subscription: no socket timeout (it waits for messages); RESP2, where a
+    message is a plain reply (RESP3, redis-py 8's default, makes each a push that redis-py routes
+    through its push handlers: ~1.1-1.2x the broker's CPU per message, ``bench/broker_bench.py``).
+    The connection sends only (S)SUBSCRIBE, which RESP2 allows (the probes go on the command
+    client); the broker reads RESP3 as well."""
     target = RedisTarget.from_url(target) if isinstance(target, str) else target
     options: dict[str, Any] = {
         "client_name": name,
         "decode_responses": False,
         "socket_timeout": None,
         "socket_connect_timeout": CONNECT_TIMEOUT,
+        "protocol": 2,
     }
     if not target.is_unix:
         options["socket_keepalive"] = True

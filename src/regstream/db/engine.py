@@ -39,6 +39,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -119,11 +120,15 @@ def threaded_sessions(sessions: SessionFactory) -> sessionmaker[Session] | None:
 
 
 @asynccontextmanager
-async def transaction(sessions: SessionFactory) -> AsyncIterator[AsyncSession]:
+async def transaction(
+    sessions: SessionFactory, *, bind: AsyncConnection | None = None
+) -> AsyncIterator[AsyncSession]:
     """A session in a transaction that commits (or rolls back) in the caller's own step as the
     block ends, unlike ``sessions.begin()`` (see the module doc): for transactions that run
-    back to back under load."""
-    async with sessions() as session, session.begin():
+    back to back under load. ``bind``: a connection the caller holds (not in a transaction),
+    on which the session begins and commits its own."""
+    new = sessions() if bind is None else sessions(bind=bind)
+    async with new as session, session.begin():
         yield session
 
 

@@ -37,6 +37,7 @@ and settles that batch (the steps' ``then`` callbacks run) before it stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import deque
@@ -44,7 +45,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from regstream.db.engine import threaded_sessions, transaction
@@ -65,6 +66,14 @@ class _Entry(Generic[T]):
     sync: bool
 
 
+@dataclass(slots=True)
+class _Held:
+    """A worker's connection, kept from batch to batch while steps keep coming: one pool
+    checkout (on PostgreSQL one pre-ping, a round trip) per busy spell instead of per batch."""
+
+    connection: AsyncConnection | None = None
+
+
 class _StepRaised(Exception):
     """A step of a batch raised: roll the batch back and run its steps alone."""
 
@@ -80,6 +89,8 @@ class GroupCommit:
     ) -> None:
         self._sessions = sessions
         self._threaded = threaded_sessions(sessions)  # SQLite only
+        bind = sessions.kw.get("bind")
+        self._engine = bind if isinstance(bind, AsyncEngine) else None
         self._max_batch = max_batch
         self._max_open = max_open
         self._decided = decided
@@ -119,6 +130,7 @@ class GroupCommit:
 
     async def _work(self) -> None:
         batch: list[_Entry[Any]] = []
+        held = _Held()
         try:
             while self._queue:
                 batch = []
@@ -129,12 +141,12 @@ class GroupCommit:
                 if not batch:
                     continue
                 if self._threaded is None:
-                    await self._commit(batch, threaded=False)
+                    await self._commit(batch, held, threaded=False)
                     continue
                 for sync, group in itertools.groupby(batch, key=lambda e: e.sync):
                     part = [entry for entry in group if not entry.future.done()]
                     if part:
-                        await self._commit(part, threaded=sync)
+                        await self._commit(part, held, threaded=sync)
         except BaseException:  # this worker was cancelled (shutdown): settle what it holds
             for entry in batch:
                 entry.future.cancel()
@@ -145,12 +157,17 @@ class GroupCommit:
             raise
         finally:  # at once, not in a done callback: a step queued meanwhile needs a worker
             self._workers.discard(asyncio.current_task())
+            await _release(held)
 
-    async def _transaction(self, batch: list[_Entry[Any]], *, threaded: bool) -> _Outcomes:
+    async def _transaction(
+        self, batch: list[_Entry[Any]], held: _Held, *, threaded: bool
+    ) -> _Outcomes:
         """Run ``batch`` in one transaction and commit; raises ``_StepRaised`` (rolled back)."""
         if threaded:
             return await self._in_thread(batch)
-        async with transaction(self._sessions) as session:
+        if held.connection is None and self._engine is not None:
+            held.connection = await self._engine.connect()
+        async with transaction(self._sessions, bind=held.connection) as session:
             outcomes: _Outcomes = []
             for sync, group in itertools.groupby(batch, key=lambda e: e.sync):
                 entries = list(group)
@@ -195,34 +212,44 @@ class GroupCommit:
                     _committed(entry, failed, value)
             raise
 
-    async def _commit(self, batch: list[_Entry[Any]], *, threaded: bool) -> None:
+    async def _commit(self, batch: list[_Entry[Any]], held: _Held, *, threaded: bool) -> None:
         try:
-            outcomes = await self._transaction(batch, threaded=threaded)
+            outcomes = await self._transaction(batch, held, threaded=threaded)
         except _StepRaised as raised:
             if len(batch) == 1:  # it ran alone already
                 _settle(batch[0].future, True, raised.__cause__)
                 return
             for entry in batch:
                 if not entry.future.done():  # done: its caller was cancelled meanwhile
-                    await self._alone(entry, threaded=threaded)
+                    await self._alone(entry, held, threaded=threaded)
             return
         except Exception as exc:  # the transaction itself failed (BEGIN, COMMIT, connection)
+            await _release(held)  # the next batch starts on a connection checked by the pool
             for entry in batch:
                 _settle(entry.future, True, exc)
             return
         for entry, (failed, value) in zip(batch, outcomes, strict=True):
             _committed(entry, failed, value)
 
-    async def _alone(self, entry: _Entry[Any], *, threaded: bool) -> None:
+    async def _alone(self, entry: _Entry[Any], held: _Held, *, threaded: bool) -> None:
         try:
-            ((failed, value),) = await self._transaction([entry], threaded=threaded)
+            ((failed, value),) = await self._transaction([entry], held, threaded=threaded)
         except _StepRaised as raised:
             _settle(entry.future, True, raised.__cause__)
         except (Exception, asyncio.CancelledError) as exc:
             _reraise_if_cancelled(exc)
+            await _release(held)
             _settle(entry.future, True, exc)
         else:
             _committed(entry, failed, value)
+
+
+async def _release(held: _Held) -> None:
+    """Give the held connection back to the pool (closing it: a broken one is discarded)."""
+    connection, held.connection = held.connection, None
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            await connection.close()
 
 
 def _committed(entry: _Entry[Any], raised: bool, value: Any) -> None:

@@ -41,6 +41,8 @@ class Match(NamedTuple):
 
 _USERS: Table = MobileUser.__table__  # type: ignore[assignment]
 _u = _USERS.c
+
+
 # The duplicate check and the enrolment run once per validation, each with the append of the
 # step's log entries (``registrations.append_events``; on PostgreSQL in its statement); built
 # once, like those.
@@ -70,17 +72,17 @@ _ENROLLED = (
 # append's ``run`` CTE too), hence the ``match_``/``new_`` prefixes.
 _CREATE = (
     insert(_USERS)
-    .values({
-        **{name: bindparam(f"new_{name}", type_=_u[name].type) for name in _ENROLLED},
-        "status": "ACTIVE",
-    })
+    .values(
+        {
+            **{name: bindparam(f"new_{name}", type_=_u[name].type) for name in _ENROLLED},
+            "status": "ACTIVE",
+        }
+    )
     .returning(_u.id)
 )
 
 
-def matching(
-    *, customer_number: str, phone: str, national_id_hashes: Sequence[str]
-) -> Bound:
+def matching(*, customer_number: str, phone: str, national_id_hashes: Sequence[str]) -> Bound:
     """The query for every enrolled user with this CIF, this phone or this national id (its hash
     under any of the keys, ``NationalIdKeys.hashes``); its rows make ``Match``es."""
     if not national_id_hashes:

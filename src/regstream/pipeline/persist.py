@@ -100,9 +100,7 @@ class Recorder:
             also=also,
         )  # fmt: skip
 
-    async def commit(
-        self, run: Run, step: Callable[[Session], tuple[list[LogEvent], T]]
-    ) -> T:
+    async def commit(self, run: Run, step: Callable[[Session], tuple[list[LogEvent], T]]) -> T:
         """Run ``step`` in a group-commit transaction; once committed, what it logged joins the
         run's log and is queued for publication. Returns the step's other result."""
 

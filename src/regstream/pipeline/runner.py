@@ -350,4 +350,3 @@ class Runner:
                 await self._validator.fail_unexpected(run, exc)
             finally:
                 metrics.RUNS_IN_PROGRESS.dec()
-

@@ -101,9 +101,7 @@ class Validator:
                 customer_number=applicant.customer_number, phone=applicant.phone,
                 national_id_hashes=nid_hashes,
             )  # fmt: skip
-            logged, rows = self._recorder.append_unless(
-                session, run, _NO_DUPLICATE, unless=query
-            )
+            logged, rows = self._recorder.append_unless(session, run, _NO_DUPLICATE, unless=query)
             if logged is not None:
                 return logged, False
             matches = [users.Match(*row) for row in rows]

@@ -134,8 +134,11 @@ async def test_lease_renewal_skips_rows_a_transaction_holds(postgres_url: str) -
 
 async def test_appending_log_entries_is_part_of_the_transaction(database_url: str) -> None:
     """``append_events`` (Core statements on the tables): as the first statement of a
-    transaction it must roll back with it, and what it writes must read back through the ORM as
-    the entries, the final status and result, and the lease it was given."""
+    transaction and after it it must roll back with it, and what it writes must read back
+    through the ORM as the entries, the final status and result, and the lease it was given.
+    (PostgreSQL: the second append goes straight to asyncpg, ``db/compiled.py``; the first,
+    which SQLAlchemy's adapter must begin the transaction with, through ``exec_driver_sql``.
+    Either sent outside the transaction would commit on its own.)"""
 
     async with _migrated(database_url) as sessions:
         async with sessions.begin() as session:
@@ -153,7 +156,11 @@ async def test_appending_log_entries_is_part_of_the_transaction(database_url: st
         try:
             async with sessions.begin() as session:  # the append is its first statement
                 await registrations.append_events(
-                    session, registration_id=rid, run_id=run_id, run=1, events=events,
+                    session, registration_id=rid, run_id=run_id, run=1, events=events[:2],
+                    now_ms=1_010, lease_ms=100,
+                )  # fmt: skip
+                await registrations.append_events(
+                    session, registration_id=rid, run_id=run_id, run=1, events=events[2:],
                     now_ms=1_010, lease_ms=100, final=final,
                 )  # fmt: skip
                 raise Undo

@@ -30,8 +30,8 @@ same wake-up. That is what ``PubSub.get_message`` does per message, without its 
 deadline, health-check ``PING`` (not configured here: the probes are ours), retry wrapper (a
 silent reconnect inside it would re-subscribe without the history catch-up; here any connection
 error rebuilds the subscription through step 1), observability hooks and message dict: with the
-parse and the hub, 1.7-2.2x less CPU per received message in bursts of 7-50 (``bench/
-broker_bench.py``). Replies are the server's
+parse, the hub and the RESP2 subscriber client, 1.9-2.6x less CPU per received message in bursts
+of 7-50 (``bench/broker_bench.py``). Replies are the server's
 ``[kind, channel, data]``; with RESP3 a message is a push, handed back the same way
 (``push_request=True``). A reader of our own on redis-py's private internals is not needed.
 """

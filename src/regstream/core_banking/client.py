@@ -31,16 +31,12 @@ Decisions:
   retry is only started when its back-off sleep (or ``Retry-After``) ends at least
   ``_MIN_ATTEMPT_BUDGET`` seconds before the deadline; otherwise the last error is raised,
   which is how a long ``Retry-After`` becomes ``CoreMaintenance`` straight away.
-- Retries: ``tenacity`` decides every retry, with exponential back-off and full jitter (AWS
-  builders' library); which answers are retried is decided by ``_wire.is_transient`` (timeouts,
-  dropped connections, 502/503/504, 500 ``TGVCP-001``). The first attempt is sent before
-  ``tenacity`` is entered: building its retry loop and running its per-attempt actions cost
-  ~50 µs of CPU per call, a quarter of a GET through aiohttp (``bench/t24_http_bench.py``),
-  for the ~0 % of calls that retry. A transient failure of the first attempt is then handed to
-  ``tenacity`` as its attempt 1 (re-raised inside the retry loop, no request), so its stop, wait
-  and ``Retry-After`` decisions, and the attempt numbers, are those of a loop that ran every
-  attempt. A kept-alive connection the core closed as we sent on it is retried by aiohttp
-  itself, once, on a new connection (safe for a GET), within the same attempt.
+- Retries: ``tenacity`` drives every attempt, the first included (issue 17: the retry policy
+  as designed, no first-attempt bypass), with exponential back-off and full jitter (AWS
+  builders' library); which answers are retried is decided by ``_wire.is_transient``
+  (timeouts, dropped connections, 502/503/504, 500 ``TGVCP-001``). A kept-alive connection the
+  core closed as we sent on it is retried by aiohttp itself, once, on a new connection (safe
+  for a GET), within the same attempt.
 - The circuit breaker counts *HTTP attempts*, not calls: ``breaker_threshold`` failed
   attempts in a row (timeouts, connection errors, 5xx; an expired deadline counts too) open
   it. When it rejects a retry (not the first attempt) the error that caused the retry is
@@ -388,22 +384,6 @@ class T24Client:
         """One request with retries; ``None`` means "No records were found"."""
         call.attempt = 0
         call.last_error = None
-        try:
-            return await self._attempt(call, url)
-        except CoreBankingError as exc:
-            if not _wire.should_retry(exc):
-                raise
-            first: CoreBankingError | None = exc
-        # A retry is due (unless tenacity's stop says no): tenacity takes over, the first
-        # attempt's failure re-raised as its attempt 1 (see the module notes).
-
-        async def attempt(call: CallContext, url: URL) -> _wire.Envelope | None:
-            nonlocal first
-            if first is not None:
-                failure, first = first, None
-                raise failure
-            return await self._attempt(call, url)
-
         retrying = AsyncRetrying(
             retry=self._retry,
             wait=self._wait,
@@ -411,7 +391,7 @@ class T24Client:
             reraise=True,
         )
         try:
-            return await retrying(attempt, call, url)
+            return await retrying(self._attempt, call, url)
         except CircuitOpen:
             # The breaker opened during our retries: report what made us retry.
             last = call.last_error

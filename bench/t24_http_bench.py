@@ -11,7 +11,7 @@ process (pinned to CPU 0, uvloop), sends GETs for load customers (``7nnnnnnnnn``
 - ``httpx``: ``httpx.AsyncClient.get`` + ``json.loads``, the same way (the library issue 17
   named first; run 14 shows why the client does not use it);
 - ``t24client``: ``T24Client.get_customer`` as the pipeline calls it (aiohttp, the breaker,
-  the call deadline, tenacity once a retry is due, wire parsing, one log line and metrics per
+  the call deadline, tenacity around every attempt, wire parsing, one log line and metrics per
   attempt);
 - ``baseline`` (with ``--baseline TREE``): the same, with the ``T24Client`` of another source
   tree (``git archive HEAD src/regstream/core_banking | tar -x -C TREE``), loaded as a

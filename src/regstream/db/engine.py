@@ -111,6 +111,8 @@ def threaded_sessions(sessions: SessionFactory) -> sessionmaker[Session] | None:
     engine = sessions.kw.get("bind")
     if not isinstance(engine, AsyncEngine) or engine.dialect.name != "sqlite":
         return None
+    if engine.url.database in (None, "", ":memory:") or "memory" in str(engine.url):
+        return None  # a second connection would open another, empty database
     sync = create_sync_engine(
         make_url(engine.url).set(drivername="sqlite"),
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S},

@@ -159,6 +159,9 @@ def make_settings(
             # a test's server stops without a signal (no drain delay); its open streams are
             # closed over at most 0.5 s instead of REGSTREAM_DRAIN_SPREAD's 5 s
             "drain_spread": 0.5,
+            # the collector is tuned once per serving process (gc_tuning.py); this process
+            # starts many apps and keeps the interpreter's collector (test_gc_tuning.py)
+            "gc_gen0_threshold": 0,
         }
         values.update(overrides)
         if isinstance(values.get("redis_url"), str):

@@ -31,7 +31,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from regstream import __version__, logs
+from regstream import __version__, gc_tuning, logs
 from regstream.api import audit as audit_routes
 from regstream.api import dashboard as dashboard_routes
 from regstream.api import docs as docs_routes
@@ -91,6 +91,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 app.state.takeover.announce()  # the log line and metric naming the write path
                 drain = Drain(services)
                 restore = drain.install_signals()
+                gc_tuning.tune(settings.gc_gen0_threshold)  # the start-up heap is complete
                 try:
                     yield
                 finally:

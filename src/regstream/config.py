@@ -238,6 +238,11 @@ class Settings(BaseSettings):
         64, validation_alias=_env("REGSTREAM_PIPELINE_CONCURRENCY")
     )
     lease_seconds: PositiveFloat = Field(60.0, validation_alias=_env("REGSTREAM_LEASE_SECONDS"))
+    # young-generation threshold of the garbage collector once started (gc_tuning.py; the
+    # start-up heap is frozen too); 0: the interpreter's collector as it is
+    gc_gen0_threshold: Annotated[int, Field(ge=0)] = Field(
+        10_000, validation_alias=_env("REGSTREAM_GC_GEN0_THRESHOLD")
+    )
     # the shared work queue (pipeline/fleet.py): a dead instance's runs are taken over once its
     # heartbeat is older than the timeout; queued runs are looked for at least every poll
     heartbeat_interval: PositiveFloat = Field(

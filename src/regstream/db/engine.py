@@ -7,7 +7,10 @@ loop. We run WAL mode and start every transaction with ``BEGIN IMMEDIATE``: a de
 transaction that reads and then writes gets ``SQLITE_BUSY`` at once (no busy wait) when another
 writer got there first; taking the write lock up front makes concurrent transactions queue for it
 instead (SQLAlchemy's documented pysqlite/aiosqlite recipe), each for up to
-``SQLITE_BUSY_TIMEOUT_S`` (SQLite's own busy timeout, on the connection's thread).
+``SQLITE_BUSY_TIMEOUT_S`` (SQLite's own busy timeout, on the connection's thread). The group
+commit's sync steps (a run's steps) run instead on a second, stock ``pysqlite`` engine on the
+same file with the same settings, a whole batch in one worker thread (``threaded_sessions``):
+aiosqlite hands every statement to its thread 3-4 times; none for an in-memory database.
 
 Sessions are SQLAlchemy's as shipped (``expire_on_commit=False``). ``async_sessionmaker.begin()``
 commits and closes in a task of its own (shielded from cancellation), one event-loop turn after

@@ -5,8 +5,8 @@ A validation's two appends (``registrations._append``: one statement each on Pos
 cache's key, the execution context, bind and result processing, the adapter's cursor), ~160 us
 through ``exec_driver_sql`` and ~70 us on asyncpg itself (a scratch measurement while this was
 written; ``bench/db_bench.py`` measures a validation's database work, bench/RESULTS.md run 17).
-So they stay Core statements built from ``db/tables.py`` (Alembic and the type checker see them), are
-compiled once per dialect (``statement.compile(dialect=…)``: its SQL and its positional order,
+So they stay Core statements built from ``db/tables.py`` (Alembic and the type checker see
+them), are compiled once per dialect (``statement.compile(dialect=…)``: its SQL and its positional order,
 ``positiontup``), and go to the driver connection through SQLAlchemy's public
 ``AdaptedConnection.run_async`` from inside the step's ``run_sync`` (no extra hop).
 

@@ -6,9 +6,9 @@ cache's key, the execution context, bind and result processing, the adapter's cu
 through ``exec_driver_sql`` and ~70 us on asyncpg itself (a scratch measurement while this was
 written; ``bench/db_bench.py`` measures a validation's database work, bench/RESULTS.md run 17).
 So they stay Core statements built from ``db/tables.py`` (Alembic and the type checker see
-them), are compiled once per dialect (``statement.compile(dialect=…)``: its SQL and its positional order,
-``positiontup``), and go to the driver connection through SQLAlchemy's public
-``AdaptedConnection.run_async`` from inside the step's ``run_sync`` (no extra hop).
+them), are compiled once per dialect (``statement.compile(dialect=…)``: its SQL and its
+positional order, ``positiontup``), and go to the driver connection through SQLAlchemy's
+public ``AdaptedConnection.run_async`` from inside the step's ``run_sync`` (no extra hop).
 
 The transaction: SQLAlchemy's asyncpg adapter sends ``BEGIN`` lazily, with a connection's first
 statement. A statement sent straight to asyncpg before that would run in autocommit, outside the

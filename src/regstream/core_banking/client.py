@@ -34,7 +34,10 @@ Decisions:
 - Retries: ``tenacity`` drives every attempt, the first included (issue 17: the retry policy
   as designed, no first-attempt bypass), with exponential back-off and full jitter (AWS
   builders' library); which answers are retried is decided by ``_wire.is_transient``
-  (timeouts, dropped connections, 502/503/504, 500 ``TGVCP-001``). A kept-alive connection the
+  (timeouts, dropped connections, 502/503/504, 500 ``TGVCP-001``). That predicate
+  (``tenacity.asyncio.retry_if_exception``) and the ``before``/``after`` hooks are coroutine
+  functions, tenacity's typed async forms, so it builds no wrapper coroutine for them on each
+  attempt (stop and wait are sync: they run only after a failure). A kept-alive connection the
   core closed as we sent on it is retried by aiohttp itself, once, on a new connection (safe
   for a GET), within the same attempt.
 - The circuit breaker counts *HTTP attempts*, not calls: ``breaker_threshold`` failed
@@ -73,7 +76,8 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import aiohttp
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
+from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
+from tenacity.asyncio import retry_if_exception
 from yarl import URL
 
 from regstream.core_banking import _wire
@@ -298,7 +302,7 @@ class T24Client:
         self._backoff = wait_random_exponential(
             multiplier=config.backoff_initial, max=config.backoff_max
         )
-        self._retry = retry_if_exception(_wire.should_retry)
+        self._retry = retry_if_exception(_should_retry)
 
     async def __aenter__(self) -> T24Client:
         return self
@@ -384,10 +388,14 @@ class T24Client:
         """One request with retries; ``None`` means "No records were found"."""
         call.attempt = 0
         call.last_error = None
+
+        # retry, before and after as coroutine functions: no wrapper per attempt (see Retries)
         retrying = AsyncRetrying(
             retry=self._retry,
             wait=self._wait,
             stop=lambda state: self._should_stop(call, state),
+            before=_nothing,
+            after=_nothing,
             reraise=True,
         )
         try:
@@ -474,6 +482,15 @@ class T24Client:
         self.breaker.record_failure()
         observe(call, None, exc)
         return exc
+
+
+async def _should_retry(exc: BaseException) -> bool:
+    return _wire.should_retry(exc)
+
+
+async def _nothing(state: RetryCallState) -> None:
+    """tenacity's ``before``/``after`` hooks: nothing to do (one log line per attempt comes
+    from ``observe``)."""
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -223,6 +223,32 @@ class StreamFollower:
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
+MEAN_PARTS = re.compile(
+    r'^regstream_(stage_duration|t24_call)_seconds_(sum|count)\{([^}]*)\} (\S+)$', re.M
+)
+
+
+async def stage_means(base: str, headers: dict[str, str]) -> dict[str, float] | None:
+    """Mean ms per pipeline stage and per T24 operation, from the server's ``/metrics``
+    (``regstream_stage_duration_seconds``, ``regstream_t24_call_seconds``); None if unread."""
+    try:
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=10) as http:
+            answer = await http.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    if answer.status_code != 200:
+        return None
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for _metric, kind, labels, value in MEAN_PARTS.findall(answer.text):
+        names = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        what = names.get("stage") or names.get("operation")
+        key = f"{what}:{names.get('result') or names.get('outcome')}"
+        into = sums if kind == "sum" else counts
+        into[key] = into.get(key, 0.0) + float(value)
+    return {k: round(1000 * sums[k] / counts[k], 2) for k in sorted(sums) if counts.get(k)}
+
+
 async def bench(args, base: str, server_pid: int | None) -> dict:
     host, port = "127.0.0.1", int(base.rsplit(":", 1)[1])
     headers = {"Authorization": args.auth_header} if args.auth_header else {}
@@ -303,6 +329,7 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
             else f"{type(exc).__name__}: {exc}"
         )
     ftask.cancel()
+    stage_ms = await stage_means(base, headers)
     done = sorted(follower.final_at[r] - clicked[r] for r in clicked if r in follower.final_at)
     last = max((follower.final_at[r] for r in clicked if r in follower.final_at), default=t0)
     window = max(last - t0, 1e-9)
@@ -338,6 +365,9 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
             "p99": q(99),
             "max": round(1000 * done[-1], 1) if done else None,
         },
+        # where a validation's time went: mean ms per stage and per T24 call (the server's
+        # histograms, whole run); with the simulator's latency, Little's law's gap is here
+        "stage_ms_mean": stage_ms,
         "server_cpu_s": round(srv_s, 3) if spids else None,
         "server_cpu_ms_per_validation": round(1000 * srv_s / len(done), 3)
         if spids and done

@@ -227,7 +227,8 @@ class Settings(BaseSettings):
     partition_linger: PositiveFloat = Field(
         30.0, validation_alias=_env("REGSTREAM_PARTITION_LINGER")
     )
-    history_max_age: PositiveFloat = Field(
+    # at least 1 s: it is also the seq keys' PX, in ms, which Redis refuses at 0
+    history_max_age: Annotated[float, Field(ge=1.0)] = Field(
         3600.0, validation_alias=_env("REGSTREAM_HISTORY_MAX_AGE")
     )
     outbox_max: PositiveInt = Field(10_000, validation_alias=_env("REGSTREAM_OUTBOX_MAX"))

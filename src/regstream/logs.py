@@ -99,16 +99,18 @@ _DIGITS_INT = 1_000_000  # an int of 7+ digits is masked as ``_DIGITS`` masks it
 
 def redact_value(value: object) -> object:
     """``value`` with personal data masked, as ``redact`` masks text: a ``str`` masked; an ``int``
-    of 7 or more digits ``*******``; other numbers, booleans and ``None`` as they are; dict keys
-    and values, list, tuple and set items, recursively (a set becomes a list, bytes decoded
-    text); an exception ``Type: text`` and any other object its ``str``, masked. Containers past
+    or ``float`` of 7 or more integer digits ``*******``; other numbers, booleans and ``None`` as
+    they are; dict keys and values, list, tuple and set items, recursively (a set becomes a
+    list, bytes decoded text); an exception ``Type: text`` and any other object its ``str``, masked. Containers past
     ``MAX_DEPTH`` levels or ``MAX_ITEMS`` items in all become ``WITHHELD``."""
     # the common fields (text, small numbers) without a walk: this runs for every extra field
     if type(value) is str:
         return redact(value)
     if type(value) is int:
         return value if -_DIGITS_INT < value < _DIGITS_INT else "*******"
-    if type(value) is float or type(value) is bool or value is None:
+    if type(value) is float:
+        return value if -_DIGITS_INT < value < _DIGITS_INT else "*******"
+    if type(value) is bool or value is None:
         return value
     return _Redaction().walk(value, 0)
 
@@ -124,9 +126,9 @@ class _Redaction:
     def walk(self, value: object, depth: int) -> object:
         if isinstance(value, str):
             return redact(value)
-        if isinstance(value, bool | float) or value is None:
+        if isinstance(value, bool) or value is None:
             return value
-        if isinstance(value, int):
+        if isinstance(value, int | float):  # a phone or an id parsed as a number, too
             return value if -_DIGITS_INT < value < _DIGITS_INT else "*******"
         if isinstance(value, bytes | bytearray | memoryview):
             return redact(bytes(value).decode("utf-8", "backslashreplace"))

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from regstream.db import registrations, users
 from regstream.db.engine import SessionFactory, create_engine, create_session_factory, migrate
@@ -305,4 +308,43 @@ async def test_a_connection_lost_mid_batch_fails_no_step(postgres_url: str) -> N
         assert len(set(ids)) == 8
         assert await _count(factory, RegistrationRequest) == 8
     finally:
+        await engine.dispose()
+
+
+async def test_a_thread_committing_through_a_double_cancel_still_publishes(
+    tmp_path: Path,
+) -> None:
+    """SQLite's sync steps commit in a thread, which cannot be cancelled: a worker cancelled
+    while it commits (twice, as a shutdown does) waits for it, then runs ``then`` for what
+    committed and answers its caller, before it stops."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'group.db'}")
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE probe (x INTEGER)"))
+    group = GroupCommit(create_session_factory(engine))
+    entered, gate = threading.Event(), threading.Event()
+    published: list[int] = []
+
+    def write(session: Session) -> int:
+        entered.set()
+        gate.wait(10)
+        session.execute(text("INSERT INTO probe (x) VALUES (1)"))
+        return 1
+
+    try:
+        caller = asyncio.create_task(group.run_sync(write, then=published.append))
+        assert await asyncio.to_thread(entered.wait, 10)
+        (worker,) = group._workers
+        for _ in range(2):
+            worker.cancel()
+            await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.wait({worker}, timeout=10)
+        assert worker.cancelled()
+        assert published == [1]
+        assert await caller == 1
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM probe"))).scalar() == 1
+    finally:
+        gate.set()
+        group.close()
         await engine.dispose()

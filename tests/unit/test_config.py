@@ -45,6 +45,8 @@ def test_postgres_url_is_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.param("SSE_PING_INTERVAL", "-5", "SSE_PING_INTERVAL", id="ping"),
         pytest.param("DATABASE_URL", "mysql://x", "DATABASE_URL", id="database"),
         pytest.param("REDIS_URL", "http://secret-host", "REDIS_URL", id="redis-url"),
+        # the seq keys' PX in ms: Redis refuses 0, after the script has published
+        pytest.param("REGSTREAM_HISTORY_MAX_AGE", "0.5", "REGSTREAM_HISTORY_MAX_AGE", id="age"),
     ],
 )
 def test_bad_configuration_is_one_clear_line(

@@ -426,3 +426,16 @@ def test_cycles_depth_and_size_are_bounded() -> None:
 
     assert redact_value(Unprintable()) == WITHHELD
     assert redact_value({"a": Unprintable()}) == {"a": WITHHELD}
+
+
+def test_numbers_long_enough_to_be_an_id_or_a_phone_are_masked_as_floats_too() -> None:
+    """A phone or a national id parsed as a number from JSON may be a float."""
+    from regstream.logs import redact_value
+
+    assert redact_value(254712345678.0) == "*******"
+    assert redact_value({"phone": 254712345678.0, "ids": [12345678.0]}) == {
+        "phone": "*******",
+        "ids": ["*******"],
+    }
+    assert redact_value(12.5) == 12.5 and redact_value(999_999.0) == 999_999.0  # durations, sums
+    assert redact_value([0.25, True, None]) == [0.25, True, None]

@@ -38,6 +38,9 @@ from sqlalchemy.engine import AdaptedConnection, Connection, Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.sql.compiler import SQLCompiler
 
+#: ``Connection.info`` key: the SQLAlchemy transaction whose first statement went through it
+_BEGUN = "regstream.compiled.begun"
+
 
 @functools.cache
 def _compiled(
@@ -57,13 +60,19 @@ def fetch(
     """``statement``'s rows for ``params`` (every bind parameter by name), in ``conn``'s
     transaction (PostgreSQL on asyncpg, called inside ``run_sync``)."""
     sql, names, held = _compiled(statement, conn.dialect)
-    args = [params[name] if name in params else held[name] for name in names]
+    args = [params[name] if name in params else _held(held, name) for name in names]
     adapted = conn.connection.dbapi_connection
     if not isinstance(adapted, AdaptedConnection):
         raise TypeError("an async driver's connection is needed")
     driver: asyncpg.Connection = adapted.driver_connection
-    if not driver.is_in_transaction():  # SQLAlchemy's adapter begins with its first statement
-        return [tuple(row) for row in conn.exec_driver_sql(sql, tuple(args))]
+    transaction = conn.get_transaction()
+    if conn.info.get(_BEGUN) is not transaction or not driver.is_in_transaction():
+        # SQLAlchemy's adapter begins with its first statement: the first of each of its
+        # transactions goes through it, whatever the server says (its commit sends COMMIT only
+        # for a transaction it began)
+        rows = [tuple(row) for row in conn.exec_driver_sql(sql, tuple(args))]
+        conn.info[_BEGUN] = transaction
+        return rows
     try:
         records = adapted.run_async(lambda connection: connection.fetch(sql, *args))
     except asyncpg.IntegrityConstraintViolationError as exc:
@@ -74,3 +83,13 @@ def fetch(
         conn.invalidate(exc)
         raise OperationalError(sql, None, exc, connection_invalidated=True) from exc
     return [tuple(record) for record in records]
+
+
+def _held(held: Mapping[str, Any], name: str) -> Any:
+    """The value a statement holds for a parameter the caller did not give: only a literal it
+    was built with (SQLAlchemy itself refuses a plain bind without a value; ``None`` here would
+    compare with NULL and match nothing)."""
+    value = held.get(name)
+    if value is None:
+        raise KeyError(f"a value is required for bind parameter {name!r}")
+    return value

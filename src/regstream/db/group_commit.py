@@ -205,8 +205,12 @@ class GroupCommit:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            # the thread goes on and may commit: publish what it committed, then stop
-            await asyncio.wait({task})
+            # the thread goes on and may commit: publish what it committed, then stop (however
+            # often we are cancelled meanwhile: a shutdown cancels twice; the thread is bounded by
+            # SQLite's busy timeout)
+            while not task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({task})
             if not task.cancelled() and task.exception() is None:
                 for entry, (failed, value) in zip(batch, task.result(), strict=True):
                     _committed(entry, failed, value)

@@ -20,13 +20,12 @@ from regstream.domain.models import Applicant
 async def get_by_customer_number(
     session: AsyncSession, *, customer_number: str
 ) -> MobileUser | None:
-    return await session.scalar(
-        select(MobileUser).where(MobileUser.customer_number == customer_number)
-    )
+    """``find`` in an ``AsyncSession``."""
+    return await session.run_sync(find, customer_number=customer_number)
 
 
 def find(session: Session, *, customer_number: str) -> MobileUser | None:
-    """``get_by_customer_number`` in a sync session (a group-commit step's)."""
+    """The enrolled user with this CIF, in a sync session (a group-commit step's)."""
     return session.scalar(select(MobileUser).where(MobileUser.customer_number == customer_number))
 
 

@@ -127,6 +127,49 @@ async def test_take_queued_runs_and_those_of_dead_or_stopped_instances(database_
             assert [r.id for r in again.rows] == [ids[1], ids[2]] and again.taken_over == 0
 
 
+async def test_a_take_is_exactly_the_oldest_batch_and_never_our_own_runs(
+    database_url: str,
+) -> None:
+    """The one-statement take (an UPDATE of a LIMITed subquery on PostgreSQL): exactly the
+    ``limit`` oldest candidates change holder, all under the new run id, the others stay as
+    they were; an instance whose own heartbeat is late takes nothing of its own back (it is
+    not dead to itself), while another instance takes its runs over, oldest first, and counts
+    them."""
+    async with _migrated(database_url) as sessions:
+        async with sessions.begin() as session:
+            for iid, beat in ((A, NOW - TIMEOUT_MS - 1), (B, NOW)):  # A: late heartbeat
+                await instances.register(
+                    session, instance_id=iid, host="h", pid=1, version="t", now_ms=beat
+                )
+            ids = [(await registrations.create(session, **_fields(n))).id for n in range(30)]
+            for rid in ids[:5]:  # A's runs, leases valid
+                await registrations.claim_many(
+                    session, registration_ids=[rid], now_ms=NOW, lease_ms=60_000,
+                    started_by="op", instance_id=A,
+                )  # fmt: skip
+            await registrations.claim_many(
+                session, registration_ids=ids[5:], now_ms=NOW, lease_ms=60_000, started_by="op"
+            )
+        async with sessions.begin() as session:
+            mine = await _take(session, A, limit=7)
+        assert [r.id for r in mine.rows] == ids[5:12] and mine.taken_over == 0
+        async with sessions.begin() as session:
+            theirs = await _take(session, B, limit=8)
+        assert [r.id for r in theirs.rows] == ids[:8]  # A's five, then three A just took
+        assert theirs.taken_over == 8
+        assert all(r.instance_id == B and r.run_id == theirs.run_id for r in theirs.rows)
+        async with sessions() as session:
+            held = await session.execute(
+                select(RegistrationRequest.id, RegistrationRequest.instance_id,
+                       RegistrationRequest.run_id)
+            )  # fmt: skip
+            state = {rid: (holder, run_id) for rid, holder, run_id in held.all()}
+        assert {rid for rid, (holder, _) in state.items() if holder == A} == set(ids[8:12])
+        assert {rid for rid, (holder, _) in state.items() if holder == B} == set(ids[:8])
+        assert all(state[rid][1] == mine.run_id for rid in ids[8:12])
+        assert all(state[rid][0] is None for rid in ids[12:])
+
+
 async def test_concurrent_takers_skip_each_others_rows(postgres_url: str) -> None:
     """PostgreSQL: while one instance's take is uncommitted, another takes the next runs at
     once (SKIP LOCKED) instead of waiting for it or taking the same ones."""

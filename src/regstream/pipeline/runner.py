@@ -31,6 +31,7 @@ from typing import Any
 
 from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from regstream import metrics
 from regstream.core_banking.client import CoreBanking
@@ -278,9 +279,9 @@ class Runner:
         # a step of the group commit, like the claim: it shares the transaction of the runs'
         # steps committing meanwhile (on SQLite a transaction of its own took the write turn
         # from them) and the runs start right after the commit
-        async def step(session: AsyncSession) -> work_queue.Taken:
+        def step(session: Session) -> work_queue.Taken:
             now = now_ms()
-            return await work_queue.take(
+            return work_queue.take_sync(
                 session, instance_id=self.fleet.instance_id, limit=limit, now_ms=now,
                 lease_ms=self._lease_ms, dead_before_ms=now - self.fleet.timeout_ms,
             )  # fmt: skip
@@ -296,7 +297,7 @@ class Runner:
                 metrics.RUNS_TAKEN.labels("taken_over").inc(taken.taken_over)
             metrics.RUNS_TAKEN.labels("queued").inc(len(taken.rows) - taken.taken_over)
 
-        taken = await self._commits.run(step, then=start)
+        taken = await self._commits.run_sync(step, then=start)
         self._more = len(taken.rows) == limit
         return self._more
 

@@ -23,7 +23,8 @@ the reps and the median µs per GET and the ratios t24client/aiohttp (what the c
 its transport) and httpx/aiohttp (medians of per-rep ratios), and appends one JSON line to
 --out. Goal (issue 17's throughput targets): ``t24client_over_aiohttp`` <= 1.25. The service's
 logging is configured as in production (INFO, redaction filter, text format, to /dev/null), so
-``t24client`` pays its log line per attempt; ``aiohttp`` and ``httpx`` log nothing.
+``t24client`` pays what a call's logging costs there (a successful attempt's line is DEBUG: no
+line; a failed one's would be written); ``aiohttp`` and ``httpx`` log nothing.
 """
 
 from __future__ import annotations

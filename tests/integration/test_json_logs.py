@@ -19,7 +19,7 @@ from tests.support import LiveServer, StreamClient, auth_headers, demo_payload, 
 
 class _JsonLines(logging.Handler):
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)  # the loggers' levels decide
         self.addFilter(RedactingFilter())
         self.setFormatter(JsonFormatter())
         self.lines: list[str] = []
@@ -33,13 +33,18 @@ def json_lines() -> Iterator[_JsonLines]:
     handler = _JsonLines()
     root = logging.getLogger()
     level = root.level
+    # a successful T24 attempt is a DEBUG line: enabled for the client's logger only
+    t24 = logging.getLogger("regstream.core_banking.client")
+    t24_level = t24.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    t24.setLevel(logging.DEBUG)
     try:
         yield handler
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+        t24.setLevel(t24_level)
 
 
 @pytest.fixture

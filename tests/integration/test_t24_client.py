@@ -272,7 +272,7 @@ async def test_max_attempts_counts_the_first_attempt(
 async def test_retried_call_logs_each_request_once(
     make_client: ClientFactory, sim: RunningSimulator, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="regstream.core_banking.client")
+    caplog.set_level(logging.DEBUG, logger="regstream.core_banking.client")  # successes too
     client = make_client()
     assert (await client.get_customer("100950")).customer_id == "100950"  # fails twice, then 200
     assert (await client.get_customer("100100")).customer_id == "100100"
@@ -285,6 +285,34 @@ async def test_retried_call_logs_each_request_once(
     ]
     assert lines[0][2] == lines[1][2] == lines[2][2] != lines[3][2]
     assert _calls(sim, "100950") == 3
+
+
+def _ok_attempts() -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "regstream_t24_call_seconds_count", {"operation": "get_customer", "outcome": "ok"}
+        )
+        or 0.0
+    )
+
+
+async def test_successful_attempts_log_at_debug_failures_at_warning(
+    make_client: ClientFactory, sim: RunningSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At INFO a success writes no line (issue 17: ~15 % of the client's CPU per call) but is
+    counted; failed attempts (retries included) stay WARNING lines with their fields."""
+    caplog.set_level(logging.INFO, logger="regstream.core_banking.client")
+    client = make_client()
+    ok_before = _ok_attempts()
+    assert (await client.get_customer("100950")).customer_id == "100950"  # fails twice, then 200
+    assert (await client.get_customer("100100")).customer_id == "100100"
+    assert _ok_attempts() == ok_before + 2
+    ours = [r for r in caplog.records if r.name == "regstream.core_banking.client"]
+    assert [(r.levelno, r.t24_attempt, r.outcome) for r in ours] == [  # type: ignore[attr-defined]
+        (logging.WARNING, 1, "core_unavailable"),
+        (logging.WARNING, 2, "core_unavailable"),
+    ]
+    assert all(r.http_status == 500 and r.correlation_id for r in ours)  # type: ignore[attr-defined]
 
 
 # --- failures, case by case -----------------------------------------------------------------------
@@ -692,7 +720,7 @@ async def test_a_kept_alive_connection_closed_under_us_is_retried_on_a_new_one(
     """The core answers, keeps the connection open, then closes it unanswered on the next
     request: aiohttp sends an idempotent request once more on a new connection when a reused
     one was closed under it (as the hand-written transport did), inside our attempt 1."""
-    caplog.set_level(logging.INFO, logger="regstream.core_banking.client")
+    caplog.set_level(logging.DEBUG, logger="regstream.core_banking.client")  # success lines
     ok = _http_answer(CUSTOMER_ANSWER, "Content-Type: application/json")
     async with ScriptedCore([ok, None, ok]) as core:
         client = make_client(base_url=core.base_url)

@@ -5,6 +5,16 @@ code, outcome, duration, correlation id and the *masked* customer id. Never a bo
 or a T24 error message. Metric labels are low-cardinality: ``outcome`` is ``ok``,
 ``circuit_open`` or the lower-cased error code; ``code`` is the ``ErrorCode`` value or
 ``CIRCUIT_OPEN``. A call rejected by the breaker adds no latency observation.
+
+Levels (issue 17, the client's CPU per call): a failed attempt, and so every retry, and a
+breaker rejection are WARNING; a successful attempt is DEBUG, because at INFO its line was
+~15 % of the client's CPU per call (``bench/t24_http_bench.py``) and said nothing the metrics
+do not: ``regstream_t24_call_seconds{outcome="ok"}`` counts every attempt, successes
+included. With DEBUG off for the ``regstream.core_banking.client`` logger a success builds
+no line, no ``extra`` dict and formats nothing. Success lines come back with DEBUG for that
+logger: ``REGSTREAM_LOG_LEVEL=DEBUG`` (the service's one level; not in production, see
+docs/security.md), or ``logging.getLogger("regstream.core_banking.client").setLevel(DEBUG)``
+where code sets up logging (tests, an embedding application).
 """
 
 from __future__ import annotations
@@ -46,20 +56,29 @@ class CallContext:
 def observe(call: CallContext, status: int | None, exc: CoreBankingError | None) -> None:
     """One log line and the metrics for one HTTP attempt (or a call that never got one)."""
     duration = time.perf_counter() - call.attempt_started
-    if exc is None:
-        outcome = "ok"
-    elif isinstance(exc, CircuitOpen):
-        outcome, duration = "circuit_open", 0.0
-    else:
-        outcome = exc.code.value.lower()
-    if not isinstance(exc, CircuitOpen):
-        _latency(call.operation, outcome).observe(duration)
-    if exc is not None:
-        code = "CIRCUIT_OPEN" if isinstance(exc, CircuitOpen) else exc.code.value
-        _errors(call.operation, code).inc()
-    level = logging.INFO if exc is None else logging.WARNING
-    if not logger.isEnabledFor(level):
+    if exc is None:  # the common case: a metric, and a line only at DEBUG
+        _latency(call.operation, "ok").observe(duration)
+        if logger.isEnabledFor(logging.DEBUG):
+            _log(logging.DEBUG, call, status, None, "ok", duration)
         return
+    if isinstance(exc, CircuitOpen):
+        outcome, duration, code = "circuit_open", 0.0, "CIRCUIT_OPEN"
+    else:
+        outcome, code = exc.code.value.lower(), exc.code.value
+        _latency(call.operation, outcome).observe(duration)
+    _errors(call.operation, code).inc()
+    if logger.isEnabledFor(logging.WARNING):
+        _log(logging.WARNING, call, status, exc, outcome, duration)
+
+
+def _log(
+    level: int,
+    call: CallContext,
+    status: int | None,
+    exc: CoreBankingError | None,
+    outcome: str,
+    duration: float,
+) -> None:
     t24_code = exc.t24_code if exc is not None else None
     duration_ms = round(duration * 1000, 1)  # as printed: no long digit runs in the record
     # a TLS failure says which one (an operator's first question); nothing else adds to the line

@@ -15,10 +15,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from regstream.api.auth import record_bad_credentials, record_refusal
 from regstream.api.deps import StreamAuth, StreamDecision
 from regstream.auth import credentials, http
+from regstream.auth.limits import retry_after
 from regstream.auth.principal import Principal, Role
 from regstream.auth.runtime import AuthRuntime
 from regstream.config import Settings
 from regstream.realtime.hub import Hub
+
+#: seconds a user over the open-stream cap is told to wait (``Retry-After``, as every 429)
+_STREAM_CAP_WAIT = 5.0
 
 
 def stream_authenticator(
@@ -77,7 +81,7 @@ def stream_authenticator(
                 429,
                 "TOO_MANY_REQUESTS",
                 f"at most {auth.guard.per_user} open streams per user; close one",
-                [(b"retry-after", b"5")],
+                [(b"retry-after", retry_after(_STREAM_CAP_WAIT).encode("ascii"))],
             )
         return StreamDecision(200, principal=principal)
 

@@ -50,6 +50,7 @@ class CallContext:
     page: int | None = None
     attempt: int = 0
     last_error: CoreBankingError | None = None
+    backoff: float = 0.0  # seconds to sleep before the next attempt (tenacity's decision)
     attempt_started: float = field(default_factory=time.perf_counter)
 
 

@@ -34,10 +34,14 @@ Decisions:
 - Retries: ``tenacity`` drives every attempt, the first included (issue 17: the retry policy
   as designed, no first-attempt bypass), with exponential back-off and full jitter (AWS
   builders' library); which answers are retried is decided by ``_wire.is_transient``
-  (timeouts, dropped connections, 502/503/504, 500 ``TGVCP-001``). That predicate
-  (``tenacity.asyncio.retry_if_exception``) and the ``before``/``after`` hooks are coroutine
-  functions, tenacity's typed async forms, so it builds no wrapper coroutine for them on each
-  attempt (stop and wait are sync: they run only after a failure). A kept-alive connection the
+  (timeouts, dropped connections, 502/503/504, 500 ``TGVCP-001``). The client iterates
+  tenacity's ``Retrying`` (``for attempt in retrying: with attempt: ...``, its documented
+  form): tenacity decides each attempt, the back-off and when to stop; its ``sleep`` hook
+  only notes the back-off, which the client then awaits before the next attempt. Not
+  ``AsyncRetrying``: it wraps each of its own steps in a coroutine after an
+  ``inspect.iscoroutinefunction`` test, every attempt, ~15 µs of CPU per call (half of
+  tenacity's cost per call, measured), for hooks that have nothing to await here. No
+  ``before``/``after`` hooks (``None``: tenacity skips them). A kept-alive connection the
   core closed as we sent on it is retried by aiohttp itself, once, on a new connection (safe
   for a GET), within the same attempt.
 - The circuit breaker counts *HTTP attempts*, not calls: ``breaker_threshold`` failed
@@ -79,8 +83,7 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import aiohttp
-from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
-from tenacity.asyncio import retry_if_exception
+from tenacity import RetryCallState, Retrying, retry_if_exception, wait_random_exponential
 from yarl import URL
 
 from regstream.core_banking import _wire
@@ -305,7 +308,7 @@ class T24Client:
         self._backoff = wait_random_exponential(
             multiplier=config.backoff_initial, max=config.backoff_max
         )
-        self._retry = retry_if_exception(_should_retry)
+        self._retry = retry_if_exception(_wire.should_retry)
 
     async def __aenter__(self) -> T24Client:
         return self
@@ -391,18 +394,31 @@ class T24Client:
         """One request with retries; ``None`` means "No records were found"."""
         call.attempt = 0
         call.last_error = None
+        call.backoff = 0.0
 
-        # retry, before and after as coroutine functions: no wrapper per attempt (see Retries)
-        retrying = AsyncRetrying(
+        def note_backoff(seconds: float) -> None:  # slept below, before the next attempt
+            call.backoff = seconds
+
+        # tenacity's synchronous Retrying, iterated (see Retries in the module docstring)
+        retrying = Retrying(
+            sleep=note_backoff,
             retry=self._retry,
             wait=self._wait,
             stop=lambda state: self._should_stop(call, state),
-            before=_nothing,
-            after=_nothing,
+            # None: tenacity skips the hook (its stubs type it as a callable, not optional)
+            before=None,  # type: ignore[arg-type]
+            after=None,  # type: ignore[arg-type]
             reraise=True,
         )
+        result: _wire.Envelope | None = None
         try:
-            return await retrying(self._attempt, call, url)
+            for attempt in retrying:
+                if call.backoff:
+                    await asyncio.sleep(call.backoff)
+                    call.backoff = 0.0
+                with attempt:
+                    result = await self._attempt(call, url)
+            return result
         except CircuitOpen:
             # The breaker opened during our retries: report what made us retry.
             last = call.last_error
@@ -485,15 +501,6 @@ class T24Client:
         self.breaker.record_failure()
         observe(call, None, exc)
         return exc
-
-
-async def _should_retry(exc: BaseException) -> bool:
-    return _wire.should_retry(exc)
-
-
-async def _nothing(state: RetryCallState) -> None:
-    """tenacity's ``before``/``after`` hooks: nothing to do (one log line per attempt comes
-    from ``observe``)."""
 
 
 async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -4,9 +4,12 @@ runs exactly as if clicked alone, a second request conflicts, refusals are clear
 from __future__ import annotations
 
 import httpx
+from sqlalchemy import select
 
 from regstream.core_banking.simulator.dataset import load_applicant
+from regstream.core_banking.simulator.server import RunningSimulator
 from regstream.db import users
+from regstream.db.tables import RegistrationRequest
 from regstream.realtime.connections import create_client
 from regstream.realtime.embedded import EmbeddedRedis
 from tests.conftest import SettingsFactory
@@ -186,3 +189,52 @@ async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
             await redis.aclose()
         assert metric_value("regstream_publish_outbox_overflows_total") == overflows
         assert metric_value("regstream_publish_holds_total") > holds  # the hold did engage
+
+
+async def test_a_busy_runner_holds_a_batch_waiting_for_its_slots(
+    make_settings: SettingsFactory, database_url: str, t24_private: RunningSimulator
+) -> None:
+    """The refill rule (pipeline/runner.py): with every pipeline slot busy the runner also holds
+    one batch of runs waiting for a slot (4 slots: 8 held, at most 4 of them under way), so a
+    freed slot starts a held run at once instead of waiting for a take. T24 made slow (300 ms a
+    call) so that the runs stay under way while the test looks. Every run still ends once."""
+    async with httpx.AsyncClient() as control:
+        configured = await control.post(
+            f"{t24_private.control_url}/config", json={"latency_ms": 300}
+        )
+        configured.raise_for_status()
+    settings = make_settings(
+        database_url=database_url, pipeline_concurrency=4, t24_base_url=t24_private.base_url
+    )
+    with serve_app(settings) as live:
+        operator = auth_headers(live, "operator")
+        async with (
+            StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
+            httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
+        ):
+            ids = await _register_load_people(http, 9300, 24)
+            response = await http.post(BULK, json={"registrationIds": ids})
+            assert response.json()["accepted"] == sorted(ids)
+            seen: list[tuple[int, int]] = []  # (held, under way) at each look
+
+            async def held() -> tuple[int, int]:
+                async with live.services.sessions() as session:
+                    rows = (await session.execute(
+                        select(RegistrationRequest.current_stage).where(
+                            RegistrationRequest.in_progress.is_(True),
+                            RegistrationRequest.instance_id.is_not(None),
+                        )
+                    )).all()  # fmt: skip
+                return len(rows), sum(1 for (stage,) in rows if stage is not None)
+
+            async def full() -> bool:
+                seen.append(await live.call(held()))
+                return seen[-1][0] == 8
+
+            await wait_until(full, timeout=30, interval=0.02, what="8 runs held")
+            for rid in ids:
+                final = await sse.wait_final(rid, timeout=60)
+                assert final["status"] == "APPROVED"
+                assert [u["seq"] for u in sse.updates(rid)] == list(range(1, 8))
+        assert max(held for held, _ in seen) == 8  # never more than 4 slots + a batch of 4
+        assert max(under_way for _, under_way in seen) <= 4, seen  # the slots bound the runs

@@ -20,6 +20,7 @@ from regstream.db.engine import SessionFactory, create_engine, create_session_fa
 from regstream.db.group_commit import GroupCommit, Step
 from regstream.db.tables import MobileUser, RegistrationRequest
 from tests.integration.test_data_layer import FIELDS
+from tests.support import wait_until
 
 
 class Decided(Exception):
@@ -347,4 +348,59 @@ async def test_a_thread_committing_through_a_double_cancel_still_publishes(
     finally:
         gate.set()
         group.close()
+        await engine.dispose()
+
+
+async def test_a_worker_cancelled_during_commit_still_publishes(postgres_url: str) -> None:
+    """PostgreSQL: a worker cancelled (twice, as a shutdown does) while its COMMIT is under
+    way lets the COMMIT finish, runs ``then`` for what committed and answers its caller, before
+    it stops. The COMMIT is held by a deferred constraint trigger that waits for an advisory
+    lock the test holds, so the cancellations land while it is in flight."""
+    engine = create_engine(postgres_url)
+    lock = 4242
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE probe (x INTEGER)"))
+        await conn.execute(text(
+            "CREATE FUNCTION wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN PERFORM pg_advisory_xact_lock({lock}); RETURN NULL; END $$"
+        ))  # fmt: skip
+        await conn.execute(text(
+            "CREATE CONSTRAINT TRIGGER probe_commit AFTER INSERT ON probe "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_at_commit()"
+        ))  # fmt: skip
+    group = GroupCommit(create_session_factory(engine))
+    published: list[int] = []
+
+    async def write(session: AsyncSession) -> int:
+        await session.execute(text("INSERT INTO probe (x) VALUES (1)"))
+        return 1
+
+    admin = await engine.connect()
+    try:
+        await admin.execute(text(f"SELECT pg_advisory_lock({lock})"))
+        await admin.commit()
+        caller = asyncio.create_task(group.run(write, then=published.append))
+
+        async def committing() -> bool:  # the worker's COMMIT waits for our lock
+            waiting = await admin.scalar(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE 'COMMIT%'"
+            ))  # fmt: skip
+            await admin.commit()
+            return bool(waiting == 1)
+
+        await wait_until(committing, timeout=10, what="the COMMIT to wait for the lock")
+        (worker,) = group._workers
+        for _ in range(2):
+            worker.cancel()
+            await asyncio.sleep(0.05)
+        await admin.execute(text(f"SELECT pg_advisory_unlock({lock})"))
+        await admin.commit()
+        await asyncio.wait({worker}, timeout=10)
+        assert worker.cancelled()
+        assert published == [1]  # the committed step was published
+        assert await caller == 1
+        assert (await admin.execute(text("SELECT count(*) FROM probe"))).scalar() == 1
+    finally:
+        await admin.close()
         await engine.dispose()

@@ -31,7 +31,11 @@ stock ``pysqlite`` engine on the same file), one thread hand-off per batch where
 connection hands every statement to its thread 3-4 times; a batch of both kinds then commits
 as consecutive transactions, one per kind (a transaction cannot span two connections), in
 order. A thread cannot be cancelled: a worker cancelled while its thread commits waits for it
-and settles that batch (the steps' ``then`` callbacks run) before it stops.
+and settles that batch (the steps' ``then`` callbacks run) before it stops. The async path
+(PostgreSQL) does the same once its ``COMMIT`` is sent: the transaction runs in a task of its
+own, shielded from the worker's cancellation, which stops the steps while they run (the batch
+rolls back) but waits for a ``COMMIT`` under way, then settles the batch. (Before, a worker
+cancelled there could leave a committed batch unpublished until the catch-up found it.)
 """
 
 from __future__ import annotations
@@ -72,6 +76,13 @@ class _Held:
     checkout (on PostgreSQL one pre-ping, a round trip) per busy spell instead of per batch."""
 
     connection: AsyncConnection | None = None
+
+
+@dataclass(slots=True)
+class _Committing:
+    """Set once a batch's steps are done and its transaction commits (the async path)."""
+
+    started: bool = False
 
 
 class _StepRaised(Exception):
@@ -167,7 +178,31 @@ class GroupCommit:
             return await self._in_thread(batch)
         if held.connection is None and self._engine is not None:
             held.connection = await self._engine.connect()
-        async with transaction(self._sessions, bind=held.connection) as session:
+        committing = _Committing()
+        task = asyncio.ensure_future(self._in_session(batch, held.connection, committing))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # Cancelled while the steps run: they stop and the batch rolls back. Cancelled
+            # during COMMIT: the server may commit whatever the client does (cancelling the
+            # wait would not undo it), so let it finish and publish what it committed, then
+            # stop, however often we are cancelled meanwhile (as ``_in_thread``).
+            if not committing.started:
+                task.cancel()
+            while not task.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({task})
+            committed = not task.cancelled() and task.exception() is None
+            if committed and committing.started:
+                for entry, (failed, value) in zip(batch, task.result(), strict=True):
+                    _committed(entry, failed, value)
+            raise
+
+    async def _in_session(
+        self, batch: list[_Entry[Any]], bind: AsyncConnection | None, committing: _Committing
+    ) -> _Outcomes:
+        """The steps in one transaction on ``bind``, then its commit (``committing``)."""
+        async with transaction(self._sessions, bind=bind) as session:
             outcomes: _Outcomes = []
             for sync, group in itertools.groupby(batch, key=lambda e: e.sync):
                 entries = list(group)
@@ -182,6 +217,7 @@ class GroupCommit:
                     except (Exception, asyncio.CancelledError) as exc:
                         _reraise_if_cancelled(exc)
                         raise _StepRaised from exc
+            committing.started = True  # the block's end commits
             return outcomes
 
     def _steps(self, session: Session, entries: list[_Entry[Any]]) -> _Outcomes:

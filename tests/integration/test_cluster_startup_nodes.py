@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,8 +32,9 @@ from regstream.realtime.connections import (
     create_node_subscriber_client,
     resolve_cluster,
 )
+from regstream.realtime.publisher import RegistrationPubSub
 from tests.cluster_support import PrivateCluster
-from tests.support import TEST_SECRET_KEY, StreamClient, auth_headers, serve_app
+from tests.support import TEST_SECRET_KEY, StreamClient, auth_headers, serve_app, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -166,3 +168,26 @@ async def test_an_app_started_while_the_first_node_is_down_works(
                          for _ in range(3)]  # fmt: skip
             assert codes == [401, 401, 429]
             assert not live.app.state.auth.store.down
+
+
+async def test_the_library_publisher_takes_the_other_startup_nodes(
+    first_node_down: FirstNodeDown,
+) -> None:
+    """``RegistrationPubSub.from_url(..., cluster=True, nodes=...)``: what a library user gives
+    instead of ``REDIS_CLUSTER_NODES``. Through the dead node alone it publishes nothing (the
+    control above); with the others it publishes and its subscriber receives, on every shard."""
+    with pytest.raises(ValueError, match="cluster=True"):
+        RegistrationPubSub.from_url(first_node_down.url, nodes=first_node_down.others)
+    pubsub = RegistrationPubSub.from_url(
+        first_node_down.url, cluster=True, nodes=first_node_down.others, name="h6-library"
+    )
+    received: list[dict[str, Any]] = []
+    try:
+        await pubsub.subscribe(received.append, ready_timeout=15)
+        rids = list(range(1, 17))  # one registration per partition: every shard
+        for rid in rids:
+            await pubsub.publish_stage_update(rid, "duplicate_check", "started")
+        await wait_until(lambda: {u["registrationId"] for u in received} == set(rids),
+                         timeout=20, what="an update of every partition")  # fmt: skip
+    finally:
+        await pubsub.aclose()

@@ -73,7 +73,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, Self
 
@@ -403,7 +403,8 @@ class RegistrationPubSub:
     @classmethod
     def from_url(
         cls, url: str, *, name: str = "regstream-pubsub", cluster: bool = False,
-        partitions: int = 16, mirror: bool = False, **options: Any,
+        nodes: Sequence[tuple[str, int]] = (), partitions: int = 16, mirror: bool = False,
+        **options: Any,
     ) -> Self:  # fmt: skip
         """A publisher (and subscriber) for the Redis at ``url`` (``redis://``, ``rediss://``,
         ``unix://``, ``redis+sentinel://``), on connections of its own that ``aclose`` closes:
@@ -412,13 +413,17 @@ class RegistrationPubSub:
             await pubsub.publish_stage_update(42, "duplicate_check", "started")
             await pubsub.aclose()
 
-        ``cluster=True``: ``url`` names a node of a Redis Cluster; the bus is ``partitions``
+        ``cluster=True``: ``url`` names a node of a Redis Cluster, ``nodes`` more startup nodes
+        ``(host, port)`` asked in turn when it is down (the service's ``REDIS_CLUSTER_NODES``,
+        with ``url``'s scheme, credentials and TLS); the bus is ``partitions``
         partitions (as the service's ``REGSTREAM_PARTITIONS``: publishers and subscribers of one
         deployment must agree), ``mirror`` copies every update to the seed's channel. ``options``
         are the constructor's (``channel``, ``history_maxlen``, ...)."""
         target = RedisTarget.from_url(url)
+        if nodes and not cluster:
+            raise ValueError("nodes are the startup nodes of a Redis Cluster: pass cluster=True")
         if cluster:
-            target = replace(target, cluster=True)
+            target = replace(target, cluster=True, nodes=tuple(nodes))
             options.setdefault("layout", Layout.cluster(partitions, mirror=mirror))
         commands = create_client(target, name=name, retries=0,  # (the flusher retries: _send_to)
                                  max_connections=max(8, partitions + 4))  # fmt: skip

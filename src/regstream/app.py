@@ -366,5 +366,5 @@ def create_app_from_env() -> Application:
     """Factory for ``uvicorn --factory`` and ``serve --workers N`` (each worker process calls
     it, so it also sets up that process's logging)."""
     settings = load_settings()
-    logs.configure(settings.log_level, json_format=settings.log_json)
+    logs.configure(settings.log_level, json_format=settings.log_json, levels=settings.log_levels)
     return create_app(settings)

@@ -29,6 +29,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from regstream import logs
+
 
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
@@ -311,6 +313,10 @@ class Settings(BaseSettings):
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", validation_alias=_env("REGSTREAM_LOG_LEVEL"))
     log_json: bool = Field(False, validation_alias=_env("REGSTREAM_LOG_JSON"))
+    # per-logger levels, "regstream.core_banking.client=DEBUG[,…]" (logs.parse_levels)
+    log_levels: Annotated[tuple[tuple[str, str], ...], NoDecode] = Field(
+        (), validation_alias=_env("REGSTREAM_LOG_LEVELS")
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -486,6 +492,15 @@ class Settings(BaseSettings):
         items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
         keys = (i.get_secret_value() if isinstance(i, SecretStr) else str(i) for i in items)
         return tuple(SecretStr(key.strip()) for key in keys if key.strip())
+
+    @field_validator("log_levels", mode="before")
+    @classmethod
+    def _check_log_levels(cls, value: object) -> tuple[tuple[str, str], ...]:
+        if value is None or value == "":
+            return ()
+        if not isinstance(value, str):
+            return tuple(value)  # type: ignore[arg-type]  # already parsed (model_copy, tests)
+        return logs.parse_levels(value)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -265,3 +265,13 @@ def test_tls_settings_become_redis_py_ssl_options(
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs.get("ssl_certfile") == str(cert)
     assert client.connection_pool.connection_class.__name__ == (scheme_class or "SSLConnection")
+
+
+def test_log_levels_per_logger(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REGSTREAM_LOG_LEVELS", "regstream.core_banking.client=debug")
+    assert load_settings().log_levels == (("regstream.core_banking.client", "DEBUG"),)
+    monkeypatch.setenv("REGSTREAM_LOG_LEVELS", "httpx=DEBUG")  # a library: not ours to open up
+    with pytest.raises(ConfigError, match="REGSTREAM_LOG_LEVELS|log_levels"):
+        load_settings()
+    monkeypatch.delenv("REGSTREAM_LOG_LEVELS")
+    assert load_settings().log_levels == ()

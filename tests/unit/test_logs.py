@@ -275,7 +275,9 @@ def test_access_line_targets_keep_paths_and_names_not_values() -> None:
         "/x?page=***&status=***"
     )
     # credentials under any name; a parameter name that is itself data
-    assert mask_query("/s?api_key=rst_abc&ticket=t1&token=x") == "/s?api_key=***&ticket=***&token=***"
+    assert (
+        mask_query("/s?api_key=rst_abc&ticket=t1&token=x") == "/s?api_key=***&ticket=***&token=***"
+    )
     assert mask_query("/s?%2B254712345678=1&registrationId=7") == "/s?***=***&registrationId=7"
 
 
@@ -439,3 +441,39 @@ def test_numbers_long_enough_to_be_an_id_or_a_phone_are_masked_as_floats_too() -
     }
     assert redact_value(12.5) == 12.5 and redact_value(999_999.0) == 999_999.0  # durations, sums
     assert redact_value([0.25, True, None]) == [0.25, True, None]
+
+
+def test_per_logger_levels_enable_one_logger_only() -> None:
+    """``REGSTREAM_LOG_LEVELS``: the T24 client's success lines (DEBUG) without DEBUG anywhere
+    else; only the service's own loggers may be named (libraries' DEBUG lines carry query
+    parameters)."""
+    from regstream.logs import configure, parse_levels
+
+    assert parse_levels(" regstream.core_banking.client=debug, regstream=WARNING ,") == (
+        ("regstream.core_banking.client", "DEBUG"),
+        ("regstream", "WARNING"),
+    )
+    assert parse_levels("") == ()
+    for bad in (
+        "httpx=DEBUG",
+        "regstreamx=DEBUG",
+        "regstream.core_banking.client",
+        "regstream=LOUD",
+    ):
+        with pytest.raises(ValueError):
+            parse_levels(bad)
+    root, t24 = logging.getLogger(), logging.getLogger("regstream.core_banking.client")
+    handlers, root_level, t24_level = root.handlers[:], root.level, t24.level
+    switches = (logging._srcfile, logging.logThreads, logging.logProcesses)
+    multiprocessing = logging.logMultiprocessing
+    try:
+        configure("INFO", levels=parse_levels("regstream.core_banking.client=DEBUG"))
+        assert t24.isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("regstream.pipeline").isEnabledFor(logging.DEBUG)
+        assert not root.isEnabledFor(logging.DEBUG)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)  # setLevel, not .level: it clears the loggers' level caches
+        t24.setLevel(t24_level)
+        logging._srcfile, logging.logThreads, logging.logProcesses = switches
+        logging.logMultiprocessing = multiprocessing

@@ -47,7 +47,7 @@ def serve(
     from regstream.stack import DataDirInUse, EmbeddedStack, national_id_keys
 
     settings = settings_or_exit()
-    logs.configure(settings.log_level, json_format=settings.log_json)
+    logs.configure(settings.log_level, json_format=settings.log_json, levels=settings.log_levels)
     try:
         stack = EmbeddedStack(settings).__enter__()
     except DataDirInUse as exc:

@@ -12,9 +12,8 @@ breaker rejection are WARNING; a successful attempt is DEBUG, because at INFO it
 do not: ``regstream_t24_call_seconds{outcome="ok"}`` counts every attempt, successes
 included. With DEBUG off for the ``regstream.core_banking.client`` logger a success builds
 no line, no ``extra`` dict and formats nothing. Success lines come back with DEBUG for that
-logger: ``REGSTREAM_LOG_LEVEL=DEBUG`` (the service's one level; not in production, see
-docs/security.md), or ``logging.getLogger("regstream.core_banking.client").setLevel(DEBUG)``
-where code sets up logging (tests, an embedding application).
+logger alone: ``REGSTREAM_LOG_LEVELS=regstream.core_banking.client=DEBUG`` (``logs.configure``),
+or ``logging.getLogger("regstream.core_banking.client").setLevel(logging.DEBUG)`` in code.
 """
 
 from __future__ import annotations

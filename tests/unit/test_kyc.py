@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import replace
 from datetime import date
 
 import pytest
 
+from regstream.domain import kyc
 from regstream.domain.core_records import CoreAccount, CoreCustomer, LegalId
 from regstream.domain.errors import ErrorCode, ValidationFailure
 from regstream.domain.kyc import (
@@ -323,3 +325,19 @@ def test_count_active_accounts_fails(
     with pytest.raises(ValidationFailure) as info:
         count_active_accounts(accounts, account_number)
     assert info.value.code is code
+
+
+def test_normalize_name_ascii_shortcut_is_the_full_fold() -> None:
+    """ASCII names skip NFKD and the combining-mark filter (nothing to strip): the tokens must
+    be those of the full path, for every ASCII character between letters and in every case."""
+    reference_fold = kyc._NAME_FOLD  # the same table, applied after NFKD as before the shortcut
+
+    def full_path(raw: str) -> tuple[str, ...]:
+        folded = unicodedata.normalize("NFKD", raw.casefold())
+        stripped = "".join(ch for ch in folded if not unicodedata.combining(ch))
+        cleaned = kyc._NAME_DROPPED.sub("", stripped.translate(reference_fold))
+        return tuple(token for token in kyc._NAME_SEPARATORS.split(cleaned) if token)
+
+    for code in range(128):
+        for raw in (f"Ab{chr(code)}Cd", f"{chr(code)} x{chr(code)}Y "):
+            assert kyc.normalize_name(raw) == full_path(raw), repr(raw)

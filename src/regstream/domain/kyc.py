@@ -83,9 +83,11 @@ def normalize_name(raw: str) -> tuple[str, ...]:
     """
     if not isinstance(raw, str):
         raise TypeError("name must be a string")
-    folded = unicodedata.normalize("NFKD", raw.casefold())
-    stripped = "".join(ch for ch in folded if not unicodedata.combining(ch))
-    cleaned = _NAME_DROPPED.sub("", stripped.translate(_NAME_FOLD))
+    folded = raw.casefold()
+    if not folded.isascii():  # ASCII has no accents to strip: NFKD would give it back unchanged
+        decomposed = unicodedata.normalize("NFKD", folded)
+        folded = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    cleaned = _NAME_DROPPED.sub("", folded.translate(_NAME_FOLD))
     return tuple(token for token in _NAME_SEPARATORS.split(cleaned) if token)
 
 

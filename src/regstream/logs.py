@@ -313,6 +313,8 @@ def configure(
 ) -> None:
     """Root ``level`` and handler (text or JSON lines, ``RedactingFilter``); ``levels``: per
     logger (``parse_levels``), e.g. DEBUG for the T24 client's success lines only."""
+    if any(not (name == "regstream" or name.startswith("regstream.")) for name, _ in levels):
+        raise ValueError("per-logger levels are for the service's own loggers (as parse_levels)")
     # Our formats use none of the caller's file/line, thread or process: skip collecting them
     # for every record (the logging HOWTO's "Optimization" knobs; a T24 call's line cost ~20 %
     # less CPU without them, measured).

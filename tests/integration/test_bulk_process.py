@@ -232,9 +232,22 @@ async def test_a_busy_runner_holds_a_batch_waiting_for_its_slots(
                 return seen[-1][0] == 8
 
             await wait_until(full, timeout=30, interval=0.02, what="8 runs held")
-            for rid in ids:
+            # A click now is held at once (room for clicks: one batch beyond the takes'), so it
+            # waits behind one held batch, not behind the 16 bulk runs still queued (taken
+            # oldest first). Under the old rule (held only below 4 runs) it was queued.
+            (clicked,) = await _register_load_people(http, 9400, 1)
+            assert (await http.post(f"/api/registrations/{clicked}/process")).status_code == 202
+
+            async def holder() -> str | None:
+                async with live.services.sessions() as session:
+                    row = await session.get(RegistrationRequest, clicked)
+                    return None if row is None else row.instance_id
+
+            assert await live.call(holder()) is not None  # held by this instance, not queued
+            bulk_seen = list(seen)
+            for rid in [*ids, clicked]:
                 final = await sse.wait_final(rid, timeout=60)
                 assert final["status"] == "APPROVED"
                 assert [u["seq"] for u in sse.updates(rid)] == list(range(1, 8))
-        assert max(held for held, _ in seen) == 8  # never more than 4 slots + a batch of 4
+        assert max(held for held, _ in bulk_seen) == 8  # never more than 4 slots + a batch of 4
         assert max(under_way for _, under_way in seen) <= 4, seen  # the slots bound the runs

@@ -404,3 +404,52 @@ async def test_a_worker_cancelled_during_commit_still_publishes(postgres_url: st
     finally:
         await admin.close()
         await engine.dispose()
+
+
+async def test_a_worker_gives_up_on_a_commit_that_never_answers(postgres_url: str) -> None:
+    """The wait for a COMMIT under way is bounded (``settle_timeout``): a worker cancelled while
+    its COMMIT hangs (held here by a deferred trigger waiting on an advisory lock the test
+    keeps) stops after that bound instead of waiting forever (a dead connection would), and its
+    caller is not left waiting either."""
+    engine = create_engine(postgres_url)
+    lock = 4243
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE probe_hang (x INTEGER)"))
+        await conn.execute(text(
+            "CREATE FUNCTION wait_at_commit_hang() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN PERFORM pg_advisory_xact_lock({lock}); RETURN NULL; END $$"
+        ))  # fmt: skip
+        await conn.execute(text(
+            "CREATE CONSTRAINT TRIGGER probe_hang_commit AFTER INSERT ON probe_hang "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_at_commit_hang()"
+        ))  # fmt: skip
+    group = GroupCommit(create_session_factory(engine), settle_timeout=0.5)
+
+    async def write(session: AsyncSession) -> int:
+        await session.execute(text("INSERT INTO probe_hang (x) VALUES (1)"))
+        return 1
+
+    admin = await engine.connect()
+    try:
+        await admin.execute(text(f"SELECT pg_advisory_lock({lock})"))
+        await admin.commit()
+        caller = asyncio.create_task(group.run(write))
+
+        async def committing() -> bool:
+            waiting = await admin.scalar(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE 'COMMIT%'"
+            ))  # fmt: skip
+            await admin.commit()
+            return bool(waiting == 1)
+
+        await wait_until(committing, timeout=10, what="the COMMIT to wait for the lock")
+        (worker,) = group._workers
+        worker.cancel()
+        await asyncio.wait({worker, caller}, timeout=15, return_when=asyncio.ALL_COMPLETED)
+        assert worker.done() and caller.done()  # while the COMMIT still hangs: the lock is ours
+        assert caller.cancelled()
+    finally:
+        await admin.execute(text(f"SELECT pg_advisory_unlock({lock})"))
+        await admin.close()
+        await engine.dispose()

@@ -67,11 +67,17 @@ def captured_logs() -> Iterator[_Capture]:
     level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)  # the production default (REGSTREAM_LOG_LEVEL)
+    # and a successful T24 attempt's line too, which operators turn on with
+    # REGSTREAM_LOG_LEVELS=regstream.core_banking.client=DEBUG: it is scanned like the rest
+    t24 = logging.getLogger("regstream.core_banking.client")
+    t24_level = t24.level
+    t24.setLevel(logging.DEBUG)
     try:
         yield handler
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+        t24.setLevel(t24_level)
 
 
 async def _redis_dump(redis: Redis) -> str:
@@ -171,6 +177,9 @@ async def test_no_raw_personal_data_anywhere_after_every_demo_outcome(
         problems += _leaks(f"processLog of {rows[i].scenario}", text)
     problems += _leaks("audit trail", audit_text)
     assert len(captured_logs.lines) > 0
+    # the successful T24 attempts' lines (DEBUG) are among those scanned
+    assert any(line.startswith("DEBUG regstream.core_banking.client: t24 ") for line in
+               captured_logs.lines)  # fmt: skip
     for line in captured_logs.lines:
         problems += _leaks(f"log line {line[:80]!r}", line)
     assert problems == []

@@ -462,6 +462,8 @@ def test_per_logger_levels_enable_one_logger_only() -> None:
     ):
         with pytest.raises(ValueError):
             parse_levels(bad)
+    with pytest.raises(ValueError):  # nor past parse_levels, in code (refused before any change)
+        configure("INFO", levels=(("sqlalchemy.engine", "DEBUG"),))
     root, t24 = logging.getLogger(), logging.getLogger("regstream.core_banking.client")
     handlers, root_level, t24_level = root.handlers[:], root.level, t24.level
     switches = (logging._srcfile, logging.logThreads, logging.logProcesses)

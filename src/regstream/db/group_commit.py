@@ -35,7 +35,10 @@ and settles that batch (the steps' ``then`` callbacks run) before it stops. The 
 (PostgreSQL) does the same once its ``COMMIT`` is sent: the transaction runs in a task of its
 own, shielded from the worker's cancellation, which stops the steps while they run (the batch
 rolls back) but waits for a ``COMMIT`` under way, then settles the batch. (Before, a worker
-cancelled there could leave a committed batch unpublished until the catch-up found it.)
+cancelled there could leave a committed batch unpublished until the catch-up found it.) That wait
+is bounded (``settle_timeout``, 30 s: the server's statement timeout ends a lock wait long
+before; a connection that died silently would not): past it the worker stops the transaction's
+task and stops, and the catch-up republishes whatever did commit.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class GroupCommit:
         max_batch: int = 64,
         max_open: int = 1,
         decided: tuple[type[Exception], ...] = (),
+        settle_timeout: float = 30.0,
     ) -> None:
         self._sessions = sessions
         self._threaded = threaded_sessions(sessions)  # SQLite only
@@ -104,6 +108,7 @@ class GroupCommit:
         self._engine = bind if isinstance(bind, AsyncEngine) else None
         self._max_batch = max_batch
         self._max_open = max_open
+        self._settle_timeout = settle_timeout
         self._decided = decided
         self._queue: deque[_Entry[Any]] = deque()
         self._workers: set[asyncio.Task[None]] = set()
@@ -189,9 +194,15 @@ class GroupCommit:
             # stop, however often we are cancelled meanwhile (as ``_in_thread``).
             if not committing.started:
                 task.cancel()
-            while not task.done():
+            loop = asyncio.get_running_loop()
+            give_up_at = loop.time() + self._settle_timeout
+            while not task.done() and loop.time() < give_up_at:
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({task})
+                    await asyncio.wait({task}, timeout=give_up_at - loop.time())
+            if not task.done():  # no answer to the COMMIT: stop; the catch-up republishes
+                log.warning("gave up waiting for a COMMIT after %.0f s", self._settle_timeout)
+                task.cancel()
+                raise
             committed = not task.cancelled() and task.exception() is None
             if committed and committing.started:
                 for entry, (failed, value) in zip(batch, task.result(), strict=True):

@@ -7,10 +7,10 @@ free; the task (``_guarded``) waits for a slot and for room in the publisher's o
 ``recovery.run_through_outages`` → ``validation.Validator.validate`` runs the stages, each step
 committed and then queued for publication by ``persist.Recorder``.
 
-Shared work (``db/work_queue.py``): a claimed run is held by this instance when it has a free
-pipeline slot (a click starts at once), and is otherwise *queued* in the database, as every
-bulk validation's runs are. ``run()`` takes queued runs a batch at a time (``take_batch``, 16,
-at most ``concurrency``), so that a bulk spreads over the fleet.
+Shared work (``db/work_queue.py``): a click is held by this instance when it has room (see
+below), and is otherwise *queued* in the database, as every bulk validation's runs are.
+``run()`` takes queued runs a batch at a time (``take_batch``, 16, at most ``concurrency``), so
+that a bulk spreads over the fleet.
 
 The refill rule: the runner holds up to ``concurrency`` + one batch of runs. The runs beyond
 ``concurrency`` wait for a pipeline slot (the semaphore of ``_guarded``), so a slot freed
@@ -19,7 +19,10 @@ commit); the held runs are covered by lease renewal and given back by ``drain``.
 when it has room for a whole batch (it holds ``concurrency`` runs or fewer: every waiting run
 has started), when told (this instance queued runs, or another one did: LISTEN/NOTIFY on
 PostgreSQL) or when a run ends while the queue may hold more, and at least every poll
-interval (then for whatever room it has). Taken runs of a dead instance are resumed
+interval (then for whatever room it has). A click has room beyond that: it is held while the
+runner holds fewer than ``concurrency`` + two batches, so during a bulk it waits for a slot
+behind at most the one batch held before it, not behind the rest of the bulk in the queue
+(taken oldest first). Taken runs of a dead instance are resumed
 (``recovery``). (Before: it took only once a quarter of its slots, 16, were free, so about 56
 of 64 slots were busy on average during a bulk.)
 
@@ -120,6 +123,8 @@ class Runner:
         self._more = True  # the queue may hold runs for us (not looked since told or polled)
         # the runs this process holds, queued or running, by the task that runs each
         self._tasks: dict[asyncio.Task[None], Run] = {}
+        # runs a take or claim committed after ``drain`` began: never started, given back by it
+        self._unstarted: list[Run] = []
         self.accepting = True
 
     @property
@@ -141,7 +146,7 @@ class Runner:
 
         async def step(session: AsyncSession) -> tuple[str, Row[Any]] | RegistrationRequest | None:
             # Room here: hold it at once (no round trip through the queue). Under a burst the
-            # clicks of one batch all see the same room, so a few may wait for a slot here.
+            # clicks of one batch all see the same room, so a few more may be held.
             mine = self._has_room()
             claim = await registrations.claim_for_processing(
                 session, registration_id=registration_id, now_ms=now_ms(),
@@ -231,7 +236,7 @@ class Runner:
             task.cancel()
         if waiting:
             await asyncio.wait(set(waiting), timeout=1)
-        await self._release(list(waiting.values()))
+        await self._release([*waiting.values(), *self._take_unstarted()])
         running = dict(self._tasks)
         if running:
             await asyncio.wait(set(running), timeout=grace)
@@ -241,7 +246,8 @@ class Runner:
         if left:
             await asyncio.wait(set(left), timeout=1)
         await self._commits.idle(timeout=1)
-        await self._release(list(left.values()))
+        # a take or claim still committing when drain began: its runs were not started either
+        await self._release([*left.values(), *self._take_unstarted()])
         await self.fleet.stop()
         self._commits.close()
         return len(left)
@@ -249,10 +255,11 @@ class Runner:
     # --- the shared queue ----------------------------------------------------------------------
 
     def _has_room(self) -> bool:
+        """Room for a click: up to one batch beyond what takes fill (the refill rule)."""
         return (
             self.accepting
             and self.fleet.registered.is_set()
-            and len(self._tasks) < self._concurrency
+            and len(self._tasks) < self._capacity + self._take_batch
         )
 
     def _queued(self) -> None:
@@ -324,7 +331,14 @@ class Runner:
             except Exception as exc:  # noqa: BLE001 - the loop must survive a database blip
                 log.warning("lease renewal failed: %s", type(exc).__name__)
 
+    def _take_unstarted(self) -> list[Run]:
+        runs, self._unstarted = self._unstarted, []
+        return runs
+
     def _spawn(self, run: Run, *, resume: bool) -> None:
+        if not self.accepting:  # committed after drain began: drain gives it back, unstarted
+            self._unstarted.append(run)
+            return
         task = asyncio.create_task(
             self._guarded(run, resume), name=f"validate-{run.registration_id}"
         )

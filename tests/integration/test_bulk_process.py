@@ -3,6 +3,9 @@ runs exactly as if clicked alone, a second request conflicts, refusals are clear
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import httpx
 from sqlalchemy import select
 
@@ -16,6 +19,7 @@ from tests.conftest import SettingsFactory
 from tests.support import (
     TEST_SECRET_KEY,
     LiveServer,
+    SseReader,
     StreamClient,
     auth_headers,
     metric_value,
@@ -34,6 +38,30 @@ async def _register_load_people(http: httpx.AsyncClient, first: int, count: int)
         assert created.status_code == 201, created.text
         ids.append(created.json()["id"])
     return ids
+
+
+@contextlib.asynccontextmanager
+async def _clients(live: LiveServer) -> AsyncIterator[tuple[SseReader, httpx.AsyncClient]]:
+    """The admin's update stream and an operator's API client on ``live``."""
+    operator = auth_headers(live, "operator")
+    async with (
+        StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
+        httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
+    ):
+        yield sse, http
+
+
+async def _bulk_accepted(http: httpx.AsyncClient, ids: list[int]) -> None:
+    response = await http.post(BULK, json={"registrationIds": ids})
+    assert response.json()["accepted"] == sorted(ids)
+
+
+async def _all_approved(sse: SseReader, ids: list[int]) -> None:
+    """Every run's final APPROVED on the stream, after its 7 updates numbered 1..7."""
+    for rid in ids:
+        final = await sse.wait_final(rid, timeout=60)
+        assert final["status"] == "APPROVED"
+        assert [u["seq"] for u in sse.updates(rid)] == list(range(1, 8))
 
 
 async def test_bulk_starts_every_demo_registration_once(
@@ -99,14 +127,9 @@ async def test_bulk_of_many_people_approves_each_one(
     """40 runs at once (their steps commit in groups): each one APPROVED, each person enrolled
     once, each run's log complete and numbered, as when validated alone."""
     with serve_app(make_settings(database_url=database_url)) as live:
-        operator = auth_headers(live, "operator")
-        async with (
-            StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
-            httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
-        ):
+        async with _clients(live) as (sse, http):
             ids = await _register_load_people(http, 9000, 40)
-            response = await http.post(BULK, json={"registrationIds": ids})
-            assert response.json()["accepted"] == sorted(ids)
+            await _bulk_accepted(http, ids)
             for rid in ids:
                 final = await sse.wait_final(rid, timeout=60)
                 assert (final["status"], final["details"]) == ("APPROVED", {"accountsFound": 2})
@@ -167,23 +190,15 @@ async def test_bulk_waits_for_a_slow_redis_instead_of_dropping_updates(
     not touch Redis, but the fleet-wide process rate does: it waits for a paused Redis at most
     ``LimitStore.timeout``, 2 s, then counts per process; the 3 s pause outlasts it.)"""
     with serve_app(make_settings(outbox_max=64, pipeline_concurrency=4)) as live:
-        operator = auth_headers(live, "operator")
         redis = create_client(redis_server.url, name="test-admin")
         overflows = metric_value("regstream_publish_outbox_overflows_total")
         holds = metric_value("regstream_publish_holds_total")
         try:
-            async with (
-                StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
-                httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
-            ):
+            async with _clients(live) as (sse, http):
                 ids = await _register_load_people(http, 9200, 40)
                 await redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
-                response = await http.post(BULK, json={"registrationIds": ids})
-                assert response.json()["accepted"] == sorted(ids)
-                for rid in ids:
-                    final = await sse.wait_final(rid, timeout=60)
-                    assert final["status"] == "APPROVED"
-                    assert [u["seq"] for u in sse.updates(rid)] == list(range(1, 8))
+                await _bulk_accepted(http, ids)
+                await _all_approved(sse, ids)
                 assert not any(f.type == "snapshot" for f in sse.frames)
         finally:
             await redis.aclose()
@@ -207,14 +222,9 @@ async def test_a_busy_runner_holds_a_batch_waiting_for_its_slots(
         database_url=database_url, pipeline_concurrency=4, t24_base_url=t24_private.base_url
     )
     with serve_app(settings) as live:
-        operator = auth_headers(live, "operator")
-        async with (
-            StreamClient(live.url, headers=auth_headers(live, "admin")) as sse,
-            httpx.AsyncClient(base_url=live.url, headers=operator, timeout=30) as http,
-        ):
+        async with _clients(live) as (sse, http):
             ids = await _register_load_people(http, 9300, 24)
-            response = await http.post(BULK, json={"registrationIds": ids})
-            assert response.json()["accepted"] == sorted(ids)
+            await _bulk_accepted(http, ids)
             seen: list[tuple[int, int]] = []  # (held, under way) at each look
 
             async def held() -> tuple[int, int]:
@@ -245,9 +255,6 @@ async def test_a_busy_runner_holds_a_batch_waiting_for_its_slots(
 
             assert await live.call(holder()) is not None  # held by this instance, not queued
             bulk_seen = list(seen)
-            for rid in [*ids, clicked]:
-                final = await sse.wait_final(rid, timeout=60)
-                assert final["status"] == "APPROVED"
-                assert [u["seq"] for u in sse.updates(rid)] == list(range(1, 8))
+            await _all_approved(sse, [*ids, clicked])
         assert max(held for held, _ in bulk_seen) == 8  # never more than 4 slots + a batch of 4
         assert max(under_way for _, under_way in seen) <= 4, seen  # the slots bound the runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from datetime import date
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, func, select, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from regstream.db import registrations, users
@@ -351,12 +352,11 @@ async def test_a_thread_committing_through_a_double_cancel_still_publishes(
         await engine.dispose()
 
 
-async def test_a_worker_cancelled_during_commit_still_publishes(postgres_url: str) -> None:
-    """PostgreSQL: a worker cancelled (twice, as a shutdown does) while its COMMIT is under
-    way lets the COMMIT finish, runs ``then`` for what committed and answers its caller, before
-    it stops. The COMMIT is held by a deferred constraint trigger that waits for an advisory
-    lock the test holds, so the cancellations land while it is in flight."""
-    engine = create_engine(postgres_url)
+@contextlib.asynccontextmanager
+async def _commit_held(engine: AsyncEngine) -> AsyncIterator[tuple[AsyncConnection, Step[int]]]:
+    """A step (insert into ``probe``) whose COMMIT waits, in a deferred constraint trigger, for
+    an advisory lock held by the connection yielded with it; ``_wait_committing`` waits for a
+    COMMIT to be held so. The lock is released on exit."""
     lock = 4242
     async with engine.begin() as conn:
         await conn.execute(text("CREATE TABLE probe (x INTEGER)"))
@@ -368,8 +368,6 @@ async def test_a_worker_cancelled_during_commit_still_publishes(postgres_url: st
             "CREATE CONSTRAINT TRIGGER probe_commit AFTER INSERT ON probe "
             "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_at_commit()"
         ))  # fmt: skip
-    group = GroupCommit(create_session_factory(engine))
-    published: list[int] = []
 
     async def write(session: AsyncSession) -> int:
         await session.execute(text("INSERT INTO probe (x) VALUES (1)"))
@@ -379,77 +377,66 @@ async def test_a_worker_cancelled_during_commit_still_publishes(postgres_url: st
     try:
         await admin.execute(text(f"SELECT pg_advisory_lock({lock})"))
         await admin.commit()
-        caller = asyncio.create_task(group.run(write, then=published.append))
-
-        async def committing() -> bool:  # the worker's COMMIT waits for our lock
-            waiting = await admin.scalar(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND query LIKE 'COMMIT%'"
-            ))  # fmt: skip
-            await admin.commit()
-            return bool(waiting == 1)
-
-        await wait_until(committing, timeout=10, what="the COMMIT to wait for the lock")
-        (worker,) = group._workers
-        for _ in range(2):
-            worker.cancel()
-            await asyncio.sleep(0.05)
+        yield admin, write
+    finally:
         await admin.execute(text(f"SELECT pg_advisory_unlock({lock})"))
         await admin.commit()
+        await admin.close()
+
+
+async def _wait_committing(admin: AsyncConnection) -> None:
+    async def committing() -> bool:  # a worker's COMMIT waits for our lock
+        waiting = await admin.scalar(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE 'COMMIT%'"
+        ))  # fmt: skip
+        await admin.commit()
+        return bool(waiting == 1)
+
+    await wait_until(committing, timeout=10, what="the COMMIT to wait for the lock")
+
+
+async def test_a_worker_cancelled_during_commit_still_publishes(postgres_url: str) -> None:
+    """PostgreSQL: a worker cancelled (twice, as a shutdown does) while its COMMIT is under
+    way lets the COMMIT finish, runs ``then`` for what committed and answers its caller, before
+    it stops. The COMMIT is held (``_commit_held``), so the cancellations land while it is in
+    flight."""
+    engine = create_engine(postgres_url)
+    group = GroupCommit(create_session_factory(engine))
+    published: list[int] = []
+    try:
+        async with _commit_held(engine) as (admin, write):
+            caller = asyncio.create_task(group.run(write, then=published.append))
+            await _wait_committing(admin)
+            (worker,) = group._workers
+            for _ in range(2):
+                worker.cancel()
+                await asyncio.sleep(0.05)
+        # the lock released: the COMMIT goes through
         await asyncio.wait({worker}, timeout=10)
         assert worker.cancelled()
         assert published == [1]  # the committed step was published
         assert await caller == 1
-        assert (await admin.execute(text("SELECT count(*) FROM probe"))).scalar() == 1
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM probe"))).scalar() == 1
     finally:
-        await admin.close()
         await engine.dispose()
 
 
 async def test_a_worker_gives_up_on_a_commit_that_never_answers(postgres_url: str) -> None:
     """The wait for a COMMIT under way is bounded (``settle_timeout``): a worker cancelled while
-    its COMMIT hangs (held here by a deferred trigger waiting on an advisory lock the test
-    keeps) stops after that bound instead of waiting forever (a dead connection would), and its
-    caller is not left waiting either."""
+    its COMMIT hangs (``_commit_held``, the lock kept) stops after that bound instead of waiting
+    forever (a dead connection would), and its caller is not left waiting either."""
     engine = create_engine(postgres_url)
-    lock = 4243
-    async with engine.begin() as conn:
-        await conn.execute(text("CREATE TABLE probe_hang (x INTEGER)"))
-        await conn.execute(text(
-            "CREATE FUNCTION wait_at_commit_hang() RETURNS trigger LANGUAGE plpgsql AS "
-            f"$$ BEGIN PERFORM pg_advisory_xact_lock({lock}); RETURN NULL; END $$"
-        ))  # fmt: skip
-        await conn.execute(text(
-            "CREATE CONSTRAINT TRIGGER probe_hang_commit AFTER INSERT ON probe_hang "
-            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_at_commit_hang()"
-        ))  # fmt: skip
     group = GroupCommit(create_session_factory(engine), settle_timeout=0.5)
-
-    async def write(session: AsyncSession) -> int:
-        await session.execute(text("INSERT INTO probe_hang (x) VALUES (1)"))
-        return 1
-
-    admin = await engine.connect()
     try:
-        await admin.execute(text(f"SELECT pg_advisory_lock({lock})"))
-        await admin.commit()
-        caller = asyncio.create_task(group.run(write))
-
-        async def committing() -> bool:
-            waiting = await admin.scalar(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND query LIKE 'COMMIT%'"
-            ))  # fmt: skip
-            await admin.commit()
-            return bool(waiting == 1)
-
-        await wait_until(committing, timeout=10, what="the COMMIT to wait for the lock")
-        (worker,) = group._workers
-        worker.cancel()
-        await asyncio.wait({worker, caller}, timeout=15, return_when=asyncio.ALL_COMPLETED)
-        assert worker.done() and caller.done()  # while the COMMIT still hangs: the lock is ours
-        assert caller.cancelled()
+        async with _commit_held(engine) as (admin, write):
+            caller = asyncio.create_task(group.run(write))
+            await _wait_committing(admin)
+            (worker,) = group._workers
+            worker.cancel()
+            await asyncio.wait({worker, caller}, timeout=15)
+            assert worker.done() and caller.done()  # while the COMMIT still hangs on our lock
+            assert caller.cancelled()
     finally:
-        await admin.execute(text(f"SELECT pg_advisory_unlock({lock})"))
-        await admin.close()
         await engine.dispose()

@@ -148,26 +148,9 @@ def take_sync(
     return Taken(run_id, rows, taken_over)
 
 
-async def take(
-    session: AsyncSession,
-    *,
-    instance_id: str,
-    limit: int,
-    now_ms: int,
-    lease_ms: int,
-    dead_before_ms: int,
-) -> Taken:
-    """``take_sync`` in an ``AsyncSession``."""
-    return await session.run_sync(
-        lambda sync: take_sync(
-            sync,
-            instance_id=instance_id,
-            limit=limit,
-            now_ms=now_ms,
-            lease_ms=lease_ms,
-            dead_before_ms=dead_before_ms,
-        )  # fmt: skip
-    )
+async def take(session: AsyncSession, **fields: Any) -> Taken:
+    """``take_sync`` (its keyword arguments) in an ``AsyncSession``."""
+    return await session.run_sync(take_sync, **fields)
 
 
 async def release(

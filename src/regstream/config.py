@@ -29,8 +29,6 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from regstream import logs
-
 
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
@@ -128,6 +126,27 @@ def parse_host_list(
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR"})
+
+
+def parse_log_levels(text: str) -> tuple[tuple[str, str], ...]:
+    """``REGSTREAM_LOG_LEVELS``: comma-separated ``logger=LEVEL`` pairs, e.g.
+    ``regstream.core_banking.client=DEBUG`` (a successful T24 attempt's line). Only the service's
+    own loggers (``regstream``, ``regstream.…``): libraries' DEBUG lines may carry query
+    parameters, and ``logs.configure`` holds some of them at WARNING. ``ValueError`` otherwise."""
+    levels = []
+    for item in text.split(","):
+        name, sep, level = (part.strip() for part in item.partition("="))
+        if not item.strip():
+            continue
+        if not sep or not (name == "regstream" or name.startswith("regstream.")):
+            raise ValueError("expected regstream[.module]=LEVEL pairs, comma-separated")
+        if level.upper() not in _LOG_LEVELS:
+            raise ValueError("a level must be DEBUG, INFO, WARNING or ERROR")
+        levels.append((name, level.upper()))
+    return tuple(levels)
 
 
 class Settings(BaseSettings):
@@ -313,7 +332,7 @@ class Settings(BaseSettings):
     # --- logging -----------------------------------------------------------------------------
     log_level: str = Field("INFO", validation_alias=_env("REGSTREAM_LOG_LEVEL"))
     log_json: bool = Field(False, validation_alias=_env("REGSTREAM_LOG_JSON"))
-    # per-logger levels, "regstream.core_banking.client=DEBUG[,…]" (logs.parse_levels)
+    # per-logger levels, "regstream.core_banking.client=DEBUG[,…]" (parse_log_levels)
     log_levels: Annotated[tuple[tuple[str, str], ...], NoDecode] = Field(
         (), validation_alias=_env("REGSTREAM_LOG_LEVELS")
     )
@@ -500,7 +519,7 @@ class Settings(BaseSettings):
             return ()
         if not isinstance(value, str):
             return tuple(value)  # type: ignore[arg-type]  # already parsed (model_copy, tests)
-        return logs.parse_levels(value)
+        return parse_log_levels(value)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

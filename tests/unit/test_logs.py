@@ -447,7 +447,8 @@ def test_per_logger_levels_enable_one_logger_only() -> None:
     """``REGSTREAM_LOG_LEVELS``: the T24 client's success lines (DEBUG) without DEBUG anywhere
     else; only the service's own loggers may be named (libraries' DEBUG lines carry query
     parameters)."""
-    from regstream.logs import configure, parse_levels
+    from regstream.config import parse_log_levels as parse_levels
+    from regstream.logs import configure
 
     assert parse_levels(" regstream.core_banking.client=debug, regstream=WARNING ,") == (
         ("regstream.core_banking.client", "DEBUG"),

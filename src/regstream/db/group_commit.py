@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections import deque
@@ -201,6 +202,9 @@ class GroupCommit:
                     await asyncio.wait({task}, timeout=give_up_at - loop.time())
             if not task.done():  # no answer to the COMMIT: stop; the catch-up republishes
                 log.warning("gave up waiting for a COMMIT after %.0f s", self._settle_timeout)
+                # the task still unwinds on the connection: it closes it when done, not _work
+                connection, held.connection = held.connection, None
+                task.add_done_callback(functools.partial(_discard, connection))
                 task.cancel()
                 raise
             committed = not task.cancelled() and task.exception() is None
@@ -293,6 +297,22 @@ class GroupCommit:
             _settle(entry.future, True, exc)
         else:
             _committed(entry, failed, value)
+
+
+#: closings of connections given up on (``_discard``), referenced until done
+_closing: set[asyncio.Future[None]] = set()
+
+
+def _discard(connection: AsyncConnection | None, task: asyncio.Future[Any]) -> None:
+    """A given-up transaction's task is done: retrieve its outcome (unknown to its callers
+    either way) and close its connection."""
+    if not task.cancelled():
+        task.exception()
+    if connection is not None:
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nothing left to close on
+            closing = asyncio.ensure_future(_release(_Held(connection)))
+            _closing.add(closing)
+            closing.add_done_callback(_closing.discard)
 
 
 async def _release(held: _Held) -> None:

@@ -19,10 +19,10 @@ commit); the held runs are covered by lease renewal and given back by ``drain``.
 when it has room for a whole batch (it holds ``concurrency`` runs or fewer: every waiting run
 has started), when told (this instance queued runs, or another one did: LISTEN/NOTIFY on
 PostgreSQL) or when a run ends while the queue may hold more, and at least every poll
-interval (then for whatever room it has). A click has room beyond that: it is held while the
-runner holds fewer than ``concurrency`` + two batches, so during a bulk it waits for a slot
-behind at most the one batch held before it, not behind the rest of the bulk in the queue
-(taken oldest first). Taken runs of a dead instance are resumed
+interval (then for whatever room it has). A click has room beyond that while the queue may
+hold more (a bulk): it is held while the runner holds fewer than ``concurrency`` + two batches,
+so it waits for a slot behind the batch held before it (and clicks held before it), not behind
+the rest of the bulk in the queue (taken oldest first). Taken runs of a dead instance are resumed
 (``recovery``). (Before: it took only once a quarter of its slots, 16, were free, so about 56
 of 64 slots were busy on average during a bulk.)
 
@@ -125,7 +125,8 @@ class Runner:
         self._tasks: dict[asyncio.Task[None], Run] = {}
         # runs a take or claim committed after ``drain`` began: never started, given back by it
         self._unstarted: list[Run] = []
-        self.accepting = True
+        self._draining = False
+        self.accepting = True  # new runs are not taken or held once False (shutdown's phase 2)
 
     @property
     def running(self) -> int:
@@ -145,8 +146,8 @@ class Runner:
         started it)."""
 
         async def step(session: AsyncSession) -> tuple[str, Row[Any]] | RegistrationRequest | None:
-            # Room here: hold it at once (no round trip through the queue). Under a burst the
-            # clicks of one batch all see the same room, so a few more may be held.
+            # Room here: hold it at once (no round trip through the queue). The clicks of one
+            # group-commit batch all see the same room, so up to a batch of them more (64).
             mine = self._has_room()
             claim = await registrations.claim_for_processing(
                 session, registration_id=registration_id, now_ms=now_ms(),
@@ -231,6 +232,7 @@ class Runner:
         then go back too, so other instances resume them at once (from the process log) instead
         of after the heartbeat timeout. Returns how many were still running."""
         self.accepting = False
+        self._draining = True
         waiting = {task: run for task, run in self._tasks.items() if not run.started}
         for task in waiting:
             task.cancel()
@@ -255,12 +257,12 @@ class Runner:
     # --- the shared queue ----------------------------------------------------------------------
 
     def _has_room(self) -> bool:
-        """Room for a click: up to one batch beyond what takes fill (the refill rule)."""
-        return (
-            self.accepting
-            and self.fleet.registered.is_set()
-            and len(self._tasks) < self._capacity + self._take_batch
-        )
+        """Room for a click: a free slot, or, while the shared queue may hold more (a bulk), up
+        to one batch beyond what takes fill (the refill rule): with the queue empty, a click no
+        slot here can take goes to the queue, where an idle instance starts it at once."""
+        held = len(self._tasks)
+        limit = self._capacity + self._take_batch if self._more else self._concurrency
+        return self.accepting and self.fleet.registered.is_set() and held < limit
 
     def _queued(self) -> None:
         """Runs were queued here: look for them now if we have room for a batch (the other
@@ -336,7 +338,7 @@ class Runner:
         return runs
 
     def _spawn(self, run: Run, *, resume: bool) -> None:
-        if not self.accepting:  # committed after drain began: drain gives it back, unstarted
+        if self._draining:  # committed after drain began: drain gives it back, unstarted
             self._unstarted.append(run)
             return
         task = asyncio.create_task(

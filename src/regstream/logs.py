@@ -106,9 +106,7 @@ def redact_value(value: object) -> object:
     # the common fields (text, small numbers) without a walk: this runs for every extra field
     if type(value) is str:
         return redact(value)
-    if type(value) is int:
-        return value if -_DIGITS_INT < value < _DIGITS_INT else "*******"
-    if type(value) is float:
+    if type(value) is int or type(value) is float:
         return value if -_DIGITS_INT < value < _DIGITS_INT else "*******"
     if type(value) is bool or value is None:
         return value

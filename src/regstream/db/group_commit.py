@@ -34,11 +34,10 @@ order. A thread cannot be cancelled: a worker cancelled while its thread commits
 and settles that batch (the steps' ``then`` callbacks run) before it stops. The async path
 (PostgreSQL) does the same once its ``COMMIT`` is sent: the transaction runs in a task of its
 own, shielded from the worker's cancellation, which stops the steps while they run (the batch
-rolls back) but waits for a ``COMMIT`` under way, then settles the batch. (Before, a worker
-cancelled there could leave a committed batch unpublished until the catch-up found it.) That wait
-is bounded (``settle_timeout``, 30 s: the server's statement timeout ends a lock wait long
-before; a connection that died silently would not): past it the worker stops the transaction's
-task and stops, and the catch-up republishes whatever did commit.
+rolls back) but waits for a ``COMMIT`` under way, then settles the batch. Both waits are
+bounded (``settle_timeout``, 30 s: the server's statement timeout ends a lock wait long
+before; a connection that died silently would not): past it the worker stops (and, on the async
+path, cancels the transaction's task), and the catch-up republishes whatever did commit.
 """
 
 from __future__ import annotations
@@ -195,23 +194,33 @@ class GroupCommit:
             # stop, however often we are cancelled meanwhile (as ``_in_thread``).
             if not committing.started:
                 task.cancel()
-            loop = asyncio.get_running_loop()
-            give_up_at = loop.time() + self._settle_timeout
-            while not task.done() and loop.time() < give_up_at:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({task}, timeout=give_up_at - loop.time())
-            if not task.done():  # no answer to the COMMIT: stop; the catch-up republishes
-                log.warning("gave up waiting for a COMMIT after %.0f s", self._settle_timeout)
-                # the task still unwinds on the connection: it closes it when done, not _work
+            if not await self._settle(batch, task, committing):
+                # no answer to the COMMIT: stop; the catch-up republishes what it committed.
+                # The task still unwinds on the connection: it closes it when done, not _work.
                 connection, held.connection = held.connection, None
                 task.add_done_callback(functools.partial(_discard, connection))
                 task.cancel()
-                raise
-            committed = not task.cancelled() and task.exception() is None
-            if committed and committing.started:
-                for entry, (failed, value) in zip(batch, task.result(), strict=True):
-                    _committed(entry, failed, value)
             raise
+
+    async def _settle(
+        self, batch: list[_Entry[Any]], task: asyncio.Future[_Outcomes], committing: _Committing
+    ) -> bool:
+        """The worker was cancelled while ``task`` ran ``batch``: wait for it (however often we
+        are cancelled meanwhile: a shutdown cancels twice), at most ``settle_timeout``, then
+        settle what it committed (``committing.started``: its steps were done). False: it was
+        still running; gave up."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._settle_timeout
+        while not task.done() and loop.time() < give_up_at:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task}, timeout=give_up_at - loop.time())
+        if not task.done():
+            log.warning("gave up waiting for a COMMIT after %.0f s", self._settle_timeout)
+            return False
+        if committing.started and not task.cancelled() and task.exception() is None:
+            for entry, (failed, value) in zip(batch, task.result(), strict=True):
+                _committed(entry, failed, value)
+        return True
 
     async def _in_session(
         self, batch: list[_Entry[Any]], bind: AsyncConnection | None, committing: _Committing
@@ -256,15 +265,9 @@ class GroupCommit:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            # the thread goes on and may commit: publish what it committed, then stop (however
-            # often we are cancelled meanwhile: a shutdown cancels twice; the thread is bounded by
-            # SQLite's busy timeout)
-            while not task.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({task})
-            if not task.cancelled() and task.exception() is None:
-                for entry, (failed, value) in zip(batch, task.result(), strict=True):
-                    _committed(entry, failed, value)
+            # the thread goes on and may commit (SQLite's busy timeout bounds it): publish what
+            # it committed, then stop
+            await self._settle(batch, task, _Committing(started=True))
             raise
 
     async def _commit(self, batch: list[_Entry[Any]], held: _Held, *, threaded: bool) -> None:

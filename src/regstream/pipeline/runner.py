@@ -23,8 +23,7 @@ interval (then for whatever room it has). A click has room beyond that while the
 hold more (a bulk): it is held while the runner holds fewer than ``concurrency`` + two batches,
 so it waits for a slot behind the batch held before it (and clicks held before it), not behind
 the rest of the bulk in the queue (taken oldest first). Taken runs of a dead instance are resumed
-(``recovery``). (Before: it took only once a quarter of its slots, 16, were free, so about 56
-of 64 slots were busy on average during a bulk.)
+(``recovery``).
 
 Leases (``leases``): renewed at every step and every half lease for every run this instance
 holds (``renew_leases``). At shutdown (``drain``) runs not started go back to the queue at once,

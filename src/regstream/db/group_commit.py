@@ -24,7 +24,11 @@ What must follow a commit (publishing what was written, starting a run) goes in 
 worker calls it right after the commit, in commit order, whether or not the caller still waits.
 
 A step is async (``run``: it gets the ``AsyncSession``) or sync (``run_sync``: it gets the
-session's sync ``Session``, as ``AsyncSession.run_sync`` does). The hot steps are sync: the
+session's sync ``Session``, as ``AsyncSession.run_sync`` does). A sync step may declare its first
+statement (``run_after``, a ``First``: a run's log append, which most steps are): on PostgreSQL
+the first statements of a batch's steps are sent together before the steps go on, one round trip
+per statement text (``compiled.fetch_many``) where each step's own cost ~150 us of CPU
+(bench/RESULTS.md run 19). The hot steps are sync: the
 steps of a batch that follow one another run in one ``run_sync``, one hop into SQLAlchemy's
 greenlet for all of them. On SQLite, sync steps run whole in a thread (``threaded_sessions``: a
 stock ``pysqlite`` engine on the same file), one thread hand-off per batch where aiosqlite's
@@ -50,27 +54,49 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
+from sqlalchemy import Executable
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
+from regstream.db import compiled
 from regstream.db.engine import threaded_sessions, transaction
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 Step = Callable[[AsyncSession], Awaitable[T]]
 SyncStep = Callable[[Session], T]
 _Outcomes = list[tuple[bool, Any]]  # (raised, result or exception) per step
 
 
+class First(Protocol[R_co]):
+    """A sync step's first statement, known before the step runs (``run_after``)."""
+
+    def execute(self, session: Session) -> R_co:
+        """Run it in ``session`` (any database) and say what it did."""
+        ...
+
+    def statement(self) -> tuple[Executable, dict[str, Any]]:
+        """The statement and its parameters on PostgreSQL; it returns the parameter
+        ``compiled.KEY`` as its first column (``compiled.fetch_many``)."""
+        ...
+
+    def result(self, rows: list[tuple[Any, ...]]) -> R_co:
+        """What ``statement``'s rows say (as ``execute`` returns it)."""
+        ...
+
+
 @dataclass(slots=True)
 class _Entry(Generic[T]):
-    step: Callable[[Any], Any]  # Step[T] (an AsyncSession) or, with ``sync``, SyncStep[T]
+    step: Callable[..., Any]  # Step[T] (an AsyncSession) or, with ``sync``, SyncStep[T]
     then: Callable[[T], object] | None
     future: asyncio.Future[T]
     sync: bool
+    first: First[Any] | None = None  # with ``sync``: ``step`` takes the session and its result
 
 
 @dataclass(slots=True)
@@ -106,6 +132,8 @@ class GroupCommit:
         self._threaded = threaded_sessions(sessions)  # SQLite only
         bind = sessions.kw.get("bind")
         self._engine = bind if isinstance(bind, AsyncEngine) else None
+        # PostgreSQL: the first statements of a batch's ``run_after`` steps go together
+        self._pipelined = self._engine is not None and self._engine.dialect.name == "postgresql"
         self._max_batch = max_batch
         self._max_open = max_open
         self._settle_timeout = settle_timeout
@@ -122,6 +150,19 @@ class GroupCommit:
     async def run_sync(self, step: SyncStep[T], then: Callable[[T], object] | None = None) -> T:
         """``run`` for a sync step, given a sync ``Session`` (on SQLite, in a thread)."""
         return await self._enqueue(_Entry(step, then, self._future(), True))
+
+    async def run_after(
+        self,
+        first: First[R],
+        step: Callable[[Session, R], T],
+        then: Callable[[T], object] | None = None,
+    ) -> T:
+        """``run_sync`` for a step that begins with ``first``: ``step(session, what first
+        did)``. On PostgreSQL the first statements of a batch's steps are sent together, one
+        round trip per statement text (``compiled.fetch_many``) instead of one per step, before
+        the batch's steps run (each step's runs and writes stay its own: they touch other
+        rows); elsewhere, or alone, ``first.execute`` runs it as the step begins."""
+        return await self._enqueue(_Entry(step, then, self._future(), True, first))
 
     async def idle(self, *, timeout: float) -> None:
         """Wait (bounded) until the batches being committed, if any, are done."""
@@ -245,15 +286,47 @@ class GroupCommit:
             return outcomes
 
     def _steps(self, session: Session, entries: list[_Entry[Any]]) -> _Outcomes:
+        firsts = self._send_firsts(session, entries) if self._pipelined else {}
         outcomes: _Outcomes = []
         for entry in entries:
             try:
-                outcomes.append((False, entry.step(session)))
+                if entry.first is None:
+                    value = entry.step(session)
+                elif id(entry) in firsts:
+                    value = entry.step(session, entry.first.result(firsts[id(entry)]))
+                else:
+                    value = entry.step(session, entry.first.execute(session))
+                outcomes.append((False, value))
             except self._decided as exc:
                 outcomes.append((True, exc))
             except Exception as exc:
                 raise _StepRaised from exc
         return outcomes
+
+    @staticmethod
+    def _send_firsts(
+        session: Session, entries: list[_Entry[Any]]
+    ) -> dict[int, list[tuple[Any, ...]]]:
+        """The rows of the entries' first statements (by ``id`` of the entry), sent together
+        per statement text; any failing fails the batch (its steps then run alone)."""
+        by_statement: dict[Executable, list[tuple[_Entry[Any], dict[str, Any]]]] = {}
+        for entry in entries:
+            if entry.first is not None:
+                statement, params = entry.first.statement()
+                by_statement.setdefault(statement, []).append((entry, params))
+        rows: dict[int, list[tuple[Any, ...]]] = {}
+        conn = session.connection()
+        try:
+            for statement, group in by_statement.items():
+                if len(group) == 1:
+                    entry, params = group[0]
+                    rows[id(entry)] = compiled.fetch(conn, statement, params)
+                    continue
+                sent = compiled.fetch_many(conn, statement, [params for _, params in group])
+                rows.update((id(entry), got) for (entry, _), got in zip(group, sent, strict=True))
+        except Exception as exc:
+            raise _StepRaised from exc
+        return rows
 
     def _threaded_transaction(self, entries: list[_Entry[Any]]) -> _Outcomes:
         assert self._threaded is not None

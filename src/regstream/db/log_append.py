@@ -40,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.dml import ReturningUpdate
 
+from regstream.db import compiled
 from regstream.db.tables import ProcessLogEntry, RegistrationRequest
 
 _REGISTRATIONS: Table = RegistrationRequest.__table__  # type: ignore[assignment]
@@ -92,9 +93,11 @@ def postgres(final: bool, member: Executable | None, guard: bool) -> Select[obje
     """``advance`` and the entries' insert as one PostgreSQL statement, with ``member`` (a
     statement built once, ``users.matching`` or ``users.enrolment``) as a member of it. With
     ``guard``, the run's row is advanced (so the entries written) only if ``member`` finds no
-    rows; then each result row is ``(seq, found, member's columns…)``: ``(NULL, true, …)`` per
-    row found, or one ``(seq or NULL, NULL, …)``. Without it, one row ``(seq,)`` or none.
-    Parameters: ``advance``'s, ``member``'s, ``run``, ``ts`` and one array per entry column
+    rows; then each result row is ``(step, seq, found, member's columns…)``: ``(step, NULL,
+    true, …)`` per row found, or one ``(step, seq or NULL, NULL, …)``. Without it, one row
+    ``(step, seq)`` or none. ``step`` is the parameter ``compiled.KEY`` given back: it tells apart
+    the rows of several steps' statements sent together (``compiled.fetch_many``). Parameters:
+    ``advance``'s, ``member``'s, ``compiled.KEY``, ``run``, ``ts`` and one array per entry column
     (``log_stage``, ``log_stage_status``, ``log_status``, ``log_message``, ``log_details``, the
     last as JSON text)."""
     run_update = advance(final=final)
@@ -123,9 +126,11 @@ def postgres(final: bool, member: Executable | None, guard: bool) -> Select[obje
         .from_select(["registration_id", "seq", "run", *_LOG_COLUMNS, "timestamp_ms"], rows)
         .cte("log")
     )
+    step = cast(bindparam(compiled.KEY), Integer()).label(compiled.KEY)
     if extra is not None and guard:
         seq = select(select(run.c.seq).scalar_subquery().label("seq")).subquery("r")
         found = select(true().label("found"), extra).subquery("f")
-        return select(seq.c.seq, found).select_from(seq.outerjoin(found, true())).add_cte(log)
-    statement = select(run.c.seq).add_cte(log)
+        joined = seq.outerjoin(found, true())
+        return select(step, seq.c.seq, found).select_from(joined).add_cte(log)
+    statement = select(step, run.c.seq).add_cte(log)
     return statement if extra is None else statement.add_cte(extra)

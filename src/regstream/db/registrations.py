@@ -300,9 +300,10 @@ def append_events_sync(
     of the same statement (``log_append``), one round trip. Raises ``RunLost`` when the runner
     no longer owns the run (the caller's transaction then rolls back, ``also`` with it).
     """
-    logged, _ = _append(
-        session, registration_id, run_id, run, events, now_ms, lease_ms, final, also, guard=False
+    append = Append(
+        registration_id, run_id, run, events, now_ms, lease_ms, final=final, member=also
     )
+    logged, _ = append.execute(session)
     assert logged is not None  # no guard
     return logged
 
@@ -329,82 +330,124 @@ def append_events_unless_sync(
     case: no enrolled user matches, so log that, in the query's round trip on PostgreSQL).
     Returns ``(entries, [])`` when it appended, ``(None, rows)`` when the query found ``rows``
     and nothing was written."""
-    return _append(
-        session, registration_id, run_id, run, events, now_ms, lease_ms, None, unless, guard=True
+    append = Append(
+        registration_id, run_id, run, events, now_ms, lease_ms, member=unless, guard=True
     )
+    return append.execute(session)
 
 
-def _append(
-    session: Session,
-    registration_id: int,
-    run_id: str,
-    run: int,
-    events: Sequence[Event],
-    now_ms: int,
-    lease_ms: int,
-    final: tuple[str, dict[str, Any]] | None,
-    member: Bound | None,
-    *,
-    guard: bool,
-) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
-    """The append's statements, in a sync session: one hop into SQLAlchemy's greenlet (or one
-    thread, ``GroupCommit.run_sync``) for the whole append instead of one per statement (~40 us
-    of CPU each, measured on PostgreSQL). Core statements go to the session's ``Connection``:
-    the ORM's execute path adds nothing to them."""
-    if not events:
-        raise ValueError("nothing to append")
-    params: dict[str, Any] = {
-        "rid": registration_id, "owner": run_id, "count": len(events),
-        "lease": now_ms + lease_ms,
-        "stage": next((e[0] for e in reversed(events) if e[0] is not None), None),
-    }  # fmt: skip
-    conn = session.connection()
-    postgres = conn.dialect.name == "postgresql"
-    if final is not None:
-        # the driver's form on PostgreSQL (``compiled.fetch``: JSON as text)
-        params["final_status"] = final[0]
-        params["final_result"] = json.dumps(final[1]) if postgres else final[1]
-    found: list[tuple[Any, ...]] = []  # the guard query's rows (then nothing was written)
-    seq: Any = None  # the run's seq after the append; None: the run is no longer ours
-    if postgres:  # one statement: ``member``, the run's row, its log rows (one round trip)
-        params.update(member.params if member is not None else {}, run=run, ts=now_ms)
+#: what an append gives: the entries written, or None and the guard query's rows
+Appended = tuple[list[LogEvent] | None, list[tuple[Any, ...]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """One append (``append_events``; with ``guard``, ``append_events_unless``): run in a sync
+    session (``execute``), or, on PostgreSQL, one statement (``statement``) that the group
+    commit may send together with other steps' (``GroupCommit.run_after``), then its rows read
+    (``result``). ``member``: the write that goes with the entries (``also``) or, with
+    ``guard``, the query that must find no rows (``unless``)."""
+
+    registration_id: int
+    run_id: str
+    run: int
+    events: Sequence[Event]
+    now_ms: int
+    lease_ms: int
+    final: tuple[str, dict[str, Any]] | None = None
+    member: Bound | None = None
+    guard: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.events:
+            raise ValueError("nothing to append")
+        if self.guard and self.member is None:
+            raise ValueError("a guarded append needs its query")
+
+    def execute(self, session: Session) -> Appended:
+        """The append in ``session``: one hop into SQLAlchemy's greenlet (or one thread,
+        ``GroupCommit.run_sync``) for all its statements, not one per statement (~40 us of CPU
+        each, measured on PostgreSQL). Core statements go to the session's ``Connection``: the
+        ORM's execute path adds nothing to them."""
+        conn = session.connection()
+        if conn.dialect.name == "postgresql":  # one statement (``log_append.postgres``)
+            statement, params = self.statement()
+            return self.result(compiled.fetch(conn, statement, params))
+        params = self._params()
+        if self.final is not None:
+            params["final_result"] = self.final[1]
+        member = self.member
+        found: list[tuple[Any, ...]] = []
+        if member is not None and self.guard:  # the query guards the advance: one statement
+            advance = log_append.guarded(self.final is not None, member.statement)
+            seq = conn.execute(advance, {**params, **member.params}).scalar()
+            if seq is None:  # the run is lost, or the query found someone: which?
+                found = [tuple(row) for row in conn.execute(member.statement, member.params)]
+        else:
+            if member is not None:
+                conn.execute(member.statement, member.params)
+            seq = conn.execute(log_append.advance(final=self.final is not None), params).scalar()
+        logged, found = self._numbered(seq, found)
+        if logged is not None:
+            conn.execute(
+                log_append.INSERT_LOG,
+                [
+                    {"registration_id": e.registration_id, "seq": e.seq, "run": e.run,
+                     "stage": e.stage, "stage_status": e.stage_status, "status": e.status,
+                     "message": e.message, "details": e.details, "timestamp_ms": e.timestamp_ms}
+                    for e in logged
+                ],
+            )  # fmt: skip
+        return logged, found
+
+    def statement(self) -> tuple[Executable, dict[str, Any]]:
+        """The PostgreSQL statement and its parameters, as the driver takes them
+        (``compiled``: JSON as text): the member, the run's row and its log rows in one."""
+        params = self._params()
+        if self.final is not None:
+            params["final_result"] = json.dumps(self.final[1])
+        member = self.member
+        if member is not None:
+            params.update(member.params)
+        params.update({compiled.KEY: 0, "run": self.run, "ts": self.now_ms})
+        events = self.events
         for i, name in enumerate(("stage", "stage_status", "status", "message")):
             params[f"log_{name}"] = [e[i] for e in events]
         params["log_details"] = [json.dumps(e[4]) for e in events]  # JSON text, cast there
         statement = log_append.postgres(
-            final is not None, None if member is None else member.statement, guard
+            self.final is not None, None if member is None else member.statement, self.guard
         )
-        rows = compiled.fetch(conn, statement, params)
-        if guard:  # (seq or NULL, true, member's columns) per row found; (seq, NULL, …) if none
-            found = [row[2:] for row in rows if row[1]]
-        seq = rows[0][0] if rows else None
-    elif member is not None and guard:  # the query guards the advance: one statement usually
-        advance = log_append.guarded(final is not None, member.statement)
-        seq = conn.execute(advance, {**params, **member.params}).scalar()
-        if seq is None:  # the run is lost, or the query found someone: which?
-            found = [tuple(row) for row in conn.execute(member.statement, member.params)]
-    else:
-        if member is not None:
-            conn.execute(member.statement, member.params)
-        advance = log_append.advance(final=final is not None)
-        seq = conn.execute(advance, params).scalar()
-    if found:
-        return None, found
-    if seq is None:
-        raise RunLost(f"registration {registration_id}: run {run_id} is no longer ours")
-    out = numbered(events, registration_id=registration_id, run=run, last_seq=int(seq),
-                   timestamp_ms=now_ms)  # fmt: skip
-    if not postgres:
-        conn.execute(
-            log_append.INSERT_LOG,
-            [
-                {"registration_id": registration_id, "seq": e.seq, "run": run, "stage": e.stage,
-                 "stage_status": e.stage_status, "status": e.status, "message": e.message,
-                 "details": e.details, "timestamp_ms": now_ms}
-                for e in out
-            ],
+        return statement, params
+
+    def result(self, rows: list[tuple[Any, ...]]) -> Appended:
+        """What ``statement``'s rows say (``log_append.postgres``: ``(step, seq, …)``)."""
+        found = [row[3:] for row in rows if row[2]] if self.guard else []
+        return self._numbered(rows[0][1] if rows else None, found)
+
+    def _params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "rid": self.registration_id, "owner": self.run_id, "count": len(self.events),
+            "lease": self.now_ms + self.lease_ms,
+            "stage": next((e[0] for e in reversed(self.events) if e[0] is not None), None),
+        }  # fmt: skip
+        if self.final is not None:
+            params["final_status"] = self.final[0]
+        return params
+
+    def _numbered(self, seq: Any, found: list[tuple[Any, ...]]) -> Appended:
+        """The entries numbered up to ``seq`` (the run's after the append); ``(None, found)``
+        when the guard query found rows; ``RunLost`` when nothing was advanced."""
+        if found:
+            return None, found
+        if seq is None:
+            raise RunLost(
+                f"registration {self.registration_id}: run {self.run_id} is no longer ours"
+            )
+        logged = numbered(
+            self.events, registration_id=self.registration_id, run=self.run,
+            last_seq=int(seq), timestamp_ms=self.now_ms,
         )  # fmt: skip
-    return out, []
+        return logged, []
 
 
 def numbered(

@@ -20,9 +20,8 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.orm import Session
 
 from regstream import metrics
-from regstream.db import registrations
 from regstream.db.group_commit import GroupCommit
-from regstream.db.registrations import Bound, Event, LogEvent
+from regstream.db.registrations import Append, Appended, Bound, Event, LogEvent
 from regstream.domain.enums import RegistrationStatus
 from regstream.domain.models import Applicant
 from regstream.pipeline import events
@@ -73,58 +72,95 @@ class Recorder:
         self._publisher = publisher
         self._lease_ms = lease_ms
 
-    def append_unless(
-        self, session: Session, run: Run, entries: list[Event], *, unless: Bound
-    ) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
-        """``append`` only if the query ``unless`` finds no rows; else ``(None, rows)``
-        (``registrations.append_events_unless_sync``; ``entries`` as ``events.rows`` makes
-        them)."""
-        return registrations.append_events_unless_sync(
-            session, unless=unless, registration_id=run.registration_id, run_id=run.run_id,
-            run=run.run, events=entries, now_ms=now_ms(), lease_ms=self._lease_ms,
-        )  # fmt: skip
-
-    def append(
+    def appending(
         self,
-        session: Session,
         run: Run,
-        entries: list[LogEntry],
+        entries: list[Event],
         *,
+        unless: Bound | None = None,
         final: tuple[str, dict[str, Any]] | None = None,
         also: Bound | None = None,
-    ) -> list[LogEvent]:
-        """Write ``entries`` in ``session`` (numbered by the database; the lease renewed)."""
-        return registrations.append_events_sync(
-            session, registration_id=run.registration_id, run_id=run.run_id, run=run.run,
-            events=events.rows(entries), now_ms=now_ms(), lease_ms=self._lease_ms, final=final,
-            also=also,
+    ) -> Append:
+        """The append of ``entries`` (as ``events.rows`` makes them) to ``run``'s log, the lease
+        renewed, to run in a step (``execute``, or first: ``commit_after``). ``unless``: only if
+        this query finds no rows (``registrations.append_events_unless``); ``final`` and
+        ``also`` as ``registrations.append_events`` takes them."""
+        return Append(
+            run.registration_id, run.run_id, run.run, entries, now_ms(), self._lease_ms,
+            final=final, member=unless if unless is not None else also, guard=unless is not None,
         )  # fmt: skip
+
+    def append(self, session: Session, run: Run, entries: list[LogEntry]) -> list[LogEvent]:
+        """Write ``entries`` in ``session`` (numbered by the database; the lease renewed)."""
+        logged, _ = self.appending(run, events.rows(entries)).execute(session)
+        assert logged is not None  # no guard
+        return logged
 
     async def commit(self, run: Run, step: Callable[[Session], tuple[list[LogEvent], T]]) -> T:
         """Run ``step`` in a group-commit transaction; once committed, what it logged joins the
         run's log and is queued for publication. Returns the step's other result."""
-
-        def publish(result: tuple[list[LogEvent], T]) -> None:
-            run.logged.extend(result[0])
-            self.publish(result[0])
-
-        _, value = await self._commits.run_sync(step, then=publish)
+        _, value = await self._commits.run_sync(step, then=self._logged(run))
         return value
 
-    async def finish(self, run: Run, work: Work, *, also: Bound | None = None) -> None:
-        """End the run: ``work``'s entries, the final entry and status, and ``also`` (a write
-        that commits with them: the enrolment that goes with APPROVED) in one transaction; the
-        final message carries the run's stages as ``processLog``."""
+    async def commit_after(
+        self,
+        run: Run,
+        first: Append,
+        step: Callable[[Session, Appended], tuple[list[LogEvent], T]],
+    ) -> T:
+        """``commit`` for a step that begins with the append ``first`` (``appending``), given
+        what it did: on PostgreSQL the group commit sends the first appends of many runs'
+        steps together (``GroupCommit.run_after``)."""
+        _, value = await self._commits.run_after(first, step, then=self._logged(run))
+        return value
+
+    async def finish(
+        self, run: Run, entries: list[LogEntry], outcome: Outcome, *, also: Bound | None = None
+    ) -> None:
+        """End the run: ``entries``, the final entry and status, and ``also`` (a write that
+        commits with them: the enrolment that goes with APPROVED) in one transaction, one
+        statement on PostgreSQL (sent with other runs' steps); the final message carries the
+        run's stages as ``processLog``."""
+        first = self._final(run, entries, outcome, also)
+
+        def step(_session: Session, appended: Appended) -> tuple[list[LogEvent], Outcome]:
+            assert appended[0] is not None  # no guard
+            return appended[0], outcome
+
+        await self._commits.run_after(first, step, then=self._finished(run))
+
+    async def finish_with(self, run: Run, work: Work) -> None:
+        """``finish`` with the entries and outcome that ``work`` decides in the transaction
+        (it reads and writes in it first)."""
 
         def step(session: Session) -> tuple[list[LogEvent], Outcome]:
             entries, outcome = work(session)
-            result = {"message": outcome.message, "details": outcome.details}
-            logged = self.append(
-                session, run, [*entries, events.final(outcome.status, outcome.message,
-                                                      outcome.details)],
-                final=(outcome.status.value, result), also=also,
-            )  # fmt: skip
+            logged, _ = self._final(run, entries, outcome, None).execute(session)
+            assert logged is not None  # no guard
             return logged, outcome
+
+        await self._commits.run_sync(step, then=self._finished(run))
+
+    def _final(
+        self, run: Run, entries: list[LogEntry], outcome: Outcome, also: Bound | None
+    ) -> Append:
+        final = events.final(outcome.status, outcome.message, outcome.details)
+        result = {"message": outcome.message, "details": outcome.details}
+        return self.appending(
+            run, events.rows([*entries, final]), final=(outcome.status.value, result), also=also
+        )
+
+    def _logged(self, run: Run) -> Callable[[tuple[list[LogEvent], Any]], None]:
+        """After a step's commit: what it logged joins the run's log and goes to publication."""
+
+        def publish(result: tuple[list[LogEvent], Any]) -> None:
+            run.logged.extend(result[0])
+            self.publish(result[0])
+
+        return publish
+
+    def _finished(self, run: Run) -> Callable[[tuple[list[LogEvent], Outcome]], None]:
+        """After the final step's commit: counted, and published with the run's stages."""
 
         def publish(result: tuple[list[LogEvent], Outcome]) -> None:
             logged, outcome = result
@@ -133,7 +169,7 @@ class Recorder:
             metrics.OUTCOMES.labels(status, error).inc()
             self.publish(logged, [events.log_entry_view(e) for e in run.logged if e.stage])
 
-        await self._commits.run_sync(step, then=publish)
+        return publish
 
     def publish(
         self, logged: list[LogEvent], process_log: list[dict[str, Any]] | None = None

@@ -25,7 +25,7 @@ from regstream import metrics
 from regstream.core_banking.client import CoreBanking
 from regstream.core_banking.errors import CoreBankingError
 from regstream.db import users
-from regstream.db.registrations import LogEvent
+from regstream.db.registrations import Appended, LogEvent
 from regstream.db.tables import RegistrationRequest
 from regstream.domain.enums import RegistrationStatus, Stage
 from regstream.domain.errors import ERROR_MESSAGES, ErrorCode, ValidationFailure
@@ -94,14 +94,17 @@ class Validator:
         """One transaction: the check, "started" logged with its result. True: the applicant
         is enrolled already (same CIF)."""
 
-        def step(session: Session) -> tuple[list[LogEvent], bool]:
-            # Most applicants match no one: the query and that result's log entries are one
-            # statement (one round trip to PostgreSQL); the rows, if any, are decided here.
-            query = users.matching(
-                customer_number=applicant.customer_number, phone=applicant.phone,
-                national_id_hashes=nid_hashes,
-            )  # fmt: skip
-            logged, rows = self._recorder.append_unless(session, run, _NO_DUPLICATE, unless=query)
+        # Most applicants match no one: the query and that result's log entries are one
+        # statement (one round trip to PostgreSQL, shared with other runs' steps); the rows, if
+        # any, are decided here.
+        query = users.matching(
+            customer_number=applicant.customer_number, phone=applicant.phone,
+            national_id_hashes=nid_hashes,
+        )  # fmt: skip
+        first = self._recorder.appending(run, _NO_DUPLICATE, unless=query)
+
+        def step(session: Session, appended: Appended) -> tuple[list[LogEvent], bool]:
+            logged, rows = appended
             if logged is not None:
                 return logged, False
             matches = [users.Match(*row) for row in rows]
@@ -116,7 +119,7 @@ class Validator:
             ]
             return self._recorder.append(session, run, entries), True
 
-        return await self._recorder.commit(run, step)
+        return await self._recorder.commit_after(run, first, step)
 
     async def _update_existing(
         self, run: Run, applicant: Applicant, nid_hashes: tuple[str, ...]
@@ -143,7 +146,7 @@ class Validator:
             )
             return [done, *events.status_set(outcome.status)], outcome
 
-        await self._recorder.finish(run, work)
+        await self._recorder.finish_with(run, work)
 
     async def _approve(
         self, run: Run, applicant: Applicant, nid_hash: str, count: int, *, announce: bool
@@ -167,12 +170,8 @@ class Validator:
             {"accountsFound": count},
         )
         approved = events.completed(Stage.STATUS_UPDATE, "Status set to APPROVED")
-
-        def work(_session: Session) -> tuple[list[LogEntry], Outcome]:
-            return [*before, approved], outcome
-
-        try:
-            await self._recorder.finish(run, work, also=enrolment)  # enrolled with APPROVED
+        try:  # enrolled with APPROVED
+            await self._recorder.finish(run, [*before, approved], outcome, also=enrolment)
             return True
         except IntegrityError:
             # Someone enrolled the same person between our duplicate check and now; the
@@ -201,12 +200,9 @@ class Validator:
         entries.append(events.failed(stage, code))
         if stage is not Stage.STATUS_UPDATE:
             entries.extend(events.status_set(RegistrationStatus.FAILED))
-        outcome = Outcome(RegistrationStatus.FAILED, message, details)
-
-        def work(_session: Session) -> tuple[list[LogEntry], Outcome]:
-            return entries, outcome
-
-        await self._recorder.finish(run, work)
+        await self._recorder.finish(
+            run, entries, Outcome(RegistrationStatus.FAILED, message, details)
+        )
 
     async def fail_unexpected(self, run: Run, exc: BaseException) -> None:
         """The last resort: FAILED ``INTERNAL_ERROR`` (retryable)."""

@@ -12,12 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import UniqueConstraint, event, inspect, text
+from sqlalchemy import (
+    Column,
+    Executable,
+    Integer,
+    MetaData,
+    Table,
+    UniqueConstraint,
+    bindparam,
+    cast,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from regstream.db import compiled, registrations, users, work_queue
 from regstream.db import engine as db_engine
-from regstream.db import registrations, users, work_queue
 from regstream.db.engine import (
     SessionFactory,
     create_engine,
@@ -321,6 +336,58 @@ def _enrolment(
         email=None, date_of_birth=date(1988, 4, 2), national_id_hash=national_id_hash,
         national_id_last4="1236", device_id=None, registration_id=registration_id,
     )  # fmt: skip
+
+
+def _numbers(table: str) -> Executable:
+    """``INSERT INTO table SELECT generate_series(1, n) RETURNING step, x``: ``n`` rows for a
+    parameter set, the first column the set's ``compiled.KEY`` (``compiled.fetch_many``)."""
+    probe = Table(table, MetaData(), Column("x", Integer()))
+    series = select(func.generate_series(1, cast(bindparam("n"), Integer())))
+    return (
+        insert(probe)
+        .from_select(["x"], series)
+        .returning(cast(bindparam(compiled.KEY), Integer()), probe.c.x)
+    )
+
+
+async def test_fetch_many_splits_the_rows_per_set_in_the_transaction(postgres_url: str) -> None:
+    """PostgreSQL: ``compiled.fetch_many`` gives each parameter set its own rows (by the
+    ``KEY`` column; a set with no rows gets []), the first statement of a fresh transaction
+    begins it (what the sets wrote rolls back with it, and commits with it), and one failing
+    set raises as SQLAlchemy's adapter would (``IntegrityError``)."""
+    numbers, unique = _numbers("probe"), _numbers("probe_unique")
+    engine = create_engine(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE probe (x INTEGER)"))
+            await conn.execute(text("CREATE TABLE probe_unique (x INTEGER PRIMARY KEY)"))
+
+        async def count(conn: AsyncConnection, table: str = "probe") -> int:
+            return int(await conn.scalar(text(f"SELECT count(*) FROM {table}")) or 0)
+
+        async with engine.connect() as conn:  # a fresh transaction: its first set begins it
+            got = await conn.run_sync(
+                compiled.fetch_many, numbers, [{"n": 0}, {"n": 2}, {"n": 0}, {"n": 3}]
+            )
+            assert got == [[], [(1, 1), (1, 2)], [], [(3, 1), (3, 2), (3, 3)]]
+            # in the transaction begun: every set through asyncpg's fetchmany
+            again = await conn.run_sync(compiled.fetch_many, numbers, [{"n": 1}, {"n": 0}])
+            assert again == [[(0, 1)], []]
+            assert await count(conn) == 6
+            await conn.rollback()
+        async with engine.connect() as conn:
+            assert await count(conn) == 0  # nothing was committed on its own
+            got = await conn.run_sync(compiled.fetch_many, numbers, [{"n": 1}, {"n": 1}])
+            assert got == [[(0, 1)], [(1, 1)]]
+            await conn.commit()
+            assert await count(conn) == 2
+            # the second set inserts 1 again: all or nothing, as SQLAlchemy's error
+            with pytest.raises(IntegrityError):
+                await conn.run_sync(compiled.fetch_many, unique, [{"n": 1}, {"n": 2}])
+            await conn.rollback()
+            assert await count(conn, "probe_unique") == 0
+    finally:
+        await engine.dispose()
 
 
 async def test_migrated_indexes_are_the_models_and_none_is_redundant(database_url: str) -> None:

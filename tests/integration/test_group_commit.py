@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import Engine, event, func, make_url, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from regstream.db import registrations, users
 from regstream.db.engine import SessionFactory, create_engine, create_session_factory, migrate
 from regstream.db.group_commit import GroupCommit, Step
+from regstream.db.registrations import Bound, LogEvent
 from regstream.db.tables import MobileUser, RegistrationRequest
 from tests.integration.test_data_layer import FIELDS
 from tests.support import wait_until
@@ -440,3 +442,446 @@ async def test_a_worker_gives_up_on_a_commit_that_never_answers(postgres_url: st
             assert caller.cancelled()
     finally:
         await engine.dispose()
+
+
+# --- run_after: the first statements of a batch's steps (PostgreSQL: sent together) ------------
+
+
+class _Wire:
+    """A TCP relay to PostgreSQL that reads the client's side of the protocol: how many
+    executions each round trip carried. A round trip is what the client sends up to a Sync (the
+    extended protocol: it then waits for the answers; its Execute messages are the executions)
+    or one simple Query (BEGIN, COMMIT)."""
+
+    def __init__(self, url: str) -> None:
+        self._target = make_url(url)
+        self.trips: list[int] = []  # Execute messages per round trip, in order
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        """Start relaying; the URL to connect through it (no TLS: the messages are read)."""
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        url = self._target.set(host="127.0.0.1", port=port, query={"ssl": "disable"})
+        return url.render_as_string(hide_password=False)
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _relay(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        server, to_server = await asyncio.open_connection(
+            self._target.host, self._target.port or 5432
+        )
+        self._writers += [to_client, to_server]
+        with contextlib.suppress(ConnectionError):
+            await asyncio.gather(self._read_client(client, to_server), _copy(server, to_client))
+
+    async def _read_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        buffer = bytearray()
+        typed = False  # after the startup message: a type byte, then the length
+        executes = 0
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                buffer += data
+                while len(buffer) >= 5:
+                    size = 1 + int.from_bytes(buffer[1:5]) if typed else int.from_bytes(buffer[:4])
+                    if len(buffer) < size:
+                        break
+                    message = bytes(buffer[:size])
+                    del buffer[:size]
+                    if not typed:  # SSLRequest, GSSENCRequest, then the startup message (3.x)
+                        typed = int.from_bytes(message[4:8]) >> 16 == 3
+                    elif message[:1] == b"E":
+                        executes += 1
+                    elif message[:1] == b"S":
+                        self.trips.append(executes)
+                        executes = 0
+                    elif message[:1] == b"Q":
+                        self.trips.append(1)
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def _run_after_setup(
+    url: str,
+) -> AsyncIterator[tuple[SessionFactory, GroupCommit, list[int], _Wire | None]]:
+    """A migrated database's session factory, a group commit on it, a list that counts the
+    COMMITs of every engine (on SQLite the sync steps commit on an engine of their own) and, on
+    PostgreSQL, the relay the engine connects through (``_Wire``)."""
+    wire = _Wire(url) if url.startswith("postgresql") else None
+    engine = create_engine(await wire.start() if wire is not None else url)
+    commits: list[int] = []
+
+    def committed(_conn: Any) -> None:
+        commits.append(1)
+
+    event.listen(Engine, "commit", committed)
+    factory = create_session_factory(engine)
+    group = GroupCommit(factory)
+    try:
+        await migrate(engine)
+        yield factory, group, commits, wire
+    finally:
+        event.remove(Engine, "commit", committed)
+        group.close()
+        await engine.dispose()
+        if wire is not None:
+            await wire.stop()
+
+
+async def _claimed_runs(factory: SessionFactory, first: int, n: int) -> tuple[list[int], str]:
+    """``n`` new registrations (customer numbers from ``first``), claimed with a long lease:
+    their ids and the run id (one claim: they share it)."""
+    async with factory.begin() as session:
+        ids = [
+            (await registrations.create(session, **_registration(first + i))).id for i in range(n)
+        ]
+        claims = await registrations.claim_many(
+            session, registration_ids=ids, now_ms=1_000, lease_ms=600_000, started_by="op"
+        )
+    assert sorted(row.id for _, row in claims) == ids
+    return ids, claims[0][0]
+
+
+def _events(tag: str, n: int) -> list[registrations.Event]:
+    return [("duplicate_check", "completed", "PENDING", f"{tag} {j}", None) for j in range(n)]
+
+
+def _append(rid: int, run_id: str, tag: str, n: int = 1, **options: Any) -> registrations.Append:
+    return registrations.Append(rid, run_id, 1, _events(tag, n), 2_000, 600_000, **options)
+
+
+async def _in_one_batch(
+    group: GroupCommit,
+    calls: list[Callable[[], Coroutine[Any, Any, Any]]],
+    before_release: Callable[[], None],
+) -> list[Any]:
+    """Run ``calls`` (each enqueues a step) while the worker is held, so their steps form one
+    batch; ``before_release`` runs just before it is let go. Their results or exceptions."""
+    blocker = asyncio.Event()
+    first = asyncio.create_task(group.run(_held(blocker)))
+    await asyncio.sleep(0.05)
+    steps = [asyncio.create_task(call()) for call in calls]
+    await asyncio.sleep(0.05)
+    before_release()
+    blocker.set()
+    await first
+    return await asyncio.wait_for(asyncio.gather(*steps, return_exceptions=True), 30)
+
+
+def _logged(session: Session, appended: registrations.Appended) -> tuple[list[LogEvent], int]:
+    """A ``run_after`` step: the entries its first statement wrote, and the registration's seq
+    as the step reads it afterwards in the same transaction."""
+    logged, found = appended
+    assert logged is not None and found == []
+    seq = session.scalar(
+        select(RegistrationRequest.seq).where(RegistrationRequest.id == logged[0].registration_id)
+    )
+    return logged, int(seq or 0)
+
+
+async def test_run_after_steps_send_their_appends_together(database_url: str) -> None:
+    """Appends of many runs as the first statements of one batch's ``run_after`` steps: all
+    commit in one transaction, each caller gets its own registration's entries, numbered from
+    that registration's seq, and its step sees them written. On PostgreSQL the appends after
+    the transaction's first went to the server in one round trip (one Sync for all their
+    executions, ``compiled.fetch_many``); on SQLite each runs as its step begins."""
+    n = 10
+    async with _run_after_setup(database_url) as (factory, group, commits, wire):
+        ids, run_id = await _claimed_runs(factory, 900000, n)
+        async with factory.begin() as session:  # registration i has i entries already
+            for i, rid in enumerate(ids[1:], start=1):
+                await registrations.append_events(
+                    session, registration_id=rid, run_id=run_id, run=1, now_ms=1_500,
+                    lease_ms=600_000, events=_events("before", i),
+                )  # fmt: skip
+        appends = [_append(rid, run_id, f"r{i}", i % 3 + 1) for i, rid in enumerate(ids)]
+
+        def cleared() -> None:
+            commits.clear()
+            if wire is not None:
+                wire.trips.clear()
+
+        results = await _in_one_batch(
+            group, [functools.partial(group.run_after, a, _logged) for a in appends], cleared
+        )
+        assert len(commits) == 1, f"{len(commits)} commits for one batch"
+        for i, (rid, result) in enumerate(zip(ids, results, strict=True)):
+            count = i % 3 + 1
+            expected = [(rid, 1, i + j + 1, f"r{i} {j}", 2_000) for j in range(count)]
+            assert not isinstance(result, BaseException), result
+            logged, seq = result
+            assert [
+                (e.registration_id, e.run, e.seq, e.message, e.timestamp_ms) for e in logged
+            ] == (expected)
+            assert seq == i + count
+        async with factory() as session:
+            for i, rid in enumerate(ids):
+                log = await registrations.get_log(session, registration_id=rid)
+                assert [(e.seq, e.message) for e in log] == [
+                    (j + 1, f"before {j}") for j in range(i)
+                ] + [(i + j + 1, f"r{i} {j}") for j in range(i % 3 + 1)]
+            if wire is not None:
+                # the rows were written by one PostgreSQL transaction
+                written = await session.scalar(text(
+                    "SELECT count(DISTINCT xmin::text) FROM process_log WHERE timestamp_ms = 2000"
+                ))  # fmt: skip
+                assert written == 1
+        if wire is not None:
+            # the first append began the transaction (alone); the other n - 1 went in one trip
+            assert max(wire.trips) == n - 1, wire.trips
+
+
+async def test_a_mixed_batch_of_first_statements(postgres_url: str) -> None:
+    """PostgreSQL: a batch of ``run_after`` steps whose first statements differ (guarded appends
+    whose query finds nobody, or an enrolled user: then ``(None, rows)`` and nothing written;
+    plain appends; a final append with its enrolment) and a plain ``run_sync`` step. Without a
+    lost run all commit together with their own results; with one (its run id no longer owns
+    the registration) that step gets ``RunLost`` and every other step still commits."""
+    async with _run_after_setup(postgres_url) as (factory, group, commits, wire):
+        assert wire is not None
+        async with factory.begin() as session:
+            await _user(session, 1, "880099")
+            user = await users.get_by_customer_number(session, customer_number="880099")
+            assert user is not None
+        enrolled = [(user.id, "880099", "+254711000001", f"{1:064d}")]
+        created: list[int] = []
+
+        def plain(session: Session) -> int:
+            row = RegistrationRequest(
+                status="PENDING", seq=0, run_count=0, in_progress=False,
+                **_registration(880000 + len(created)),
+            )  # fmt: skip
+            session.add(row)
+            session.flush()
+            created.append(row.id)
+            return row.id
+
+        def appended(_session: Session, done: registrations.Appended) -> registrations.Appended:
+            return done
+
+        def nobody(i: int) -> Bound:
+            return users.matching(
+                customer_number=f"88{i:04d}", phone=f"+2547990000{i:02d}",
+                national_id_hashes=[f"c{i:063d}"],
+            )  # fmt: skip
+
+        finals = 0
+
+        def batch(
+            ids: list[int], run_id: str, tag: str
+        ) -> list[Callable[[], Coroutine[Any, Any, Any]]]:
+            """Guarded A, plain C, guarded M (the enrolled CIF matches), plain L, the sync step,
+            guarded B, F's final append with its enrolment, plain D."""
+            nonlocal finals
+            a, b, c, d, m, lost, f = ids
+            finals += 1
+            final = ("APPROVED", {"message": "Customer validated"})
+            enrol = users.enrolment(
+                customer_number=f"8801{finals:02d}", first_name="F", last_name="F",
+                phone=f"+2547880000{finals:02d}", email=None, date_of_birth=date(1990, 1, 1),
+                national_id_hash=f"{finals + 100:064d}", national_id_last4="0000",
+                device_id=None, registration_id=f,
+            )  # fmt: skip
+            firsts = [
+                _append(a, run_id, f"{tag} a", 2, member=nobody(1), guard=True),
+                _append(c, run_id, f"{tag} c", 1),
+                _append(
+                    m,
+                    run_id,
+                    f"{tag} m",
+                    2,
+                    guard=True,
+                    member=users.matching(
+                        customer_number="880099",
+                        phone="+254799999999",
+                        national_id_hashes=["f" * 64],
+                    ),
+                ),
+                _append(lost, run_id, f"{tag} lost", 1),
+                None,
+                _append(b, run_id, f"{tag} b", 1, member=nobody(2), guard=True),
+                _append(f, run_id, f"{tag} f", 1, final=final, member=enrol),
+                _append(d, run_id, f"{tag} d", 3),
+            ]
+            return [
+                functools.partial(group.run_sync, plain) if first is None
+                else functools.partial(group.run_after, first, appended)
+                for first in firsts
+            ]  # fmt: skip
+
+        def seqs(results: list[Any]) -> list[Any]:
+            return [
+                r if isinstance(r, (int, str, BaseException)) or r[0] is None
+                else [(e.registration_id, e.seq, e.message) for e in r[0]]
+                for r in results
+            ]  # fmt: skip
+
+        # no run lost: one transaction, each step its own result
+        ids, run_id = await _claimed_runs(factory, 881000, 7)
+        a, b, c, d, m, lost, f = ids
+
+        def cleared() -> None:
+            commits.clear()
+            wire.trips.clear()
+
+        results = await _in_one_batch(group, batch(ids, run_id, "one"), cleared)
+        assert len(commits) == 1
+        # one round trip per statement text: after A's (the transaction's first), M's and B's
+        # guarded appends together, then C's, L's and D's plain ones; F's alone
+        assert [t for t in wire.trips if t > 1] == [2, 3], wire.trips
+        assert seqs(results) == [
+            [(a, 1, "one a 0"), (a, 2, "one a 1")],
+            [(c, 1, "one c 0")],
+            (None, enrolled),
+            [(lost, 1, "one lost 0")],
+            created[0],
+            [(b, 1, "one b 0")],
+            [(f, 1, "one f 0")],
+            [(d, 1, "one d 0"), (d, 2, "one d 1"), (d, 3, "one d 2")],
+        ]
+
+        # the same batch with the run of ``lost`` taken over, F's run a new one
+        ids, run_id = await _claimed_runs(factory, 882000, 7)
+        a, b, c, d, m, lost, f = ids
+        async with factory.begin() as session:
+            await session.execute(
+                update(RegistrationRequest)
+                .where(RegistrationRequest.id == lost)
+                .values(run_id="taken over")
+            )
+        results = await _in_one_batch(group, batch(ids, run_id, "two"), lambda: None)
+        assert isinstance(results[3], registrations.RunLost)
+        results[3] = "lost"
+        assert seqs(results) == [
+            [(a, 1, "two a 0"), (a, 2, "two a 1")],
+            [(c, 1, "two c 0")],
+            (None, enrolled),
+            "lost",
+            created[-1],
+            [(b, 1, "two b 0")],
+            [(f, 1, "two f 0")],
+            [(d, 1, "two d 0"), (d, 2, "two d 1"), (d, 3, "two d 2")],
+        ]
+
+        async with factory() as session:
+            rows = {r.id: r for r in await registrations.get_many(session, registration_ids=ids)}
+            assert {rid: rows[rid].seq for rid in ids} == {
+                a: 2,
+                b: 1,
+                c: 1,
+                d: 3,
+                m: 0,
+                lost: 0,
+                f: 1,
+            }
+            assert await registrations.get_log(session, registration_id=m) == []
+            assert await registrations.get_log(session, registration_id=lost) == []
+            assert (rows[f].status, rows[f].in_progress) == ("APPROVED", False)
+            assert (rows[m].status, rows[m].in_progress) == ("PENDING", True)
+            enrolled_f = await users.get_by_customer_number(session, customer_number="880102")
+            assert enrolled_f is not None and enrolled_f.registration_id == f
+            # the plain step's row of each batch (one it made in a batch rolled back is gone)
+            made = await registrations.get_many(session, registration_ids=created)
+            assert sorted(r.id for r in made) == [created[0], created[-1]]
+            assert await _count(factory, RegistrationRequest) == 14 + 2
+
+
+async def test_a_unique_violation_in_a_pipelined_group_fails_that_step_alone(
+    postgres_url: str,
+) -> None:
+    """PostgreSQL: final appends with their enrolments (``Recorder.finish`` for APPROVED) sent
+    together; one enrols a CIF that is enrolled already. That step raises ``IntegrityError``;
+    every other step of the batch commits, its registration approved and its user enrolled."""
+    n = 6
+    async with _run_after_setup(postgres_url) as (factory, group, _, _):
+        async with factory.begin() as session:
+            await _user(session, 50, "883099")
+        ids, run_id = await _claimed_runs(factory, 883000, n)
+        final = ("APPROVED", {"message": "Customer validated"})
+
+        def enrolment(i: int) -> Bound:
+            return users.enrolment(
+                customer_number="883099" if i == 3 else f"8830{i:02d}", first_name="E",
+                last_name="E", phone=f"+2547830000{i:02d}", email=None,
+                date_of_birth=date(1990, 1, 1), national_id_hash=f"{i + 200:064d}",
+                national_id_last4="0000", device_id=None, registration_id=ids[i],
+            )  # fmt: skip
+
+        def step(_session: Session, done: registrations.Appended) -> int:
+            assert done[0] is not None
+            return done[0][-1].seq
+
+        appends = [
+            _append(rid, run_id, f"final {i}", 2, final=final, member=enrolment(i))
+            for i, rid in enumerate(ids)
+        ]
+        results = await _in_one_batch(
+            group, [functools.partial(group.run_after, a, step) for a in appends], lambda: None
+        )
+        assert isinstance(results[3], IntegrityError)
+        assert [r for i, r in enumerate(results) if i != 3] == [2] * (n - 1)
+        async with factory() as session:
+            rows = {r.id: r for r in await registrations.get_many(session, registration_ids=ids)}
+            assert [(rows[rid].status, rows[rid].seq) for rid in ids] == [
+                ("PENDING", 0) if i == 3 else ("APPROVED", 2) for i in range(n)
+            ]
+            for i, rid in enumerate(ids):
+                user = await users.get_by_customer_number(session, customer_number=f"8830{i:02d}")
+                assert (
+                    (user is None) if i == 3 else (user is not None and user.registration_id == rid)
+                )
+            assert await users.count(session) == n  # the one made first and n - 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="group_commit._send_firsts calls first.statement() outside its try: a step whose "
+    "statement cannot be built fails every step of its batch",
+)
+async def test_a_first_statement_that_cannot_be_built_fails_its_step_alone(
+    postgres_url: str,
+) -> None:
+    """PostgreSQL: one ``run_after`` step's first statement cannot even be built (its entry's
+    details are no JSON: ``json.dumps`` raises in ``Append.statement``). That step fails, as it
+    does when it runs alone (``Append.execute``) or on SQLite; its batch's other steps commit."""
+    async with _run_after_setup(postgres_url) as (factory, group, _, _):
+        ids, run_id = await _claimed_runs(factory, 884000, 4)
+        bad: list[registrations.Event] = [
+            ("duplicate_check", "completed", "PENDING", "bad", {"when": date(2020, 1, 1)})
+        ]
+        appends = [
+            registrations.Append(rid, run_id, 1, bad, 2_000, 600_000)
+            if i == 2
+            else _append(rid, run_id, f"r{i}")
+            for i, rid in enumerate(ids)
+        ]
+
+        def step(_session: Session, done: registrations.Appended) -> int:
+            assert done[0] is not None
+            return done[0][-1].seq
+
+        results = await _in_one_batch(
+            group, [functools.partial(group.run_after, a, step) for a in appends], lambda: None
+        )
+        assert isinstance(results[2], TypeError)
+        assert [r for i, r in enumerate(results) if i != 2] == [1, 1, 1]

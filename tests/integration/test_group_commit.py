@@ -853,11 +853,6 @@ async def test_a_unique_violation_in_a_pipelined_group_fails_that_step_alone(
             assert await users.count(session) == n  # the one made first and n - 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="group_commit._send_firsts calls first.statement() outside its try: a step whose "
-    "statement cannot be built fails every step of its batch",
-)
 async def test_a_first_statement_that_cannot_be_built_fails_its_step_alone(
     postgres_url: str,
 ) -> None:

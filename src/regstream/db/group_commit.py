@@ -310,13 +310,13 @@ class GroupCommit:
         """The rows of the entries' first statements (by ``id`` of the entry), sent together
         per statement text; any failing fails the batch (its steps then run alone)."""
         by_statement: dict[Executable, list[tuple[_Entry[Any], dict[str, Any]]]] = {}
-        for entry in entries:
-            if entry.first is not None:
-                statement, params = entry.first.statement()
-                by_statement.setdefault(statement, []).append((entry, params))
         rows: dict[int, list[tuple[Any, ...]]] = {}
-        conn = session.connection()
-        try:
+        try:  # a statement that cannot be built (or sent) fails the batch: its steps run alone
+            for entry in entries:
+                if entry.first is not None:
+                    statement, params = entry.first.statement()
+                    by_statement.setdefault(statement, []).append((entry, params))
+            conn = session.connection()
             for statement, group in by_statement.items():
                 if len(group) == 1:
                     entry, params = group[0]

@@ -827,16 +827,12 @@ async def test_a_unique_violation_in_a_pipelined_group_fails_that_step_alone(
                 national_id_last4="0000", device_id=None, registration_id=ids[i],
             )  # fmt: skip
 
-        def step(_session: Session, done: registrations.Appended) -> int:
-            assert done[0] is not None
-            return done[0][-1].seq
-
         appends = [
             _append(rid, run_id, f"final {i}", 2, final=final, member=enrolment(i))
             for i, rid in enumerate(ids)
         ]
         results = await _in_one_batch(
-            group, [functools.partial(group.run_after, a, step) for a in appends], lambda: None
+            group, [functools.partial(group.run_after, a, _last_seq) for a in appends], lambda: None
         )
         assert isinstance(results[3], IntegrityError)
         assert [r for i, r in enumerate(results) if i != 3] == [2] * (n - 1)
@@ -858,7 +854,7 @@ async def test_a_first_statement_that_cannot_be_built_fails_its_step_alone(
 ) -> None:
     """PostgreSQL: one ``run_after`` step's first statement cannot even be built (its entry's
     details are no JSON: ``json.dumps`` raises in ``Append.statement``). That step fails, as it
-    does when it runs alone (``Append.execute``) or on SQLite; its batch's other steps commit."""
+    does when it runs alone (``Append.execute``); its batch's other steps commit."""
     async with _run_after_setup(postgres_url) as (factory, group, _, _):
         ids, run_id = await _claimed_runs(factory, 884000, 4)
         bad: list[registrations.Event] = [
@@ -870,13 +866,14 @@ async def test_a_first_statement_that_cannot_be_built_fails_its_step_alone(
             else _append(rid, run_id, f"r{i}")
             for i, rid in enumerate(ids)
         ]
-
-        def step(_session: Session, done: registrations.Appended) -> int:
-            assert done[0] is not None
-            return done[0][-1].seq
-
         results = await _in_one_batch(
-            group, [functools.partial(group.run_after, a, step) for a in appends], lambda: None
+            group, [functools.partial(group.run_after, a, _last_seq) for a in appends], lambda: None
         )
         assert isinstance(results[2], TypeError)
         assert [r for i, r in enumerate(results) if i != 2] == [1, 1, 1]
+
+
+def _last_seq(_session: Session, done: registrations.Appended) -> int:
+    """A ``run_after`` step: the seq of the last entry its append wrote."""
+    assert done[0] is not None
+    return done[0][-1].seq

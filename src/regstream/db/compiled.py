@@ -1,6 +1,6 @@
 """PostgreSQL: the hot Core statements compiled once and sent to asyncpg from a sync step.
 
-A validation's two appends (``registrations._append``: one statement each on PostgreSQL,
+A validation's two appends (``registrations.Append``: one statement each on PostgreSQL,
 ``log_append.postgres``) cost ~220 us of CPU each through ``Connection.execute`` (the compiled
 cache's key, the execution context, bind and result processing, the adapter's cursor), ~160 us
 through ``exec_driver_sql`` and ~70 us on asyncpg itself (a scratch measurement while this was
@@ -21,9 +21,11 @@ transaction's first statement through ``exec_driver_sql``, which begins it
 
 Errors are turned into SQLAlchemy's as its adapter would: a constraint violation into
 ``IntegrityError`` (a unique violation fails the enrolment step), any other server error into
-``DBAPIError`` (its ``orig`` keeps the SQLSTATE, which ``engine.unavailable`` reads), and a lost
-connection into ``OperationalError`` after invalidating the pooled connection. No parameters
-in any of them: they are personal data.
+``DBAPIError`` (its ``orig`` keeps the SQLSTATE, which ``engine.unavailable`` reads; asyncpg
+reports a value it cannot encode as one too, ``DataError``), and a lost connection into
+``OperationalError`` after invalidating the pooled connection. No parameters in any of them:
+they are personal data (a driver's or server's message may still quote a value, so the service
+never logs an error's text, only its type).
 
 Parameters are given as the driver takes them: JSON values as JSON text (SQLAlchemy's asyncpg
 codec for ``json`` encodes text), dates as ``date``, arrays as lists.
@@ -43,7 +45,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.sql.compiler import SQLCompiler
 
 #: the parameter that a statement sent by ``fetch_many`` returns as its first column
-KEY = "step"
+KEY = "fetch_set"
 #: ``Connection.info`` key: the SQLAlchemy transaction whose first statement went through it
 _BEGUN = "regstream.compiled.begun"
 
@@ -87,8 +89,9 @@ def fetch_many(
     ~12 us of CPU per statement instead of ~150). Its answer is every execution's rows in one
     list, so ``statement`` must return the bind parameter ``KEY`` as its first column: it is
     set here to each set's index and tells whose rows are whose (a set whose statement returned
-    no rows gets ``[]``). All or nothing, as a failing ``fetch``: one failing execution raises
-    and the transaction is aborted."""
+    no rows gets ``[]``). One failing execution raises (as a failing ``fetch`` does); what the
+    sets before it wrote stays in the transaction, which the caller then rolls back (on a
+    server error PostgreSQL has aborted it already)."""
     sets = [{**params, KEY: i} for i, params in enumerate(param_sets)]
     out: list[list[tuple[Any, ...]]] = [[] for _ in sets]
     adapted = _adapted(conn)

@@ -25,10 +25,10 @@ worker calls it right after the commit, in commit order, whether or not the call
 
 A step is async (``run``: it gets the ``AsyncSession``) or sync (``run_sync``: it gets the
 session's sync ``Session``, as ``AsyncSession.run_sync`` does). A sync step may declare its first
-statement (``run_after``, a ``First``: a run's log append, which most steps are): on PostgreSQL
-the first statements of a batch's steps are sent together before the steps go on, one round trip
-per statement text (``compiled.fetch_many``) where each step's own cost ~150 us of CPU
-(bench/RESULTS.md run 19). The hot steps are sync: the
+statement (``run_after``, a ``First``: a run's log append, which most steps begin with): on
+PostgreSQL the first statements of a batch's consecutive sync steps are sent together before
+those steps go on, one round trip per statement text (``compiled.fetch_many``), where a round trip
+per step cost ~150 us of CPU each (bench/RESULTS.md run 19). The hot steps are sync: the
 steps of a batch that follow one another run in one ``run_sync``, one hop into SQLAlchemy's
 greenlet for all of them. On SQLite, sync steps run whole in a thread (``threaded_sessions``: a
 stock ``pysqlite`` engine on the same file), one thread hand-off per batch where aiosqlite's
@@ -82,7 +82,8 @@ class First(Protocol[R_co]):
 
     def statement(self) -> tuple[Executable, dict[str, Any]]:
         """The statement and its parameters on PostgreSQL; it returns the parameter
-        ``compiled.KEY`` as its first column (``compiled.fetch_many``)."""
+        ``compiled.KEY`` as its first column (``compiled.fetch_many``). Statements are grouped
+        by identity: the same statement object for the same SQL (built once)."""
         ...
 
     def result(self, rows: list[tuple[Any, ...]]) -> R_co:
@@ -158,10 +159,15 @@ class GroupCommit:
         then: Callable[[T], object] | None = None,
     ) -> T:
         """``run_sync`` for a step that begins with ``first``: ``step(session, what first
-        did)``. On PostgreSQL the first statements of a batch's steps are sent together, one
-        round trip per statement text (``compiled.fetch_many``) instead of one per step, before
-        the batch's steps run (each step's runs and writes stay its own: they touch other
-        rows); elsewhere, or alone, ``first.execute`` runs it as the step begins."""
+        did)``. On PostgreSQL the first statements of the batch's consecutive sync steps are
+        sent together, one round trip per statement text (``compiled.fetch_many``; a step alone
+        sends its own), before those steps run in order; on SQLite ``first.execute`` runs as
+        the step begins. So a first statement may run before the batch's earlier sync steps:
+        ``first`` and ``step`` must write only their own run's rows and not depend on what the
+        batch's other steps write (a run's log append: its registration's row and log rows,
+        and an enrolment whose unique violation fails only this step). A ``decided`` exception
+        from ``step`` is an outcome only when ``first`` wrote nothing (the append's guard query
+        found rows): it ends the step without ``then`` while the batch commits."""
         return await self._enqueue(_Entry(step, then, self._future(), True, first))
 
     async def idle(self, *, timeout: float) -> None:
@@ -286,14 +292,14 @@ class GroupCommit:
             return outcomes
 
     def _steps(self, session: Session, entries: list[_Entry[Any]]) -> _Outcomes:
-        firsts = self._send_firsts(session, entries) if self._pipelined else {}
+        firsts = self._send_firsts(session, entries) if self._pipelined else None
         outcomes: _Outcomes = []
-        for entry in entries:
+        for i, entry in enumerate(entries):
             try:
                 if entry.first is None:
                     value = entry.step(session)
-                elif id(entry) in firsts:
-                    value = entry.step(session, entry.first.result(firsts[id(entry)]))
+                elif firsts is not None:
+                    value = entry.step(session, entry.first.result(firsts[i]))
                 else:
                     value = entry.step(session, entry.first.execute(session))
                 outcomes.append((False, value))
@@ -304,26 +310,28 @@ class GroupCommit:
         return outcomes
 
     @staticmethod
-    def _send_firsts(
-        session: Session, entries: list[_Entry[Any]]
-    ) -> dict[int, list[tuple[Any, ...]]]:
-        """The rows of the entries' first statements (by ``id`` of the entry), sent together
-        per statement text; any failing fails the batch (its steps then run alone)."""
-        by_statement: dict[Executable, list[tuple[_Entry[Any], dict[str, Any]]]] = {}
-        rows: dict[int, list[tuple[Any, ...]]] = {}
+    def _send_firsts(session: Session, entries: list[_Entry[Any]]) -> list[list[tuple[Any, ...]]]:
+        """The rows of the entries' first statements, by entry (``[]`` for an entry without
+        one), sent together per statement text; any failing fails the batch (its steps then
+        run alone)."""
+        rows: list[list[tuple[Any, ...]]] = [[] for _ in entries]
+        by_statement: dict[Executable, list[tuple[int, dict[str, Any]]]] = {}
         try:  # a statement that cannot be built (or sent) fails the batch: its steps run alone
-            for entry in entries:
+            for i, entry in enumerate(entries):
                 if entry.first is not None:
                     statement, params = entry.first.statement()
-                    by_statement.setdefault(statement, []).append((entry, params))
+                    by_statement.setdefault(statement, []).append((i, params))
+            if not by_statement:
+                return rows
             conn = session.connection()
             for statement, group in by_statement.items():
                 if len(group) == 1:
-                    entry, params = group[0]
-                    rows[id(entry)] = compiled.fetch(conn, statement, params)
+                    i, params = group[0]
+                    rows[i] = compiled.fetch(conn, statement, params)
                     continue
                 sent = compiled.fetch_many(conn, statement, [params for _, params in group])
-                rows.update((id(entry), got) for (entry, _), got in zip(group, sent, strict=True))
+                for (i, _), got in zip(group, sent, strict=True):
+                    rows[i] = got
         except Exception as exc:
             raise _StepRaised from exc
         return rows

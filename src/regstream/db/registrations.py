@@ -9,9 +9,10 @@ expired) can never write a second final status.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -303,9 +304,7 @@ def append_events_sync(
     append = Append(
         registration_id, run_id, run, events, now_ms, lease_ms, final=final, member=also
     )
-    logged, _ = append.execute(session)
-    assert logged is not None  # no guard
-    return logged
+    return append.written(session)
 
 
 async def append_events_unless(
@@ -340,23 +339,26 @@ def append_events_unless_sync(
 Appended = tuple[list[LogEvent] | None, list[tuple[Any, ...]]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Append:
     """One append (``append_events``; with ``guard``, ``append_events_unless``): run in a sync
     session (``execute``), or, on PostgreSQL, one statement (``statement``) that the group
     commit may send together with other steps' (``GroupCommit.run_after``), then its rows read
     (``result``). ``member``: the write that goes with the entries (``also``) or, with
-    ``guard``, the query that must find no rows (``unless``)."""
+    ``guard``, the query that must find no rows (``unless``). ``now_ms``: the entries' time and
+    the lease's start; None: the clock's when it runs (``execute``, ``statement``), not when
+    the step was queued (a queue that waited must not write a lease that has run out)."""
 
     registration_id: int
     run_id: str
     run: int
     events: Sequence[Event]
-    now_ms: int
+    now_ms: int | None
     lease_ms: int
     final: tuple[str, dict[str, Any]] | None = None
     member: Bound | None = None
     guard: bool = False
+    _at: int = field(default=0, init=False, repr=False)  # the time of this execution
 
     def __post_init__(self) -> None:
         if not self.events:
@@ -373,6 +375,7 @@ class Append:
         if conn.dialect.name == "postgresql":  # one statement (``log_append.postgres``)
             statement, params = self.statement()
             return self.result(compiled.fetch(conn, statement, params))
+        self._stamp()
         params = self._params()
         if self.final is not None:
             params["final_result"] = self.final[1]
@@ -403,13 +406,14 @@ class Append:
     def statement(self) -> tuple[Executable, dict[str, Any]]:
         """The PostgreSQL statement and its parameters, as the driver takes them
         (``compiled``: JSON as text): the member, the run's row and its log rows in one."""
+        self._stamp()
         params = self._params()
         if self.final is not None:
             params["final_result"] = json.dumps(self.final[1])
         member = self.member
         if member is not None:
             params.update(member.params)
-        params.update({compiled.KEY: 0, "run": self.run, "ts": self.now_ms})
+        params.update({compiled.KEY: 0, "run": self.run, "ts": self._at})
         events = self.events
         for i, name in enumerate(("stage", "stage_status", "status", "message")):
             params[f"log_{name}"] = [e[i] for e in events]
@@ -424,10 +428,21 @@ class Append:
         found = [row[3:] for row in rows if row[2]] if self.guard else []
         return self._numbered(rows[0][1] if rows else None, found)
 
+    def written(self, session: Session) -> list[LogEvent]:
+        """``execute`` an unguarded append: the entries written."""
+        if self.guard:
+            raise ValueError("a guarded append may write nothing: use execute")
+        logged, _ = self.execute(session)
+        assert logged is not None  # no guard
+        return logged
+
+    def _stamp(self) -> None:
+        self._at = self.now_ms if self.now_ms is not None else time.time_ns() // 1_000_000
+
     def _params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
             "rid": self.registration_id, "owner": self.run_id, "count": len(self.events),
-            "lease": self.now_ms + self.lease_ms,
+            "lease": self._at + self.lease_ms,
             "stage": next((e[0] for e in reversed(self.events) if e[0] is not None), None),
         }  # fmt: skip
         if self.final is not None:
@@ -445,7 +460,7 @@ class Append:
             )
         logged = numbered(
             self.events, registration_id=self.registration_id, run=self.run,
-            last_seq=int(seq), timestamp_ms=self.now_ms,
+            last_seq=int(seq), timestamp_ms=self._at,
         )  # fmt: skip
         return logged, []
 

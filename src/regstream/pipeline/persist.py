@@ -1,13 +1,14 @@
 """Writing a run's steps and publishing them: commit first, then publish, in commit order.
 
-Every step of a run is one ``Recorder.commit``: its log entries (and any data change) in one
-transaction of the group commit (``db/group_commit.py``: the steps of many runs commit
-together, each still all-or-nothing), then, right after that commit, its entries are queued
-for publication (``publish``). That hand-off is the group commit's ``then``, the one callback of
-a step: it runs in the commit's worker, in commit order, even when the run's task was cancelled
-meanwhile (a shutdown), so whatever was committed is published. So the database is always ahead
-of Redis, the final status is stored before the final message goes out, and a failed publish
-never changes an outcome (the publisher keeps it for later and never raises).
+Every step of a run is one step of the group commit (``Recorder.commit_after``, ``finish``,
+``finish_with``): its log entries (and any data change) in one transaction of the group commit
+(``db/group_commit.py``: the steps of many runs commit together, each still all-or-nothing),
+then, right after that commit, its entries are queued for publication (``publish``). That
+hand-off is the group commit's ``then``, the one callback of a step: it runs in the commit's
+worker, in commit order, even when the run's task was cancelled meanwhile (a shutdown), so
+whatever was committed is published. So the database is always ahead of Redis, the final status
+is stored before the final message goes out, and a failed publish never changes an outcome (the
+publisher keeps it for later and never raises).
 """
 
 from __future__ import annotations
@@ -62,10 +63,13 @@ Work = Callable[[Session], tuple[list[LogEntry], Outcome]]
 
 
 class Recorder:
-    """Commits a run's steps (``commit``, ``finish``) and publishes what they logged.
+    """Commits a run's steps (``commit_after``, ``finish``, ``finish_with``) and publishes what
+    they logged.
 
-    Steps are sync functions of a ``Session`` (``GroupCommit.run_sync``): the consecutive steps
-    of a batch run in one hop into SQLAlchemy's greenlet, and on SQLite in one thread."""
+    Steps are sync functions of a ``Session`` (``GroupCommit.run_sync``, ``run_after``): the
+    consecutive steps of a batch run in one hop into SQLAlchemy's greenlet, and on SQLite in one
+    thread; a step that begins with its append (``appending``) has that statement sent with the
+    batch's others on PostgreSQL."""
 
     def __init__(self, commits: GroupCommit, publisher: Publisher, *, lease_ms: int) -> None:
         self._commits = commits
@@ -82,25 +86,19 @@ class Recorder:
         also: Bound | None = None,
     ) -> Append:
         """The append of ``entries`` (as ``events.rows`` makes them) to ``run``'s log, the lease
-        renewed, to run in a step (``execute``, or first: ``commit_after``). ``unless``: only if
-        this query finds no rows (``registrations.append_events_unless``); ``final`` and
-        ``also`` as ``registrations.append_events`` takes them."""
+        renewed, to run in a step (``execute``, or first: ``commit_after``), timed when it runs.
+        ``unless``: only if this query finds no rows (``registrations.append_events_unless``);
+        or ``final`` and ``also`` as ``registrations.append_events`` takes them."""
+        if unless is not None and (final is not None or also is not None):
+            raise ValueError("a guarded append writes no final status and no member")
         return Append(
-            run.registration_id, run.run_id, run.run, entries, now_ms(), self._lease_ms,
+            run.registration_id, run.run_id, run.run, entries, None, self._lease_ms,
             final=final, member=unless if unless is not None else also, guard=unless is not None,
         )  # fmt: skip
 
     def append(self, session: Session, run: Run, entries: list[LogEntry]) -> list[LogEvent]:
         """Write ``entries`` in ``session`` (numbered by the database; the lease renewed)."""
-        logged, _ = self.appending(run, events.rows(entries)).execute(session)
-        assert logged is not None  # no guard
-        return logged
-
-    async def commit(self, run: Run, step: Callable[[Session], tuple[list[LogEvent], T]]) -> T:
-        """Run ``step`` in a group-commit transaction; once committed, what it logged joins the
-        run's log and is queued for publication. Returns the step's other result."""
-        _, value = await self._commits.run_sync(step, then=self._logged(run))
-        return value
+        return self.appending(run, events.rows(entries)).written(session)
 
     async def commit_after(
         self,
@@ -108,9 +106,10 @@ class Recorder:
         first: Append,
         step: Callable[[Session, Appended], tuple[list[LogEvent], T]],
     ) -> T:
-        """``commit`` for a step that begins with the append ``first`` (``appending``), given
-        what it did: on PostgreSQL the group commit sends the first appends of many runs'
-        steps together (``GroupCommit.run_after``)."""
+        """Run ``step``, which begins with the append ``first`` (``appending``) and is given
+        what it did, in a group-commit transaction (``GroupCommit.run_after``: on PostgreSQL
+        the first appends of many runs' steps go together); once committed, what it logged
+        joins the run's log and is queued for publication. Returns the step's other result."""
         _, value = await self._commits.run_after(first, step, then=self._logged(run))
         return value
 
@@ -135,9 +134,7 @@ class Recorder:
 
         def step(session: Session) -> tuple[list[LogEvent], Outcome]:
             entries, outcome = work(session)
-            logged, _ = self._final(run, entries, outcome, None).execute(session)
-            assert logged is not None  # no guard
-            return logged, outcome
+            return self._final(run, entries, outcome, None).written(session), outcome
 
         await self._commits.run_sync(step, then=self._finished(run))
 

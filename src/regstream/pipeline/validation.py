@@ -232,7 +232,7 @@ def applicant_of(row: RegistrationRequest | Row[Any]) -> Applicant:
 
 _APPLICANT_FIELDS = tuple(f.name for f in fields(Applicant))
 
-#: ``NO_DUPLICATE`` as the data layer takes it (``append_events_unless``), built once
+#: ``NO_DUPLICATE`` as the data layer takes it (``Recorder.appending``), built once
 _NO_DUPLICATE = events.rows(events.NO_DUPLICATE)
 
 

@@ -356,7 +356,7 @@ class GroupCommit:
             outcomes = await self._transaction(batch, held, threaded=threaded)
         except _StepRaised as raised:
             if len(batch) == 1:  # it ran alone already
-                _settle(batch[0].future, True, raised.__cause__)
+                _answer(batch[0].future, True, raised.__cause__)
                 return
             for entry in batch:
                 if not entry.future.done():  # done: its caller was cancelled meanwhile
@@ -365,7 +365,7 @@ class GroupCommit:
         except Exception as exc:  # the transaction itself failed (BEGIN, COMMIT, connection)
             await _release(held)  # the next batch starts on a connection checked by the pool
             for entry in batch:
-                _settle(entry.future, True, exc)
+                _answer(entry.future, True, exc)
             return
         for entry, (failed, value) in zip(batch, outcomes, strict=True):
             _committed(entry, failed, value)
@@ -374,11 +374,11 @@ class GroupCommit:
         try:
             ((failed, value),) = await self._transaction([entry], held, threaded=threaded)
         except _StepRaised as raised:
-            _settle(entry.future, True, raised.__cause__)
+            _answer(entry.future, True, raised.__cause__)
         except (Exception, asyncio.CancelledError) as exc:
             _reraise_if_cancelled(exc)
             await _release(held)
-            _settle(entry.future, True, exc)
+            _answer(entry.future, True, exc)
         else:
             _committed(entry, failed, value)
 
@@ -415,7 +415,7 @@ def _committed(entry: _Entry[Any], raised: bool, value: Any) -> None:
         except Exception as exc:  # a bug in the follow-up: its caller hears of it
             log.error("after-commit work failed: %s", type(exc).__name__)
             raised, value = True, exc
-    _settle(entry.future, raised, value)
+    _answer(entry.future, raised, value)
 
 
 def _reraise_if_cancelled(exc: BaseException) -> None:
@@ -427,7 +427,7 @@ def _reraise_if_cancelled(exc: BaseException) -> None:
         raise exc
 
 
-def _settle(future: asyncio.Future[Any], raised: bool, value: Any) -> None:
+def _answer(future: asyncio.Future[Any], raised: bool, value: Any) -> None:
     if future.done():  # the caller was cancelled meanwhile
         return
     if raised:

@@ -276,24 +276,12 @@ async def renew_leases(
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-async def append_events(session: AsyncSession, **fields: Any) -> list[LogEvent]:
-    """``append_events_sync`` (its keyword arguments) in an ``AsyncSession``."""
-    return await session.run_sync(append_events_sync, **fields)
-
-
-def append_events_sync(
-    session: Session,
-    *,
-    registration_id: int,
-    run_id: str,
-    run: int,
-    events: Sequence[Event],
-    now_ms: int,
-    lease_ms: int,
-    final: tuple[str, dict[str, Any]] | None = None,
-    also: Bound | None = None,
+async def append_events(
+    session: AsyncSession, *, also: Bound | None = None, **fields: Any
 ) -> list[LogEvent]:
-    """Append events ``(stage, stage_status, status, message, details)`` to the log, in order.
+    """Append events ``(stage, stage_status, status, message, details)`` to the log, in order
+    (``Append``'s fields by name: ``registration_id``, ``run_id``, ``run``, ``events``,
+    ``now_ms``, ``lease_ms``, optionally ``final``).
 
     Numbers them with the registration's next ``seq`` values and renews the lease. With ``final``
     (``(status, result)``), also ends the run in the same statement. ``also`` is a write that
@@ -301,38 +289,17 @@ def append_events_sync(
     of the same statement (``log_append``), one round trip. Raises ``RunLost`` when the runner
     no longer owns the run (the caller's transaction then rolls back, ``also`` with it).
     """
-    append = Append(
-        registration_id, run_id, run, events, now_ms, lease_ms, final=final, member=also
-    )
-    return append.written(session)
+    return await session.run_sync(Append(member=also, **fields).written)
 
 
 async def append_events_unless(
-    session: AsyncSession, **fields: Any
-) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
-    """``append_events_unless_sync`` (its keyword arguments) in an ``AsyncSession``."""
-    return await session.run_sync(append_events_unless_sync, **fields)
-
-
-def append_events_unless_sync(
-    session: Session,
-    *,
-    unless: Bound,
-    registration_id: int,
-    run_id: str,
-    run: int,
-    events: Sequence[Event],
-    now_ms: int,
-    lease_ms: int,
+    session: AsyncSession, *, unless: Bound, **fields: Any
 ) -> tuple[list[LogEvent] | None, list[tuple[Any, ...]]]:
     """``append_events`` only if the query ``unless`` finds no rows (the duplicate check's common
     case: no enrolled user matches, so log that, in the query's round trip on PostgreSQL).
     Returns ``(entries, [])`` when it appended, ``(None, rows)`` when the query found ``rows``
     and nothing was written."""
-    append = Append(
-        registration_id, run_id, run, events, now_ms, lease_ms, member=unless, guard=True
-    )
-    return append.execute(session)
+    return await session.run_sync(Append(member=unless, guard=True, **fields).execute)
 
 
 #: what an append gives: the entries written, or None and the guard query's rows

@@ -380,8 +380,10 @@ async def test_fetch_many_splits_the_rows_per_set_in_the_transaction(postgres_ur
             got = await conn.run_sync(compiled.fetch_many, numbers, [{"n": 1}, {"n": 1}])
             assert got == [[(0, 1)], [(1, 1)]]
             await conn.commit()
-            assert await count(conn) == 2
-            # the second set inserts 1 again: all or nothing, as SQLAlchemy's error
+            async with engine.connect() as other:  # committed: seen from elsewhere
+                assert await count(other) == 2
+            # the second set inserts 1 again: SQLAlchemy's error, and the transaction rolls
+            # back whole
             with pytest.raises(IntegrityError):
                 await conn.run_sync(compiled.fetch_many, unique, [{"n": 1}, {"n": 2}])
             await conn.rollback()

@@ -23,7 +23,7 @@ from regstream.db.group_commit import GroupCommit, Step
 from regstream.db.registrations import Bound, LogEvent
 from regstream.db.tables import MobileUser, RegistrationRequest
 from tests.integration.test_data_layer import FIELDS
-from tests.support import wait_until
+from tests.support import LoopbackServer, wait_until
 
 
 class Decided(Exception):
@@ -447,37 +447,28 @@ async def test_a_worker_gives_up_on_a_commit_that_never_answers(postgres_url: st
 # --- run_after: the first statements of a batch's steps (PostgreSQL: sent together) ------------
 
 
-class _Wire:
-    """A TCP relay to PostgreSQL that reads the client's side of the protocol: how many
-    executions each round trip carried. A round trip is what the client sends up to a Sync (the
-    extended protocol: it then waits for the answers; its Execute messages are the executions)
-    or one simple Query (BEGIN, COMMIT)."""
+class _Wire(LoopbackServer):
+    """A TCP relay to PostgreSQL (``async with``) that reads the client's side of the protocol:
+    how many executions each round trip carried. A round trip is what the client sends up to a
+    Sync (the extended protocol: it then waits for the answers; its Execute messages are the
+    executions) or one simple Query (BEGIN, COMMIT)."""
 
     def __init__(self, url: str) -> None:
+        super().__init__()
         self._target = make_url(url)
         self.trips: list[int] = []  # Execute messages per round trip, in order
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> str:
-        """Start relaying; the URL to connect through it (no TLS: the messages are read)."""
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        url = self._target.set(host="127.0.0.1", port=port, query={"ssl": "disable"})
+    @property
+    def url(self) -> str:
+        """The URL to connect through the relay (no TLS: the messages are read)."""
+        url = self._target.set(host="127.0.0.1", port=self.port, query={"ssl": "disable"})
         return url.render_as_string(hide_password=False)
 
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
-
-    async def _relay(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
         server, to_server = await asyncio.open_connection(
             self._target.host, self._target.port or 5432
         )
-        self._writers += [to_client, to_server]
+        self._writers |= {to_client, to_server}
         with contextlib.suppress(ConnectionError):
             await asyncio.gather(self._read_client(client, to_server), _copy(server, to_client))
 
@@ -528,7 +519,16 @@ async def _run_after_setup(
     COMMITs of every engine (on SQLite the sync steps commit on an engine of their own) and, on
     PostgreSQL, the relay the engine connects through (``_Wire``)."""
     wire = _Wire(url) if url.startswith("postgresql") else None
-    engine = create_engine(await wire.start() if wire is not None else url)
+    async with wire if wire is not None else contextlib.nullcontext():
+        async with _group_on(url if wire is None else wire.url) as (factory, group, commits):
+            yield factory, group, commits, wire
+
+
+@contextlib.asynccontextmanager
+async def _group_on(url: str) -> AsyncIterator[tuple[SessionFactory, GroupCommit, list[int]]]:
+    """A migrated database's session factory, a group commit on it, and the COMMITs of every
+    engine (``_run_after_setup``)."""
+    engine = create_engine(url)
     commits: list[int] = []
 
     def committed(_conn: Any) -> None:
@@ -539,13 +539,11 @@ async def _run_after_setup(
     group = GroupCommit(factory)
     try:
         await migrate(engine)
-        yield factory, group, commits, wire
+        yield factory, group, commits
     finally:
         event.remove(Engine, "commit", committed)
         group.close()
         await engine.dispose()
-        if wire is not None:
-            await wire.stop()
 
 
 async def _claimed_runs(factory: SessionFactory, first: int, n: int) -> tuple[list[int], str]:
@@ -800,7 +798,8 @@ async def test_a_mixed_batch_of_first_statements(postgres_url: str) -> None:
             assert (rows[m].status, rows[m].in_progress) == ("PENDING", True)
             enrolled_f = await users.get_by_customer_number(session, customer_number="880102")
             assert enrolled_f is not None and enrolled_f.registration_id == f
-            # the plain step's row of each batch (one it made in a batch rolled back is gone)
+            # the plain step's row of each batch (in the second, it comes after the lost run's
+            # step, which rolls the batch back first: it runs once, alone)
             made = await registrations.get_many(session, registration_ids=created)
             assert sorted(r.id for r in made) == [created[0], created[-1]]
             assert await _count(factory, RegistrationRequest) == 14 + 2
@@ -813,7 +812,8 @@ async def test_a_unique_violation_in_a_pipelined_group_fails_that_step_alone(
     together; one enrols a CIF that is enrolled already. That step raises ``IntegrityError``;
     every other step of the batch commits, its registration approved and its user enrolled."""
     n = 6
-    async with _run_after_setup(postgres_url) as (factory, group, _, _):
+    async with _run_after_setup(postgres_url) as (factory, group, commits, wire):
+        assert wire is not None
         async with factory.begin() as session:
             await _user(session, 50, "883099")
         ids, run_id = await _claimed_runs(factory, 883000, n)
@@ -831,11 +831,22 @@ async def test_a_unique_violation_in_a_pipelined_group_fails_that_step_alone(
             _append(rid, run_id, f"final {i}", 2, final=final, member=enrolment(i))
             for i, rid in enumerate(ids)
         ]
+
+        def count_from_here() -> None:
+            commits.clear()
+            wire.trips.clear()
+
         results = await _in_one_batch(
-            group, [functools.partial(group.run_after, a, _last_seq) for a in appends], lambda: None
+            group,
+            [functools.partial(group.run_after, a, _last_seq) for a in appends],
+            count_from_here,
         )
         assert isinstance(results[3], IntegrityError)
         assert [r for i, r in enumerate(results) if i != 3] == [2] * (n - 1)
+        # sent together (the first alone, which begins the transaction; the rest in one trip),
+        # then each step alone: the n - 1 that commit
+        assert n - 1 in wire.trips, wire.trips
+        assert len(commits) == n - 1
         async with factory() as session:
             rows = {r.id: r for r in await registrations.get_many(session, registration_ids=ids)}
             assert [(rows[rid].status, rows[rid].seq) for rid in ids] == [

@@ -9,7 +9,8 @@ import string
 
 import pytest
 
-from regstream.logs import RedactingFilter, TextFormatter, _has_keyword, redact
+from regstream.config import parse_log_levels as parse_levels
+from regstream.logs import RedactingFilter, TextFormatter, _has_keyword, configure, redact
 
 # The implementation before the fast path, kept verbatim as the oracle: five substitutions in order.
 _REFERENCE_PATTERNS: list[tuple[re.Pattern[str], str]] = [
@@ -447,9 +448,6 @@ def test_per_logger_levels_enable_one_logger_only() -> None:
     """``REGSTREAM_LOG_LEVELS``: the T24 client's success lines (DEBUG) without DEBUG anywhere
     else; only the service's own loggers may be named (libraries' DEBUG lines carry query
     parameters)."""
-    from regstream.config import parse_log_levels as parse_levels
-    from regstream.logs import configure
-
     assert parse_levels(" regstream.core_banking.client=debug, regstream=WARNING ,") == (
         ("regstream.core_banking.client", "DEBUG"),
         ("regstream", "WARNING"),
@@ -465,8 +463,15 @@ def test_per_logger_levels_enable_one_logger_only() -> None:
             parse_levels(bad)
     with pytest.raises(ValueError):  # nor past parse_levels, in code (refused before any change)
         configure("INFO", levels=(("sqlalchemy.engine", "DEBUG"),))
-    root, t24 = logging.getLogger(), logging.getLogger("regstream.core_banking.client")
-    handlers, root_level, t24_level = root.handlers[:], root.level, t24.level
+    root = logging.getLogger()
+    t24 = logging.getLogger("regstream.core_banking.client")
+    handlers, root_level = root.handlers[:], root.level
+    # every logger configure touches, as it was (later tests see the logging they expect)
+    touched = [logging.getLogger(name) for name in (
+        "regstream.core_banking.client", "httpx", "httpcore", "aiosqlite", "asyncpg",
+        "sqlalchemy.engine", "uvicorn", "uvicorn.error", "uvicorn.access",
+    )]  # fmt: skip
+    kept = [(logger.level, logger.handlers[:], logger.propagate) for logger in touched]
     switches = (logging._srcfile, logging.logThreads, logging.logProcesses)
     multiprocessing = logging.logMultiprocessing
     try:
@@ -477,6 +482,9 @@ def test_per_logger_levels_enable_one_logger_only() -> None:
     finally:
         root.handlers[:] = handlers
         root.setLevel(root_level)  # setLevel, not .level: it clears the loggers' level caches
-        t24.setLevel(t24_level)
+        for logger, (level, logger_handlers, propagate) in zip(touched, kept, strict=True):
+            logger.setLevel(level)
+            logger.handlers[:] = logger_handlers
+            logger.propagate = propagate
         logging._srcfile, logging.logThreads, logging.logProcesses = switches
         logging.logMultiprocessing = multiprocessing

@@ -101,7 +101,7 @@ def fetch_many(
         start = 1
     if start == len(sets):
         return out
-    sql, _ = _args(statement, conn.dialect, sets[start])
+    sql = _compiled(statement, conn.dialect)[0]
     argsets = [_args(statement, conn.dialect, params)[1] for params in sets[start:]]
     with _errors(conn, sql):
         records = adapted.run_async(lambda driver: driver.fetchmany(sql, argsets))

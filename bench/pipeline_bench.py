@@ -11,6 +11,8 @@ every registration's final frame arrived on the stream. Reports validations/s, p
 click to final frame, and the server's CPU time per validation (its process tree, from /proc),
 and how busy the load core was (this client, the simulator and Redis): at 90 % or more the
 server waited for its clients and validations/s is a lower bound (flagged, with a warning).
+Also where the whole machine's CPU went in that window, per validation (server, database,
+simulator, Redis, this client, other) and the rate at which it would fill every core.
 Appends one JSON line to --out.
 """
 
@@ -249,7 +251,7 @@ async def stage_means(base: str, headers: dict[str, str]) -> dict[str, float] | 
     return {k: round(1000 * sums[k] / counts[k], 2) for k in sorted(sums) if counts.get(k)}
 
 
-async def bench(args, base: str, server_pid: int | None) -> dict:
+async def bench(args, base: str, server_pid: int | None, helpers: dict[str, int]) -> dict:
     host, port = "127.0.0.1", int(base.rsplit(":", 1)[1])
     headers = {"Authorization": args.auth_header} if args.auth_header else {}
     follower = StreamFollower(set(args.final_statuses.split(",")))
@@ -294,6 +296,7 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
         cpu0 = procs.cpu(spids)
         main0 = procs.cpu([server_pid]) if server_pid else None
         cores0, own0 = procs.core_times(), time.process_time()
+        every0, e0 = procs.every_cpu(), time.monotonic()
         clicked: dict[int, float] = {}
 
         async def click_many(chunk: list[int]) -> None:
@@ -318,6 +321,10 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
         cpu1 = procs.cpu(spids)
         main1 = procs.cpu([server_pid]) if server_pid else None
         cores1, own1 = procs.core_times(), time.process_time()
+        every1, e1 = procs.every_cpu(), time.monotonic()
+        groups = {"server": set(spids), "client": {os.getpid()}}
+        groups.update((name, set(procs.tree(pid))) for name, pid in helpers.items())
+        machine, other = procs.machine_usage(every0, every1, groups, {"postgres": "database"})
     # The follower must still be reading: if its stream ended or it failed, the missing final
     # frames say nothing about the server's speed, and no rate is reported (main exits 1).
     stream_end = None
@@ -378,6 +385,28 @@ async def bench(args, base: str, server_pid: int | None) -> dict:
             1000 * (main1["sched"] - main0["sched"]) / len(done), 3
         )
         if main0 and done
+        else None,
+        # Where the whole machine's CPU went in the same window, per validation: the server,
+        # the database (every ``postgres`` process: the bench's server may share the machine
+        # with it), the simulator, Redis, this client and everything else. What all of it
+        # adds up to bounds this machine's rate, whatever the server does: every core busy
+        # gives at most ``machine_ceiling_per_s`` (``os.cpu_count()`` cores; the server on one
+        # core of its own hits its own bound sooner: ``server_core_pct``).
+        "machine_cpu_ms_per_validation": {
+            name: round(1000 * used / len(done), 3) for name, used in machine.items()
+        }
+        if done
+        else None,
+        # the largest parts of "other" (kernel threads doing loopback network work, say)
+        "machine_other_ms_per_validation": {
+            comm: round(1000 * used / len(done), 3)
+            for comm, used in sorted(other.items(), key=lambda kv: -kv[1])[:5]
+        }
+        if done
+        else None,
+        "machine_busy_cores": round(sum(machine.values()) / max(e1 - e0, 1e-9), 2),
+        "machine_ceiling_per_s": round((os.cpu_count() or 1) * len(done) / sum(machine.values()), 1)
+        if done and sum(machine.values())
         else None,
         "server_main_user_sys_s": [
             round(main1["user"] - main0["user"], 2),
@@ -454,12 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     children: list[procs.Child] = []
     rec: dict = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "args": vars(args)}
     try:
+        helpers: dict[str, int] = {}  # the started simulator and Redis, by name
         if args.url:
             base, pid = args.url.rstrip("/"), args.server_pid
         else:
             logdir = tempfile.mkdtemp(prefix="pipeline-bench-")
             redis, rport = procs.start_redis(logdir, {1} if args.pin else None)
             children.append(redis)
+            helpers["redis"] = redis.pid
             port = procs.free_port()
             redis_url = f"redis://127.0.0.1:{rport}/0"
             data_dir = os.path.join(logdir, "data")
@@ -488,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                     logdir,
                 )  # fmt: skip
                 children.append(sim)
+                helpers["simulator"] = sim.pid
                 procs.wait_port(sport, sim, 30)
                 env["T24_BASE_URL"] = f"http://127.0.0.1:{sport}/api/v1.0.0"
             env.update(args.server_env)
@@ -500,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             children.append(srv)
             procs.wait_port(port, srv, 60)
             base, pid = f"http://127.0.0.1:{port}", srv.pid
-        rec.update(asyncio.run(bench(args, base, pid)))
+        rec.update(asyncio.run(bench(args, base, pid, helpers)))
         if rec["finished"] < rec["clicked"]:
             rec["error"] = (
                 f"only {rec['finished']} of {rec['clicked']} final frames arrived within "

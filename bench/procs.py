@@ -87,6 +87,51 @@ def cpu(pids: list[int]) -> dict[str, float]:
     return {"user": ut / CLK_TCK, "sys": st / CLK_TCK, "sched": ns / 1e9}
 
 
+def every_cpu() -> dict[int, tuple[str, float]]:
+    """Every process now: its name (``comm``) and on-CPU seconds so far (schedstat, all its
+    threads). Taken before and after a window, the differences say where a whole machine's
+    CPU went (``machine_usage``)."""
+    out: dict[int, tuple[str, float]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        ns = 0
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{d}/comm") as fh:
+                comm = fh.read().strip()
+            for t in os.listdir(f"/proc/{d}/task"):
+                with (
+                    contextlib.suppress(OSError, ValueError),
+                    open(f"/proc/{d}/task/{t}/schedstat") as fh,
+                ):
+                    ns += int(fh.read().split()[0])
+            out[int(d)] = (comm, ns / 1e9)
+    return out
+
+
+def machine_usage(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    groups: dict[str, set[int]],
+    by_name: dict[str, str],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """On-CPU seconds between two ``every_cpu`` readings per group: a process is in the group
+    whose PID set holds it, else in the group ``by_name`` gives its ``comm``, else in
+    ``other``; and ``other``'s seconds by ``comm``. A process started within the window counts
+    whole; one that ended within it is missed (a database connection closed mid-run, say)."""
+    owner = {pid: name for name, pids in groups.items() for pid in pids}
+    used: dict[str, float] = {name: 0.0 for name in [*groups, *by_name.values(), "other"]}
+    other: dict[str, float] = {}
+    for pid, (comm, seconds) in after.items():
+        start = before.get(pid)
+        delta = max(seconds - (start[1] if start is not None and start[0] == comm else 0.0), 0.0)
+        group = owner.get(pid) or by_name.get(comm, "other")
+        used[group] += delta
+        if group == "other" and delta:
+            other[comm] = other.get(comm, 0.0) + delta
+    return used, other
+
+
 def rss_kib(pids: list[int]) -> int:
     total = 0
     for p in pids:

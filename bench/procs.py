@@ -123,12 +123,13 @@ def machine_usage(
     used: dict[str, float] = {name: 0.0 for name in [*groups, *by_name.values(), "other"]}
     other: dict[str, float] = {}
     for pid, (comm, seconds) in after.items():
-        start = before.get(pid)
-        delta = max(seconds - (start[1] if start is not None and start[0] == comm else 0.0), 0.0)
+        start = before.get(pid)  # by PID alone: a kernel worker's comm names its current job
+        delta = max(seconds - (start[1] if start is not None else 0.0), 0.0)
         group = owner.get(pid) or by_name.get(comm, "other")
         used[group] += delta
         if group == "other" and delta:
-            other[comm] = other.get(comm, 0.0) + delta
+            name = comm.split("-", 1)[0] if comm.startswith("kworker/") else comm
+            other[name] = other.get(name, 0.0) + delta
     return used, other
 
 

@@ -325,6 +325,10 @@ async def bench(args, base: str, server_pid: int | None, helpers: dict[str, int]
         groups = {"server": set(spids), "client": {os.getpid()}}
         groups.update((name, set(procs.tree(pid))) for name, pid in helpers.items())
         machine, other = procs.machine_usage(every0, every1, groups, {"postgres": "database"})
+        # all cores' busy time (/proc/stat, interrupts included): what no process was charged
+        # (loopback network work in interrupts, exited threads) is the rest of it
+        busy_s = procs.busy_seconds(cores0, cores1)
+        machine["interrupts_and_unattributed"] = max(busy_s - sum(machine.values()), 0.0)
     # The follower must still be reading: if its stream ended or it failed, the missing final
     # frames say nothing about the server's speed, and no rate is reported (main exits 1).
     stream_end = None
@@ -387,11 +391,12 @@ async def bench(args, base: str, server_pid: int | None, helpers: dict[str, int]
         if main0 and done
         else None,
         # Where the whole machine's CPU went in the same window, per validation: the server,
-        # the database (every ``postgres`` process: the bench's server may share the machine
-        # with it), the simulator, Redis, this client and everything else. What all of it
-        # adds up to bounds this machine's rate, whatever the server does: every core busy
-        # gives at most ``machine_ceiling_per_s`` (``os.cpu_count()`` cores; the server on one
-        # core of its own hits its own bound sooner: ``server_core_pct``).
+        # the database (every ``postgres`` process on the host: the bench's server may share
+        # the machine with it), the simulator, Redis, this client, other processes, and the
+        # busy time no process was charged (/proc/stat). All of it bounds this machine's rate,
+        # whatever the server does: every core busy gives at most ``machine_ceiling_per_s``
+        # (``os.cpu_count()`` cores); the server's own core may fill first
+        # (``server_core_busy_pct``: that core's busy time, whoever used it).
         "machine_cpu_ms_per_validation": {
             name: round(1000 * used / len(done), 3) for name, used in machine.items()
         }
@@ -404,10 +409,11 @@ async def bench(args, base: str, server_pid: int | None, helpers: dict[str, int]
         }
         if done
         else None,
-        "machine_busy_cores": round(sum(machine.values()) / max(e1 - e0, 1e-9), 2),
-        "machine_ceiling_per_s": round((os.cpu_count() or 1) * len(done) / sum(machine.values()), 1)
-        if done and sum(machine.values())
+        "machine_busy_cores": round(busy_s / max(e1 - e0, 1e-9), 2),
+        "machine_ceiling_per_s": round((os.cpu_count() or 1) * len(done) / busy_s, 1)
+        if done and busy_s
         else None,
+        "server_core_busy_pct": cores.get("cpu0", {}).get("busy_pct") if args.pin else None,
         "server_main_user_sys_s": [
             round(main1["user"] - main0["user"], 2),
             round(main1["sys"] - main0["sys"], 2),

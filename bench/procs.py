@@ -87,11 +87,12 @@ def cpu(pids: list[int]) -> dict[str, float]:
     return {"user": ut / CLK_TCK, "sys": st / CLK_TCK, "sched": ns / 1e9}
 
 
-def every_cpu() -> dict[int, tuple[str, float]]:
-    """Every process now: its name (``comm``) and on-CPU seconds so far (schedstat, all its
-    threads). Taken before and after a window, the differences say where a whole machine's
-    CPU went (``machine_usage``)."""
-    out: dict[int, tuple[str, float]] = {}
+def every_cpu() -> dict[int, tuple[str, int, float]]:
+    """Every process now: its name (``comm``), its start time (clock ticks since boot: a PID
+    used again is another process) and its on-CPU seconds so far (schedstat, summed over the
+    threads it has now). Taken before and after a window, the differences say where a whole
+    machine's CPU went (``machine_usage``)."""
+    out: dict[int, tuple[str, int, float]] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -99,38 +100,53 @@ def every_cpu() -> dict[int, tuple[str, float]]:
         with contextlib.suppress(OSError, ValueError, IndexError):
             with open(f"/proc/{d}/comm") as fh:
                 comm = fh.read().strip()
+            started = int(_stat(int(d))[19])
             for t in os.listdir(f"/proc/{d}/task"):
                 with (
                     contextlib.suppress(OSError, ValueError),
                     open(f"/proc/{d}/task/{t}/schedstat") as fh,
                 ):
                     ns += int(fh.read().split()[0])
-            out[int(d)] = (comm, ns / 1e9)
+            out[int(d)] = (comm, started, ns / 1e9)
     return out
 
 
 def machine_usage(
-    before: dict[int, tuple[str, float]],
-    after: dict[int, tuple[str, float]],
+    before: dict[int, tuple[str, int, float]],
+    after: dict[int, tuple[str, int, float]],
     groups: dict[str, set[int]],
     by_name: dict[str, str],
 ) -> tuple[dict[str, float], dict[str, float]]:
     """On-CPU seconds between two ``every_cpu`` readings per group: a process is in the group
     whose PID set holds it, else in the group ``by_name`` gives its ``comm``, else in
-    ``other``; and ``other``'s seconds by ``comm``. A process started within the window counts
-    whole; one that ended within it is missed (a database connection closed mid-run, say)."""
+    ``other``; and ``other``'s seconds by ``comm``. A process is the same one when its PID and
+    start time are (a kernel worker's comm names its current job, so not the comm); one not
+    there before counts whole. Missed: a process, or a thread, that ended within the window (a
+    database connection closed mid-run, say), and interrupt time, which no process is charged
+    (the caller compares with ``/proc/stat``)."""
     owner = {pid: name for name, pids in groups.items() for pid in pids}
     used: dict[str, float] = {name: 0.0 for name in [*groups, *by_name.values(), "other"]}
     other: dict[str, float] = {}
-    for pid, (comm, seconds) in after.items():
-        start = before.get(pid)  # by PID alone: a kernel worker's comm names its current job
-        delta = max(seconds - (start[1] if start is not None else 0.0), 0.0)
+    for pid, (comm, started, seconds) in after.items():
+        start = before.get(pid)
+        same = start is not None and start[1] == started
+        delta = max(seconds - (start[2] if same and start is not None else 0.0), 0.0)
         group = owner.get(pid) or by_name.get(comm, "other")
         used[group] += delta
         if group == "other" and delta:
             name = comm.split("-", 1)[0] if comm.startswith("kworker/") else comm
             other[name] = other.get(name, 0.0) + delta
     return used, other
+
+
+def busy_seconds(before: dict[str, list[int]], after: dict[str, list[int]]) -> float:
+    """CPU seconds all cores were busy between two ``core_times`` readings (interrupts
+    included; idle, iowait and steal not)."""
+    busy = 0
+    for name, a in after.items():
+        d = [x - y for x, y in zip(a, before.get(name, a), strict=True)]
+        busy += sum(d) - d[3] - d[4] - d[7]
+    return busy / CLK_TCK
 
 
 def rss_kib(pids: list[int]) -> int:

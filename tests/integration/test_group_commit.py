@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, func, make_url, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import QueuePool
 
 from regstream.db import registrations, users
 from regstream.db.engine import SessionFactory, create_engine, create_session_factory, migrate
@@ -888,3 +889,150 @@ def _last_seq(_session: Session, done: registrations.Appended) -> int:
     """A ``run_after`` step: the seq of the last entry its append wrote."""
     assert done[0] is not None
     return done[0][-1].seq
+
+
+# --- linger: a drained worker's connection parked for the next one (PostgreSQL) ---------------
+
+
+async def _backend_pid(session: AsyncSession) -> int:
+    """A step: the server process (backend) of the connection it runs on."""
+    return int(await session.scalar(text("SELECT pg_backend_pid()")))
+
+
+def _checkouts(engine: AsyncEngine) -> list[object]:
+    """A list that gets an entry per pool checkout of ``engine`` (each pre-pings the connection:
+    ``create_engine`` sets ``pool_pre_ping``): the checkout's connection proxy, kept so that a
+    connection dropped without being given back stays checked out (the garbage collector would
+    give it back, with a warning)."""
+    checkouts: list[object] = []
+
+    def checked_out(_dbapi_connection: Any, _record: Any, proxy: Any) -> None:
+        checkouts.append(proxy)
+
+    event.listen(engine.sync_engine, "checkout", checked_out)
+    return checkouts
+
+
+def _checked_out(engine: AsyncEngine) -> int:
+    """How many of ``engine``'s pooled connections are checked out (parked ones included)."""
+    pool = engine.sync_engine.pool
+    assert isinstance(pool, QueuePool)
+    return pool.checkedout()
+
+
+@pytest.mark.parametrize(("linger", "checkouts_expected"), [(5.0, 1), (0.0, 2)])
+async def test_a_parked_connection_serves_the_next_worker(
+    postgres_url: str, linger: float, checkouts_expected: int
+) -> None:
+    """PostgreSQL: two steps one after the other (the second queued only once the first's worker
+    has finished). With ``linger`` the second runs on the connection the first's worker parked:
+    the same server backend, one pool checkout (one pre-ping) for both. Without (0, the
+    default) each worker checks a connection out of the pool."""
+    engine = create_engine(postgres_url)
+    checkouts = _checkouts(engine)
+    group = GroupCommit(create_session_factory(engine), linger=linger)
+    try:
+        first = await group.run(_backend_pid)
+        await asyncio.sleep(0.05)
+        assert not group._workers, "the first step's worker is still running"
+        second = await group.run(_backend_pid)
+        assert len(checkouts) == checkouts_expected
+        if linger > 0:
+            assert second == first  # the very connection (the pool may hand out any)
+    finally:
+        await group.aclose()
+        await engine.dispose()
+
+
+async def test_a_parked_connection_goes_back_to_the_pool_after_linger(postgres_url: str) -> None:
+    """PostgreSQL: a parked connection stays checked out of the pool for ``linger`` seconds,
+    then its expiry gives it back (nothing else does: no ``aclose`` here); the next step then
+    checks one out again."""
+    engine = create_engine(postgres_url)
+    checkouts = _checkouts(engine)
+    group = GroupCommit(create_session_factory(engine), linger=0.2)
+    try:
+        await group.run(_backend_pid)
+        # the worker parked the connection before this caller resumed: still checked out
+        assert _checked_out(engine) == 1
+        await asyncio.sleep(0.6)
+        await wait_until(
+            lambda: _checked_out(engine) == 0,
+            timeout=10,
+            what="the parked connection to go back to the pool",
+        )
+        checkouts.clear()
+        await group.run(_backend_pid)
+        assert len(checkouts) == 1  # the expired connection was not reused
+    finally:
+        await group.aclose()
+        await engine.dispose()
+
+
+async def test_aclose_gives_a_parked_connection_back_at_once(postgres_url: str) -> None:
+    """PostgreSQL: ``aclose`` (``Runner.drain`` ends with it) gives a parked connection back to
+    the pool at once, long before its ``linger`` would."""
+    engine = create_engine(postgres_url)
+    checkouts = _checkouts(engine)
+    group = GroupCommit(create_session_factory(engine), linger=30)
+    try:
+        await group.run(_backend_pid)
+        await asyncio.sleep(0.05)
+        assert _checked_out(engine) == 1
+        await group.aclose()
+        assert _checked_out(engine) == 0
+        assert len(checkouts) == 1
+    finally:
+        await group.aclose()
+        await engine.dispose()
+
+
+async def test_after_aclose_a_drained_worker_parks_nothing(postgres_url: str) -> None:
+    """PostgreSQL: a step that still runs after ``aclose`` (a late one in a shutdown) gives its
+    connection back to the pool when its worker drains, instead of parking it with a timer the
+    stopping event loop might never run."""
+    engine = create_engine(postgres_url)
+    group = GroupCommit(create_session_factory(engine), linger=30)
+    try:
+        await group.aclose()
+        await group.run(_backend_pid)
+        await asyncio.sleep(0.05)
+        assert _checked_out(engine) == 0
+    finally:
+        await group.aclose()
+        await engine.dispose()
+
+
+async def test_a_parked_connection_the_server_ended_fails_the_next_step(postgres_url: str) -> None:
+    """PostgreSQL: the server ends a parked connection's backend (a restart, a failover, an idle
+    timeout). A parked connection is not pre-pinged: the next step runs on it and fails with the
+    disconnect (``connection_invalidated``), like a step of a busy worker's next batch would; a
+    lone step is not run again. The step after it runs on a fresh connection from the pool."""
+    engine = create_engine(postgres_url)
+    admin = create_engine(postgres_url)
+    checkouts = _checkouts(engine)
+    group = GroupCommit(create_session_factory(engine), linger=30)
+    try:
+        parked = await group.run(_backend_pid)
+        await asyncio.sleep(0.05)
+        async with admin.connect() as conn:  # waits (5 s at most) until the backend is gone
+            ended = await conn.scalar(
+                text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": parked}
+            )
+        assert ended is True
+        assert len(checkouts) == 1
+
+        with pytest.raises(DBAPIError) as raised:
+            await group.run(_backend_pid)
+        assert raised.value.connection_invalidated
+        assert len(checkouts) == 1  # it ran on the parked connection: no checkout, no pre-ping
+
+        fresh = await group.run(_backend_pid)
+        assert fresh != parked
+        assert len(checkouts) == 2
+        await group.aclose()
+        assert _checked_out(engine) == 0
+    finally:
+        await group.aclose()
+        await engine.dispose()
+        await admin.dispose()

@@ -98,8 +98,10 @@ class Runner:
     ) -> None:
         self._sessions = sessions
         # the run's steps commit in groups; a validation failure is decided by reading only
+        # (a drained worker's connection waits a second for the next batch: no pool checkout,
+        # whose pre-ping is three round trips on PostgreSQL, when steps pause for a moment)
         self._commits = GroupCommit(
-            sessions, max_open=open_transactions, decided=(ValidationFailure,)
+            sessions, max_open=open_transactions, decided=(ValidationFailure,), linger=1.0
         )
         self._publisher = publisher
         self._lease_ms = int(lease_seconds * 1000)
@@ -250,7 +252,7 @@ class Runner:
         # a take or claim still committing when drain began: its runs were not started either
         await self._release([*left.values(), *self._take_unstarted()])
         await self.fleet.stop()
-        self._commits.close()
+        await self._commits.aclose()
         return len(left)
 
     # --- the shared queue ----------------------------------------------------------------------

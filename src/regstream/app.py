@@ -292,6 +292,7 @@ async def _services(
         await redis.aclose()
         await control.aclose()
         await resumes.aclose()
+        await runner.aclose()  # (after a drain, nothing left to give back)
         await engine.dispose()
 
 

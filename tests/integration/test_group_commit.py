@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, func, make_url, select, text, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
@@ -1003,11 +1003,11 @@ async def test_after_aclose_a_drained_worker_parks_nothing(postgres_url: str) ->
         await engine.dispose()
 
 
-async def test_a_parked_connection_the_server_ended_fails_the_next_step(postgres_url: str) -> None:
-    """PostgreSQL: the server ends a parked connection's backend (a restart, a failover, an idle
-    timeout). A parked connection is not pre-pinged: the next step runs on it and fails with the
-    disconnect (``connection_invalidated``), like a step of a busy worker's next batch would; a
-    lone step is not run again. The step after it runs on a fresh connection from the pool."""
+async def test_a_parked_connection_the_server_ended_is_not_used(postgres_url: str) -> None:
+    """PostgreSQL: the server ends a parked connection's backend (a restart, an idle timeout).
+    A parked connection is not pre-pinged, but asyncpg sees its socket closed while it sits
+    idle: the next step does not run on it (which would fail it: nothing runs a lone step
+    again) but on a fresh connection from the pool."""
     engine = create_engine(postgres_url)
     admin = create_engine(postgres_url)
     checkouts = _checkouts(engine)
@@ -1020,12 +1020,8 @@ async def test_a_parked_connection_the_server_ended_fails_the_next_step(postgres
                 text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": parked}
             )
         assert ended is True
+        await asyncio.sleep(0.2)  # the loop reads the server's goodbye and the socket's end
         assert len(checkouts) == 1
-
-        with pytest.raises(DBAPIError) as raised:
-            await group.run(_backend_pid)
-        assert raised.value.connection_invalidated
-        assert len(checkouts) == 1  # it ran on the parked connection: no checkout, no pre-ping
 
         fresh = await group.run(_backend_pid)
         assert fresh != parked

@@ -44,14 +44,15 @@ before; a connection that died silently would not): past it the worker stops (an
 path, cancels the transaction's task), and the catch-up republishes whatever did commit.
 
 A worker keeps its connection from batch to batch while steps keep coming; when its queue runs
-dry it ends, and with ``linger`` (the pipeline's: 1 s) leaves the connection for the next worker
-for that long instead of giving it back to the pool. At a core's 50 ms latency the queue runs dry
-between most batches, and each pool checkout's pre-ping was three round trips on asyncpg: with
-the parked connection 0.07 pre-pings per validation instead of 0.63 (bench/RESULTS.md run 20).
-Like a connection a busy worker keeps, a parked one is not pinged: one the server ended (a
-restart, a failover) fails the batch that uses it next (its steps run again alone on a fresh
-connection; a lone step fails, and the pipeline's outage handling runs it again). ``aclose``
-gives parked connections back at shutdown.
+dry it ends, and on PostgreSQL with ``linger`` (the pipeline's: 1 s) leaves the connection for the
+next worker for that long instead of giving it back to the pool. At a core's 50 ms latency the
+queue runs dry between most batches, and each pool checkout's pre-ping was three round trips on
+asyncpg: with the parked connection 0.07 pre-pings per validation instead of 0.63
+(bench/RESULTS.md run 20). A parked connection is not pinged; one whose socket the server closed
+meanwhile (a restart ends it) is seen closed by asyncpg and skipped. One that died without a
+word fails the batch that uses it next, like the connection a busy worker keeps (its steps run
+again alone on a fresh connection; a lone step fails, and the pipeline's outage handling runs
+it again). ``aclose`` gives parked connections back at shutdown.
 """
 
 from __future__ import annotations
@@ -162,8 +163,10 @@ class GroupCommit:
         self._decided = decided
         self._queue: deque[_Entry[Any]] = deque()
         self._workers: set[asyncio.Task[None]] = set()
-        self._linger = linger
+        # PostgreSQL only: SQLite's engines have no pre-ping to save
+        self._linger = linger if self._pipelined else 0.0
         self._parked: list[_Parked] = []
+        self._expiring: set[asyncio.Future[None]] = set()  # parked connections being given back
         self._closed = False  # ``aclose`` ran: nothing is parked any more
 
     async def run(self, step: Step[T], then: Callable[[T], object] | None = None) -> T:
@@ -203,12 +206,12 @@ class GroupCommit:
         """Give the connections workers left for the next (``linger``) back to the pool, then
         ``close``. A worker that drains after this gives its connection back."""
         self._closed = True
-        parked, self._parked = self._parked, []
-        for connection in parked:
-            connection.expiry.cancel()
-            await _release(_Held(connection.connection))
-        if _closing:  # connections given back by an expiry or given up on: let them close
-            await asyncio.wait(set(_closing), timeout=self._settle_timeout)
+        while self._parked:  # one at a time: cancelled midway, the rest stay on their timers
+            parked = self._parked.pop()
+            parked.expiry.cancel()
+            await _release(_Held(parked.connection))
+        if self._expiring:  # given back by their expiry just before: let them close
+            await asyncio.wait(set(self._expiring), timeout=5)
         self.close()
 
     def close(self) -> None:
@@ -273,7 +276,7 @@ class GroupCommit:
         connection = held.connection
         if connection is None:
             return
-        if connection.closed or connection.invalidated:
+        if not _usable(connection):
             await _release(held)
             return
         held.connection = None
@@ -286,7 +289,7 @@ class GroupCommit:
             parked = self._parked.pop()
             parked.expiry.cancel()
             connection = parked.connection
-            if not (connection.closed or connection.invalidated):
+            if _usable(connection):
                 return connection
             await _release(_Held(connection))
         return None
@@ -295,7 +298,7 @@ class GroupCommit:
         for i, parked in enumerate(self._parked):
             if parked.connection is connection:
                 del self._parked[i]
-                _close_later(connection)
+                _close_later(connection, self._expiring)
                 return
 
     async def _transaction(
@@ -472,12 +475,32 @@ def _discard(connection: AsyncConnection | None, task: asyncio.Future[Any]) -> N
         _close_later(connection)
 
 
-def _close_later(connection: AsyncConnection) -> None:
-    """Give ``connection`` back to the pool (closing it) in a task of its own."""
+def _close_later(
+    connection: AsyncConnection, also: set[asyncio.Future[None]] | None = None
+) -> None:
+    """Give ``connection`` back to the pool (closing it) in a task of its own, kept in
+    ``_closing`` (and ``also``) until done."""
     with contextlib.suppress(RuntimeError):  # the loop is closing: nothing left to close on
         closing = asyncio.ensure_future(_release(_Held(connection)))
-        _closing.add(closing)
-        closing.add_done_callback(_closing.discard)
+        for tasks in (_closing, also):
+            if tasks is not None:
+                tasks.add(closing)
+                closing.add_done_callback(tasks.discard)
+
+
+def _usable(connection: AsyncConnection) -> bool:
+    """Whether a parked connection may serve the next batch: not closed or invalidated, and its
+    driver has not seen the server close it (asyncpg notices while the connection sits idle, so
+    one a restart ended is skipped without a round trip)."""
+    if connection.closed or connection.invalidated:
+        return False
+    driver = (
+        connection.sync_connection.connection.driver_connection
+        if connection.sync_connection
+        else None
+    )
+    is_closed = getattr(driver, "is_closed", None)
+    return not (callable(is_closed) and is_closed())
 
 
 async def _release(held: _Held) -> None:

@@ -255,6 +255,11 @@ class Runner:
         await self._commits.aclose()
         return len(left)
 
+    async def aclose(self) -> None:
+        """Give back the database connections the group commit keeps (``drain`` does too; this
+        is for a shutdown that did not drain)."""
+        await self._commits.aclose()
+
     # --- the shared queue ----------------------------------------------------------------------
 
     def _has_room(self) -> bool:

@@ -44,8 +44,9 @@ before; a connection that died silently would not): past it the worker stops (an
 path, cancels the transaction's task), and the catch-up republishes whatever did commit.
 
 A worker keeps its connection from batch to batch while steps keep coming; when its queue runs
-dry it ends, and on PostgreSQL with ``linger`` (the pipeline's: 1 s) leaves the connection for the
-next worker for that long instead of giving it back to the pool. At a core's 50 ms latency the
+dry it ends, and on PostgreSQL with ``linger`` (the pipeline's: 0.25 s, shorter than the work
+queue's 1 s poll, so an idle instance gives it back) leaves the connection for the next worker
+for that long instead of giving it back to the pool. At a core's 50 ms latency the
 queue runs dry between most batches, and each pool checkout's pre-ping was three round trips on
 asyncpg: with the parked connection 0.07 pre-pings per validation instead of 0.63
 (bench/RESULTS.md run 20). A parked connection is not pinged; one whose socket the server closed

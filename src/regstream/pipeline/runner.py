@@ -98,10 +98,10 @@ class Runner:
     ) -> None:
         self._sessions = sessions
         # the run's steps commit in groups; a validation failure is decided by reading only
-        # (a drained worker's connection waits a second for the next batch: no pool checkout,
+        # (a drained worker's connection waits 0.25 s for the next batch: no pool checkout,
         # whose pre-ping is three round trips on PostgreSQL, when steps pause for a moment)
         self._commits = GroupCommit(
-            sessions, max_open=open_transactions, decided=(ValidationFailure,), linger=1.0
+            sessions, max_open=open_transactions, decided=(ValidationFailure,), linger=0.25
         )
         self._publisher = publisher
         self._lease_ms = int(lease_seconds * 1000)

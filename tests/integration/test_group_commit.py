@@ -1003,6 +1003,25 @@ async def test_after_aclose_a_drained_worker_parks_nothing(postgres_url: str) ->
         await engine.dispose()
 
 
+async def test_sqlite_parks_no_connection(tmp_path: Path) -> None:
+    """SQLite: no pool pre-ping to save, so a drained worker gives its connection back to the
+    pool at once, whatever ``linger`` says."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'linger.db'}")
+    group = GroupCommit(create_session_factory(engine), linger=30)
+    try:
+        assert await group.run(_one) == 1
+        await asyncio.sleep(0.05)
+        assert _checked_out(engine) == 0
+    finally:
+        await group.aclose()
+        await engine.dispose()
+
+
+async def _one(session: AsyncSession) -> int:
+    """A step that reads on any database."""
+    return int(await session.scalar(text("SELECT 1")))
+
+
 async def test_a_parked_connection_the_server_ended_is_not_used(postgres_url: str) -> None:
     """PostgreSQL: the server ends a parked connection's backend (a restart, an idle timeout).
     A parked connection is not pre-pinged, but asyncpg sees its socket closed while it sits

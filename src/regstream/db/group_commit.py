@@ -263,24 +263,21 @@ class GroupCommit:
         finally:  # at once, not in a done callback: a step queued meanwhile needs a worker
             self._workers.discard(asyncio.current_task())
             if drained and self._linger > 0 and not self._closed:
-                await self._park(held)
+                self._park(held)
             else:
                 await _release(held)
 
-    async def _park(self, held: _Held) -> None:
+    def _park(self, held: _Held) -> None:
         """Leave a drained worker's connection for the next worker, for ``linger`` seconds: when
         steps pause for a moment (the queue ran dry between batches), the next batch needs no
         pool checkout, whose pre-ping is three round trips on PostgreSQL's asyncpg (BEGIN, a
         ping, ROLLBACK; at a core's 50 ms latency 0.63 of them per validation, ~40 % of the
         database round trips, bench/RESULTS.md run 20). A parked connection is as fresh as one
-        a busy worker keeps between batches (``_Held``): at most ``linger`` seconds idle."""
-        connection = held.connection
+        a busy worker keeps between batches (``_Held``): at most ``linger`` seconds idle; the
+        next worker checks it is still usable (``_unpark``)."""
+        connection, held.connection = held.connection, None
         if connection is None:
             return
-        if not _usable(connection):
-            await _release(held)
-            return
-        held.connection = None
         expiry = asyncio.get_running_loop().call_later(self._linger, self._expire, connection)
         self._parked.append(_Parked(connection, expiry))
 
